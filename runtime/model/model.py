@@ -1,0 +1,141 @@
+"""GptOssModel: embeddings -> N x (attention block, MoE block) -> norm -> output head.
+
+Build on the meta device, materialise, then initialise:
+
+    with torch.device("meta"):
+        model = GptOssModel(args)
+    model.to_empty(device="cuda")
+    model.init_weights()
+
+Parameters stay fp32 (master weights); the forward computes in `args.compute_dtype`
+(bfloat16 on CUDA by default) through autocast, or in whatever dtype FSDP's mixed
+precision hands it. Layers live in a ModuleDict keyed "0".."N-1" so parallel passes
+(FSDP per block, pipeline stage splitting) can address and delete them by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.model.args import ModelArgs
+from runtime.model.attention import Attention, resolve_attn_backend
+from runtime.model.masks import build_attention_masks
+from runtime.model.moe import MoE
+from runtime.model.rope import RotaryEmbedding
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, result cast back to the input dtype (as gpt-oss/HF do)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * normed).to(x.dtype)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.sliding = args.is_sliding(layer_id)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args, sliding=self.sliding)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.moe = MoE(args)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.attention_norm.init_weights()
+        self.ffn_norm.init_weights()
+        self.attention.init_weights(std)
+        nn.init.trunc_normal_(self.attention.wo.weight, mean=0.0, std=out_std)
+        self.moe.init_weights(std, out_std)
+
+    def forward(self, x: torch.Tensor, rope, masks, backend: str) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, masks.for_layer(self.sliding), backend)
+        return x + self.moe(self.ffn_norm(x))
+
+
+class GptOssModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.rope = RotaryEmbedding(args)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer (safe after `to_empty`). Pipeline stages may
+        have dropped the embeddings/head (set to None): those are skipped."""
+        std = self.args.init_std
+        out_std = std / math.sqrt(2 * self.args.n_layers)  # residual-branch outputs, GPT-2 style
+        self.rope.init_weights()
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+        for block in self.layers.values():
+            block.init_weights(std, out_std)
+        if self.norm is not None:
+            self.norm.init_weights()
+        if self.output is not None:
+            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: [B, S] int ids (or [B, S, D] hidden states on a pipeline stage without
+        embeddings); positions: [B, S] (default arange, restart per document for packing);
+        document_ids: [B, S] (attention stays within a document) -> logits [B, S, V]
+        (or hidden states on a stage without the output head)."""
+        bsz, seq_len = tokens.shape[:2]
+        device = tokens.device
+        if positions is None:
+            positions = torch.arange(seq_len, device=device).expand(bsz, seq_len)
+        backend = resolve_attn_backend(self.args.attn_backend, device)
+        masks = build_attention_masks(backend, seq_len, self.args.sliding_window, document_ids, device)
+        dtype = resolve_compute_dtype(self.args.compute_dtype, device)
+        autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                    else contextlib.nullcontext())
+        with autocast:
+            h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+            rope = self.rope(positions)
+            for block in self.layers.values():
+                h = block(h, rope, masks, backend)
+            h = self.norm(h) if self.norm is not None else h
+            return self.output(h) if self.output is not None else h
+
+
+def count_parameters(model: nn.Module, args: ModelArgs) -> tuple[int, int]:
+    """(total, active per token), the way OpenAI's model card counts them: active takes
+    top_k of num_experts experts and leaves out the token embedding table (a lookup, not a
+    matmul); router, attention, norms and the output head always count."""
+    total, expert, embedding = 0, 0, 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if ".moe.experts." in f".{name}":
+            expert += p.numel()
+        elif name.startswith("tok_embeddings."):
+            embedding += p.numel()
+    active = total - embedding - expert + expert * args.top_k // args.num_experts
+    return total, active

@@ -1,0 +1,209 @@
+"""Mixture of experts: top-k router with an aux-loss-free expert bias, clamped-SwiGLU experts.
+
+Token flow for T tokens, top-k routing, E experts:
+  route:   logits [T, E] -> top-k expert ids [T, k] and weights [T, k] (softmax over the k)
+  permute: the T*k (token, expert) pairs sorted by expert -> rows [T*k, D], counts [E]
+  experts: one grouped GEMM per projection over the sorted rows
+  combine: rows * weights, summed back onto their tokens -> [T, D]
+Expert parallelism (runtime/parallel) swaps the permute/combine steps for all-to-alls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.model.args import ModelArgs
+
+
+class Router(nn.Module):
+    """Linear with bias over all experts; selection may add the load-balancing bias,
+    the weights never do (softmax over the selected experts' raw logits)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.top_k
+        self.gate = nn.Linear(args.dim, args.num_experts, bias=True)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.trunc_normal_(self.gate.weight, mean=0.0, std=std)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None):
+        # Routing decisions are sensitive to rounding: keep the router in fp32 even under autocast.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.gate.weight.float(), self.gate.bias.float())  # [T, E]
+        choice = logits if expert_bias is None else logits + expert_bias
+        expert_ids = torch.topk(choice, self.top_k, dim=-1).indices  # [T, k]
+        weights = torch.softmax(logits.gather(-1, expert_ids), dim=-1)  # [T, k]
+        return weights, expert_ids, logits
+
+
+def clamped_swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss activation on interleaved [gate, linear] columns: [N, 2F] -> [N, F]."""
+    gate, linear = h[..., ::2], h[..., 1::2]
+    gate = gate.clamp(max=limit)
+    linear = linear.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (linear + 1)
+
+
+def _grouped_mm_aligned(*tensors: torch.Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned row strides; tiny test shapes may not have them."""
+    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
+
+
+class GroupedExperts(nn.Module):
+    """E experts stored as stacked weights: mlp1 [E, 2F, D] (+bias), mlp2 [E, D, F] (+bias)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_experts = args.num_experts
+        self.alpha, self.limit = args.swiglu_alpha, args.swiglu_limit
+        self.impl = args.moe_impl
+        E, D, F_ = args.num_experts, args.dim, args.moe_inter_dim
+        self.mlp1_weight = nn.Parameter(torch.empty(E, 2 * F_, D))
+        self.mlp1_bias = nn.Parameter(torch.empty(E, 2 * F_))
+        self.mlp2_weight = nn.Parameter(torch.empty(E, D, F_))
+        self.mlp2_bias = nn.Parameter(torch.empty(E, D))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.trunc_normal_(self.mlp1_weight, mean=0.0, std=std)
+        nn.init.trunc_normal_(self.mlp2_weight, mean=0.0, std=out_std)
+        nn.init.zeros_(self.mlp1_bias)
+        nn.init.zeros_(self.mlp2_bias)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: [N, D] rows sorted by expert; counts: [E_local] rows per expert (sum == N)."""
+        w1, b1, w2, b2 = (_local(p) for p in (self.mlp1_weight, self.mlp1_bias,
+                                              self.mlp2_weight, self.mlp2_bias))
+        if self.impl == "grouped" and _grouped_mm_aligned(x, w1, w2):
+            return self._grouped(x, counts, w1, b1, w2, b2)
+        return self._loop(x, counts, w1, b1, w2, b2)
+
+    def _grouped(self, x, counts, w1, b1, w2, b2) -> torch.Tensor:
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E] end row of each group
+        row_expert = torch.repeat_interleave(  # [N] expert id of every row, no host sync
+            torch.arange(w1.shape[0], device=x.device), counts, output_size=x.shape[0])
+        dtype = x.dtype
+        h = torch._grouped_mm(x, w1.to(dtype).transpose(-2, -1), offs=offsets)  # [N, 2F]
+        h = h + b1.to(dtype)[row_expert]
+        a = clamped_swiglu(h, self.alpha, self.limit)  # [N, F]
+        out = torch._grouped_mm(a, w2.to(dtype).transpose(-2, -1), offs=offsets)  # [N, D]
+        return out + b2.to(dtype)[row_expert]
+
+    def _loop(self, x, counts, w1, b1, w2, b2) -> torch.Tensor:
+        """Reference: one dense matmul pair per expert (host sync on counts; tests only)."""
+        outs, start, dtype = [], 0, x.dtype
+        for e, n in enumerate(counts.tolist()):
+            rows = x[start:start + n]
+            h = rows @ w1[e].to(dtype).T + b1[e].to(dtype)
+            a = clamped_swiglu(h, self.alpha, self.limit)
+            outs.append(a @ w2[e].to(dtype).T + b2[e].to(dtype))
+            start += n
+        return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local tensor of a DTensor parameter (expert/tensor parallel); identity otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class _AddAuxiliaryLoss(torch.autograd.Function):
+    """Returns x unchanged and makes backward also differentiate `aux` (with gradient 1),
+    so the auxiliary loss trains the router without threading it through the model output."""
+
+    @staticmethod
+    def forward(ctx, x, aux):
+        ctx.aux_dtype, ctx.aux_device = aux.dtype, aux.device
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones((), dtype=ctx.aux_dtype, device=ctx.aux_device)
+
+
+def switch_aux_loss(logits: torch.Tensor, expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch-Transformer balance loss E * sum_e f_e * P_e (the definition HF uses):
+    f_e = tokens routed to e / T (sums to k), P_e = mean router probability of e."""
+    num_tokens = logits.shape[0]
+    counts = torch.zeros(num_experts, device=logits.device, dtype=torch.float32)
+    counts.scatter_add_(0, expert_ids.flatten(), torch.ones_like(expert_ids.flatten(), dtype=torch.float32))
+    probs = torch.softmax(logits.float(), dim=-1).mean(dim=0)  # [E]
+    return num_experts * torch.sum(counts / num_tokens * probs)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_experts, self.top_k = args.num_experts, args.top_k
+        self.router = Router(args)
+        self.experts = GroupedExperts(args)
+        self.load_balance_coeff = args.load_balance_coeff
+        self.aux_loss_coeff = args.aux_loss_coeff
+        # Set by the trainer to 1/number-of-microbatches so accumulated aux gradients average.
+        self.aux_loss_scale = 1.0
+        self.last_aux_loss: torch.Tensor | None = None  # detached, for metrics
+        self.register_buffer("tokens_per_expert", torch.zeros(args.num_experts), persistent=False)
+        if args.load_balance_coeff is not None:
+            self.register_buffer("expert_bias", torch.zeros(args.num_experts), persistent=True)
+        else:
+            self.expert_bias = None
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.router.init_weights(std)
+        self.experts.init_weights(std, out_std)
+        with torch.no_grad():
+            self.tokens_per_expert.zero_()
+            if self.expert_bias is not None:
+                self.expert_bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq_len, dim = x.shape
+        x = x.reshape(-1, dim)  # [T, D]
+        weights, expert_ids, logits = self.router(x, self.expert_bias)  # [T, k], [T, k], [T, E]
+
+        flat_ids = expert_ids.flatten()  # [T*k], pair p = token p // k
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))  # no host sync (unlike bincount)
+        with torch.no_grad():
+            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+
+        order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert
+        token_of_row = order // self.top_k  # [T*k]
+        rows = self.experts(x[token_of_row], counts)  # [T*k, D]
+        rows = rows * weights.flatten()[order].unsqueeze(-1).to(rows.dtype)
+        out = torch.zeros_like(x, dtype=rows.dtype).index_add_(0, token_of_row, rows)  # [T, D]
+
+        if self.aux_loss_coeff > 0 and self.training:
+            aux = switch_aux_loss(logits, expert_ids, self.num_experts)
+            self.last_aux_loss = aux.detach()
+            out = _AddAuxiliaryLoss.apply(out, aux * (self.aux_loss_coeff * self.aux_loss_scale))
+        return out.reshape(bsz, seq_len, dim)
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, process_group=None) -> None:
+    """Aux-loss-free balancing step: bias_e += coeff * sign(mean_load - load_e) per layer.
+
+    Token counts are summed over `process_group` first (all ranks that routed different
+    tokens), with one all-reduce for all layers, so every rank applies the same update.
+    """
+    layers = [m for m in moe_layers(model) if m.expert_bias is not None]
+    if not layers:
+        for m in moe_layers(model):
+            m.tokens_per_expert.zero_()
+        return
+    counts = torch.stack([m.tokens_per_expert for m in layers])  # [L, E]
+    if process_group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(counts, group=process_group)
+    for m, load in zip(layers, counts):
+        bias = m.expert_bias
+        bias += m.load_balance_coeff * torch.sign(load.mean() - load).to(bias.dtype)
+        m.tokens_per_expert.zero_()
