@@ -27,15 +27,20 @@ def resolve_attn_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Softmax statistics in at least fp32 (fp64 stays fp64 for reference tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def math_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
                         mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [B, H, S, D]; k, v: [B, KV, S, D]; sinks: [H]; mask: bool [B|1, 1, S, S]."""
     n_rep = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(n_rep, dim=1)  # query head h reads kv head h // n_rep
     v = v.repeat_interleave(n_rep, dim=1)
-    scores = torch.matmul(q, k.transpose(-2, -1)).float() * scale  # [B, H, S, S]
+    scores = _upcast(torch.matmul(q, k.transpose(-2, -1))) * scale  # [B, H, S, S]
     scores = scores.masked_fill(~mask, float("-inf"))
-    sink = sinks.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+    sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
     logits = torch.cat([scores, sink], dim=-1)  # [B, H, S, S + 1]
     probs = torch.softmax(logits, dim=-1)[..., :-1]  # drop the sink column
     return torch.matmul(probs.to(v.dtype), v)  # [B, H, S, D]
@@ -57,8 +62,8 @@ def flex_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks
         from torch.nn.attention.flex_attention import flex_attention as flex
     out, lse = flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True)
     # out: [B, H, S, D]; lse: [B, H, S] (natural log, fp32)
-    keep = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))  # mass not taken by the sink
-    return (out.float() * keep.unsqueeze(-1)).to(q.dtype)
+    keep = torch.sigmoid(_upcast(lse) - sinks.to(_upcast(lse).dtype).view(1, -1, 1))  # mass not on the sink
+    return (_upcast(out) * keep.unsqueeze(-1)).to(q.dtype)
 
 
 class Attention(nn.Module):

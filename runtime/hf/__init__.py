@@ -1,0 +1,1 @@
+"""HF transformers checkpoint interop for gpt-oss."""

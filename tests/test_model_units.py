@@ -1,0 +1,240 @@
+"""Model pieces against independent references: flex vs math attention, grouped vs loop
+experts, YaRN vs HF's rope init, document masking, parameter counts, argument errors."""
+
+import math
+
+import pytest
+import torch
+
+import torch.nn.attention.flex_attention as flex_module
+from runtime.model import FLAVORS, GptOssModel, ModelArgs, count_parameters
+from runtime.model.attention import flex_sink_attention, math_sink_attention
+from runtime.model.masks import dense_mask, flex_block_mask
+from runtime.model.moe import GroupedExperts, MoE, update_expert_bias
+from runtime.model.rope import yarn_inv_freq
+
+
+def _qkv(bsz=2, heads=4, kv_heads=2, seq=40, dim=16, dtype=torch.float32, grad=False):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(bsz, heads, seq, dim, generator=g, dtype=dtype)
+    k = torch.randn(bsz, kv_heads, seq, dim, generator=g, dtype=dtype)
+    v = torch.randn(bsz, kv_heads, seq, dim, generator=g, dtype=dtype)
+    sinks = torch.randn(heads, generator=g, dtype=dtype)
+    return [t.requires_grad_(grad) for t in (q, k, v, sinks)]
+
+
+def _doc_ids(bsz, seq):
+    # documents of uneven lengths, different per row
+    ids = torch.zeros(bsz, seq, dtype=torch.long)
+    ids[0, 7:] = 1
+    ids[0, 25:] = 2
+    ids[1, 13:] = 1
+    return ids
+
+
+@pytest.mark.parametrize("window", [None, 8])
+@pytest.mark.parametrize("docs", [False, True])
+def test_flex_forward_equals_math(window, docs):
+    q, k, v, sinks = _qkv()
+    doc_ids = _doc_ids(2, 40) if docs else None
+    ref = math_sink_attention(q, k, v, sinks, dense_mask(40, window, doc_ids, q.device), 0.25)
+    out = flex_sink_attention(q, k, v, sinks, flex_block_mask(40, window, doc_ids, q.device), 0.25)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+def test_flex_backward_equals_math_including_sink_gradient(monkeypatch):
+    """torch refuses flex backward on CPU; its eager reference path is still differentiable,
+    so this test (only) lifts the device check to compare gradients, sinks included."""
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *a, **k: None)
+    probe = torch.randn(2, 4, 40, 16, dtype=torch.float64)
+    grads = {}
+    for name in ("math", "flex"):
+        q, k, v, sinks = _qkv(dtype=torch.float64, grad=True)
+        doc_ids = _doc_ids(2, 40)
+        if name == "math":
+            out = math_sink_attention(q, k, v, sinks, dense_mask(40, 8, doc_ids, q.device), 0.25)
+        else:
+            out = flex_sink_attention(q, k, v, sinks, flex_block_mask(40, 8, doc_ids, q.device), 0.25)
+        (out * probe).sum().backward()
+        grads[name] = [t.grad for t in (q, k, v, sinks)]
+    for g_flex, g_math, what in zip(grads["flex"], grads["math"], "qkv+"):
+        torch.testing.assert_close(g_flex, g_math, atol=1e-10, rtol=1e-8, msg=f"grad {what}")
+    assert grads["flex"][3].abs().sum() > 0  # the sink is trained through the log-sum-exp
+
+
+def test_sink_gradient_matches_finite_difference():
+    q, k, v, sinks = _qkv(dtype=torch.float64, grad=True, seq=12)
+    mask = dense_mask(12, 4, None, q.device)
+    assert torch.autograd.gradcheck(
+        lambda s: math_sink_attention(q.detach(), k.detach(), v.detach(), s, mask, 0.3), (sinks,))
+
+
+def test_sinks_take_probability_mass():
+    q, k, v, sinks = _qkv(seq=10)
+    mask = dense_mask(10, None, None, q.device)
+    ones = torch.ones_like(v)
+    no_sink = math_sink_attention(q, k, ones, torch.full_like(sinks, -1e9), mask, 0.25)
+    with_sink = math_sink_attention(q, k, ones, torch.full_like(sinks, 5.0), mask, 0.25)
+    torch.testing.assert_close(no_sink, torch.ones_like(no_sink))  # rows sum to one
+    assert (with_sink < 1).all()
+
+
+def _experts(num_experts=4, dim=32, hidden=16):
+    args = ModelArgs(dim=dim, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, vocab_size=8,
+                     moe_inter_dim=hidden, num_experts=num_experts, top_k=1)
+    torch.manual_seed(0)
+    experts = GroupedExperts(args)
+    experts.init_weights(0.5, 0.5)
+    with torch.no_grad():
+        experts.mlp1_bias.normal_()
+        experts.mlp2_bias.normal_()
+    return experts
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 10, 0], [0, 4, 0, 0], [1, 1, 1, 7]])
+def test_grouped_experts_equal_loop_including_idle_experts(counts):
+    experts = _experts()
+    x = torch.randn(sum(counts), 32, requires_grad=True)
+    counts_t = torch.tensor(counts)
+    probe = torch.randn(sum(counts), 32)
+    results = {}
+    for impl in ("grouped", "loop"):
+        experts.impl = impl
+        experts.zero_grad()
+        x.grad = None
+        out = experts(x, counts_t)
+        (out * probe).sum().backward()
+        results[impl] = (out.detach(), x.grad.clone(),
+                         [p.grad.clone() for p in experts.parameters()])
+    torch.testing.assert_close(results["grouped"][0], results["loop"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results["grouped"][1], results["loop"][1], atol=1e-5, rtol=1e-5)
+    for g, l in zip(results["grouped"][2], results["loop"][2]):
+        torch.testing.assert_close(g, l, atol=1e-5, rtol=1e-5)
+    idle = [e for e, c in enumerate(counts) if c == 0]
+    for p in experts.parameters():  # experts without tokens get exactly zero gradient
+        assert p.grad[idle].abs().sum() == 0
+
+
+def test_yarn_matches_hf_rope_init():
+    transformers = pytest.importorskip("transformers")
+    from transformers import GptOssConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from runtime.hf.config import model_args_to_hf_config
+
+    for args in (FLAVORS["20b"], FLAVORS["tiny"], FLAVORS["20b"].replace(rope_truncate=True)):
+        hf_inv_freq, hf_scale = ROPE_INIT_FUNCTIONS["yarn"](GptOssConfig(**model_args_to_hf_config(args)))
+        inv_freq, concentration = yarn_inv_freq(args)
+        torch.testing.assert_close(inv_freq, hf_inv_freq.float(), atol=0, rtol=1e-6)
+        assert concentration == pytest.approx(hf_scale, rel=1e-12)
+    assert yarn_inv_freq(FLAVORS["20b"])[1] == pytest.approx(0.1 * math.log(32) + 1)
+
+
+def test_document_masking_equals_running_documents_separately():
+    args = FLAVORS["tiny"].replace(attn_backend="math", load_balance_coeff=None)
+    torch.manual_seed(0)
+    model = GptOssModel(args)
+    model.init_weights()
+    docs = [torch.randint(0, args.vocab_size, (n,)) for n in (5, 11, 4)]
+    packed = torch.cat(docs)[None]
+    doc_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    packed_logits = model(packed, positions=positions, document_ids=doc_ids)[0]
+    separate = torch.cat([model(d[None])[0] for d in docs])
+    torch.testing.assert_close(packed_logits, separate, atol=1e-5, rtol=1e-5)
+
+
+def test_meta_init_then_forward_is_finite_and_deterministic():
+    args = FLAVORS["tiny"]
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        with torch.device("meta"):
+            model = GptOssModel(args)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+        outs.append(model(torch.arange(12)[None] % args.vocab_size))
+    assert torch.isfinite(outs[0]).all()
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
+    args = FLAVORS["tiny"]
+    torch.manual_seed(0)
+    model = GptOssModel(args)
+    model.init_weights()
+    tokens = torch.randint(0, args.vocab_size, (2, 16))
+    ref = model(tokens)
+    model.args = args.replace(compute_dtype="bfloat16")
+    low = model(tokens)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def _count_by_formula(a: ModelArgs) -> tuple[int, int]:
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    attention = (a.dim * q + q) + 2 * (a.dim * kv + kv) + (q * a.dim + a.dim) + a.n_heads
+    router = a.dim * a.num_experts + a.num_experts
+    one_expert = (a.dim * 2 * a.moe_inter_dim + 2 * a.moe_inter_dim) + (a.moe_inter_dim * a.dim + a.dim)
+    norms = 2 * a.dim
+    embedding = head = a.vocab_size * a.dim
+    total = embedding + head + a.dim + a.n_layers * (attention + router + norms + a.num_experts * one_expert)
+    active = head + a.dim + a.n_layers * (attention + router + norms + a.top_k * one_expert)
+    return total, active
+
+
+def test_parameter_counts_of_real_flavors():
+    # Active follows OpenAI's model card: top-4 experts, no embedding table (a lookup).
+    expected = {"20b": (20_914_757_184, 3_608_307_264), "120b": (116_829_156_672, 5_132_849_472)}
+    for flavor, counts in expected.items():
+        with torch.device("meta"):
+            model = GptOssModel(FLAVORS[flavor])
+        assert count_parameters(model, FLAVORS[flavor]) == counts
+        assert _count_by_formula(FLAVORS[flavor]) == counts
+
+
+def test_expert_bias_moves_load_towards_balance():
+    args = FLAVORS["tiny"].replace(num_experts=4, top_k=1, load_balance_coeff=0.1)
+    moe = MoE(args)
+    moe.init_weights(0.02, 0.02)
+    with torch.no_grad():
+        moe.router.gate.bias.copy_(torch.tensor([3.0, 0.0, 0.0, 0.0]))  # expert 0 hogs everything
+    x = torch.randn(1, 64, args.dim)
+    moe(x)
+    assert moe.tokens_per_expert.tolist()[0] == 64
+    update_expert_bias(moe)
+    assert moe.expert_bias.tolist() == pytest.approx([-0.1, 0.1, 0.1, 0.1])
+    assert moe.tokens_per_expert.sum() == 0
+
+
+def test_aux_loss_adds_router_gradient_without_changing_output():
+    args = FLAVORS["tiny"]
+    torch.manual_seed(0)
+    plain = MoE(args)
+    plain.init_weights(0.02, 0.02)
+    with_aux = MoE(args.replace(aux_loss_coeff=0.5))
+    with_aux.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 8, args.dim)
+    out_plain, out_aux = plain(x), with_aux(x)
+    torch.testing.assert_close(out_plain, out_aux, atol=0, rtol=0)
+    out_plain.sum().backward()
+    out_aux.sum().backward()
+    assert with_aux.last_aux_loss is not None
+    assert not torch.allclose(plain.router.gate.weight.grad, with_aux.router.gate.weight.grad)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(n_heads=6, n_kv_heads=4), "n_kv_heads"),
+    (dict(top_k=9, num_experts=8), "top_k"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(dim=-1), "dim"),
+    (dict(head_dim=7), "head_dim"),
+    (dict(attn_backend="sdpa"), "attn_backend"),
+    (dict(moe_impl="magic"), "moe_impl"),
+    (dict(layer_types=("full_attention",)), "layer_types"),
+    (dict(norm_eps=0.0), "norm_eps"),
+])
+def test_bad_model_args_name_the_field(change, field):
+    with pytest.raises(ValueError, match=rf"ModelArgs\.{field}"):
+        FLAVORS["tiny"].replace(**change)
