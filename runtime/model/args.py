@@ -133,9 +133,9 @@ FLAVORS: dict[str, ModelArgs] = {
         dim=256, n_layers=4, n_heads=16, n_kv_heads=4, head_dim=64, vocab_size=8192,
         moe_inter_dim=512, num_experts=8, top_k=4, max_seq_len=4096,
     ),
-    # For unit tests: every mechanism present, a few thousand parameters per layer.
+    # For unit and launch tests: every mechanism present, tiny layers (vocab = embedded tokenizer).
     "tiny": ModelArgs(
-        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=512,
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=8192,
         moe_inter_dim=64, num_experts=4, top_k=2, sliding_window=8, max_seq_len=1024,
     ),
     "20b": ModelArgs(

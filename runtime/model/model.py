@@ -54,10 +54,29 @@ class RMSNorm(nn.Module):
         return (self.weight.float() * normed).to(x.dtype)
 
 
+def _selective_checkpoint_context():
+    """Op-level AC: keep matmul outputs (expensive to recompute), recompute the rest
+    (norms, RoPE, activations, routing arithmetic: cheap and memory-hungry)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    save = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.matmul.default,
+            aten.linear.default}
+    if hasattr(aten, "_grouped_mm"):
+        save.add(aten._grouped_mm.default)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
+        # "none" | "full" | "op": set by runtime.parallel.activation_checkpoint.apply_ac
+        self.activation_checkpoint = "none"
         self.sliding = args.is_sliding(layer_id)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args, sliding=self.sliding)
@@ -72,6 +91,16 @@ class TransformerBlock(nn.Module):
         self.moe.init_weights(std, out_std)
 
     def forward(self, x: torch.Tensor, rope, masks, backend: str) -> torch.Tensor:
+        if self.activation_checkpoint == "none" or not torch.is_grad_enabled():
+            return self._forward(x, rope, masks, backend)
+        from torch.utils.checkpoint import checkpoint
+
+        # Recomputation re-runs the MoE forward and so counts its tokens twice; the expert
+        # bias update only uses sign(mean - load), which a uniform factor leaves unchanged.
+        extra = {"context_fn": _selective_checkpoint_context} if self.activation_checkpoint == "op" else {}
+        return checkpoint(self._forward, x, rope, masks, backend, use_reentrant=False, **extra)
+
+    def _forward(self, x: torch.Tensor, rope, masks, backend: str) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), rope, masks.for_layer(self.sliding), backend)
         return x + self.moe(self.ffn_norm(x))
 

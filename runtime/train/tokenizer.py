@@ -69,14 +69,27 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str = "") -> "Tokenizer":
-        """"" = embedded; a tokenizer.json file; or a directory containing tokenizer.json."""
+    def load(
+        cls,
+        path: str = "",
+        *,
+        bos: str | None = None,
+        eos: str | None = None,
+        pad: str | None = None,
+    ) -> "Tokenizer":
+        """ "" = embedded; a tokenizer.json file; or a directory containing tokenizer.json.
+
+        bos/eos/pad (token strings) override what the directory's configs say, e.g.
+        eos="<|endoftext|>" to separate pre-training documents of gpt-oss with its
+        end-of-text token rather than the chat `<|return|>`."""
         from tokenizers import Tokenizer as HFTokenizer
 
         if not path:
             file, meta_dir = EMBEDDED_TOKENIZER, None
             if not file.is_file():
-                raise FileNotFoundError(f"embedded tokenizer missing: {file} (run scripts/build_assets.py)")
+                raise FileNotFoundError(
+                    f"embedded tokenizer missing: {file} (run scripts/build_assets.py)"
+                )
         else:
             p = Path(path).expanduser()
             if p.is_dir():
@@ -91,7 +104,10 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(file))
         except Exception as e:  # the Rust error type is not importable by name
             raise ValueError(f"tokenizer: cannot load {file}: {e}") from None
-        bos, eos, pad = cls._special_names(meta_dir, tok)
+        found = cls._special_names(meta_dir, tok)
+        bos, eos, pad = (
+            o if o is not None else f for o, f in zip((bos, eos, pad), found, strict=True)
+        )
         return cls(tok, bos=bos, eos=eos, pad=pad, source=str(file))
 
     @staticmethod
@@ -116,11 +132,15 @@ class Tokenizer:
     def _resolve(self, token: str | int, role: str) -> int:
         if isinstance(token, int):
             if not 0 <= token < self.vocab_size:
-                raise ValueError(f"tokenizer {self.source}: {role} id {token} outside vocab {self.vocab_size}")
+                raise ValueError(
+                    f"tokenizer {self.source}: {role} id {token} outside vocab {self.vocab_size}"
+                )
             return token
         tid = self._tok.token_to_id(token)
         if tid is None:
-            raise ValueError(f"tokenizer {self.source}: {role} token {token!r} is not in the vocabulary")
+            raise ValueError(
+                f"tokenizer {self.source}: {role} token {token!r} is not in the vocabulary"
+            )
         return tid
 
     def _set_split_specials(self, split: bool) -> None:

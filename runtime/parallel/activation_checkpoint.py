@@ -1,0 +1,23 @@
+"""Activation checkpointing: full (every block), every n-th block, or selective op-level.
+
+The choice is stored on each TransformerBlock (`block.activation_checkpoint`) and applied
+inside its forward, so parameter names never change (no wrapper modules): checkpoints,
+HF export and parallel plans keep addressing `layers.N.*`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def apply_ac(model: nn.Module, mode: str, option: str) -> None:
+    """mode: none | full | selective; option (selective): "op" or an integer N = every N-th block."""
+    if mode == "none":
+        return
+    for index, block in enumerate(model.layers.values()):
+        if mode == "full":
+            block.activation_checkpoint = "full"
+        elif option == "op":
+            block.activation_checkpoint = "op"
+        elif (index + 1) % int(option) == 0:
+            block.activation_checkpoint = "full"

@@ -1,0 +1,5 @@
+import sys
+
+from runtime.train.trainer import main
+
+sys.exit(main())

@@ -1,0 +1,642 @@
+"""Job configuration: a TOML file plus `--section.key=value` overrides -> `JobConfig`.
+
+Section and key names follow torchtitan wherever torchtitan has one, so configs and
+command lines migrate with few edits. Everything here is pure Python (no torch): a bad
+config fails in milliseconds with a one-line `ConfigError` naming the file (or the
+command line) and the key, before any process group or weight exists.
+
+Trainer entry points use it like this::
+
+    @main_guard                       # ConfigError -> "error: <msg>" on stderr, exit 2
+    def main(argv=None):
+        cfg, ns = parse_args(argv)
+        if ns.print_config:
+            print(cfg.to_toml_str(), end="")
+            return 0
+        ...
+
+`python -m runtime.train.config --config FILE [--world-size N] [overrides]` validates a
+config (and, with --world-size, its parallelism) and prints the resolved TOML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from runtime.model.args import ATTN_BACKENDS, COMPUTE_DTYPES, FLAVORS, MOE_IMPLS, ModelArgs
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line that names the key and its origin."""
+
+
+# --------------------------------------------------------------------------- field rules
+# Each option is a dataclass field whose metadata carries its allowed values or a check.
+# A check returns None when the value is fine, else a phrase such as "must be > 0".
+
+def _opt(default: Any, *, choices: Any = None, check: Callable | None = None, help: str = ""):
+    meta = {"choices": choices, "check": check, "help": help}
+    if isinstance(default, list):
+        return field(default_factory=functools.partial(list, default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _unit_interval(v):
+    return None if 0 <= v <= 1 else "must be in [0, 1]"
+
+
+def _beta(v):
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _non_empty(v):
+    return None if v else "must not be empty"
+
+
+def _degree(v):
+    return None if v >= 1 else "must be >= 1"
+
+
+def _shard_degree(v):
+    return None if v == -1 or v >= 1 else "must be -1 (infer from the world size) or >= 1"
+
+
+def _global_batch(v):
+    ok = v == -1 or v > 0
+    return None if ok else "must be -1 (local_batch_size x data-parallel degree) or > 0"
+
+
+def _auto_or_positive(v):
+    return None if v == -1 or v >= 1 else "must be -1 (auto) or >= 1"
+
+
+def _load_step(v):
+    return None if v >= -1 else "must be -1 (latest) or >= 0"
+
+
+def _selective_ac(v):
+    ok = v == "op" or (v.isdigit() and int(v) > 0)
+    return None if ok else "must be 'op' or a positive integer N (checkpoint every N-th layer)"
+
+
+def _subset(allowed: tuple[str, ...]):
+    def check(v):
+        bad = [x for x in v if x not in allowed]
+        return f"entries must be in {list(allowed)}" if bad else None
+    return check
+
+
+NO_DECAY_GROUPS = ("norms", "biases", "sinks", "embeddings")
+COMPILE_COMPONENTS = ("model", "loss")
+PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble",
+                "DualPipeV")
+
+
+# --------------------------------------------------------------------------- sections
+
+@dataclass
+class JobSection:
+    dump_folder: str = _opt("./outputs", check=_non_empty, help="root of all outputs of the run")
+    description: str = _opt("", help="free text, logged at start")
+
+
+@dataclass
+class ModelSection:
+    name: str = _opt("gpt_oss", choices=("gpt_oss",), help="model family")
+    flavor: str = _opt("debugmodel", choices=lambda: tuple(FLAVORS),
+                       help="a key of runtime.model.args.FLAVORS")
+    n_layers: int = _opt(0, check=_non_negative, help="0: the flavor's; >0: reduced-layer runs")
+    attn_backend: str = _opt("auto", choices=ATTN_BACKENDS, help="auto: flex on CUDA, else math")
+    compute_dtype: str = _opt("auto", choices=COMPUTE_DTYPES,
+                              help="auto: bfloat16 on CUDA, else float32")
+    moe_impl: str = _opt("grouped", choices=MOE_IMPLS, help="grouped matmul or reference loop")
+    load_balance_coeff: float = _opt(1e-3, check=_non_negative,
+                                     help="aux-loss-free expert-bias update rate; 0 disables")
+    aux_loss_coeff: float = _opt(0.0, check=_non_negative, help="auxiliary balance loss; 0 = off")
+    tokenizer_path: str = _opt("", help="'' = embedded; a tokenizer.json or an HF checkpoint dir")
+
+
+@dataclass
+class DataSection:
+    dataset: str = _opt("embedded", choices=("embedded", "path", "hf"),
+                        help="embedded sample text | local files | HF datasets")
+    dataset_path: str = _opt("", help="file, directory or glob of .jsonl/.json/.parquet/.txt")
+    text_key: str = _opt("text", check=_non_empty, help="field holding the text in records")
+    hf_dataset: str = _opt("", help="HF datasets name (data.dataset = 'hf')")
+    hf_split: str = _opt("train", check=_non_empty, help="HF split")
+    hf_streaming: bool = _opt(True, help="stream instead of downloading the whole dataset")
+    document_mask: bool = _opt(True, help="packed documents do not attend to each other")
+    shuffle_seed: int = _opt(0, check=_non_negative, help="file/sample shuffle seed")
+
+
+@dataclass
+class TrainingSection:
+    steps: int = _opt(100, check=_positive, help="optimizer steps")
+    seq_len: int = _opt(256, check=_positive, help="tokens per sample")
+    local_batch_size: int = _opt(8, check=_positive,
+                                 help="samples per data-parallel rank per micro-step")
+    global_batch_size: int = _opt(-1, check=_global_batch,
+                                  help="-1 = local x dp; a multiple -> gradient accumulation")
+    seed: int = _opt(0, check=_non_negative, help="parameter init and data seed")
+    max_norm: float = _opt(1.0, check=_non_negative, help="gradient clipping norm; 0 disables")
+    mixed_precision_param: str = _opt("bfloat16", choices=("bfloat16", "float32"),
+                                      help="FSDP compute dtype of parameters")
+    mixed_precision_reduce: str = _opt("float32", choices=("float32", "bfloat16"),
+                                       help="gradient reduce-scatter dtype")
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available")
+    on_nonfinite: str = _opt("error", choices=("error", "skip"),
+                             help="on a NaN/inf loss or grad norm: stop, or skip the step")
+    deterministic: bool = _opt(False, help="deterministic algorithms (slower)")
+
+    def gradient_accumulation_steps(self, dp_degree: int) -> int:
+        """Micro-steps per optimizer step for a data-parallel degree (1 when global = -1)."""
+        per_step = self.local_batch_size * dp_degree
+        if self.global_batch_size == -1:
+            return 1
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"training.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"training.local_batch_size ({self.local_batch_size}) x data-parallel degree "
+                f"({dp_degree}) = {per_step}"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class OptimizerSection:
+    name: str = _opt("AdamW", choices=("AdamW", "Adam"), help="torch.optim class")
+    lr: float = _opt(8e-4, check=_positive, help="peak learning rate")
+    beta1: float = _opt(0.9, check=_beta)
+    beta2: float = _opt(0.95, check=_beta)
+    eps: float = _opt(1e-8, check=_positive)
+    weight_decay: float = _opt(0.1, check=_non_negative)
+    no_decay: list = _opt(list(NO_DECAY_GROUPS), check=_subset(NO_DECAY_GROUPS),
+                          help="parameter groups exempt from weight decay")
+    implementation: str = _opt("auto", choices=("auto", "fused", "foreach", "for-loop"),
+                               help="auto: fused on CUDA, foreach elsewhere")
+
+
+@dataclass
+class LRSchedulerSection:
+    warmup_steps: int = _opt(10, check=_non_negative, help="linear warmup (clamped to steps)")
+    decay_type: str = _opt("cosine", choices=("linear", "cosine", "wsd", "constant"))
+    decay_ratio: float = _opt(0.2, check=_unit_interval, help="wsd: fraction of steps decaying")
+    min_lr_factor: float = _opt(0.1, check=_unit_interval, help="final lr = lr x this")
+
+
+@dataclass
+class ParallelismSection:
+    data_parallel_replicate_degree: int = _opt(1, check=_degree, help="DDP / HSDP replicas")
+    data_parallel_shard_degree: int = _opt(-1, check=_shard_degree, help="FSDP; -1 = the rest")
+    tensor_parallel_degree: int = _opt(1, check=_degree, help="TP + sequence parallel")
+    expert_parallel_degree: int = _opt(1, check=_degree,
+                                       help="experts split over dp_shard x cp (x tp) ranks")
+    expert_tensor_parallel_degree: int = _opt(1, check=_degree, help="1 or tensor_parallel_degree")
+    context_parallel_degree: int = _opt(1, check=_degree, help="sequence split for attention")
+    context_parallel_load_balancer: str = _opt("headtail", choices=("headtail", "none"),
+                                               help="headtail: causal-balanced chunks")
+    pipeline_parallel_degree: int = _opt(1, check=_degree)
+    pipeline_parallel_schedule: str = _opt("1F1B", choices=PP_SCHEDULES)
+    pipeline_parallel_microbatch_size: int = _opt(1, check=_positive)
+    pipeline_parallel_layers_per_stage: int = _opt(-1, check=_auto_or_positive,
+                                                   help="-1: split layers evenly over stages")
+    enable_async_tensor_parallel: bool = _opt(False, help="needs compile.enable and CUDA")
+    disable_loss_parallel: bool = _opt(False, help="gather logits before the loss under TP")
+    fsdp_reshard_after_forward: str = _opt("default", choices=("default", "always", "never"))
+
+
+@dataclass
+class CheckpointSection:
+    enable: bool = _opt(False)
+    folder: str = _opt("checkpoints", check=_non_empty, help="relative to job.dump_folder")
+    interval: int = _opt(500, check=_positive, help="steps between saves")
+    keep_latest_k: int = _opt(0, check=_non_negative, help="0 keeps all")
+    async_mode: str = _opt("disabled", choices=("disabled", "async"))
+    initial_load_hf: str = _opt("", help="HF checkpoint dir to start from (no saved step yet)")
+    initial_load_path: str = _opt("", help="DCP checkpoint dir to start from (no saved step yet)")
+    load_step: int = _opt(-1, check=_load_step, help="-1: latest")
+
+
+@dataclass
+class ActivationCheckpointSection:
+    mode: str = _opt("none", choices=("none", "full", "selective"))
+    selective_ac_option: str = _opt("op", check=_selective_ac, help="'op' or every N-th layer")
+
+
+@dataclass
+class CompileSection:
+    enable: bool = _opt(False, help="torch.compile each transformer block")
+    components: list = _opt(list(COMPILE_COMPONENTS), check=_subset(COMPILE_COMPONENTS))
+
+
+@dataclass
+class QuantizeSection:
+    mode: str = _opt("none", choices=("none", "float8", "mxfp8"), help="mxfp8: Blackwell only")
+    float8_recipe: str = _opt("tensorwise", choices=("tensorwise", "rowwise"))
+    emulate: bool = _opt(False, help="emulated float8 (tests on hardware without it)")
+    filter_fqns: list = _opt(["output", "router"], help="linears left in high precision")
+    enable_fsdp_float8_all_gather: bool = _opt(False, help="tensorwise only")
+
+
+@dataclass
+class MetricsSection:
+    log_freq: int = _opt(1, check=_positive, help="steps between log lines")
+    enable_jsonl: bool = _opt(True, help="write metrics.jsonl in dump_folder")
+    enable_tensorboard: bool = _opt(False)
+    save_tb_folder: str = _opt("tb", check=_non_empty, help="relative to job.dump_folder")
+
+
+@dataclass
+class JobConfig:
+    job: JobSection = field(default_factory=JobSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    lr_scheduler: LRSchedulerSection = field(default_factory=LRSchedulerSection)
+    parallelism: ParallelismSection = field(default_factory=ParallelismSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    activation_checkpoint: ActivationCheckpointSection = field(
+        default_factory=ActivationCheckpointSection)
+    compile: CompileSection = field(default_factory=CompileSection)
+    quantize: QuantizeSection = field(default_factory=QuantizeSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    def validate(self) -> None:
+        """Re-check every value (for configs built or edited in Python)."""
+        _validate(self, _Origins("config"))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_toml_str(self) -> str:
+        """The full resolved config as TOML; loading it back gives an equal JobConfig."""
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+    def model_args(self) -> ModelArgs:
+        """The flavor's ModelArgs with this config's overrides (vocab_size: the flavor's)."""
+        m = self.model
+        base = FLAVORS[m.flavor]
+        changes: dict[str, Any] = dict(
+            attn_backend=m.attn_backend, compute_dtype=m.compute_dtype, moe_impl=m.moe_impl,
+            # 0 disables the expert-bias update; ModelArgs spells that None.
+            load_balance_coeff=m.load_balance_coeff or None, aux_loss_coeff=m.aux_loss_coeff,
+        )
+        if m.n_layers > 0:
+            changes["n_layers"] = m.n_layers
+            if base.layer_types is not None:  # keep an explicit pattern when it can be cut
+                fits = m.n_layers <= len(base.layer_types)
+                changes["layer_types"] = base.layer_types[: m.n_layers] if fits else None
+        try:
+            return base.replace(**changes)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(JobConfig)}
+
+# Names other trainers (torchtitan) use for things that live elsewhere here.
+_SECTION_HINTS = {"float8": "quantize", "mx": "quantize", "lr": "lr_scheduler"}
+
+
+def _fields(section: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+
+
+def _kind(f: dataclasses.Field) -> type:
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return type(default)
+
+
+# --------------------------------------------------------------------------- origins + errors
+
+class _Origins:
+    """Where each value came from, so an error can say `file: key` or `command line: --key`."""
+
+    def __init__(self, default: str):
+        self.default = default  # the config file (or "config") for values never set
+        self.by_key: dict[tuple[str, str], tuple[str, bool]] = {}
+
+    def set(self, section: str, key: str, origin: str, flag: bool) -> None:
+        self.by_key[(section, key)] = (origin, flag)
+
+    def name(self, section: str, key: str) -> str:
+        flag = self.by_key.get((section, key), (None, False))[1]
+        return f"--{section}.{key}" if flag else f"{section}.{key}"
+
+    def error(self, section: str, key: str, text: str) -> ConfigError:
+        origin = self.by_key.get((section, key), (self.default, False))[0]
+        return ConfigError(f"{origin}: {self.name(section, key)} {text}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _unknown_section(origin: str, section: str, flag: bool) -> ConfigError:
+    dash = "--" if flag else ""
+    match = _SECTION_HINTS.get(section) or next(
+        iter(difflib.get_close_matches(section, list(SECTIONS), n=1, cutoff=0.6)), None)
+    tail = f" (did you mean '{dash}{match}'?)" if match else f" (sections: {', '.join(SECTIONS)})"
+    return ConfigError(f"{origin}: unknown section '{dash}{section}'{tail}")
+
+
+def _unknown_key(origin: str, section: str, key: str, flag: bool) -> ConfigError:
+    dash = "--" if flag else ""
+    # A key that exists in another section (torchtitan's training.dataset -> data.dataset).
+    elsewhere = [s for s in SECTIONS if key in _fields(s)]
+    if elsewhere:
+        tail = f" (did you mean '{dash}{elsewhere[0]}.{key}'?)"
+    else:
+        match = difflib.get_close_matches(key, list(_fields(section)), n=1, cutoff=0.6)
+        tail = f" (did you mean '{dash}{section}.{match[0]}'?)" if match else ""
+    return ConfigError(f"{origin}: unknown key '{dash}{section}.{key}'{tail}")
+
+
+# --------------------------------------------------------------------------- typing
+
+_KIND_TEXT = {bool: "true or false", int: "an integer", float: "a finite number",
+              str: "a string", list: "a list of strings"}
+
+
+def _coerce(kind: type, value: Any) -> Any:
+    """`value` as `kind`, or raise TypeError. An int is accepted where a float is expected."""
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isfinite(value):
+            return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"must be {_KIND_TEXT[kind]}")
+
+
+def _parse_literal(raw: str, kind: type) -> Any:
+    """Command-line text as a TOML literal, with conveniences for strings and lists."""
+    parsed: Any = raw
+    if "\n" not in raw:
+        try:
+            parsed = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            if kind is bool and raw.lower() in ("true", "false"):
+                parsed = raw.lower() == "true"
+    if kind is str and not isinstance(parsed, str):
+        return raw  # bare words and numbers-as-text: --model.flavor=20b, selective_ac_option=2
+    if kind is list and not isinstance(parsed, list):
+        return [item.strip() for item in raw.split(",") if item.strip()]  # a,b,c
+    return parsed
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        # JSON string escapes are valid TOML basic-string escapes; DEL must be escaped too.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+# --------------------------------------------------------------------------- loading
+
+def _set(values: dict, origins: _Origins, origin: str, flag: bool, section: str, key: str,
+         value: Any, shown: str) -> None:
+    fields = _fields(section)
+    if key not in fields:
+        raise _unknown_key(origin, section, key, flag)
+    origins.set(section, key, origin, flag)
+    try:
+        values.setdefault(section, {})[key] = _coerce(_kind(fields[key]), value)
+    except TypeError as e:
+        raise origins.error(section, key, f"{e}, got {shown}") from None
+
+
+def _read_file(path: str, values: dict, origins: _Origins) -> None:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: malformed TOML: {_one_line(e)}") from None
+    for section, table in data.items():
+        if section not in SECTIONS:
+            raise _unknown_section(path, section, flag=False)
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: '{section}' must be a [{section}] table, got {table!r}")
+        for key, value in table.items():
+            _set(values, origins, path, False, section, key, value, repr(value))
+
+
+def _parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
+    """`--section.key=value` / `--section.key value` / bare `--section.flag` -> triples."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        name, eq, raw = token[2:].partition("=")
+        section, dot, key = name.replace("-", "_").partition(".")
+        if not token.startswith("--") or not dot or not key:
+            raise ConfigError(f"command line: unexpected argument '{token}' "
+                              f"(overrides look like --section.key=value)")
+        if section not in SECTIONS:
+            raise _unknown_section("command line", section, flag=True)
+        fields = _fields(section)
+        if key not in fields:
+            raise _unknown_key("command line", section, key, flag=True)
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if _kind(fields[key]) is bool and (nxt is None or nxt.lower() not in ("true", "false")):
+                raw = "true"  # torchtitan-style bare flag: --compile.enable
+            elif nxt is None:
+                raise ConfigError(f"command line: --{section}.{key} needs a value")
+            else:
+                raw, i = nxt, i + 1
+        out.append((section, key, raw))
+        i += 1
+    return out
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:
+    """Defaults <- TOML file (optional) <- overrides; validated. Raises ConfigError."""
+    origins = _Origins(path or "config")
+    values: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        _read_file(path, values, origins)
+    for section, key, raw in _parse_overrides(list(overrides or [])):
+        value = _parse_literal(raw, _kind(_fields(section)[key]))
+        _set(values, origins, "command line", True, section, key, value, repr(raw))
+    cfg = JobConfig(**{s: SECTIONS[s](**values.get(s, {})) for s in SECTIONS})
+    _validate(cfg, origins)
+    return cfg
+
+
+def config_from_dict(data: dict[str, dict[str, Any]], origin: str = "config") -> JobConfig:
+    """A validated JobConfig from nested dicts (e.g. a checkpoint's saved to_dict())."""
+    origins = _Origins(origin)
+    values: dict[str, dict[str, Any]] = {}
+    for section, table in data.items():
+        if section not in SECTIONS:
+            raise _unknown_section(origin, section, flag=False)
+        for key, value in table.items():
+            _set(values, origins, origin, False, section, key, value, repr(value))
+    cfg = JobConfig(**{s: SECTIONS[s](**values.get(s, {})) for s in SECTIONS})
+    _validate(cfg, origins)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+def _validate(cfg: JobConfig, origins: _Origins) -> None:
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for key, f in _fields(section).items():
+            value = getattr(obj, key)
+            try:
+                value = _coerce(_kind(f), value)
+            except TypeError as e:
+                raise origins.error(section, key, f"{e}, got {value!r}") from None
+            choices = f.metadata["choices"]
+            choices = choices() if callable(choices) else choices
+            if choices is not None and value not in choices:
+                problem = f"must be one of {', '.join(choices)}"
+            else:
+                problem = f.metadata["check"] and f.metadata["check"](value)
+            if problem:
+                raise origins.error(section, key, f"{problem}, got {value!r}")
+    _cross_check(cfg, origins)
+
+
+def _cross_check(cfg: JobConfig, o: _Origins) -> None:
+    """Rules that involve more than one key. The first key named is the one blamed."""
+    d, t, p, c, q = cfg.data, cfg.training, cfg.parallelism, cfg.checkpoint, cfg.quantize
+    if d.dataset == "path" and not d.dataset_path:
+        raise o.error("data", "dataset", f"is 'path' but {o.name('data', 'dataset_path')} is empty")
+    if d.dataset == "hf" and not d.hf_dataset:
+        raise o.error("data", "dataset", f"is 'hf' but {o.name('data', 'hf_dataset')} is empty")
+    if t.global_batch_size > 0 and t.global_batch_size % t.local_batch_size:
+        raise o.error("training", "global_batch_size",
+                      f"({t.global_batch_size}) must be a multiple of "
+                      f"{o.name('training', 'local_batch_size')} ({t.local_batch_size})")
+    max_seq_len = FLAVORS[cfg.model.flavor].max_seq_len
+    if t.seq_len > max_seq_len:
+        raise o.error("training", "seq_len", f"({t.seq_len}) exceeds the max_seq_len "
+                      f"({max_seq_len}) of model flavor '{cfg.model.flavor}'")
+    if p.pipeline_parallel_degree > 1 and t.local_batch_size % p.pipeline_parallel_microbatch_size:
+        raise o.error("training", "local_batch_size",
+                      f"({t.local_batch_size}) must be a multiple of "
+                      f"{o.name('parallelism', 'pipeline_parallel_microbatch_size')} "
+                      f"({p.pipeline_parallel_microbatch_size})")
+    if p.enable_async_tensor_parallel and not (cfg.compile.enable
+                                               and "model" in cfg.compile.components):
+        raise o.error("parallelism", "enable_async_tensor_parallel",
+                      f"needs {o.name('compile', 'enable')} = true with 'model' in "
+                      f"{o.name('compile', 'components')} (async TP is a compiler pass)")
+    if c.initial_load_hf and c.initial_load_path:
+        raise o.error("checkpoint", "initial_load_hf",
+                      f"and {o.name('checkpoint', 'initial_load_path')} are mutually exclusive")
+    if q.mode == "float8" and q.enable_fsdp_float8_all_gather and q.float8_recipe != "tensorwise":
+        raise o.error("quantize", "enable_fsdp_float8_all_gather",
+                      f"needs {o.name('quantize', 'float8_recipe')} = 'tensorwise', "
+                      f"got '{q.float8_recipe}'")
+
+
+# --------------------------------------------------------------------------- command line
+
+def _options_help() -> str:
+    lines = ["config keys (override any as --section.key=value; TOML literals):"]
+    for section in SECTIONS:
+        for key, f in _fields(section).items():
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            text = f"  --{section}.{key}={_toml_value(default)}"
+            lines.append(f"{text:<58} {f.metadata['help']}".rstrip())
+    return "\n".join(lines)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False, epilog=_options_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [--config FILE] [--print-config] [--section.key=value ...]",
+    )
+    # --job.config_file is torchtitan's spelling.
+    parser.add_argument("--config", "--job.config_file", dest="config", metavar="FILE",
+                        help="TOML config (defaults only when absent)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as TOML and exit")
+    return parser
+
+
+def parse_args(
+    argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> tuple[JobConfig, argparse.Namespace]:
+    """Parse --config/--print-config (plus any options of `parser`) and the overrides."""
+    parser = parser or build_parser()
+    ns, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return load_config(ns.config, rest), ns
+
+
+def main_guard(fn: Callable) -> Callable:
+    """Decorator for entry points: a ConfigError becomes `error: <msg>` and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return wrapper
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    """Validate a config (and its mesh for --world-size) and print it resolved."""
+    parser = build_parser("python -m runtime.train.config")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="also validate parallelism for this many ranks")
+    cfg, ns = parse_args(argv, parser)
+    if ns.world_size is not None:
+        from runtime.parallel.dims import validate_job
+
+        dims = validate_job(cfg, ns.world_size)
+        print(f"# {dims.describe()}")
+    print(cfg.to_toml_str(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

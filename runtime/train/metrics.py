@@ -1,0 +1,151 @@
+"""Per-step metrics: one readable line + `<dump_folder>/metrics.jsonl` (+ TensorBoard).
+
+FLOPs per trained token (used for MFU), counting matmuls only, forward + backward = 3x fwd:
+    6 * (active matmul parameters)                       dense projections, router,
+                                                          top_k experts, output head
+  + 6 * n_heads * head_dim * 2 * sum_layers(mean keys)   QK^T and PV (2 matmuls, 2 FLOPs/MAC)
+where mean keys for a query at position i (0-based, seq S) is i + 1 for full causal layers
+and min(i + 1, window) for sliding layers, averaged over i. The embedding table (a lookup)
+is not counted. Document masking only shortens the attended spans further; the formula
+uses the plain causal/window mask so MFU stays comparable between runs (it is an upper bound
+on work actually needed, as torchtitan's and Megatron's counts are).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from runtime.model.args import ModelArgs
+
+# Dense bf16 peak per GPU (no sparsity), for MFU. Override with RUNTIME_PEAK_TFLOPS.
+_PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "B200": 2250.0,
+                     "GB200": 2450.0, "L40S": 362.0, "A10G": 70.0}
+
+
+def mean_attended_keys(seq_len: int, window: int | None) -> float:
+    if window is None or window >= seq_len:
+        return (seq_len + 1) / 2
+    # i + 1 keys for the first `window` queries, then `window` each
+    ramp = window * (window + 1) / 2
+    return (ramp + (seq_len - window) * window) / seq_len
+
+
+def active_matmul_params(args: ModelArgs) -> int:
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    attention = args.dim * q * 2 + args.dim * kv * 2  # wq, wo, wk, wv
+    router = args.dim * args.num_experts
+    experts = args.top_k * 3 * args.dim * args.moe_inter_dim  # mlp1 (2F) + mlp2 (F)
+    head = args.dim * args.vocab_size
+    return args.n_layers * (attention + router + experts) + head
+
+
+def training_flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    attention = 0.0
+    for layer in range(args.n_layers):
+        window = args.sliding_window if args.is_sliding(layer) else None
+        attention += 6 * args.n_heads * args.head_dim * 2 * mean_attended_keys(seq_len, window)
+    return 6 * active_matmul_params(args) + attention
+
+
+def peak_flops(device: torch.device) -> float | None:
+    import os
+
+    if os.environ.get("RUNTIME_PEAK_TFLOPS"):
+        return float(os.environ["RUNTIME_PEAK_TFLOPS"]) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in sorted(_PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is KiB on Linux: the process' peak resident memory
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsLogger:
+    def __init__(self, cfg, dump_folder: str, model_args: ModelArgs, seq_len: int,
+                 global_tokens_per_step: int, world_size: int, device: torch.device,
+                 is_writer: bool, start_step: int = 0):
+        self.cfg = cfg
+        self.device = device
+        self.is_writer = is_writer
+        self.world_size = world_size
+        self.tokens_per_step = global_tokens_per_step
+        self.flops_per_token = training_flops_per_token(model_args, seq_len)
+        self.peak = peak_flops(device)
+        self.jsonl = None
+        self.tb = None
+        if is_writer:
+            Path(dump_folder).mkdir(parents=True, exist_ok=True)
+            if cfg.enable_jsonl:
+                self.jsonl = open(Path(dump_folder) / "metrics.jsonl", "a", buffering=1)
+            if cfg.enable_tensorboard:
+                self.tb = self._tensorboard(Path(dump_folder) / cfg.save_tb_folder)
+        self._last_time = time.perf_counter()
+
+    @staticmethod
+    def _tensorboard(folder: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # pragma: no cover - optional extra
+            raise RuntimeError("metrics.enable_tensorboard=true needs `pip install tensorboard`") from exc
+        return SummaryWriter(str(folder))
+
+    def reset_timer(self) -> None:
+        self._last_time = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def log(self, step: int, loss: float, grad_norm: float, lr: float, extra: dict | None = None,
+            force: bool = False) -> dict:
+        """Records every step (timing); prints/writes on step 1, every log_freq steps and when forced."""
+        now = time.perf_counter()
+        step_time = now - self._last_time
+        self._last_time = now
+        tokens_per_s = self.tokens_per_step / step_time
+        achieved = tokens_per_s * self.flops_per_token / self.world_size  # per device
+        record = {
+            "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / self.world_size,
+            "tflops_per_device": achieved / 1e12,
+            "mfu": achieved / self.peak if self.peak else None,
+            "memory_gib": peak_memory_gib(self.device),
+            "step_time_s": step_time,
+            **(extra or {}),
+        }
+        if self.is_writer and (force or step == 1 or step % self.cfg.log_freq == 0):
+            self._emit(record)
+        return record
+
+    def _emit(self, r: dict) -> None:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"step {r['step']:>6} | loss {r['loss']:.4f} | grad_norm {r['grad_norm']:.3f} | "
+              f"lr {r['lr']:.2e} | tok/s {r['tokens_per_s']:,.0f} | "
+              f"tflops/dev {r['tflops_per_device']:.2f} | mfu {mfu} | "
+              f"mem {r['memory_gib']:.2f} GiB | {r['step_time_s']:.2f}s", flush=True)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(r) + "\n")
+        if self.tb:
+            for key, value in r.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, r["step"])
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+        sys.stdout.flush()

@@ -1,0 +1,268 @@
+"""The training job: `python -m runtime.train --config configs/debugmodel.toml [--a.b=c ...]`.
+
+One Trainer owns the pieces, each from its own module:
+  config (config.py) -> mesh (parallel/dims.py) -> model (model/) -> parallel passes
+  (parallel/parallelize.py) -> optimizer + lr (optim.py) -> data (data.py) ->
+  checkpoints (checkpoint.py) -> metrics (metrics.py) -> signals/NaNs (faults.py).
+Exit codes: 0 done, 2 config error, 75 stopped by SIGUSR1/SIGTERM after saving (requeue me).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from runtime.model import GptOssModel
+from runtime.model.moe import moe_layers, update_expert_bias
+from runtime.parallel.dims import validate_job
+from runtime.train.checkpoint import CheckpointManager, ModelState, OptimizerState, TrainState
+from runtime.train.config import ConfigError, JobConfig, build_parser, parse_args
+from runtime.train.data import build_dataloader, split_microbatches
+from runtime.train.faults import StopSignal, check_finite
+from runtime.train.metrics import MetricsLogger
+from runtime.train.optim import build_lr_scheduler, build_optimizer
+from runtime.train.slurm_env import EXIT_CONFIG_ERROR, EXIT_REQUEUE, setup_distributed_env
+from runtime.train.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("training.device='cuda' but CUDA is not available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed token loss in fp32: logits [B, S, V], labels [B, S] (IGNORE_INDEX skipped)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.step = 0
+        self.tokens_seen = 0
+        self._init_distributed()
+        self.model_args = cfg.model_args()
+        self.dims = validate_job(cfg, self.world_size, self.model_args)
+        self.tokenizer = Tokenizer.load(cfg.model.tokenizer_path)
+        if self.tokenizer.vocab_size > self.model_args.vocab_size:
+            raise ConfigError(
+                f"model.tokenizer_path: tokenizer has {self.tokenizer.vocab_size} tokens but "
+                f"model.flavor={cfg.model.flavor!r} has vocab_size {self.model_args.vocab_size}")
+        self.grad_accum = cfg.training.gradient_accumulation_steps(self.dims.dp)
+        self.global_batch = cfg.training.local_batch_size * self.dims.dp * self.grad_accum
+        self._build_model()
+        self._build_training_state()
+
+    # ------------------------------------------------------------------ setup
+    def _init_distributed(self) -> None:
+        setup_distributed_env()
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(self.cfg.training.device, self.local_rank)
+        if self.world_size > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend, device_id=self.device if backend == "nccl" else None)
+        if self.device.type == "cpu" and self.world_size > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def _build_model(self) -> None:
+        from runtime.parallel.parallelize import parallelize
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.training.seed)
+        if cfg.training.deterministic:
+            torch.use_deterministic_algorithms(True)
+        with torch.device("meta"):
+            model = GptOssModel(self.model_args)
+        self.mesh = self.dims.build_mesh(self.device.type) if self.world_size > 1 else None
+        model = parallelize(model, self.dims, self.mesh, cfg, self.device)
+        model.to_empty(device=self.device)
+        model.init_weights()
+        model.train()
+        self.model = model
+        self.model_parts = [model]
+        self._load_initial_weights()
+        n_params = sum(p.numel() for p in model.parameters())
+        self.log(f"model {cfg.model.flavor}: {self.model_args.n_layers} layers, "
+                 f"{n_params / 1e6:.1f}M parameters on this rank, mesh {self.dims.describe()}, "
+                 f"device {self.device}, grad accumulation {self.grad_accum}")
+
+    def _load_initial_weights(self) -> None:
+        ckpt = self.cfg.checkpoint
+        if ckpt.initial_load_path:
+            CheckpointManager.load_model_only(ModelState(self.model_parts), ckpt.initial_load_path)
+            self.log(f"initial weights from {ckpt.initial_load_path}")
+        elif ckpt.initial_load_hf:
+            from runtime.hf import load_hf_into
+
+            load_hf_into(self.model, ckpt.initial_load_hf)
+            self.log(f"initial weights from HF checkpoint {ckpt.initial_load_hf}")
+
+    def _build_training_state(self) -> None:
+        cfg = self.cfg
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
+        dp_rank = self._dp_rank()
+        self.dataloader = build_dataloader(
+            cfg.data, self.tokenizer, cfg.training.seq_len, self.global_batch,
+            dp_rank=dp_rank, dp_world_size=self.dims.dp, document_masking=cfg.data.document_mask)
+        for moe in moe_layers(self.model):
+            moe.aux_loss_scale = 1.0 / self.grad_accum
+        self.checkpointer = CheckpointManager(
+            cfg.checkpoint, cfg.job.dump_folder,
+            {"model": ModelState(self.model_parts),
+             "optimizer": OptimizerState(self.model_parts, [self.optimizer]),
+             "train": TrainState(self)},
+            log=self.log)
+        resumed = self.checkpointer.load_latest() if cfg.checkpoint.enable else None
+        if resumed is not None:
+            self.log(f"resumed at step {self.step}")
+        self.metrics = MetricsLogger(
+            cfg.metrics, cfg.job.dump_folder, self.model_args, cfg.training.seq_len,
+            self.global_batch * cfg.training.seq_len, self.world_size, self.device,
+            is_writer=self.rank == 0)
+
+    def _dp_rank(self) -> int:
+        if self.mesh is None or self.dims.dp == 1:
+            return 0
+        return self.dims.get_mesh("dp").get_local_rank()
+
+    def _dp_group(self):
+        if self.mesh is None:
+            return None
+        return self.dims.get_mesh("dp").get_group() if self.dims.dp > 1 else None
+
+    # ------------------------------------------------------------------ one step
+    def _forward_backward(self, micro: dict, loss_scale: float) -> torch.Tensor:
+        tokens = micro["tokens"].to(self.device, non_blocking=True)
+        labels = micro["labels"].to(self.device, non_blocking=True)
+        positions = micro["positions"].to(self.device, non_blocking=True)
+        doc_ids = micro.get("document_ids")
+        doc_ids = doc_ids.to(self.device, non_blocking=True) if doc_ids is not None else None
+        logits = self.model(tokens, positions=positions, document_ids=doc_ids)
+        loss_sum = cross_entropy_sum(logits, labels)
+        (loss_sum * loss_scale).backward()
+        return loss_sum.detach()
+
+    def train_step(self, batch: dict) -> tuple[float, float]:
+        """One optimizer step on this rank's slice of the global batch; returns (loss, grad_norm)
+        where loss is the mean token loss over the whole global batch."""
+        micro_batches = split_microbatches(batch, self.grad_accum)
+        # Normalise by the global number of predicted tokens so that any mesh and any
+        # accumulation split give the same gradient. Data-parallel gradient reduction
+        # averages over dp ranks, hence the factor dp.
+        local_tokens = torch.tensor(float((batch["labels"] != IGNORE_INDEX).sum()), device=self.device)
+        global_tokens = local_tokens.clone()
+        if self._dp_group() is not None:
+            dist.all_reduce(global_tokens, group=self._dp_group())
+        loss_scale = self.dims.dp / global_tokens.item()
+        loss_sum = torch.zeros((), device=self.device)
+        for i, micro in enumerate(micro_batches):
+            sync = i == len(micro_batches) - 1
+            with self._no_grad_sync(not sync):
+                loss_sum += self._forward_backward(micro, loss_scale)
+        if self._dp_group() is not None:
+            dist.all_reduce(loss_sum, group=self._dp_group())
+        loss = (loss_sum / global_tokens).item()
+        grad_norm = self._clip_grad_norm()
+        return loss, grad_norm
+
+    @contextlib.contextmanager
+    def _no_grad_sync(self, skip: bool):
+        from runtime.parallel.parallelize import no_gradient_sync
+
+        with no_gradient_sync(self.model, skip):
+            yield
+
+    def _clip_grad_norm(self) -> float:
+        from runtime.parallel.parallelize import clip_grad_norm_
+
+        max_norm = self.cfg.training.max_norm
+        return clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else float("inf"))
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        cfg = self.cfg
+        stop = StopSignal().install()
+        last_step = cfg.training.steps
+        if self.step >= last_step:
+            self.log(f"nothing to do: already at step {self.step} of {last_step}")
+        self.metrics.reset_timer()
+        data = iter(self.dataloader)
+        try:
+            while self.step < last_step:
+                self.step += 1
+                batch = next(data)
+                loss, grad_norm = self.train_step(batch)
+                proceed = check_finite(loss, self.step, cfg.training.on_nonfinite) and \
+                    check_finite(grad_norm, self.step, cfg.training.on_nonfinite)
+                if proceed:
+                    self.optimizer.step()
+                else:
+                    self.log(f"step {self.step}: non-finite loss/grad norm, step skipped")
+                self.optimizer.zero_grad(set_to_none=True)
+                lr = self.lr_scheduler.get_last_lr()[0]
+                self.lr_scheduler.step()
+                update_expert_bias(self.model, self._dp_group())
+                self.tokens_seen += self.global_batch * cfg.training.seq_len
+                self.metrics.log(self.step, loss, grad_norm, lr, self._moe_extras(),
+                                 force=self.step == last_step)
+                stopping = stop.should_stop(self.device)
+                if self.checkpointer.should_save(self.step, last_step) or (stopping and cfg.checkpoint.enable):
+                    self.checkpointer.save(self.step, force_sync=stopping or self.step == last_step)
+                    self.metrics.reset_timer()  # keep save time out of tokens/s
+                if stopping:
+                    self.log(f"received signal {stop.received}: stopped after step {self.step}"
+                             f"{' (checkpoint saved)' if cfg.checkpoint.enable else ''}; exit {EXIT_REQUEUE}")
+                    return EXIT_REQUEUE
+            return 0
+        finally:
+            stop.uninstall()
+            self.checkpointer.close()
+            self.metrics.close()
+
+    def _moe_extras(self) -> dict:
+        aux = [m.last_aux_loss for m in moe_layers(self.model) if m.last_aux_loss is not None]
+        return {"aux_loss": float(torch.stack(aux).mean())} if aux else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser("python -m runtime.train")
+    try:
+        cfg, ns = parse_args(argv, parser)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if ns.print_config:
+        print(cfg.to_toml_str(), end="")
+        return 0
+    try:
+        trainer = Trainer(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    start = time.perf_counter()
+    code = trainer.run()
+    trainer.log(f"finished at step {trainer.step} in {time.perf_counter() - start:.1f}s (exit {code})")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return code
