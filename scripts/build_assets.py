@@ -131,6 +131,32 @@ def train_tokenizer(docs: list[str]) -> bytes:
     return (tok.to_str(pretty=False) + "\n").encode("utf-8")
 
 
+def manifest_bytes(docs: list[str], outputs: dict[str, bytes]) -> bytes:
+    """What was built from what: lets tests know when a rebuild must match byte for byte."""
+    import zlib
+
+    import tokenizers
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(outputs["tokenizer.json"].decode("utf-8"))
+    n_tokens = sum(len(e.ids) for e in tok.encode_batch(docs, add_special_tokens=False))
+    manifest = {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "tokenizers": tokenizers.__version__,
+        "zlib": zlib.ZLIB_RUNTIME_VERSION,
+        "documents": len(docs),
+        "characters": sum(len(d) for d in docs),
+        "tokens": n_tokens,  # without BOS/EOS
+        "vocab_size": VOCAB_SIZE,
+        "special_tokens": SPECIAL_TOKENS,
+        "sha256": {
+            name: hashlib.sha256(data).hexdigest() for name, data in sorted(outputs.items())
+        },
+    }
+    return (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
+
+
 # ------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -148,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokenizer.json": train_tokenizer(docs),
         "LICENSE-PSF.txt": (stdlib / "LICENSE.txt").read_bytes(),
     }
+    outputs["manifest.json"] = manifest_bytes(docs, outputs)
     out = Path(args.out)
     print(f"CPython {platform.python_version()} stdlib at {stdlib}")
     print(f"{len(docs)} documents, {sum(len(d) for d in docs)} characters")

@@ -9,13 +9,13 @@ Pipeline
        `.jsonl` / `.json` (+ `.gz`): one JSON object per line with a text key
        (a `.json` file may also be one JSON array of objects); `.parquet`: one row per
        document (needs pyarrow); `.txt` / `.md`: the whole file is ONE document.
-     * `HFSource`: `datasets.load_dataset(..., streaming=True)`; only used when the
-       user sets `hf_dataset`, and `datasets` is imported only then.
+     * `HFSource`: `datasets.load_dataset(...)`, streamed unless `hf_streaming = false`;
+       only used when the user sets `hf_dataset`, and `datasets` is imported only then.
    Shuffling (optional, seeded, a new order each epoch): the shard (file) order is
    permuted, then the documents inside each shard; a shard is read whole only when
    shuffling. The embedded corpus is one shard, so it is fully shuffled. HF sources
-   use `datasets`' buffered shuffle with `set_epoch`. Empty/whitespace documents are
-   skipped.
+   use `datasets`' buffered shuffle with `set_epoch` (a full permutation when not
+   streaming). Empty/whitespace documents are skipped.
 2. `PackedStream` tokenizes documents lazily in batches (`Tokenizer.encode_batch`) as
    `[BOS] + tokens + [EOS]`, concatenates them and cuts windows of `seq_len + 1`
    tokens with a stride of `seq_len`: consecutive windows share one token, so every
@@ -112,6 +112,10 @@ def _permutation(n: int, *key: int) -> np.ndarray:
     # negative ints, so seeds are taken modulo 2**64.
     entropy = [int(k) % (1 << 64) for k in key]
     return np.random.Generator(np.random.PCG64(entropy)).permutation(n)
+
+
+def _derived_seed(*key: int) -> int:
+    return int(np.random.SeedSequence([int(k) % (1 << 64) for k in key]).generate_state(1)[0])
 
 
 # ============================================================================ readers
@@ -238,7 +242,7 @@ def resolve_files(spec: str | Sequence[str]) -> list[Path]:
                 )
                 if not found and not globlib.has_magic(s):
                     raise FileNotFoundError(
-                        f"data.path: no {'/'.join(SUPPORTED_SUFFIXES)} files under {p}"
+                        f"data.dataset_path: no {'/'.join(SUPPORTED_SUFFIXES)} files under {p}"
                     )
                 files.extend(found)
             elif _has_suffix(p, SUPPORTED_SUFFIXES):
@@ -248,7 +252,7 @@ def resolve_files(spec: str | Sequence[str]) -> list[Path]:
                     f"{p}: unsupported data file type (use {', '.join(SUPPORTED_SUFFIXES)})"
                 )
     if not files:
-        raise FileNotFoundError(f"data.path: no supported data files in {spec!r}")
+        raise FileNotFoundError(f"data.dataset_path: no supported data files in {spec!r}")
     return files
 
 
@@ -373,7 +377,7 @@ class HFSource(DocumentSource):
             examples = ds.skip(index) if index else ds
         else:
             if self.shuffle:
-                ds = ds.shuffle(seed=int(_permutation(1 << 31, self.seed, epoch)[0]))
+                ds = ds.shuffle(seed=_derived_seed(self.seed, epoch))
             examples = ds.select(range(index, len(ds))) if index else ds
         for i, example in enumerate(examples, start=index):
             yield 0, i, _text_of(example, self.text_key, f"{self.name} example {i}")
@@ -385,6 +389,8 @@ def build_source(data_cfg=None) -> DocumentSource:
     shuffle, seed = bool(_cfg(data_cfg, "shuffle")), int(_cfg(data_cfg, "shuffle_seed"))
     text_key = _cfg(data_cfg, "text_key")
     if not kind:
+        if hf and path:
+            raise ValueError("data: both dataset_path and hf_dataset are set; choose data.dataset")
         kind = "hf" if hf else "path" if path else "embedded"
     if kind == "embedded":
         return EmbeddedSource(shuffle, seed)

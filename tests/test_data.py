@@ -1,0 +1,404 @@
+"""Document sources, packing, dp-invariant global batches and resumable loader state."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.train.data import (
+    DataConfig,
+    EmbeddedSource,
+    FileSource,
+    ParallelAwareDataLoader,
+    build_dataloader,
+    build_source,
+    read_parquet_docs,
+    resolve_files,
+    split_microbatches,
+)
+
+BOS, EOS = 1, 2
+
+
+class CharTokenizer:
+    """One id per character (its code point): token streams are readable in asserts."""
+
+    bos_id, eos_id, pad_id, vocab_size = BOS, EOS, 0, 0x110000
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+
+def ids(s: str) -> list[int]:
+    """'^' is BOS, '$' is EOS, anything else its code point."""
+    return [BOS if c == "^" else EOS if c == "$" else ord(c) for c in s]
+
+
+def write_jsonl(path: Path, texts: list[str], key: str = "text") -> Path:
+    path.write_text("".join(json.dumps({key: t}) + "\n" for t in texts))
+    return path
+
+
+def loader(source, seq_len=4, batch=1, dp_rank=0, dp=1, **kw) -> ParallelAwareDataLoader:
+    return ParallelAwareDataLoader(source, CharTokenizer(), seq_len, batch, dp_rank, dp, **kw)
+
+
+def first_texts(source, n: int) -> list[str]:
+    stream = source.stream()
+    return [next(stream)[1] for _ in range(n)]
+
+
+def random_docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- packing
+def test_packing_exact_windows(tmp_path):
+    src = FileSource([write_jsonl(tmp_path / "c.jsonl", ["abc", "defgh", "ij"])])
+    it = loader(src, seq_len=4, batch=1)
+    # stream: ^abc$ ^defgh$ ^ij$ | ^abc$ ... (epoch 2); windows of 5 tokens, stride 4.
+    expected = [
+        ("^abc", "abc$", [0, 1, 2, 3], [0, 0, 0, 0]),
+        ("$^de", "^def", [0, 0, 1, 2], [0, 1, 1, 1]),  # EOS fragment, then a new document
+        ("fgh$", "gh$^", [0, 1, 2, 3], [0, 0, 0, 0]),  # continuation restarts at 0
+        ("^ij$", "ij$^", [0, 1, 2, 3], [0, 0, 0, 0]),  # last label: next epoch's BOS
+        ("^abc", "abc$", [0, 1, 2, 3], [0, 0, 0, 0]),
+    ]
+    for tokens, labels, positions, document_ids in expected:
+        b = next(it)
+        assert b["tokens"].tolist() == [ids(tokens)]
+        assert b["labels"].tolist() == [ids(labels)]
+        assert b["positions"].tolist() == [positions]
+        assert b["document_ids"].tolist() == [document_ids]
+    assert it.epoch == 1
+
+
+def test_packing_invariants_random_corpus(tmp_path):
+    docs = random_docs(30)
+    src = FileSource([write_jsonl(tmp_path / "c.jsonl", docs)])
+    S, B, steps = 16, 4, 20
+    it = loader(src, seq_len=S, batch=B)
+    stream = [t for d in docs * 3 for t in [BOS, *map(ord, d), EOS]]
+    got = []
+    for step in range(steps):
+        b = next(it)
+        assert all(v.shape == (B, S) and v.dtype == torch.int64 for v in b.values())
+        for r in range(B):
+            tok, lab = b["tokens"][r].tolist(), b["labels"][r].tolist()
+            pos, doc = b["positions"][r].tolist(), b["document_ids"][r].tolist()
+            start = (step * B + r) * S
+            assert tok == stream[start : start + S] and lab == stream[start + 1 : start + S + 1]
+            assert lab[:-1] == tok[1:]
+            for i in range(S):
+                new_doc = i > 0 and tok[i] == BOS
+                assert pos[i] == (0 if i == 0 or new_doc else pos[i - 1] + 1)
+                assert doc[i] == (0 if i == 0 else doc[i - 1] + new_doc)
+            got.extend(tok)
+    assert got == stream[: steps * B * S]  # nothing skipped, nothing repeated
+
+
+def test_document_masking_off(tmp_path):
+    src = FileSource([write_jsonl(tmp_path / "c.jsonl", ["abc", "defgh", "ij"])])
+    b = next(loader(src, seq_len=8, batch=2, document_masking=False))
+    assert b["positions"].tolist() == [list(range(8))] * 2
+    assert b["document_ids"].tolist() == [[0] * 8] * 2
+    assert b["tokens"][0].tolist() == ids("^abc$^de")
+
+
+def test_long_document_spans_many_windows(tmp_path):
+    src = FileSource([write_jsonl(tmp_path / "c.jsonl", ["x" * 50])])
+    it = loader(src, seq_len=8, batch=3)
+    b = next(it)
+    assert b["positions"].tolist() == [list(range(8))] * 3
+    assert b["document_ids"].sum() == 0
+
+
+# ------------------------------------------------------------------------ data parallel
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_same_global_batch_for_any_dp(tmp_path, shuffle):
+    files = [write_jsonl(tmp_path / f"s{i}.jsonl", random_docs(7, seed=i)) for i in range(3)]
+    B, S = 8, 12
+
+    def source():
+        return FileSource(files, shuffle=shuffle, seed=3)
+
+    ref = loader(source(), S, B)
+    ranks = {dp: [loader(source(), S, B, r, dp) for r in range(dp)] for dp in (2, 4, 8)}
+    for _ in range(12):  # a few epochs' worth
+        want = next(ref)
+        for dp, loaders in ranks.items():
+            parts = [next(it) for it in loaders]
+            assert all(p["tokens"].shape == (B // dp, S) for p in parts)
+            for k in want:
+                assert torch.equal(torch.cat([p[k] for p in parts]), want[k]), (dp, k)
+            assert {json.dumps(it.state_dict()) for it in loaders} == {json.dumps(ref.state_dict())}
+
+
+def test_same_global_batch_embedded_real_tokenizer():
+    from runtime.train.tokenizer import Tokenizer
+
+    tok = Tokenizer.load()
+    ref = build_dataloader(None, tok, 64, 4)
+    halves = [build_dataloader(DataConfig(), tok, 64, 4, r, 2) for r in range(2)]
+    for _ in range(3):
+        want = next(ref)
+        parts = [next(h) for h in halves]
+        for k in want:
+            assert torch.equal(torch.cat([p[k] for p in parts]), want[k])
+
+
+def test_batch_not_divisible_by_dp(tmp_path):
+    src = FileSource([write_jsonl(tmp_path / "c.jsonl", ["abc"])])
+    with pytest.raises(ValueError, match=r"global_batch_size \(6\) is not divisible .*\(4\)"):
+        loader(src, batch=6, dp=4)
+    with pytest.raises(ValueError, match="dp_rank 2"):
+        loader(src, batch=4, dp_rank=2, dp=2)
+
+
+def test_split_microbatches(tmp_path):
+    src = FileSource([write_jsonl(tmp_path / "c.jsonl", random_docs(5))])
+    batch = next(loader(src, seq_len=8, batch=6))
+    micro = split_microbatches(batch, 3)
+    assert len(micro) == 3 and all(m["tokens"].shape == (2, 8) for m in micro)
+    for k in batch:
+        assert torch.equal(torch.cat([m[k] for m in micro]), batch[k])
+    with pytest.raises(ValueError, match="cannot be split into 4"):
+        split_microbatches(batch, 4)
+
+
+# ------------------------------------------------------------------------------- state
+def _resume_check(make, k: int, n: int, make_resumed=None):
+    """Uninterrupted loader vs a fresh one loaded with the state after k steps."""
+    full = make()
+    for _ in range(k):
+        next(full)
+    sd = json.loads(json.dumps(full.state_dict()))  # must survive JSON
+    resumed = (make_resumed or make)()
+    resumed.load_state_dict(sd)
+    for _ in range(n):
+        a, b = next(full), next(resumed)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (k, key)
+    return sd
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_resume_every_step_across_epochs(tmp_path, shuffle):
+    files = [write_jsonl(tmp_path / f"s{i}.jsonl", random_docs(4, seed=i)) for i in range(3)]
+
+    def make():
+        return loader(FileSource(files, shuffle=shuffle, seed=7), seq_len=10, batch=2)
+
+    epochs = set()
+    for k in range(0, 40, 3):  # ~200 tokens per epoch: crosses several epoch boundaries
+        sd = _resume_check(make, k, 6)
+        assert set(sd) >= {"epoch", "shard", "index", "offset"}
+        epochs.add(sd["epoch"])
+    assert len(epochs) >= 3
+
+
+def test_resume_embedded_shuffled_real_tokenizer():
+    from runtime.train.tokenizer import Tokenizer
+
+    tok = Tokenizer.load()
+    cfg = DataConfig(shuffle=True, shuffle_seed=5)
+    _resume_check(lambda: build_dataloader(cfg, tok, 128, 4), 5, 3)
+
+
+def test_resume_with_different_dp(tmp_path):
+    src = FileSource([write_jsonl(tmp_path / "c.jsonl", random_docs(9))])
+    full = loader(src, 8, 4)
+    for _ in range(5):
+        next(full)
+    sd = full.state_dict()
+    ranks = [loader(src, 8, 4, r, 2) for r in range(2)]
+    for r in ranks:
+        r.load_state_dict(sd)
+    for _ in range(4):
+        want, parts = next(full), [next(r) for r in ranks]
+        assert torch.equal(torch.cat([p["tokens"] for p in parts]), want["tokens"])
+
+
+def test_state_before_first_batch_and_changed_data(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", ["abcdefgh", "ij"])
+    it = loader(FileSource([path]), seq_len=4)
+    assert it.state_dict()["epoch"] == 0 and it.state_dict()["offset"] == 0
+    next(it)
+    sd = it.state_dict()
+    assert (sd["index"], sd["offset"]) == (0, 4)
+    write_jsonl(path, ["ab", "ij"])  # the document under the cursor got shorter
+    resumed = loader(FileSource([path]), seq_len=4)
+    resumed.load_state_dict(sd)
+    with pytest.raises(ValueError, match="resume offset 4 is past the end"):
+        next(resumed)
+
+
+# -------------------------------------------------------------------------- shuffling
+def test_shuffle_is_seeded_and_changes_per_epoch(tmp_path):
+    docs = [f"doc{i}" for i in range(20)]
+    path = write_jsonl(tmp_path / "c.jsonl", docs)
+    a = first_texts(FileSource([path], shuffle=True, seed=1), 40)
+    assert a == first_texts(FileSource([path], shuffle=True, seed=1), 40)
+    assert a != first_texts(FileSource([path], shuffle=True, seed=2), 40)
+    assert sorted(a[:20]) == sorted(docs) and sorted(a[20:]) == sorted(docs)
+    assert a[:20] != a[20:] and a[:20] != docs
+    assert first_texts(FileSource([path], shuffle=True, seed=-1), 5)  # any int seed works
+    assert first_texts(FileSource([path]), 40) == docs * 2
+
+
+# ---------------------------------------------------------------------------- formats
+def test_jsonl_json_gz_and_text_key(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "x": 1}\n{"text": ""}\n')
+    (tmp_path / "b.json").write_text(json.dumps([{"body": "three"}, {"body": "four"}]))
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write('{"text": "five"}\n')
+    assert first_texts(FileSource([tmp_path / "a.jsonl"]), 3) == ["one", "two", "one"]
+    assert first_texts(FileSource([tmp_path / "b.json"], text_key="body"), 2) == ["three", "four"]
+    assert first_texts(FileSource([tmp_path / "c.jsonl.gz"]), 1) == ["five"]
+    src = build_source({"dataset_path": str(tmp_path / "b.json"), "text_key": "body"})
+    assert first_texts(src, 1) == ["three"]
+
+
+def test_txt_is_one_document_per_file(tmp_path):
+    (tmp_path / "a.txt").write_text("first paragraph\n\nsecond paragraph\n")
+    (tmp_path / "b.md").write_text("# title\n")
+    src = build_source({"dataset_path": str(tmp_path)})
+    assert first_texts(src, 3) == [
+        "first paragraph\n\nsecond paragraph\n",
+        "# title\n",
+        "first paragraph\n\nsecond paragraph\n",
+    ]
+
+
+def test_directory_glob_and_list(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write_jsonl(tmp_path / "b.jsonl", ["b"])
+    write_jsonl(tmp_path / "a.jsonl", ["a"])
+    write_jsonl(tmp_path / "sub" / "c.jsonl", ["c"])
+    (tmp_path / "notes.csv").write_text("ignored in directories\n")
+    (tmp_path / ".cache").mkdir()
+    write_jsonl(tmp_path / ".cache" / "hidden.jsonl", ["hidden"])
+    names = lambda files: [f.relative_to(tmp_path).as_posix() for f in files]  # noqa: E731
+    assert names(resolve_files(str(tmp_path))) == ["a.jsonl", "b.jsonl", "sub/c.jsonl"]
+    assert names(resolve_files(str(tmp_path / "*.jsonl"))) == ["a.jsonl", "b.jsonl"]
+    assert names(resolve_files(str(tmp_path / "**" / "*.jsonl"))) == [
+        "a.jsonl",
+        "b.jsonl",
+        "sub/c.jsonl",
+    ]
+    assert names(resolve_files([str(tmp_path / "sub"), str(tmp_path / "b.jsonl")])) == [
+        "sub/c.jsonl",
+        "b.jsonl",
+    ]
+    assert first_texts(build_source({"dataset_path": str(tmp_path)}), 4) == ["a", "b", "c", "a"]
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = [f"row {i}" for i in range(7)]
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"id": list(range(7)), "text": texts}), path, row_group_size=2)
+    assert first_texts(build_source({"dataset_path": str(path)}), 8) == texts + texts[:1]
+    # Resuming inside the third row group decodes only from there.
+    assert [t for _, t in read_parquet_docs(path, "text", start=5)] == texts[5:]
+    with pytest.raises(ValueError, match=r"d\.parquet: no column 'body'"):
+        first_texts(FileSource([path], text_key="body"), 1)
+    it = build_dataloader({"dataset_path": str(path)}, CharTokenizer(), 6, 2)
+    assert next(it)["tokens"][0].tolist() == ids("^row 0")
+
+
+def test_embedded_corpus_with_real_tokenizer():
+    from runtime.train.tokenizer import Tokenizer
+
+    tok = Tokenizer.load()
+    it = build_dataloader(DataConfig(), tok, 256, 8)
+    b = next(it)
+    assert b["tokens"].shape == (8, 256)
+    assert int(b["tokens"][0, 0]) == tok.bos_id
+    assert int(b["tokens"].max()) < tok.vocab_size and int(b["positions"].max()) < 256
+    assert tok.decode(b["tokens"][0, 1:6]).startswith("The ")
+    assert isinstance(EmbeddedSource().name, str)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_missing_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl does not exist"):
+        build_source({"dataset_path": str(tmp_path / "nope.jsonl")})
+    with pytest.raises(FileNotFoundError, match=r"no files match .*\*\.parquet"):
+        build_source({"dataset_path": str(tmp_path / "*.parquet")})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .* files under .*empty"):
+        build_source({"dataset_path": str(tmp_path / "empty")})
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="x.csv: unsupported data file type"):
+        build_source({"dataset_path": str(tmp_path / "x.csv")})
+
+
+def test_empty_corpus(tmp_path):
+    path = tmp_path / "blank.jsonl"
+    path.write_text('\n{"text": ""}\n{"text": "  \\n"}\n')
+    it = loader(FileSource([path]))
+    with pytest.raises(ValueError, match="no non-empty documents in .*blank.jsonl"):
+        next(it)
+
+
+def test_missing_text_key_names_the_file(tmp_path):
+    write_jsonl(tmp_path / "ok.jsonl", ["fine"])
+    write_jsonl(tmp_path / "wrong.jsonl", ["x"], key="content")
+    it = loader(build_source({"dataset_path": str(tmp_path)}), seq_len=64)
+    with pytest.raises(ValueError, match=r"wrong\.jsonl:1: no 'text' key \(keys: content\)"):
+        next(it)
+    (tmp_path / "ok.jsonl").write_text('{"text": 3}\n')
+    with pytest.raises(ValueError, match=r"ok\.jsonl:1: 'text' is int"):
+        first_texts(FileSource([tmp_path / "ok.jsonl"]), 1)
+    (tmp_path / "ok.jsonl").write_text("{broken\n")
+    with pytest.raises(ValueError, match=r"ok\.jsonl:1: invalid JSON"):
+        first_texts(FileSource([tmp_path / "ok.jsonl"]), 1)
+
+
+def test_hf_dataset_needs_datasets(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match="hf_dataset='some/corpus' needs the `datasets` package"):
+        build_source({"hf_dataset": "some/corpus"})
+    with pytest.raises(ValueError, match="both dataset_path and hf_dataset are set"):
+        build_source({"hf_dataset": "some/corpus", "dataset_path": "/x"})
+    with pytest.raises(ValueError, match="data.dataset is 'hf' but data.hf_dataset is empty"):
+        build_source({"dataset": "hf"})
+    with pytest.raises(ValueError, match="data.dataset is 'path' but data.dataset_path is empty"):
+        build_source({"dataset": "path"})
+    with pytest.raises(ValueError, match="data.dataset must be"):
+        build_source({"dataset": "s3"})
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_hf_dataset_local(tmp_path, monkeypatch, streaming):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", [f"doc {i}" for i in range(6)])
+    cfg = {"hf_dataset": str(data), "hf_split": "train", "hf_streaming": streaming}
+    assert first_texts(build_source(cfg), 7) == [f"doc {i}" for i in range(6)] + ["doc 0"]
+    cfg["shuffle"] = True
+    _resume_check(lambda: build_dataloader(cfg, CharTokenizer(), 5, 2), 4, 4)
+
+
+def test_config_section_of_the_trainer_is_accepted():
+    config = pytest.importorskip("runtime.train.config")
+    section = config.DataSection()
+    assert build_source(section).name == "embedded corpus"
+    for name in ("dataset", "dataset_path", "text_key", "hf_dataset", "hf_split", "document_mask"):
+        assert hasattr(section, name) and hasattr(DataConfig, name), name
