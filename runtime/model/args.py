@@ -130,8 +130,8 @@ FLAVORS: dict[str, ModelArgs] = {
     # Small enough to train on a 2-core CPU in minutes; the vocabulary matches the
     # embedded tokenizer (runtime/assets/tokenizer.json).
     "debugmodel": ModelArgs(
-        dim=256, n_layers=4, n_heads=16, n_kv_heads=4, head_dim=64, vocab_size=8192,
-        moe_inter_dim=512, num_experts=8, top_k=4, max_seq_len=4096,
+        dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64, vocab_size=8192,
+        moe_inter_dim=256, num_experts=8, top_k=4, max_seq_len=4096,
     ),
     # For unit and launch tests: every mechanism present, tiny layers (vocab = embedded tokenizer).
     "tiny": ModelArgs(
