@@ -45,17 +45,19 @@ def stop_after(trainer: Trainer, step: int) -> None:
     trainer.metrics.log = log
 
 
-def test_resume_after_signal_gives_identical_next_losses(tmp_path):
-    full = make_trainer(tmp_path / "full", "--checkpoint.enable=true")
+@pytest.mark.parametrize("async_mode", ["disabled", "async"])
+def test_resume_after_signal_gives_identical_next_losses(tmp_path, async_mode):
+    mode = f"--checkpoint.async_mode={async_mode}"
+    full = make_trainer(tmp_path / "full", "--checkpoint.enable=true", mode)
     assert full.run() == 0
     expected = losses(tmp_path / "full")
 
-    first = make_trainer(tmp_path / "split", "--checkpoint.enable=true")
+    first = make_trainer(tmp_path / "split", "--checkpoint.enable=true", mode)
     stop_after(first, 3)  # not a checkpoint interval: the stop itself must save
     assert first.run() == EXIT_REQUEUE
     assert find_latest_checkpoint(tmp_path / "split" / "checkpoints").name == "step-3"
 
-    resumed = make_trainer(tmp_path / "split", "--checkpoint.enable=true")
+    resumed = make_trainer(tmp_path / "split", "--checkpoint.enable=true", mode)
     assert resumed.step == 3
     assert resumed.run() == 0
     got = losses(tmp_path / "split")
