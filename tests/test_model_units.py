@@ -238,3 +238,41 @@ def test_aux_loss_adds_router_gradient_without_changing_output():
 def test_bad_model_args_name_the_field(change, field):
     with pytest.raises(ValueError, match=rf"ModelArgs\.{field}"):
         FLAVORS["tiny"].replace(**change)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_compiled_flex_backward_equals_math_on_gpu():
+    probe = torch.randn(2, 4, 256, 64, device="cuda")
+    grads = {}
+    for name in ("math", "flex"):
+        q, k, v, sinks = (t.cuda().detach().requires_grad_() for t in _qkv(seq=256, dim=64))
+        doc_ids = torch.zeros(2, 256, dtype=torch.long, device="cuda")
+        doc_ids[:, 100:] = 1
+        if name == "math":
+            out = math_sink_attention(q, k, v, sinks, dense_mask(256, 128, doc_ids, q.device), 0.125)
+        else:
+            out = flex_sink_attention(q, k, v, sinks, flex_block_mask(256, 128, doc_ids, q.device), 0.125)
+        (out * probe).sum().backward()
+        grads[name] = (out.detach(), *(t.grad for t in (q, k, v, sinks)))
+    for got, ref in zip(grads["flex"], grads["math"]):
+        torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_full_model_flex_bf16_on_gpu_tracks_fp32_math():
+    args = FLAVORS["tiny"]
+    torch.manual_seed(0)
+    model = GptOssModel(args).cuda()
+    model.init_weights()
+    tokens = torch.randint(0, args.vocab_size, (2, 256), device="cuda")
+    model.args = args.replace(attn_backend="math", compute_dtype="float32")
+    ref = model(tokens)
+    model.args = args.replace(attn_backend="flex", compute_dtype="bfloat16")
+    out = model(tokens)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
