@@ -9,9 +9,19 @@ import torch
 import torch.nn.attention.flex_attention as flex_module
 from runtime.model import FLAVORS, GptOssModel, ModelArgs, count_parameters
 from runtime.model.attention import flex_sink_attention, math_sink_attention
-from runtime.model.masks import dense_mask, flex_block_mask
+from runtime.model.masks import MaskInputs
+from runtime.model.masks import dense_mask as _dense_mask
+from runtime.model.masks import flex_block_mask as _flex_block_mask
 from runtime.model.moe import GroupedExperts, MoE, update_expert_bias
 from runtime.model.rope import yarn_inv_freq
+
+
+def dense_mask(seq_len, window, doc_ids, device):
+    return _dense_mask(MaskInputs.full_sequence(seq_len, doc_ids, torch.device(device)), window)
+
+
+def flex_block_mask(seq_len, window, doc_ids, device):
+    return _flex_block_mask(MaskInputs.full_sequence(seq_len, doc_ids, torch.device(device)), window)
 
 
 def _qkv(bsz=2, heads=4, kv_heads=2, seq=40, dim=16, dtype=torch.float32, grad=False):

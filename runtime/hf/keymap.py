@@ -83,3 +83,39 @@ def runtime_state_dict_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             continue
         out[runtime_to_hf_key(key)] = runtime_to_hf_tensor(key, tensor)
     return out
+
+
+# ---------------------------------------------------------------------------- checkpoint I/O helpers
+# MXFP4 checkpoints (openai/gpt-oss-*) store each expert weight as a `<name>_blocks` /
+# `<name>_scales` pair instead of `<name>` (see runtime/hf/mxfp4.py).
+MXFP4_PARTS = ("blocks", "scales")
+
+# Module wrappers that insert a path component into parameter names (torch.compile,
+# activation checkpointing, FSDP1); HF names never contain them.
+_WRAPPER_COMPONENT = re.compile(r"(?:^|(?<=\.))(?:_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
+
+
+def canonical_runtime_key(name: str) -> str:
+    """`layers.0._checkpoint_wrapped_module.attention.wq.weight` -> `layers.0.attention.wq.weight`."""
+    return _WRAPPER_COMPONENT.sub("", name)
+
+
+def parse_hf_key(hf_key: str) -> tuple[str, str]:
+    """(runtime key, part) of an HF tensor name; part is "tensor", or "blocks"/"scales" for the
+    two halves of an MXFP4 expert weight. KeyError naming the key if it is not gpt-oss."""
+    for part in MXFP4_PARTS:
+        suffix = f"_{part}"
+        if hf_key.endswith(suffix):
+            try:
+                key = hf_to_runtime_key(hf_key[: -len(suffix)])
+            except KeyError:
+                break
+            if _TRANSPOSED.match(key):
+                return key, part
+            break
+    return hf_to_runtime_key(hf_key), "tensor"
+
+
+def is_transposed(runtime_key: str) -> bool:
+    """True for the expert weights, stored [E, in, out] by HF and [E, out, in] by us."""
+    return bool(_TRANSPOSED.match(runtime_key))

@@ -3,6 +3,11 @@
 Two layer kinds exist (sliding window, full causal), each optionally restricted to the
 query's own document (packed sequences). The masks are built once per forward and
 handed to every block: a boolean tensor for the math backend, a BlockMask for flex.
+
+Masks are defined on *global* sequence indices: without context parallelism the queries
+and keys are both `arange(S)`; under context parallelism a rank holds a load-balanced
+subset of the queries (`q_index`) and the keys gathered from every rank in rank order
+(`kv_index`, a permutation of `arange(S)`), and the same predicate applies unchanged.
 """
 
 from __future__ import annotations
@@ -26,30 +31,47 @@ def mask_predicate(q_idx, kv_idx, window: int | None, doc_q=None, doc_kv=None):
     return allowed
 
 
-def dense_mask(seq_len: int, window: int | None, document_ids: torch.Tensor | None,
-               device: torch.device) -> torch.Tensor:
-    """Boolean mask [B or 1, 1, S, S], True where attention is allowed."""
-    idx = torch.arange(seq_len, device=device)
-    q_idx, kv_idx = idx[:, None], idx[None, :]
-    if document_ids is None:
+@dataclass
+class MaskInputs:
+    """Global indices of the local queries [Sq] and keys [Skv], and their document ids
+    ([B, Sq], [B, Skv]) or None without document masking."""
+
+    q_index: torch.Tensor
+    kv_index: torch.Tensor
+    doc_q: torch.Tensor | None = None
+    doc_kv: torch.Tensor | None = None
+
+    @classmethod
+    def full_sequence(cls, seq_len: int, document_ids: torch.Tensor | None,
+                      device: torch.device) -> "MaskInputs":
+        idx = torch.arange(seq_len, device=device)
+        return cls(idx, idx, document_ids, document_ids)
+
+
+def dense_mask(m: MaskInputs, window: int | None) -> torch.Tensor:
+    """Boolean mask [B or 1, 1, Sq, Skv], True where attention is allowed."""
+    q_idx, kv_idx = m.q_index[:, None], m.kv_index[None, :]
+    if m.doc_q is None:
         return mask_predicate(q_idx, kv_idx, window)[None, None]
-    doc_q, doc_kv = document_ids[:, :, None], document_ids[:, None, :]  # [B, S, 1], [B, 1, S]
+    doc_q, doc_kv = m.doc_q[:, :, None], m.doc_kv[:, None, :]  # [B, Sq, 1], [B, 1, Skv]
     return mask_predicate(q_idx, kv_idx, window, doc_q, doc_kv)[:, None]
 
 
-def flex_block_mask(seq_len: int, window: int | None, document_ids: torch.Tensor | None,
-                    device: torch.device):
+def flex_block_mask(m: MaskInputs, window: int | None):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    if document_ids is None:
+    q_index, kv_index, doc_q, doc_kv = m.q_index, m.kv_index, m.doc_q, m.doc_kv
+    if doc_q is None:
         def mask_mod(b, h, q_idx, kv_idx):
-            return mask_predicate(q_idx, kv_idx, window)
+            return mask_predicate(q_index[q_idx], kv_index[kv_idx], window)
         batch = None
     else:
         def mask_mod(b, h, q_idx, kv_idx):
-            return mask_predicate(q_idx, kv_idx, window, document_ids[b, q_idx], document_ids[b, kv_idx])
-        batch = document_ids.shape[0]
-    return create_block_mask(mask_mod, batch, None, seq_len, seq_len, device=device)
+            return mask_predicate(q_index[q_idx], kv_index[kv_idx], window,
+                                  doc_q[b, q_idx], doc_kv[b, kv_idx])
+        batch = doc_q.shape[0]
+    return create_block_mask(mask_mod, batch, None, len(q_index), len(kv_index),
+                             device=q_index.device)
 
 
 @dataclass
@@ -63,10 +85,6 @@ class AttentionMasks:
         return self.sliding if sliding else self.full
 
 
-def build_attention_masks(backend: str, seq_len: int, window: int,
-                          document_ids: torch.Tensor | None, device: torch.device) -> AttentionMasks:
+def build_attention_masks(backend: str, inputs: MaskInputs, window: int) -> AttentionMasks:
     build = flex_block_mask if backend == "flex" else dense_mask
-    return AttentionMasks(
-        sliding=build(seq_len, window, document_ids, device),
-        full=build(seq_len, None, document_ids, device),
-    )
+    return AttentionMasks(sliding=build(inputs, window), full=build(inputs, None))

@@ -24,7 +24,7 @@ from torch import nn
 
 from runtime.model.args import ModelArgs
 from runtime.model.attention import Attention, resolve_attn_backend
-from runtime.model.masks import build_attention_masks
+from runtime.model.masks import MaskInputs, build_attention_masks
 from runtime.model.moe import MoE
 from runtime.model.rope import RotaryEmbedding
 
@@ -142,7 +142,8 @@ class GptOssModel(nn.Module):
         if positions is None:
             positions = torch.arange(seq_len, device=device).expand(bsz, seq_len)
         backend = resolve_attn_backend(self.args.attn_backend, device)
-        masks = build_attention_masks(backend, seq_len, self.args.sliding_window, document_ids, device)
+        mask_inputs = MaskInputs.full_sequence(seq_len, document_ids, device)
+        masks = build_attention_masks(backend, mask_inputs, self.args.sliding_window)
         dtype = resolve_compute_dtype(self.args.compute_dtype, device)
         autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                     else contextlib.nullcontext())
