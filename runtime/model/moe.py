@@ -77,6 +77,11 @@ class GroupedExperts(nn.Module):
         """x: [N, D] rows sorted by expert; counts: [E_local] rows per expert (sum == N)."""
         w1, b1, w2, b2 = (_local(p) for p in (self.mlp1_weight, self.mlp1_bias,
                                               self.mlp2_weight, self.mlp2_bias))
+        # Autocast does not cover the grouped GEMM: cast the rows ourselves so the experts run
+        # in the compute dtype (bf16 fast path) rather than in the fp32 residual stream's dtype.
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            x = x.to(torch.get_autocast_dtype(device_type))
         if self.impl == "grouped" and _grouped_mm_aligned(x, w1, w2):
             return self._grouped(x, counts, w1, b1, w2, b2)
         return self._loop(x, counts, w1, b1, w2, b2)

