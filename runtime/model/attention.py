@@ -77,6 +77,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=True)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=True)
         self.sinks = nn.Parameter(torch.empty(args.n_heads))
+        # Set by runtime.parallel.context_parallel.apply_cp: keys/values are gathered over it.
+        self.context_parallel = None
 
     def init_weights(self, std: float) -> None:
         for linear in (self.wq, self.wk, self.wv, self.wo):
@@ -93,6 +95,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seq_len, -1, self.head_dim).transpose(1, 2)  # [B, KV, S, D]
         cos, sin = rope
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        if self.context_parallel is not None:  # local queries attend to the whole sequence
+            k = self.context_parallel.gather_sequence(k, dim=2)  # [B, KV, S, D]
+            v = self.context_parallel.gather_sequence(v, dim=2)
 
         sinks = self.sinks
         if hasattr(sinks, "to_local"):  # DTensor sharded by head under TP

@@ -114,6 +114,9 @@ class GptOssModel(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Set by runtime.parallel.context_parallel.apply_cp; inputs are then this rank's
+        # sequence shard and `positions` is required.
+        self.context_parallel = None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -131,6 +134,17 @@ class GptOssModel(nn.Module):
         if self.output is not None:
             nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std)
 
+    def _mask_inputs(self, seq_len: int, document_ids: torch.Tensor | None,
+                     device: torch.device) -> MaskInputs:
+        cp = self.context_parallel
+        if cp is None:
+            return MaskInputs.full_sequence(seq_len, document_ids, device)
+        full_len = seq_len * cp.size
+        doc_kv = cp.gather_ids(document_ids) if document_ids is not None else None
+        return MaskInputs(q_index=cp.local_indices(full_len, device),
+                          kv_index=cp.gathered_indices(full_len, device),
+                          doc_q=document_ids, doc_kv=doc_kv)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [B, S] int ids (or [B, S, D] hidden states on a pipeline stage without
@@ -140,9 +154,11 @@ class GptOssModel(nn.Module):
         bsz, seq_len = tokens.shape[:2]
         device = tokens.device
         if positions is None:
+            if self.context_parallel is not None:
+                raise ValueError("context parallel forward needs the positions of the local tokens")
             positions = torch.arange(seq_len, device=device).expand(bsz, seq_len)
         backend = resolve_attn_backend(self.args.attn_backend, device)
-        mask_inputs = MaskInputs.full_sequence(seq_len, document_ids, device)
+        mask_inputs = self._mask_inputs(seq_len, document_ids, device)
         masks = build_attention_masks(backend, mask_inputs, self.args.sliding_window)
         dtype = resolve_compute_dtype(self.args.compute_dtype, device)
         autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32

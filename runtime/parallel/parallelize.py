@@ -27,24 +27,41 @@ class UnsupportedParallelism(ValueError):
 def _refuse_unimplemented(dims: ParallelDims) -> None:
     # Validated by dims.py but not wired yet: say so plainly instead of training wrongly.
     missing = [key for key, degree in (
-        ("parallelism.tensor_parallel_degree", dims.tp),
-        ("parallelism.expert_parallel_degree", dims.ep),
-        ("parallelism.context_parallel_degree", dims.cp),
-        ("parallelism.pipeline_parallel_degree", dims.pp)) if degree > 1]
+        ("parallelism.expert_parallel_degree", dims.ep),) if degree > 1]
     if missing:
         raise UnsupportedParallelism(
             f"{', '.join(missing)} > 1 is not implemented in this build yet "
-            "(data parallelism: data_parallel_shard_degree / data_parallel_replicate_degree)")
+            "(implemented: data, tensor, context and pipeline parallelism)")
+
+
+def _data_parallel_mesh(dims: ParallelDims):
+    """Gradients are averaged over every rank that saw different tokens: data-parallel ranks
+    and, under context parallelism, the ranks holding other parts of the sequence."""
+    shard = "dp_shard_cp" if dims.cp > 1 else "dp_shard"
+    if dims.dp_replicate > 1:
+        return dims.get_mesh(("dp_replicate", shard))
+    return dims.get_mesh(shard)
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh, cfg, device: torch.device) -> nn.Module:
     _refuse_unimplemented(dims)
+    if dims.tp > 1 and cfg.compile.enable:
+        raise UnsupportedParallelism(
+            "parallelism.tensor_parallel_degree > 1 with compile.enable=true is not supported yet "
+            "(DTensor backward fails inside compiled blocks); disable one of them")
+    if dims.tp > 1:
+        from runtime.parallel.tensor_parallel import apply_tp
+
+        apply_tp(model, dims.get_mesh("tp"), loss_parallel=not cfg.parallelism.disable_loss_parallel)
+    if dims.cp > 1:
+        from runtime.parallel.context_parallel import apply_cp
+
+        apply_cp(model, dims.get_mesh("cp"), cfg.parallelism.context_parallel_load_balancer)
     apply_ac(model, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_ac_option)
     if cfg.compile.enable and "model" in cfg.compile.components:
         apply_compile(model)
-    if mesh is not None and dims.dp > 1:
-        dp_mesh = dims.get_mesh(("dp_replicate", "dp_shard")) if dims.dp_replicate > 1 \
-            else dims.get_mesh("dp_shard")
+    if mesh is not None and dims.dp * dims.cp > 1:
+        dp_mesh = _data_parallel_mesh(dims)
         mp = mixed_precision_policy(cfg.training, cfg.model.compute_dtype, device)
         apply_fsdp(model, dp_mesh, mp,
                    reshard_after_forward(cfg.parallelism.fsdp_reshard_after_forward, dims.pp_enabled))

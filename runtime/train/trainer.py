@@ -48,6 +48,14 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def _loss_parallel_context(enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
@@ -93,14 +101,29 @@ class Trainer:
         with torch.device("meta"):
             model = GptOssModel(self.model_args)
         self.mesh = self.dims.build_mesh(self.device.type) if self.world_size > 1 else None
-        model = parallelize(model, self.dims, self.mesh, cfg, self.device)
-        model.to_empty(device=self.device)
-        model.init_weights()
-        model.train()
-        self.model = model
-        self.model_parts = [model]
+        self.pipeline = None
+        if self.dims.pp > 1:
+            # This rank's pipeline stages, each a part of the model parallelised on its own.
+            from runtime.parallel.pipeline import PipelineParallel
+
+            self.pipeline = PipelineParallel(
+                model, self.dims, cfg, self.device,
+                lambda part: parallelize(part, self.dims, self.mesh, cfg, self.device),
+                cross_entropy_sum)
+            self.model_parts = self.pipeline.model_parts
+            model = self.model_parts[0]
+        else:
+            model = parallelize(model, self.dims, self.mesh, cfg, self.device)
+            model.to_empty(device=self.device)
+            model.init_weights()
+            model.train()
+            self.model_parts = [model]
+        self.model = model  # with pp: this rank's first stage (self.model_parts: all of them)
+        # All of this rank's parameters under the full model's names (with pp: a view of
+        # every local stage): optimizer, optimizer checkpoints, MoE bookkeeping.
+        self._all_parts = self.pipeline.view if self.pipeline else model
         self._load_initial_weights()
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(p.numel() for p in self._all_parts.parameters())
         self.log(f"model {cfg.model.flavor}: {self.model_args.n_layers} layers, "
                  f"{n_params / 1e6:.1f}M parameters on this rank, mesh {self.dims.describe()}, "
                  f"device {self.device}, grad accumulation {self.grad_accum}")
@@ -113,23 +136,26 @@ class Trainer:
         elif ckpt.initial_load_hf:
             from runtime.hf import load_hf_into
 
-            load_hf_into(self.model, ckpt.initial_load_hf)
+            for part in self.model_parts:
+                load_hf_into(part, ckpt.initial_load_hf)
             self.log(f"initial weights from HF checkpoint {ckpt.initial_load_hf}")
 
     def _build_training_state(self) -> None:
         cfg = self.cfg
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device)
+        self.optimizer = build_optimizer(self._all_parts, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
         dp_rank = self._dp_rank()
         self.dataloader = build_dataloader(
             cfg.data, self.tokenizer, cfg.training.seq_len, self.global_batch,
             dp_rank=dp_rank, dp_world_size=self.dims.dp, document_masking=cfg.data.document_mask)
-        for moe in moe_layers(self.model):
-            moe.aux_loss_scale = 1.0 / self.grad_accum
+        # Aux-loss gradients average over every forward of a step (pipeline microbatches too).
+        forwards = self.grad_accum * (self.pipeline.microbatches if self.pipeline else 1)
+        for moe in moe_layers(self._all_parts):
+            moe.aux_loss_scale = 1.0 / forwards
         self.checkpointer = CheckpointManager(
             cfg.checkpoint, cfg.job.dump_folder,
             {"model": ModelState(self.model_parts),
-             "optimizer": OptimizerState(self.model_parts, [self.optimizer]),
+             "optimizer": OptimizerState([self._all_parts], [self.optimizer]),
              "train": TrainState(self)},
             log=self.log)
         resumed = self.checkpointer.load_latest() if cfg.checkpoint.enable else None
@@ -145,42 +171,57 @@ class Trainer:
             return 0
         return self.dims.get_mesh("dp").get_local_rank()
 
-    def _dp_group(self):
-        if self.mesh is None:
+    def _token_group(self):
+        """All ranks that process different tokens (data parallel x context parallel): losses,
+        token counts and MoE load statistics are summed over it."""
+        if self.mesh is None or self.dims.dp * self.dims.cp == 1:
             return None
-        return self.dims.get_mesh("dp").get_group() if self.dims.dp > 1 else None
+        return self.dims.get_mesh("dp_cp").get_group()
 
     # ------------------------------------------------------------------ one step
     def _forward_backward(self, micro: dict, loss_scale: float) -> torch.Tensor:
+        if self.pipeline is not None:  # the schedule runs every stage's forward and backward
+            return self.pipeline.forward_backward(micro, loss_scale)
         tokens = micro["tokens"].to(self.device, non_blocking=True)
         labels = micro["labels"].to(self.device, non_blocking=True)
         positions = micro["positions"].to(self.device, non_blocking=True)
         doc_ids = micro.get("document_ids")
         doc_ids = doc_ids.to(self.device, non_blocking=True) if doc_ids is not None else None
         logits = self.model(tokens, positions=positions, document_ids=doc_ids)
-        loss_sum = cross_entropy_sum(logits, labels)
-        (loss_sum * loss_scale).backward()
+        # Loss parallel (TP): logits arrive as a vocab-sharded DTensor; cross entropy and its
+        # backward must both run under loss_parallel(), and the summed loss is a Replicate DTensor.
+        vocab_sharded = hasattr(logits, "placements")
+        with _loss_parallel_context(vocab_sharded):
+            loss_sum = cross_entropy_sum(logits, labels)
+            (loss_sum * loss_scale).backward()
+        if vocab_sharded:
+            loss_sum = loss_sum.full_tensor()
         return loss_sum.detach()
 
     def train_step(self, batch: dict) -> tuple[float, float]:
         """One optimizer step on this rank's slice of the global batch; returns (loss, grad_norm)
         where loss is the mean token loss over the whole global batch."""
+        if self.dims.cp > 1:  # this rank's share of every sequence (positions travel along)
+            cp = self.model.context_parallel
+            batch = {k: cp.shard(v, self.cfg.training.seq_len) for k, v in batch.items()}
         micro_batches = split_microbatches(batch, self.grad_accum)
         # Normalise by the global number of predicted tokens so that any mesh and any
-        # accumulation split give the same gradient. Data-parallel gradient reduction
-        # averages over dp ranks, hence the factor dp.
+        # accumulation split give the same gradient. Gradient reduction averages over the
+        # ranks that saw different tokens (dp x cp), hence that factor.
         local_tokens = torch.tensor(float((batch["labels"] != IGNORE_INDEX).sum()), device=self.device)
         global_tokens = local_tokens.clone()
-        if self._dp_group() is not None:
-            dist.all_reduce(global_tokens, group=self._dp_group())
-        loss_scale = self.dims.dp / global_tokens.item()
+        if self._token_group() is not None:
+            dist.all_reduce(global_tokens, group=self._token_group())
+        loss_scale = self.dims.dp * self.dims.cp / global_tokens.item()
         loss_sum = torch.zeros((), device=self.device)
         for i, micro in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
             with self._no_grad_sync(not sync):
                 loss_sum += self._forward_backward(micro, loss_scale)
-        if self._dp_group() is not None:
-            dist.all_reduce(loss_sum, group=self._dp_group())
+        if self.pipeline is not None:  # only the last stage computed the loss
+            self.pipeline.share_loss(loss_sum)
+        if self._token_group() is not None:
+            dist.all_reduce(loss_sum, group=self._token_group())
         loss = (loss_sum / global_tokens).item()
         grad_norm = self._clip_grad_norm()
         return loss, grad_norm
@@ -189,13 +230,16 @@ class Trainer:
     def _no_grad_sync(self, skip: bool):
         from runtime.parallel.parallelize import no_gradient_sync
 
-        with no_gradient_sync(self.model, skip):
+        # Pipeline schedules reduce gradients themselves after their last microbatch.
+        with no_gradient_sync(self.model, skip and self.pipeline is None):
             yield
 
     def _clip_grad_norm(self) -> float:
         from runtime.parallel.parallelize import clip_grad_norm_
 
         max_norm = self.cfg.training.max_norm
+        if self.pipeline is not None:  # the norm over every stage (all-reduced over pp)
+            return self.pipeline.clip_grad_norm_(max_norm if max_norm > 0 else float("inf"))
         return clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else float("inf"))
 
     # ------------------------------------------------------------------ the loop
@@ -221,7 +265,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 lr = self.lr_scheduler.get_last_lr()[0]
                 self.lr_scheduler.step()
-                update_expert_bias(self.model, self._dp_group())
+                update_expert_bias(self._all_parts, self._token_group())  # every stage's layers
                 self.tokens_seen += self.global_batch * cfg.training.seq_len
                 self.metrics.log(self.step, loss, grad_norm, lr, self._moe_extras(),
                                  force=self.step == last_step)
@@ -240,7 +284,7 @@ class Trainer:
             self.metrics.close()
 
     def _moe_extras(self) -> dict:
-        aux = [m.last_aux_loss for m in moe_layers(self.model) if m.last_aux_loss is not None]
+        aux = [m.last_aux_loss for m in moe_layers(self._all_parts) if m.last_aux_loss is not None]
         return {"aux_loss": float(torch.stack(aux).mean())} if aux else {}
 
 

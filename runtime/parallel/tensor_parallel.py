@@ -1,0 +1,218 @@
+"""Tensor parallelism with sequence parallel and loss parallel (`parallelize_module` plans).
+
+Layout of the residual stream between blocks: sequence-sharded, `[B, S/tp, D]` local tensors.
+
+    tok_embeddings  RowwiseParallel: vocab-sharded table, full tokens in, Shard(1) out
+    attention_norm  SequenceParallel (weight Replicate, works on the local sequence shard)
+    attention       all-gather the sequence (Shard(1) -> Replicate) before wq/wk/wv
+      wq, wk, wv    ColwiseParallel: each rank owns heads [r*H/tp, (r+1)*H/tp) (biases follow)
+      sinks         DTensor Shard(0): the same heads (the model takes `to_local()`)
+      wo            RowwiseParallel: Partial -> reduce-scatter back to Shard(1)
+    ffn_norm        SequenceParallel
+    moe             see `_MoETensorParallel`: all tokens routed identically on every rank,
+                    experts sharded along their hidden dim F, output reduce-scattered
+    norm            SequenceParallel
+    output          ColwiseParallel: vocab-sharded logits (DTensor Shard(-1), consumed by
+                    cross entropy under `loss_parallel()`), or gathered to a full local
+                    tensor with parallelism.disable_loss_parallel=true
+
+RoPE cos/sin and the attention masks are computed by `GptOssModel.forward` from the full
+positions (every TP rank holds the whole sequence of its samples), and attention runs on the
+gathered sequence, so they need no change.
+
+MoE under TP (no EP). Every TP rank gathers the full sequence and routes the same tokens with
+a replicated router; each rank computes its slice F/tp of every expert's hidden units:
+    mlp1 [E, 2F, D] Shard(1): contiguous chunks of the interleaved gate/linear columns; a
+        chunk has 2F/tp (even) columns starting at an even index, so rank r holds exactly the
+        (gate, linear) pairs of hidden units [r*F/tp, (r+1)*F/tp), matching mlp2's chunk;
+    mlp1_bias Shard(1) alike; mlp2 [E, D, F] Shard(2);
+    mlp2_bias Replicate, added by TP rank 0 only (every rank's output is a partial sum that
+        the reduce-scatter adds up: adding the bias on every rank would count it tp times).
+The MoE output on a rank is therefore a *partial* sum (Partial placement), and so is every
+gradient that flows back out of the MoE from that rank: into the router (the routing
+weights multiply partial expert outputs) and into the MoE input. Hence:
+    - the input is gathered with `to_local(grad_placements=Partial)`: backward reduce-scatters
+      the input gradient (a plain all-gather input style would keep one rank's partial grad);
+    - the router gate weight/bias are Replicate DTensors whose local gradient is all-reduced
+      over TP (`_SumGradOverMesh`), so every rank applies the same, complete router gradient;
+    - the optional auxiliary loss, computed identically on every rank, is scaled by 1/tp so
+      the all-reduced router gradient contains it once.
+Parameters that the model reads directly (router gate, experts, sinks) are handed to the
+forward as local tensors by `_swap_parameters` hooks; they stay registered DTensors (state
+dicts, optimizer, FSDP see the same names and placements).
+
+Not supported yet: TP together with per-block torch.compile (the forward traces, the backward
+fails inside DTensor's redistribute with a plain-tensor gradient at a graph boundary).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["apply_tp"]
+
+
+def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> nn.Module:
+    """Shard `model` (a GptOssModel, usually still on the meta device) over the 1-D `tp_mesh`."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    plan = {}
+    if model.tok_embeddings is not None:
+        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if model.norm is not None:
+        plan["norm"] = SequenceParallel()
+    if model.output is not None:
+        plan["output"] = ColwiseParallel(
+            input_layouts=Shard(1),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel)
+    if plan:
+        parallelize_module(model, tp_mesh, plan)
+
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            # forward(x, rope, mask, backend): gather x's sequence, leave the rest alone
+            "attention": PrepareModuleInput(
+                input_layouts=(Shard(1), None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+        })
+        attention = block.attention
+        attention.sinks = _distributed_parameter(attention.sinks, tp_mesh, [Shard(0)])
+        # The attention reads its local heads' sinks (eager: the model's own to_local; handing
+        # it the local tensor also keeps torch.compile's tracing of the block on plain tensors).
+        _swap_parameters(attention, attention, {"sinks": _to_local})
+        _MoETensorParallel(tp_mesh).apply(block.moe)
+    return model
+
+
+def _distributed_parameter(param: nn.Parameter, mesh, placements) -> nn.Parameter:
+    from torch.distributed.tensor import distribute_tensor
+
+    # src_data_rank=None: no communication (the model is usually on meta; real values are
+    # written later by init_weights or a checkpoint load).
+    dt = distribute_tensor(param.data, mesh, placements, src_data_rank=None)
+    return nn.Parameter(dt, requires_grad=param.requires_grad)
+
+
+def _to_local(param):
+    return param.to_local()  # gradient: the local shard's, as a DTensor with param's placements
+
+
+class _SumGradOverMesh(torch.autograd.Function):
+    """Replicate DTensor parameter -> its local tensor for a rank-local computation whose
+    gradient on each rank is only a partial sum; backward all-reduces (sums) the local
+    gradients over the mesh and hands back a Replicate DTensor gradient.
+
+    only_rank0=True: the local value is the parameter on mesh rank 0 and zeros elsewhere (a
+    bias added to a partial sum must be counted once); its gradient is then rank 0's."""
+
+    @staticmethod
+    def forward(ctx, param, only_rank0: bool):
+        ctx.spec = (param.device_mesh, param.placements, param.shape, param.stride())
+        ctx.zero_here = only_rank0 and param.device_mesh.get_local_rank() != 0
+        local = param.to_local()
+        return torch.zeros_like(local) if ctx.zero_here else local.view_as(local)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed.tensor import DTensor, Partial
+
+        mesh, placements, shape, stride = ctx.spec
+        if ctx.zero_here:
+            grad = torch.zeros_like(grad)
+        partial = DTensor.from_local(grad.contiguous(), mesh, [Partial()], run_check=False,
+                                     shape=shape, stride=stride)
+        return partial.redistribute(mesh, placements), None
+
+
+class _swap_parameters:
+    """Forward pre/post hooks on `owner` that replace parameters of `target` (owner or a
+    submodule) by `fn(param)` for the duration of owner's forward, then put them back.
+    The parameters stay registered (same names in state dicts and optimizers); only the
+    forward reads the substitutes. Runs after FSDP's pre-forward (which registers the
+    unsharded parameters on the block) and again under activation-checkpoint recomputation."""
+
+    def __init__(self, owner: nn.Module, target: nn.Module, substitutes: dict):
+        self.target, self.substitutes, self.saved = target, substitutes, []
+        owner.register_forward_pre_hook(self._pre)
+        owner.register_forward_hook(self._post)
+
+    def _pre(self, module, args):
+        saved = {}
+        for name, fn in self.substitutes.items():
+            param = self.target._parameters[name]
+            saved[name] = param
+            self.target._parameters[name] = fn(param)  # a plain tensor, bypassing __setattr__
+        self.saved.append(saved)
+
+    def _post(self, module, args, output):
+        for name, param in self.saved.pop().items():
+            self.target._parameters[name] = param
+
+
+class _MoETensorParallel:
+    """MoE under TP without EP (see the module docstring)."""
+
+    def __init__(self, tp_mesh):
+        self.mesh = tp_mesh
+        self.size = tp_mesh.size()
+
+    def apply(self, moe: nn.Module) -> None:
+        from torch.distributed.tensor import Replicate, Shard
+
+        mesh = self.mesh
+        gate = moe.router.gate
+        for name in ("weight", "bias"):
+            if getattr(gate, name) is not None:
+                setattr(gate, name, _distributed_parameter(getattr(gate, name), mesh, [Replicate()]))
+        experts = moe.experts
+        for name, placement in (("mlp1_weight", Shard(1)), ("mlp1_bias", Shard(1)),
+                                ("mlp2_weight", Shard(2)), ("mlp2_bias", Replicate())):
+            setattr(experts, name, _distributed_parameter(getattr(experts, name), mesh, [placement]))
+
+        def reduce_grad(p):
+            return _SumGradOverMesh.apply(p, False)
+
+        def rank0_only(p):
+            return _SumGradOverMesh.apply(p, True)
+
+        _swap_parameters(moe.router, gate, {name: reduce_grad for name in ("weight", "bias")
+                                            if gate._parameters.get(name) is not None})
+        _swap_parameters(experts, experts, {"mlp1_weight": _to_local, "mlp1_bias": _to_local,
+                                            "mlp2_weight": _to_local, "mlp2_bias": rank0_only})
+        moe.register_forward_pre_hook(self._gather_input)
+        moe.register_forward_hook(self._reduce_scatter_output)
+
+    def _gather_input(self, moe, args):
+        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+        (x,) = args
+        if not isinstance(x, DTensor):  # the ffn_norm output (SequenceParallel) is a DTensor
+            x = DTensor.from_local(x, self.mesh, [Shard(1)], run_check=False)
+        full = x.redistribute(self.mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+        # The aux loss is computed identically on every rank and its router gradient is
+        # summed over TP: count it once. Restored by the output hook.
+        moe._tp_saved_aux_scale = moe.aux_loss_scale
+        moe.aux_loss_scale = moe.aux_loss_scale / self.size
+        return (full,)
+
+    def _reduce_scatter_output(self, moe, args, out):
+        from torch.distributed.tensor import DTensor, Partial, Shard
+
+        moe.aux_loss_scale = moe.__dict__.pop("_tp_saved_aux_scale")
+        partial = DTensor.from_local(out, self.mesh, [Partial()], run_check=False)
+        return partial.redistribute(self.mesh, [Shard(1)]).to_local()
