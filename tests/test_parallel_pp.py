@@ -13,8 +13,8 @@ every run), each against the single-process run on the same global batch:
   (V, 4 stages, with 2 gradient-accumulation micro-steps), DualPipeV (V, 4 stages);
   4 pp ranks: 1F1B (4 stages) and ZBVZeroBubble (8 stages, 8 layers);
   PP x FSDP: 2 pp x 2 dp_shard = 4 ranks with Interleaved1F1B;
-  PP x TP: 2 pp x 2 tp = 4 ranks with 1F1B (xfail until the model takes the sequence length
-  from `positions`, see the test);
+  PP x TP: 2 pp x 2 tp = 4 ranks with 1F1B (a non-first stage receives sequence-parallel
+  hidden states [B, S/tp, D]; the model takes the sequence length from `positions`);
   DualPipeV with per-block torch.compile (dynamo + AOTAutograd, aot_eager backend);
   the auxiliary balance loss (coefficient 0.01) under 1F1B, against a reference that
   accumulates the same 4 micro-batches (the switch loss is per forward and not linear in the
@@ -358,10 +358,6 @@ def test_pp_with_fsdp_matches_single_process(seeds, references, tmp_path):
                stages_per_rank=2, pp=2, n_layers=4, microbatches=2)
 
 
-@pytest.mark.xfail(raises=RunError, strict=False, reason=(
-    "PP x TP needs GptOssModel.forward to take the sequence length from `positions` (a "
-    "non-first stage receives sequence-parallel hidden states [B, S/tp, D]); passes with that "
-    "one-line change in runtime/model/model.py"))
 def test_pp_with_tp_matches_single_process(seeds, references, tmp_path):
     """2 pp x 2 tp = 4 ranks: sequence-sharded hidden states travel between stages, the last
     stage's vocab-sharded logits go into the loss under loss_parallel()."""

@@ -151,7 +151,9 @@ class GptOssModel(nn.Module):
         embeddings); positions: [B, S] (default arange, restart per document for packing);
         document_ids: [B, S] (attention stays within a document) -> logits [B, S, V]
         (or hidden states on a stage without the output head)."""
-        bsz, seq_len = tokens.shape[:2]
+        # Take the length from positions when given: a pipeline stage under sequence parallelism
+        # receives hidden states [B, S/tp, D] while masks and RoPE need the full sequence.
+        bsz, seq_len = positions.shape if positions is not None else tokens.shape[:2]
         device = tokens.device
         if positions is None:
             if self.context_parallel is not None:

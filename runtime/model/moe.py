@@ -61,6 +61,8 @@ class GroupedExperts(nn.Module):
         self.num_experts = args.num_experts
         self.alpha, self.limit = args.swiglu_alpha, args.swiglu_limit
         self.impl = args.moe_impl
+        # Multiplies the weights' gradients (expert parallelism sets 1/ep, see expert_parallel.py).
+        self.grad_scale = 1.0
         E, D, F_ = args.num_experts, args.dim, args.moe_inter_dim
         self.mlp1_weight = nn.Parameter(torch.empty(E, 2 * F_, D))
         self.mlp1_bias = nn.Parameter(torch.empty(E, 2 * F_))
@@ -77,6 +79,8 @@ class GroupedExperts(nn.Module):
         """x: [N, D] rows sorted by expert; counts: [E_local] rows per expert (sum == N)."""
         w1, b1, w2, b2 = (_local(p) for p in (self.mlp1_weight, self.mlp1_bias,
                                               self.mlp2_weight, self.mlp2_bias))
+        if self.grad_scale != 1.0:
+            w1, b1, w2, b2 = (_ScaleGrad.apply(t, self.grad_scale) for t in (w1, b1, w2, b2))
         # Autocast does not cover the grouped GEMM: cast the rows ourselves so the experts run
         # in the compute dtype (bf16 fast path) rather than in the fp32 residual stream's dtype.
         device_type = x.device.type
@@ -109,6 +113,19 @@ class GroupedExperts(nn.Module):
             outs.append(a @ w2[e].to(dtype).T + b2[e].to(dtype))
             start += n
         return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` in backward."""
+
+    @staticmethod
+    def forward(ctx, t, scale: float):
+        ctx.scale = scale
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -151,6 +168,8 @@ class MoE(nn.Module):
         # Set by the trainer to 1/number-of-microbatches so accumulated aux gradients average.
         self.aux_loss_scale = 1.0
         self.last_aux_loss: torch.Tensor | None = None  # detached, for metrics
+        # Set by runtime.parallel.expert_parallel.apply_ep: rows then go to their expert's rank.
+        self.expert_parallel = None
         self.register_buffer("tokens_per_expert", torch.zeros(args.num_experts), persistent=False)
         if args.load_balance_coeff is not None:
             self.register_buffer("expert_bias", torch.zeros(args.num_experts), persistent=True)
@@ -178,7 +197,11 @@ class MoE(nn.Module):
 
         order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert
         token_of_row = order // self.top_k  # [T*k]
-        rows = self.experts(x[token_of_row], counts)  # [T*k, D]
+        rows = x[token_of_row]  # [T*k, D] grouped by expert
+        if self.expert_parallel is not None:
+            rows = self.expert_parallel.run(self.experts, rows, counts)
+        else:
+            rows = self.experts(rows, counts)
         rows = rows * weights.flatten()[order].unsqueeze(-1).to(rows.dtype)
         out = torch.zeros_like(x, dtype=rows.dtype).index_add_(0, token_of_row, rows)  # [T, D]
 

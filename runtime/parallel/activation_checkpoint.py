@@ -14,10 +14,10 @@ def apply_ac(model: nn.Module, mode: str, option: str) -> None:
     """mode: none | full | selective; option (selective): "op" or an integer N = every N-th block."""
     if mode == "none":
         return
-    for index, block in enumerate(model.layers.values()):
+    for block in model.layers.values():  # layer_id: global, also on a pipeline stage
         if mode == "full":
             block.activation_checkpoint = "full"
         elif option == "op":
             block.activation_checkpoint = "op"
-        elif (index + 1) % int(option) == 0:
+        elif (block.layer_id + 1) % int(option) == 0:
             block.activation_checkpoint = "full"

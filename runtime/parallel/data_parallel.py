@@ -40,13 +40,19 @@ def reshard_after_forward(policy: str, pp_enabled: bool) -> bool:
     return not pp_enabled
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, mp_policy, reshard: bool) -> nn.Module:
+def apply_fsdp(model: nn.Module, dp_mesh, mp_policy, reshard: bool, *,
+               experts_mesh=None) -> nn.Module:
+    """`experts_mesh`: with expert parallelism, experts are their own FSDP unit over the
+    data-parallel ranks left after EP (their DTensors already live on the ep mesh)."""
     from torch.distributed.fsdp import fully_shard
 
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's weights are needed again right away by backward: keep them.
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy,
-                    reshard_after_forward=reshard and i < len(blocks) - 1)
+        keep = reshard and i < len(blocks) - 1
+        if experts_mesh is not None:
+            fully_shard(block.moe.experts, mesh=experts_mesh, mp_policy=mp_policy,
+                        reshard_after_forward=keep)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=keep)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
     return model

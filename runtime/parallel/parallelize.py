@@ -1,6 +1,6 @@
 """Compose the parallel passes in one readable order.
 
-    TP/SP -> EP -> activation checkpointing -> compile -> FSDP/HSDP/DDP
+    TP/SP -> EP -> CP -> activation checkpointing -> compile -> FSDP/HSDP/DDP
 
 The model arrives on the meta device and leaves still on meta (the trainer then calls
 `to_empty` + `init_weights`), so no rank ever materialises weights it does not own.
@@ -26,12 +26,11 @@ class UnsupportedParallelism(ValueError):
 
 def _refuse_unimplemented(dims: ParallelDims) -> None:
     # Validated by dims.py but not wired yet: say so plainly instead of training wrongly.
-    missing = [key for key, degree in (
-        ("parallelism.expert_parallel_degree", dims.ep),) if degree > 1]
-    if missing:
+    if dims.ep > 1 and dims.tp > 1:
         raise UnsupportedParallelism(
-            f"{', '.join(missing)} > 1 is not implemented in this build yet "
-            "(implemented: data, tensor, context and pipeline parallelism)")
+            "parallelism.expert_parallel_degree > 1 together with "
+            "parallelism.tensor_parallel_degree > 1 (EP borrowing TP ranks, ETP) is not "
+            "implemented in this build yet; use EP over data_parallel_shard_degree (x cp)")
 
 
 def _data_parallel_mesh(dims: ParallelDims):
@@ -41,6 +40,13 @@ def _data_parallel_mesh(dims: ParallelDims):
     if dims.dp_replicate > 1:
         return dims.get_mesh(("dp_replicate", shard))
     return dims.get_mesh(shard)
+
+
+def _experts_data_parallel_mesh(dims: ParallelDims):
+    """The data-parallel ranks that hold the same experts (EP took the rest)."""
+    if dims.dp_replicate > 1:
+        return dims.get_mesh(("dp_replicate", "dp_shard_mod_ep"))
+    return dims.get_mesh("dp_shard_mod_ep")
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh, cfg, device: torch.device) -> nn.Module:
@@ -53,6 +59,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, cfg, device: torch.d
         from runtime.parallel.tensor_parallel import apply_tp
 
         apply_tp(model, dims.get_mesh("tp"), loss_parallel=not cfg.parallelism.disable_loss_parallel)
+    if dims.ep > 1:
+        from runtime.parallel.expert_parallel import apply_ep
+
+        apply_ep(model, dims.get_mesh("ep"))
     if dims.cp > 1:
         from runtime.parallel.context_parallel import apply_cp
 
@@ -61,10 +71,13 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, cfg, device: torch.d
     if cfg.compile.enable and "model" in cfg.compile.components:
         apply_compile(model)
     if mesh is not None and dims.dp * dims.cp > 1:
-        dp_mesh = _data_parallel_mesh(dims)
         mp = mixed_precision_policy(cfg.training, cfg.model.compute_dtype, device)
-        apply_fsdp(model, dp_mesh, mp,
-                   reshard_after_forward(cfg.parallelism.fsdp_reshard_after_forward, dims.pp_enabled))
+        experts = {}
+        if dims.ep > 1:
+            experts = dict(experts_mesh=_experts_data_parallel_mesh(dims))
+        apply_fsdp(model, _data_parallel_mesh(dims), mp,
+                   reshard_after_forward(cfg.parallelism.fsdp_reshard_after_forward, dims.pp_enabled),
+                   **experts)
     return model
 
 
@@ -83,13 +96,25 @@ def no_gradient_sync(model: nn.Module, skip: bool):
 
 
 def clip_grad_norm_(parameters, max_norm: float) -> float:
-    """Total gradient 2-norm over every rank's shards (DTensor-aware), clipped to max_norm."""
+    """Total gradient 2-norm over every rank's shards (DTensor-aware), clipped to max_norm.
+
+    Gradients may live on different meshes (experts on the EP x FSDP mesh, the rest on the
+    FSDP x TP mesh): the norm is taken per mesh, each reduced over its own ranks, then combined.
+    """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()  # reduce the partial norms of sharded gradients
+    by_mesh: dict = {}
+    for g in grads:
+        by_mesh.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    squares = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()  # reduce the partial norms of sharded gradients
+        squares.append(norm.float() ** 2)
+    total = torch.stack(squares).sum().sqrt()
     if math.isfinite(max_norm):
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
-    return norm.item()
+        for group in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
+    return total.item()

@@ -1,0 +1,69 @@
+"""Expert parallelism: each rank of the `ep` mesh owns num_experts/ep whole experts, and the
+routed token rows travel to their expert's rank and back by all-to-all with uneven splits.
+
+Per MoE layer, on every EP rank (its own tokens, routed locally):
+    rows [N, D] sorted by global expert id, counts [E]
+      -> send_counts [ep, E_local]   rows for each destination rank, per its local expert
+      -> all-to-all of counts        recv_counts [ep, E_local] (rows arriving per source/expert)
+      -> all-to-all of rows          received [M, D], ordered (source rank, local expert)
+      -> regroup by local expert, grouped GEMM on the local experts, undo the regrouping
+      -> all-to-all back             [N, D] in the original order
+The row all-to-alls are autograd functions (their backward is the reverse all-to-all), so
+each expert's gradient sums the contributions of every rank's tokens.
+
+Gradient scale: every rank's loss carries the factor (dp x cp) / global_tokens, and data-
+parallel reductions average over dp x cp ranks. Expert gradients already sum every EP rank's
+contribution through the all-to-all, and FSDP then averages them only over the remaining
+`dp_shard_mod_ep` (x replicate) ranks = dp x cp / ep, so the experts' weight gradients are
+multiplied by 1/ep (`GroupedExperts.grad_scale`; FSDP's own divide factor would need
+PREMUL_SUM, which gloo lacks), making the expert update equal the single-process one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class ExpertParallel:
+    group: dist.ProcessGroup
+    size: int
+
+    def run(self, experts: nn.Module, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows [N, D] sorted by global expert, counts [E] -> expert outputs [N, D], same order."""
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+        send_counts = counts.view(self.size, -1)  # [ep, E_local]
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.group)
+        input_splits = send_counts.sum(1).tolist()  # host sync: split sizes must be known
+        output_splits = recv_counts.sum(1).tolist()
+        received = all_to_all_single_autograd(rows.contiguous(), output_splits, input_splits,
+                                              self.group)  # [M, D]
+
+        num_local = send_counts.shape[1]
+        segment_expert = torch.arange(num_local, device=rows.device).repeat(self.size)  # [ep*E_local]
+        row_expert = torch.repeat_interleave(segment_expert, recv_counts.flatten(),
+                                             output_size=received.shape[0])  # [M]
+        order = torch.argsort(row_expert, stable=True)
+        out = experts(received[order], recv_counts.sum(0))  # [M, D] grouped by local expert
+        restored = torch.empty_like(out).index_copy_(0, order, out)  # back to (source, expert)
+        return all_to_all_single_autograd(restored, input_splits, output_splits, self.group)
+
+
+def apply_ep(model: nn.Module, ep_mesh) -> None:
+    """Shard every MoE layer's experts on dim 0 over `ep_mesh` and route rows by all-to-all."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    ep = ExpertParallel(group=ep_mesh.get_group(), size=ep_mesh.size())
+    for block in model.layers.values():
+        experts = block.moe.experts
+        for name, param in list(experts.named_parameters(recurse=False)):
+            sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)])
+            experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        block.moe.expert_parallel = ep
+        experts.grad_scale = 1.0 / ep.size
