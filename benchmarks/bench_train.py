@@ -12,8 +12,8 @@ first-step (compile) time. One JSON line per run.
 What is timed
 -------------
 A step is exactly what `Trainer.run` does per step, minus logging/checkpointing:
-`train_step` (forward, loss, backward, grad-norm clip; it syncs the host twice for the loss
-and the norm) + `optimizer.step` + `zero_grad` + lr scheduler + expert-bias update. Batches
+`Trainer.optimizer_step` (forward, loss, backward, grad-norm clip -- it syncs the host twice,
+for the loss and the norm -- optimizer, lr scheduler, expert-bias update). Batches
 are drawn from the config's data loader BEFORE timing (their cost is reported separately as
 `data_ms_per_step`), so tokens/s is the device's, not the tokenizer's.
 - first step: its own wall time (includes torch.compile and flex-attention compilation;
@@ -87,15 +87,9 @@ def parse(argv: list[str] | None):
 
 
 def one_step(trainer, batch: dict) -> tuple[float, float]:
-    """One optimizer step, as Trainer.run performs it (without logging/checkpointing)."""
-    from runtime.model.moe import update_expert_bias
-
-    loss, grad_norm = trainer.train_step(batch)
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.lr_scheduler.step()
-    update_expert_bias(trainer.model, trainer._dp_group())
+    """One optimizer step exactly as Trainer.run performs it (without logging/checkpointing)."""
     trainer.step += 1
+    loss, grad_norm, _ = trainer.optimizer_step(batch)
     return loss, grad_norm
 
 

@@ -242,6 +242,23 @@ class Trainer:
             return self.pipeline.clip_grad_norm_(max_norm if max_norm > 0 else float("inf"))
         return clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else float("inf"))
 
+    def optimizer_step(self, batch: dict) -> tuple[float, float, float]:
+        """Everything of one training step but logging and checkpointing (also used by the
+        benchmarks): forward/backward, clipping, optimizer, lr schedule, expert-bias update.
+        Returns (loss, grad_norm, lr used)."""
+        policy = self.cfg.training.on_nonfinite
+        loss, grad_norm = self.train_step(batch)
+        if check_finite(loss, self.step, policy) and check_finite(grad_norm, self.step, policy):
+            self.optimizer.step()
+        else:
+            self.log(f"step {self.step}: non-finite loss/grad norm, step skipped")
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+        update_expert_bias(self._all_parts, self._token_group())  # every stage's layers
+        self.tokens_seen += self.global_batch * self.cfg.training.seq_len
+        return loss, grad_norm, lr
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
         cfg = self.cfg
@@ -254,19 +271,7 @@ class Trainer:
         try:
             while self.step < last_step:
                 self.step += 1
-                batch = next(data)
-                loss, grad_norm = self.train_step(batch)
-                proceed = check_finite(loss, self.step, cfg.training.on_nonfinite) and \
-                    check_finite(grad_norm, self.step, cfg.training.on_nonfinite)
-                if proceed:
-                    self.optimizer.step()
-                else:
-                    self.log(f"step {self.step}: non-finite loss/grad norm, step skipped")
-                self.optimizer.zero_grad(set_to_none=True)
-                lr = self.lr_scheduler.get_last_lr()[0]
-                self.lr_scheduler.step()
-                update_expert_bias(self._all_parts, self._token_group())  # every stage's layers
-                self.tokens_seen += self.global_batch * cfg.training.seq_len
+                loss, grad_norm, lr = self.optimizer_step(next(data))
                 self.metrics.log(self.step, loss, grad_norm, lr, self._moe_extras(),
                                  force=self.step == last_step)
                 stopping = stop.should_stop(self.device)
