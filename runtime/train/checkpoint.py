@@ -151,7 +151,7 @@ class CheckpointManager:
         self.log = log
         self._pending: tuple[Any, int, Path] | None = None  # async save in flight
         self._async_group = None
-        if _rank() == 0:
+        if _rank() == 0 and cfg.enable:
             self.folder.mkdir(parents=True, exist_ok=True)
             for stale in self.folder.glob(".step-*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
