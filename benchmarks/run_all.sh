@@ -14,7 +14,7 @@
 #   block  bench_block.py: 20b block, 16k tokens, sliding + full: eager, compiled (+ pieces),
 #          eager and compiled with bf16 params (as under FSDP)
 #   train  bench_train.py on benchmarks/configs/20b_2layer_seq4096.toml: as shipped (compiled),
-#          eager, + selective AC, + full AC
+#          eager, plain (unfused) logits loss, + selective AC, + full AC
 #   table  make_table.py over the day's JSONL -> <date>.md
 # Output: $RESULTS_DIR/<UTC date>.jsonl (appended) and $RESULTS_DIR/<UTC date>.md.
 # Every variant runs in its own process with a fresh, empty TORCHINDUCTOR_CACHE_DIR and
@@ -125,6 +125,7 @@ train() {  # train LABEL [overrides...]
 group_train() {
   train "ref (compiled)"
   train "eager" --compile.enable=false
+  train "compiled, plain logits loss" --training.loss_chunk_size=0  # before the fused loss
   if [[ "$QUICK" != 1 ]]; then
     train "compiled + selective AC" --activation_checkpoint.mode=selective
     train "compiled + full AC" --activation_checkpoint.mode=full

@@ -49,7 +49,10 @@ activations   first order, bf16 compute (a = 2 bytes; 4 for fp32), per layer and
               expert sharding), x micro-batches in flight under PP (GPipe: all; others: pp).
               Routing is assumed balanced (EP: each rank gets its share of rows).
 logits + loss tokens x vocab (/ tp with loss parallel) x (a bf16 logits + 4 fp32 upcast + 4
-              saved log-softmax + 4 its gradient) bytes, on the rank holding the output head.
+              saved log-softmax + 4 its gradient) bytes, on the rank holding the output head;
+              with the fused loss (training.loss_chunk_size > 0, no TP/PP) one chunk of
+              tokens instead of all of them, plus the fp32 gradients of the hidden states and
+              of the head weight that the fused forward stores for backward.
 reserve       2 GiB for the CUDA context, NCCL buffers and allocator fragmentation.
 Not modelled: expert-load imbalance, temporary buffers of collectives, compile workspaces.
 """
@@ -428,8 +431,17 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
                           f"{f' x {in_flight} in flight' if in_flight > 1 else ''}"
                           f"{f' / tp {dims.tp}' if dims.tp > 1 else ''}"))
         if share.last:
-            lines.append(Line("logits + loss", tokens * vocab * logit_bytes,
-                              f"{tokens:,} tokens x {vocab:,} vocab x {logit_bytes} B"))
+            chunk = t.loss_chunk_size
+            if chunk > 0 and dims.tp == 1 and dims.pp == 1:  # fused, chunked head + loss
+                rows = min(chunk, tokens)
+                lines.append(Line(
+                    "logits + loss",
+                    rows * vocab * logit_bytes + (tokens + vocab) * model_args.dim * 4,
+                    f"fused: {rows:,}-token chunk x {vocab:,} vocab x {logit_bytes} B "
+                    f"+ stored fp32 gradients of hidden states and head"))
+            else:
+                lines.append(Line("logits + loss", tokens * vocab * logit_bytes,
+                                  f"{tokens:,} tokens x {vocab:,} vocab x {logit_bytes} B"))
         lines.append(Line("reserve", RESERVE_GIB * GIB, "CUDA context, NCCL, fragmentation"))
         candidate = MemoryPlan(
             config=config_name, world_size=world_size, dims=dims, applied=applied,

@@ -24,6 +24,7 @@ from torch import nn
 
 from runtime.model.args import ModelArgs
 from runtime.model.attention import Attention, resolve_attn_backend
+from runtime.model.loss import fused_linear_cross_entropy
 from runtime.model.masks import MaskInputs, build_attention_masks
 from runtime.model.moe import MoE
 from runtime.model.rope import RotaryEmbedding
@@ -146,11 +147,14 @@ class GptOssModel(nn.Module):
                           doc_q=document_ids, doc_kv=doc_kv)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                loss_chunk_size: int = 1024) -> torch.Tensor:
         """tokens: [B, S] int ids (or [B, S, D] hidden states on a pipeline stage without
         embeddings); positions: [B, S] (default arange, restart per document for packing);
         document_ids: [B, S] (attention stays within a document) -> logits [B, S, V]
-        (or hidden states on a stage without the output head)."""
+        (or hidden states on a stage without the output head). With `labels` [B, S] the
+        output head and cross entropy run fused and chunked (runtime/model/loss.py) and the
+        summed token loss (fp32 scalar) is returned instead of the logits."""
         # Take the length from positions when given: a pipeline stage under sequence parallelism
         # receives hidden states [B, S/tp, D] while masks and RoPE need the full sequence.
         bsz, seq_len = positions.shape if positions is not None else tokens.shape[:2]
@@ -171,7 +175,11 @@ class GptOssModel(nn.Module):
             for block in self.layers.values():
                 h = block(h, rope, masks, backend)
             h = self.norm(h) if self.norm is not None else h
-            return self.output(h) if self.output is not None else h
+            if self.output is None:
+                return h
+            if labels is not None:
+                return fused_linear_cross_entropy(h, self.output.weight, labels, loss_chunk_size)
+            return self.output(h)
 
 
 def count_parameters(model: nn.Module, args: ModelArgs) -> tuple[int, int]:

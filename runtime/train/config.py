@@ -168,6 +168,9 @@ class TrainingSection:
     on_nonfinite: str = _opt("error", choices=("error", "skip"),
                              help="on a NaN/inf loss or grad norm: stop, or skip the step")
     deterministic: bool = _opt(False, help="deterministic algorithms (slower)")
+    loss_chunk_size: int = _opt(1024, check=_non_negative,
+                                help="tokens per chunk of the fused output head + cross entropy "
+                                     "(never materialises all logits); 0 = plain logits path")
 
     def gradient_accumulation_steps(self, dp_degree: int) -> int:
         """Micro-steps per optimizer step for a data-parallel degree (1 when global = -1)."""

@@ -187,6 +187,12 @@ class Trainer:
         positions = micro["positions"].to(self.device, non_blocking=True)
         doc_ids = micro.get("document_ids")
         doc_ids = doc_ids.to(self.device, non_blocking=True) if doc_ids is not None else None
+        chunk = self.cfg.training.loss_chunk_size
+        if chunk > 0 and self.dims.tp == 1:  # fused head + loss: no [tokens, vocab] logits kept
+            loss_sum = self.model(tokens, positions=positions, document_ids=doc_ids,
+                                  labels=labels, loss_chunk_size=chunk)
+            (loss_sum * loss_scale).backward()
+            return loss_sum.detach()
         logits = self.model(tokens, positions=positions, document_ids=doc_ids)
         # Loss parallel (TP): logits arrive as a vocab-sharded DTensor; cross entropy and its
         # backward must both run under loss_parallel(), and the summed loss is a Replicate DTensor.
