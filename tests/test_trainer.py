@@ -136,7 +136,8 @@ def test_loss_falls_on_embedded_data(tmp_path):
     assert trainer.run() == 0
     got = losses(tmp_path)
     assert got[1] > 8.5  # ~ln(8192) at initialisation
-    assert got[25] < got[1] - 1.0
+    late = sum(got[s] for s in range(16, 26)) / 10  # single steps are noisy (packed documents)
+    assert late < got[1] - 1.2  # observed ~7.2-7.3 on torch 2.11 and 2.13
 
 
 def test_metrics_jsonl_has_the_documented_keys(tmp_path):
