@@ -135,7 +135,10 @@ def expert_bias_on_every_rank(rank: int, world_size: int) -> None:
 @pytest.fixture(scope="module")
 def common(tmp_path_factory) -> list[str]:
     seed = make_seed_checkpoint(BASE, tmp_path_factory.mktemp("tp") / "seed")
-    return BASE + [f"--checkpoint.initial_load_path={seed}"]
+    # The reference takes the plain logits path too (TP always does: loss parallel needs the
+    # vocab-sharded logits), so the recorded logits can be compared; the fused chunked loss
+    # has its own equality tests (tests/test_fused_loss.py).
+    return BASE + [f"--checkpoint.initial_load_path={seed}", "--training.loss_chunk_size=0"]
 
 
 def _run(world: int, overrides: list[str], tmp_path: Path, name: str, monkeypatch,
