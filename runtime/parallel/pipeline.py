@@ -150,6 +150,7 @@ def schedule_class(name: str):
 
     if name not in _SCHEDULE_CLASSES:
         raise ParallelismError(f"{_KEY} must be one of {tuple(_SCHEDULE_CLASSES)}, got {name!r}")
+    _refuse_v_schedule_on_old_gloo(name)
     cls = getattr(pipelining, _SCHEDULE_CLASSES[name], None)
     if cls is None:
         cls = getattr(getattr(pipelining, "schedules", None), _SCHEDULE_CLASSES[name], None)
@@ -158,6 +159,19 @@ def schedule_class(name: str):
             f"{_KEY}={name} needs torch.distributed.pipelining.{_SCHEDULE_CLASSES[name]}, which "
             f"torch {torch.__version__} does not provide; upgrade torch or pick another schedule")
     return cls
+
+
+def _refuse_v_schedule_on_old_gloo(name: str) -> None:
+    """torch < 2.13 on gloo cannot run the V schedules: their shape inference sends between
+    the two stages of one rank ("Pair is not connected"); seen on 2.11, fixed by 2.13."""
+    import torch.distributed as dist
+
+    old_torch = torch.torch_version.TorchVersion(torch.__version__) < "2.13"
+    if name in V_SCHEDULES and old_torch and dist.is_initialized() and dist.get_backend() == "gloo":
+        raise ParallelismError(
+            f"{_KEY}={name} (two stages per rank) does not run on gloo with torch "
+            f"{torch.__version__} (point-to-point to the same rank fails); use torch >= 2.13 "
+            "for CPU runs, NCCL, or a loop schedule (1F1B, Interleaved1F1B, ...)")
 
 
 def _accepts(fn, name: str) -> bool:
