@@ -1,6 +1,7 @@
 """Compose the parallel passes in one readable order.
 
-    TP/SP -> EP -> CP -> activation checkpointing -> compile -> FSDP/HSDP/DDP
+    quantize (float8/mxfp8) -> TP/SP (+ async TP) -> EP -> CP -> activation checkpointing
+    -> compile -> FSDP/HSDP/DDP
 
 The model arrives on the meta device and leaves still on meta (the trainer then calls
 `to_empty` + `init_weights`), so no rank ever materialises weights it does not own.
@@ -50,15 +51,22 @@ def _experts_data_parallel_mesh(dims: ParallelDims):
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh, cfg, device: torch.device) -> nn.Module:
+    from runtime.parallel.quantize import apply_quantization, check_async_tp, enable_async_tp
+
     _refuse_unimplemented(dims)
+    check_async_tp(cfg, device)
     if dims.tp > 1 and cfg.compile.enable:
         raise UnsupportedParallelism(
             "parallelism.tensor_parallel_degree > 1 with compile.enable=true is not supported yet "
             "(DTensor backward fails inside compiled blocks); disable one of them")
+    # Float8 / MXFP8 module swaps on the meta model, before TP/EP/FSDP (quantize.py).
+    apply_quantization(model, cfg, device, dims)
     if dims.tp > 1:
         from runtime.parallel.tensor_parallel import apply_tp
 
         apply_tp(model, dims.get_mesh("tp"), loss_parallel=not cfg.parallelism.disable_loss_parallel)
+        if cfg.parallelism.enable_async_tensor_parallel:  # CUDA + compile: check_async_tp
+            enable_async_tp(dims.get_mesh("tp"))
     if dims.ep > 1:
         from runtime.parallel.expert_parallel import apply_ep
 

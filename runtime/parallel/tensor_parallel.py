@@ -57,12 +57,12 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> nn.Module:
     """Shard `model` (a GptOssModel, usually still on the meta device) over the 1-D `tp_mesh`."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        PrepareModuleInput,
         RowwiseParallel,
         SequenceParallel,
         parallelize_module,
     )
+
+    from runtime.parallel.quantize import tensor_parallel_styles
 
     plan = {}
     if model.tok_embeddings is not None:
@@ -70,7 +70,8 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> nn.Module:
     if model.norm is not None:
         plan["norm"] = SequenceParallel()
     if model.output is not None:
-        plan["output"] = ColwiseParallel(
+        head_colwise, _, _ = tensor_parallel_styles(model.output)  # float8 styles if Float8Linear
+        plan["output"] = head_colwise(
             input_layouts=Shard(1),
             output_layouts=Shard(-1) if loss_parallel else Replicate(),
             use_local_output=not loss_parallel)
@@ -78,16 +79,19 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> nn.Module:
         parallelize_module(model, tp_mesh, plan)
 
     for block in model.layers.values():
+        a = block.attention
+        # torchao's float8 styles (float8 all-gather) for tensorwise Float8Linear, else torch's
+        colwise, rowwise, prepare_input = tensor_parallel_styles(a.wq, a.wk, a.wv, a.wo)
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
             # forward(x, rope, mask, backend): gather x's sequence, leave the rest alone
-            "attention": PrepareModuleInput(
+            "attention": prepare_input(
                 input_layouts=(Shard(1), None, None, None),
                 desired_input_layouts=(Replicate(), None, None, None)),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "attention.wq": colwise(),
+            "attention.wk": colwise(),
+            "attention.wv": colwise(),
+            "attention.wo": rowwise(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
         })
         attention = block.attention

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from runtime.model import GptOssModel
 from runtime.model.moe import moe_layers, update_expert_bias
 from runtime.parallel.dims import validate_job
+from runtime.parallel.quantize import after_optimizer_step
 from runtime.train.checkpoint import CheckpointManager, ModelState, OptimizerState, TrainState
 from runtime.train.config import ConfigError, JobConfig, build_parser, parse_args
 from runtime.train.data import build_dataloader, split_microbatches
@@ -256,6 +257,7 @@ class Trainer:
         loss, grad_norm = self.train_step(batch)
         if check_finite(loss, self.step, policy) and check_finite(grad_norm, self.step, policy):
             self.optimizer.step()
+            after_optimizer_step(self.model_parts)  # float8: FSDP all-gather scales (quantize.py)
         else:
             self.log(f"step {self.step}: non-finite loss/grad norm, step skipped")
         self.optimizer.zero_grad(set_to_none=True)
