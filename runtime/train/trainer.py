@@ -274,6 +274,8 @@ class Trainer:
         last_step = cfg.training.steps
         if self.step >= last_step:
             self.log(f"nothing to do: already at step {self.step} of {last_step}")
+        if cfg.compile.enable and self.step < last_step:
+            self.log("compiling the transformer blocks during the first step (can take minutes)")
         self.metrics.reset_timer()
         data = iter(self.dataloader)
         try:
