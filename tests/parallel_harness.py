@@ -39,7 +39,9 @@ A result is a dict:
     params_rank_spread  (where, max |diff|) between ranks holding the same tensor: replicas
                 that drifted apart (assert_parity requires <= param_atol)
     info        what rank 0 really ran: mesh, grad_accum, global_batch, per-layer
-                activation_checkpoint, block_calls, dynamo_unique_graphs, placements, fsdp_mesh
+                activation_checkpoint, block_calls, dynamo_unique_graphs, placements, fsdp_mesh,
+                fsdp; under pipeline parallelism also schedule, stage_ids, microbatches, layers
+    ranks       [{losses, grad_norms, info}] of every rank (pipeline ranks each report theirs)
     world_size  int;  wall_s  float (seconds in the workers, excluding process start)
 
 `hook="module:function"` (or a module-level function) runs in every rank before the trainer
@@ -147,6 +149,8 @@ def _run_in(out_dir: Path, world_size, overrides, steps, hook, timeout,
     result = torch.load(out_dir / _RESULT, weights_only=False)
     result["world_size"] = world_size
     result["params"], result["params_rank_spread"] = _merge_rank_params(out_dir, world_size)
+    result["ranks"] = [torch.load(out_dir / f"record-rank{r}.pt", weights_only=False)
+                       for r in range(world_size)]
     return result
 
 
@@ -291,7 +295,8 @@ def _launch(world_size: int, overrides: list[str], steps: int, out_dir: Path, ho
     import torch.multiprocessing as mp
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    stale_files = [*out_dir.glob("error-rank*.txt"), *out_dir.glob("params-rank*.pt")]
+    stale_files = [*out_dir.glob("error-rank*.txt"), *out_dir.glob("params-rank*.pt"),
+                   *out_dir.glob("record-rank*.pt")]
     for stale in stale_files + [out_dir / _RESULT]:
         stale.unlink(missing_ok=True)
     ctx = mp.get_context("spawn")
@@ -412,7 +417,18 @@ def _describe(trainer, block_calls: dict[str, int]) -> dict[str, Any]:
         "placements": {n: f"DTensor{tuple(p.placements)}" if hasattr(p, "placements") else "Tensor"
                        for part in parts for n, p in part.named_parameters()},
         "fsdp_mesh": _fsdp_mesh(parts[0]),
+        "fsdp": [hasattr(p, "placements") for p in parts[0].parameters()][:1],
+        **_describe_pipeline(trainer),
     }
+
+
+def _describe_pipeline(trainer) -> dict[str, Any]:
+    pipe = getattr(trainer, "pipeline", None)
+    if pipe is None:
+        return {}
+    return {"schedule": type(pipe.schedule).__name__, "stage_ids": pipe.stage_ids,
+            "microbatches": pipe.microbatches,
+            "layers": [sorted(int(k) for k in part.layers) for part in _model_parts(trainer)]}
 
 
 def _save(obj: Any, path: Path) -> None:
@@ -491,9 +507,12 @@ def _train_worker(rank, world_size, port, overrides, steps, out_dir, hook, optio
             params.update({k: v.detach().to("cpu", torch.float32).clone()
                            for k, v in state.items()})
         _save(params, Path(out_dir, f"params-rank{rank}.pt"))
+        info = _describe(trainer, block_calls)
+        _save({"losses": losses, "grad_norms": grad_norms, "info": info},
+              Path(out_dir, f"record-rank{rank}.pt"))
         if rank == 0:
-            _save({"losses": losses, "grad_norms": grad_norms, "wall_s": wall,
-                   "info": _describe(trainer, block_calls)}, Path(out_dir, _RESULT))
+            _save({"losses": losses, "grad_norms": grad_norms, "wall_s": wall, "info": info},
+                  Path(out_dir, _RESULT))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         error = e
     _finish(rank, out_dir, error)

@@ -43,28 +43,20 @@ Runtime on a 2-core machine: 85-170 s depending on load (the compiled run ~25 s)
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from parallel_harness import (
-    _RESULT,
     BASE,
-    DEFAULT_TIMEOUT_S,
     RunError,
-    _config,
-    _finish,
-    _hook_name,
-    _launch,
-    _setup_rank,
     assert_parity,
     compile_with_aot_eager,
     global_batch_overrides,
     make_seed_checkpoint,
     max_param_diff,
+    run_distributed,
     run_single,
     summarize,
 )
@@ -198,81 +190,11 @@ def test_stages_view_names_every_local_block_once():
 
 # =========================================================================== multi-process
 
-def _pp_worker(rank, world_size, port, overrides, steps, out_dir, hook, options) -> None:
-    """Like parallel_harness's worker, but the final parameters are gathered from every
-    pipeline rank's model parts (each rank writes its parts; rank 0 merges)."""
-    error = None
-    try:
-        _setup_rank(rank, world_size, port, hook)
-        import torch.distributed as dist
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        from runtime.train.trainer import Trainer
-
-        trainer = Trainer(_config(overrides, steps, out_dir))
-        torch.set_num_threads(1)
-        losses, grad_norms = [], []
-        train_step = trainer.train_step
-
-        def recording_step(batch):
-            loss, grad_norm = train_step(batch)
-            losses.append(float(loss))
-            grad_norms.append(float(grad_norm))
-            return loss, grad_norm
-
-        trainer.train_step = recording_step
-        start = time.perf_counter()
-        code = trainer.run()
-        wall = time.perf_counter() - start
-        if code != 0:
-            raise RuntimeError(f"Trainer.run() returned {code}")
-        params = {}
-        for part in trainer.model_parts:  # collective over the part's data-parallel mesh
-            state = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True))
-            params.update({k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()})
-        pipe = trainer.pipeline
-        dynamo = sys.modules.get("torch._dynamo.utils")
-        info = {
-            "mesh": trainer.dims.describe(),
-            "grad_accum": trainer.grad_accum,
-            "global_batch": trainer.global_batch,
-            "schedule": type(pipe.schedule).__name__ if pipe else None,
-            "stage_ids": pipe.stage_ids if pipe else None,
-            "microbatches": pipe.microbatches if pipe else None,
-            "layers": [sorted(int(k) for k in part.layers) for part in trainer.model_parts],
-            "fsdp": [hasattr(p, "placements") for p in trainer.model.parameters()][:1],
-            "dynamo_unique_graphs": int(dynamo.counters["stats"]["unique_graphs"]) if dynamo else 0,
-        }
-        torch.save({"losses": losses, "grad_norms": grad_norms, "params": params, "info": info},
-                   Path(out_dir, f"rank{rank}.pt"))
-        if dist.is_initialized():
-            dist.barrier()
-        if rank == 0:
-            ranks = [torch.load(Path(out_dir, f"rank{r}.pt"), weights_only=False)
-                     for r in range(world_size)]
-            merged = {}
-            for r in ranks:
-                merged.update(r["params"])
-            result = {"losses": losses, "grad_norms": grad_norms, "params": merged, "wall_s": wall,
-                      "info": info, "ranks": [{k: r[k] for k in ("losses", "grad_norms", "info")}
-                                              for r in ranks],
-                      "rank_params": [sorted(r["params"]) for r in ranks]}
-            tmp = Path(out_dir, _RESULT + ".tmp")
-            torch.save(result, tmp)
-            os.replace(tmp, Path(out_dir, _RESULT))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        error = e
-    _finish(rank, out_dir, error)
-
-
 def run_pp(world_size: int, overrides: list[str], tmp_path: Path, steps: int = STEPS,
            hook=None) -> dict:
-    out = tmp_path / f"pp-{time.monotonic_ns()}"
-    _launch(world_size, list(overrides), steps, out, _hook_name(hook), DEFAULT_TIMEOUT_S,
-            target=_pp_worker)
-    result = torch.load(out / _RESULT, weights_only=False)
-    result["world_size"] = world_size
-    return result
+    """parallel_harness.run_distributed, keeping the run folder under the test's tmp_path."""
+    return run_distributed(world_size, list(overrides), steps, hook=hook,
+                           out_dir=tmp_path / f"pp-{time.monotonic_ns()}")
 
 
 def _pp(degree: int, schedule: str, dp_shard: int = 1) -> list[str]:

@@ -124,7 +124,9 @@ class Trainer:
         # every local stage): optimizer, optimizer checkpoints, MoE bookkeeping.
         self._all_parts = self.pipeline.view if self.pipeline else model
         self._load_initial_weights()
-        n_params = sum(p.numel() for p in self._all_parts.parameters())
+        # DTensor.numel() is the global size: count the shard this rank actually holds
+        n_params = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
+                       for p in self._all_parts.parameters())
         self.log(f"model {cfg.model.flavor}: {self.model_args.n_layers} layers, "
                  f"{n_params / 1e6:.1f}M parameters on this rank, mesh {self.dims.describe()}, "
                  f"device {self.device}, grad accumulation {self.grad_accum}")
