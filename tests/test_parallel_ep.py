@@ -4,7 +4,11 @@ splits) matches the single-process run on CPU (gloo), alone and with FSDP and CP
 Runs (tiny flavor: 4 experts top-2, seq_len 32, fp32, 3 optimizer steps, global batch 4, one
 seed checkpoint): EP=2 over dp_shard=2 (each rank owns 2 whole experts, no further expert
 sharding); EP=2 over dp_shard=4 (experts also FSDP-sharded over the 2 ranks left, gradient
-divide factor = dp); EP=2 over dp_shard x cp = 1 x 2 (EP borrowing the CP ranks).
+divide factor = dp); EP=2 over dp_shard x cp = 1 x 2 (EP borrowing the CP ranks); with TP=2:
+EP borrowing the TP ranks (etp=1: ep over tp, over dp_shard x tp with FSDP, ep=4 over
+dp_shard 2 x tp 2) and ETP (etp=tp=2: experts on the (ep, tp) mesh, F split over tp).
+The auxiliary balance loss stays off: with ranks routing different tokens it is the mean of
+per-rank losses, not the whole-batch loss (see tests/test_parallel_tp.py).
 Tolerances: parallel_harness.assert_parity defaults (losses 1e-5 relative, parameters
 1e-6 + 1e-5 |ref|); differences are summation order only. Uneven splits are the norm here:
 top-2 routing of 64-128 tokens over 4 experts never splits evenly.
@@ -46,15 +50,31 @@ def test_expert_parallel_matches_single_process(reference, world, extra, dp):
     assert_parity(ref, got), summarize(ref, got)
 
 
-def test_expert_parallel_with_tensor_parallel_is_refused_clearly(reference):
-    from parallel_harness import RunError
+EP = "--parallelism.expert_parallel_degree="
+TP2 = "--parallelism.tensor_parallel_degree=2"
+SHARD = "--parallelism.data_parallel_shard_degree="
+ETP2 = "--parallelism.expert_tensor_parallel_degree=2"
 
-    common, _ = reference
-    with pytest.raises(RunError, match="expert_parallel_degree > 1 together with"):
-        run_distributed(4, common + ["--parallelism.expert_parallel_degree=2",
-                                     "--parallelism.tensor_parallel_degree=2",
-                                     "--parallelism.data_parallel_shard_degree=2"]
-                        + global_batch_overrides(4, 2), steps=1)
+
+@pytest.mark.parametrize("world, extra, dp, expert_placements", [
+    # EP borrowing the TP ranks (etp = 1): each TP rank routes its own sequence shard.
+    (2, [EP + "2", TP2, SHARD + "1"], 1, "(Shard(dim=0),)"),
+    # ... with FSDP: dense params FSDP x TP, experts over ep = tp and FSDP-sharded over the 2
+    # dp ranks (FSDP's dim-0 shard of an already dim-0-sharded tensor is a _StridedShard).
+    (4, [EP + "2", TP2, SHARD + "2"], 2, "(_StridedShard(dim=0, sf=2), Shard(dim=0))"),
+    # ... ep = dp_shard x tp = 4: one whole expert per rank (FSDP over the size-1 rest).
+    (4, [EP + "4", TP2, SHARD + "2"], 2, "(_StridedShard(dim=0, sf=4), Shard(dim=0))"),
+    # ETP (etp = tp): experts over ep = dp_shard and along F over tp (the (ep, tp) mesh;
+    # FSDP adds its size-1 dim).
+    (4, [EP + "2", TP2, SHARD + "2", ETP2], 2,
+     "(_StridedShard(dim=0, sf=2), Shard(dim=0), Shard(dim=1))"),
+], ids=["ep2_borrows_tp2", "fsdp2_tp2_ep2_borrows_tp", "ep4_over_fsdp2_x_tp2", "etp_fsdp2_tp2_ep2"])
+def test_expert_parallel_with_tensor_parallel(reference, world, extra, dp, expert_placements):
+    common, ref = reference
+    got = run_distributed(world, common + extra + global_batch_overrides(4, dp), steps=STEPS)
+    placements = got["info"]["placements"]
+    assert placements["layers.0.moe.experts.mlp1_weight"] == "DTensor" + expert_placements, placements
+    assert_parity(ref, got), summarize(ref, got)
 
 
 def test_expert_parallel_with_compiled_checkpointed_blocks(reference):

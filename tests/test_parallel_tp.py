@@ -96,7 +96,7 @@ def router_grad_not_reduced(rank: int, world_size: int) -> None:
 
     class NoReduce(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, param, only_rank0):
+        def forward(ctx, param, only_rank0, dim=None):
             ctx.spec = (param.device_mesh, param.placements, param.shape, param.stride())
             local = param.to_local()
             if only_rank0 and param.device_mesh.get_local_rank() != 0:
@@ -109,7 +109,7 @@ def router_grad_not_reduced(rank: int, world_size: int) -> None:
 
             mesh, placements, shape, stride = ctx.spec
             return DTensor.from_local(grad.contiguous(), mesh, placements, run_check=False,
-                                      shape=shape, stride=stride), None
+                                      shape=shape, stride=stride), None, None
 
     tp._SumGradOverMesh = NoReduce
 
@@ -124,8 +124,8 @@ def expert_bias_on_every_rank(rank: int, world_size: int) -> None:
 
     class EveryRank(original):
         @staticmethod
-        def forward(ctx, param, only_rank0):
-            return original.forward(ctx, param, False)
+        def forward(ctx, param, only_rank0, dim=None):
+            return original.forward(ctx, param, False, dim)
 
     tp._SumGradOverMesh = EveryRank
 

@@ -222,6 +222,11 @@ class ParallelDims:
         return self.ep // (self.cp * (self.tp if self.etp == 1 else 1))
 
     @property
+    def tp_in_ep(self) -> int:
+        """TP ranks that the EP mesh includes (EP borrowing TP ranks, etp == 1)."""
+        return self.tp if self.ep > 1 and self.etp == 1 else 1
+
+    @property
     def dp_shard_mod_ep(self) -> int:
         """The part of dp_shard over which expert weights are FSDP-sharded."""
         return self.dp_shard // self.dp_shard_in_ep
@@ -260,7 +265,8 @@ class ParallelDims:
         """Derived 1-D meshes, each a flattening of root dims (outer to inner).
 
         dp: data loading; dp_shard_cp: FSDP of dense params; dp_cp: loss/grad-norm
-        reductions; ep: expert all-to-all; dp_shard (with EP): the unsplit FSDP dim.
+        reductions; ep: expert all-to-all; dp_shard (with EP): the unsplit FSDP dim;
+        dp_cp_tp (EP borrowing TP): MoE token counts for the expert-bias update.
         """
         shard = ("dp_shard_mod_ep", "dp_shard_in_ep") if self.ep > 1 else ("dp_shard",)
         out = {
@@ -271,6 +277,8 @@ class ParallelDims:
         if self.ep > 1:
             out["dp_shard"] = shard
             out["ep"] = ("dp_shard_in_ep", "cp") + (("tp",) if self.etp == 1 else ())
+            if self.tp_in_ep > 1:  # MoE load statistics: every rank routing different tokens
+                out["dp_cp_tp"] = ("dp_replicate", *shard, "cp", "tp")
         return out
 
     def build_mesh(self, device_type: str = "cuda") -> "DeviceMesh":

@@ -17,6 +17,8 @@ contribution through the all-to-all, and FSDP then averages them only over the r
 `dp_shard_mod_ep` (x replicate) ranks = dp x cp / ep, so the experts' weight gradients are
 multiplied by 1/ep (`GroupedExperts.grad_scale`; FSDP's own divide factor would need
 PREMUL_SUM, which gloo lacks), making the expert update equal the single-process one.
+When EP borrows the TP ranks, ep = dp_shard_in_ep x cp x tp but the tp ranks of one sample
+hold disjoint tokens of one loss (replicated over tp), so they count once: scale tp / ep.
 """
 
 from __future__ import annotations
@@ -55,15 +57,37 @@ class ExpertParallel:
         return all_to_all_single_autograd(restored, input_splits, output_splits, self.group)
 
 
-def apply_ep(model: nn.Module, ep_mesh) -> None:
-    """Shard every MoE layer's experts on dim 0 over `ep_mesh` and route rows by all-to-all."""
-    from torch.distributed.tensor import Shard, distribute_tensor
+def apply_ep(model: nn.Module, ep_mesh, *, etp_mesh=None, tp_in_ep: int = 1) -> None:
+    """Shard every MoE layer's experts on dim 0 over `ep_mesh` and route rows by all-to-all.
+
+    etp_mesh: the 2-D (ep, tp) mesh for expert tensor parallelism (ETP): experts are then also
+        sharded along their hidden dim F over tp (mlp1 [E, 2F, D] Shard(1), mlp2 [E, D, F]
+        Shard(2)); mlp2_bias is added by TP rank 0 only, since the MoE output is a partial sum
+        over tp (runtime/parallel/tensor_parallel.py). The all-to-all runs over `ep_mesh`.
+    tp_in_ep: how many TP ranks `ep_mesh` includes (EP borrowing TP ranks, etp == 1). Those
+        ranks hold different tokens of the same samples, so they count as one data-parallel
+        rank in the gradient scale below.
+    """
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     ep = ExpertParallel(group=ep_mesh.get_group(), size=ep_mesh.size())
+    mesh, placements = ep_mesh, {name: [Shard(0)] for name in _EXPERT_PARAMS}
+    if etp_mesh is not None:
+        mesh = etp_mesh
+        placements = {"mlp1_weight": [Shard(0), Shard(1)], "mlp1_bias": [Shard(0), Shard(1)],
+                      "mlp2_weight": [Shard(0), Shard(2)], "mlp2_bias": [Shard(0), Replicate()]}
     for block in model.layers.values():
         experts = block.moe.experts
         for name, param in list(experts.named_parameters(recurse=False)):
-            sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)])
+            sharded = distribute_tensor(param.data, mesh, placements[name], src_data_rank=None)
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        if etp_mesh is not None:
+            from runtime.parallel.tensor_parallel import _swap_parameters, sum_grad_over
+
+            tp_dim = etp_mesh.mesh_dim_names[1]
+            _swap_parameters(experts, experts, {"mlp2_bias": sum_grad_over(tp_dim, only_rank0=True)})
         block.moe.expert_parallel = ep
-        experts.grad_scale = 1.0 / ep.size
+        experts.grad_scale = tp_in_ep / ep.size
+
+
+_EXPERT_PARAMS = ("mlp1_weight", "mlp1_bias", "mlp2_weight", "mlp2_bias")

@@ -1,6 +1,6 @@
 """Compose the parallel passes in one readable order.
 
-    quantize (float8/mxfp8) -> TP/SP (+ async TP) -> EP -> CP -> activation checkpointing
+    quantize (float8/mxfp8) -> TP/SP (+ async TP) -> EP (/ETP) -> CP -> activation checkpointing
     -> compile -> FSDP/HSDP/DDP
 
 The model arrives on the meta device and leaves still on meta (the trainer then calls
@@ -25,13 +25,12 @@ class UnsupportedParallelism(ValueError):
     pass
 
 
-def _refuse_unimplemented(dims: ParallelDims) -> None:
-    # Validated by dims.py but not wired yet: say so plainly instead of training wrongly.
-    if dims.ep > 1 and dims.tp > 1:
-        raise UnsupportedParallelism(
-            "parallelism.expert_parallel_degree > 1 together with "
-            "parallelism.tensor_parallel_degree > 1 (EP borrowing TP ranks, ETP) is not "
-            "implemented in this build yet; use EP over data_parallel_shard_degree (x cp)")
+def _moe_mode_under_tp(dims: ParallelDims) -> str:
+    """How the MoE layers run under TP: experts sharded along F over tp (no EP), experts
+    sharded over ep x tp (ETP, etp == tp), or EP taking the TP ranks (etp == 1)."""
+    if dims.ep == 1:
+        return "tensor"
+    return "expert_tensor" if dims.etp_enabled else "sequence"
 
 
 def _data_parallel_mesh(dims: ParallelDims):
@@ -53,7 +52,6 @@ def _experts_data_parallel_mesh(dims: ParallelDims):
 def parallelize(model: nn.Module, dims: ParallelDims, mesh, cfg, device: torch.device) -> nn.Module:
     from runtime.parallel.quantize import apply_quantization, check_async_tp, enable_async_tp
 
-    _refuse_unimplemented(dims)
     check_async_tp(cfg, device)
     if dims.tp > 1 and cfg.compile.enable:
         raise UnsupportedParallelism(
@@ -64,13 +62,15 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, cfg, device: torch.d
     if dims.tp > 1:
         from runtime.parallel.tensor_parallel import apply_tp
 
-        apply_tp(model, dims.get_mesh("tp"), loss_parallel=not cfg.parallelism.disable_loss_parallel)
+        apply_tp(model, dims.get_mesh("tp"), loss_parallel=not cfg.parallelism.disable_loss_parallel,
+                 moe_mode=_moe_mode_under_tp(dims))
         if cfg.parallelism.enable_async_tensor_parallel:  # CUDA + compile: check_async_tp
             enable_async_tp(dims.get_mesh("tp"))
     if dims.ep > 1:
         from runtime.parallel.expert_parallel import apply_ep
 
-        apply_ep(model, dims.get_mesh("ep"))
+        etp = dims.get_mesh(("ep", "tp")) if dims.etp_enabled else None
+        apply_ep(model, dims.get_mesh("ep"), etp_mesh=etp, tp_in_ep=dims.tp_in_ep)
     if dims.cp > 1:
         from runtime.parallel.context_parallel import apply_cp
 

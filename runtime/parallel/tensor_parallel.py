@@ -41,6 +41,20 @@ Parameters that the model reads directly (router gate, experts, sinks) are hande
 forward as local tensors by `_swap_parameters` hooks; they stay registered DTensors (state
 dicts, optimizer, FSDP see the same names and placements).
 
+MoE under TP with expert parallelism (`moe_mode`, chosen by `parallelize` from ep / etp):
+    "tensor"    no EP: the experts are sharded along F over tp as above.
+    "expert_tensor"  ETP (etp == tp): the same token flow (gathered sequence, identical
+                routing on every TP rank, partial outputs reduce-scattered), but the experts
+                are placed by `apply_ep` on the 2-D (ep, tp) mesh: whole experts over ep,
+                F over tp. Each TP rank runs its own all-to-all with the EP ranks of the same
+                TP index; all-to-alls are linear, so partial sums pass through them.
+    "sequence"  EP borrowing the TP ranks (etp == 1): the MoE works on the rank's own
+                sequence shard (no gather, no reduce-scatter): each TP rank routes different
+                tokens and the all-to-all over ep (which includes tp) moves them to whole
+                experts. The router stays a Replicate DTensor whose local gradients (from
+                different tokens) are summed over TP, and the aux loss, computed on each
+                rank's own tokens, is scaled by 1/tp so the summed gradient is their mean.
+
 Not supported yet: TP together with per-block torch.compile (the forward traces, the backward
 fails inside DTensor's redistribute with a plain-tensor gradient at a graph boundary).
 """
@@ -53,8 +67,16 @@ from torch import nn
 __all__ = ["apply_tp"]
 
 
-def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> nn.Module:
-    """Shard `model` (a GptOssModel, usually still on the meta device) over the 1-D `tp_mesh`."""
+MOE_MODES = ("tensor", "expert_tensor", "sequence")
+
+
+def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool, moe_mode: str = "tensor") -> nn.Module:
+    """Shard `model` (a GptOssModel, usually still on the meta device) over the 1-D `tp_mesh`.
+
+    moe_mode: how the MoE layers run under TP (see the module docstring); with "expert_tensor"
+    and "sequence" the experts themselves are left to `apply_ep`."""
+    if moe_mode not in MOE_MODES:
+        raise ValueError(f"moe_mode must be one of {MOE_MODES}, got {moe_mode!r}")
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         RowwiseParallel,
@@ -99,7 +121,10 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> nn.Module:
         # The attention reads its local heads' sinks (eager: the model's own to_local; handing
         # it the local tensor also keeps torch.compile's tracing of the block on plain tensors).
         _swap_parameters(attention, attention, {"sinks": _to_local})
-        _MoETensorParallel(tp_mesh).apply(block.moe)
+        if moe_mode == "sequence":
+            _MoESequenceParallel(tp_mesh).apply(block.moe)
+        else:
+            _MoETensorParallel(tp_mesh, shard_experts=moe_mode == "tensor").apply(block.moe)
     return model
 
 
@@ -117,17 +142,20 @@ def _to_local(param):
 
 
 class _SumGradOverMesh(torch.autograd.Function):
-    """Replicate DTensor parameter -> its local tensor for a rank-local computation whose
-    gradient on each rank is only a partial sum; backward all-reduces (sums) the local
-    gradients over the mesh and hands back a Replicate DTensor gradient.
+    """DTensor parameter -> its local tensor for a rank-local computation whose gradient on
+    each rank is only a partial sum over the mesh dim `dim` (where the parameter is
+    Replicate); backward all-reduces (sums) the local gradients over that dim and hands back
+    a gradient with the parameter's placements.
 
-    only_rank0=True: the local value is the parameter on mesh rank 0 and zeros elsewhere (a
-    bias added to a partial sum must be counted once); its gradient is then rank 0's."""
+    only_rank0=True: the local value is the parameter on rank 0 of `dim` and zeros elsewhere
+    (a bias added to a partial sum must be counted once); its gradient is then rank 0's."""
 
     @staticmethod
-    def forward(ctx, param, only_rank0: bool):
-        ctx.spec = (param.device_mesh, param.placements, param.shape, param.stride())
-        ctx.zero_here = only_rank0 and param.device_mesh.get_local_rank() != 0
+    def forward(ctx, param, only_rank0: bool, dim: str | None = None):
+        mesh = param.device_mesh
+        index = 0 if dim is None else mesh.mesh_dim_names.index(dim)
+        ctx.spec = (mesh, param.placements, param.shape, param.stride(), index)
+        ctx.zero_here = only_rank0 and mesh.get_local_rank(index) != 0
         local = param.to_local()
         return torch.zeros_like(local) if ctx.zero_here else local.view_as(local)
 
@@ -135,12 +163,19 @@ class _SumGradOverMesh(torch.autograd.Function):
     def backward(ctx, grad):
         from torch.distributed.tensor import DTensor, Partial
 
-        mesh, placements, shape, stride = ctx.spec
+        mesh, placements, shape, stride, index = ctx.spec
         if ctx.zero_here:
             grad = torch.zeros_like(grad)
-        partial = DTensor.from_local(grad.contiguous(), mesh, [Partial()], run_check=False,
+        partial_placements = list(placements)
+        partial_placements[index] = Partial()
+        partial = DTensor.from_local(grad.contiguous(), mesh, partial_placements, run_check=False,
                                      shape=shape, stride=stride)
-        return partial.redistribute(mesh, placements), None
+        return partial.redistribute(mesh, placements), None, None
+
+
+def sum_grad_over(dim: str | None = None, only_rank0: bool = False):
+    """A `_swap_parameters` substitute: the local tensor whose gradient is summed over `dim`."""
+    return lambda param: _SumGradOverMesh.apply(param, only_rank0, dim)
 
 
 class _swap_parameters:
@@ -168,36 +203,41 @@ class _swap_parameters:
             self.target._parameters[name] = param
 
 
-class _MoETensorParallel:
-    """MoE under TP without EP (see the module docstring)."""
+def _replicate_router(router: nn.Module, mesh) -> None:
+    """Router gate weight/bias as Replicate DTensors whose local gradients are summed over TP
+    (swapped in around the router's forward, which reads them directly)."""
+    from torch.distributed.tensor import Replicate
 
-    def __init__(self, tp_mesh):
+    gate = router.gate
+    names = [n for n in ("weight", "bias") if gate._parameters.get(n) is not None]
+    for name in names:
+        setattr(gate, name, _distributed_parameter(getattr(gate, name), mesh, [Replicate()]))
+    _swap_parameters(router, gate, {name: sum_grad_over() for name in names})
+
+
+class _MoETensorParallel:
+    """MoE under TP (no EP, or ETP): see the module docstring.
+
+    shard_experts=False (ETP): the experts are placed by `apply_ep` on the (ep, tp) mesh."""
+
+    def __init__(self, tp_mesh, shard_experts: bool = True):
         self.mesh = tp_mesh
         self.size = tp_mesh.size()
+        self.shard_experts = shard_experts
 
     def apply(self, moe: nn.Module) -> None:
         from torch.distributed.tensor import Replicate, Shard
 
-        mesh = self.mesh
-        gate = moe.router.gate
-        for name in ("weight", "bias"):
-            if getattr(gate, name) is not None:
-                setattr(gate, name, _distributed_parameter(getattr(gate, name), mesh, [Replicate()]))
-        experts = moe.experts
-        for name, placement in (("mlp1_weight", Shard(1)), ("mlp1_bias", Shard(1)),
-                                ("mlp2_weight", Shard(2)), ("mlp2_bias", Replicate())):
-            setattr(experts, name, _distributed_parameter(getattr(experts, name), mesh, [placement]))
-
-        def reduce_grad(p):
-            return _SumGradOverMesh.apply(p, False)
-
-        def rank0_only(p):
-            return _SumGradOverMesh.apply(p, True)
-
-        _swap_parameters(moe.router, gate, {name: reduce_grad for name in ("weight", "bias")
-                                            if gate._parameters.get(name) is not None})
-        _swap_parameters(experts, experts, {"mlp1_weight": _to_local, "mlp1_bias": _to_local,
-                                            "mlp2_weight": _to_local, "mlp2_bias": rank0_only})
+        _replicate_router(moe.router, self.mesh)
+        if self.shard_experts:
+            experts = moe.experts
+            for name, placement in (("mlp1_weight", Shard(1)), ("mlp1_bias", Shard(1)),
+                                    ("mlp2_weight", Shard(2)), ("mlp2_bias", Replicate())):
+                setattr(experts, name,
+                        _distributed_parameter(getattr(experts, name), self.mesh, [placement]))
+            _swap_parameters(experts, experts, {
+                "mlp1_weight": _to_local, "mlp1_bias": _to_local, "mlp2_weight": _to_local,
+                "mlp2_bias": sum_grad_over(only_rank0=True)})
         moe.register_forward_pre_hook(self._gather_input)
         moe.register_forward_hook(self._reduce_scatter_output)
 
@@ -220,3 +260,31 @@ class _MoETensorParallel:
         moe.aux_loss_scale = moe.__dict__.pop("_tp_saved_aux_scale")
         partial = DTensor.from_local(out, self.mesh, [Partial()], run_check=False)
         return partial.redistribute(self.mesh, [Shard(1)]).to_local()
+
+
+class _MoESequenceParallel:
+    """MoE under TP when EP borrows the TP ranks (etp == 1): each rank routes its own sequence
+    shard and the expert all-to-all (over an ep mesh that includes tp) does the rest."""
+
+    def __init__(self, tp_mesh):
+        self.mesh = tp_mesh
+        self.size = tp_mesh.size()
+
+    def apply(self, moe: nn.Module) -> None:
+        _replicate_router(moe.router, self.mesh)
+        moe.register_forward_pre_hook(self._local_input)
+        moe.register_forward_hook(self._restore_aux_scale)
+
+    def _local_input(self, moe, args):
+        from torch.distributed.tensor import DTensor
+
+        (x,) = args
+        # Each TP rank's aux loss sees its own tokens; the router gradient is summed over TP,
+        # so 1/tp makes it the mean (as data-parallel ranks average theirs).
+        moe._tp_saved_aux_scale = moe.aux_loss_scale
+        moe.aux_loss_scale = moe.aux_loss_scale / self.size
+        return (x.to_local() if isinstance(x, DTensor) else x,)  # [B, S/tp, D]
+
+    def _restore_aux_scale(self, moe, args, out):
+        moe.aux_loss_scale = moe.__dict__.pop("_tp_saved_aux_scale")
+        return out

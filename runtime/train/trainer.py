@@ -181,6 +181,13 @@ class Trainer:
             return None
         return self.dims.get_mesh("dp_cp").get_group()
 
+    def _routing_group(self):
+        """All ranks that route different tokens: the token group, and the TP ranks too when
+        EP borrows them (each TP rank then routes its own sequence shard)."""
+        if self.mesh is not None and self.dims.tp_in_ep > 1:
+            return self.dims.get_mesh("dp_cp_tp").get_group()
+        return self._token_group()
+
     # ------------------------------------------------------------------ one step
     def _forward_backward(self, micro: dict, loss_scale: float) -> torch.Tensor:
         if self.pipeline is not None:  # the schedule runs every stage's forward and backward
@@ -265,7 +272,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
-        update_expert_bias(self._all_parts, self._token_group())  # every stage's layers
+        update_expert_bias(self._all_parts, self._routing_group())  # every stage's layers
         self.tokens_seen += self.global_batch * self.cfg.training.seq_len
         return loss, grad_norm, lr
 
