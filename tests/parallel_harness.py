@@ -40,7 +40,8 @@ A result is a dict:
                 that drifted apart (assert_parity requires <= param_atol)
     info        what rank 0 really ran: mesh, grad_accum, global_batch, per-layer
                 activation_checkpoint, block_calls, dynamo_unique_graphs, placements, fsdp_mesh,
-                fsdp; under pipeline parallelism also schedule, stage_ids, microbatches, layers
+                fsdp; under pipeline parallelism also schedule, stage_ids, microbatches, layers,
+                ep_overlap (DualPipeV x EP: overlapped actions, hand-overs, turn order)
     ranks       [{losses, grad_norms, info}] of every rank (pipeline ranks each report theirs)
     world_size  int;  wall_s  float (seconds in the workers, excluding process start)
 
@@ -56,6 +57,7 @@ deliberately broken parallel path to see each test fail, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -426,9 +428,12 @@ def _describe_pipeline(trainer) -> dict[str, Any]:
     pipe = getattr(trainer, "pipeline", None)
     if pipe is None:
         return {}
+    overlap = getattr(pipe, "ep_overlap", None)
     return {"schedule": type(pipe.schedule).__name__, "stage_ids": pipe.stage_ids,
             "microbatches": pipe.microbatches,
-            "layers": [sorted(int(k) for k in part.layers) for part in _model_parts(trainer)]}
+            "layers": [sorted(int(k) for k in part.layers) for part in _model_parts(trainer)],
+            # DualPipeV x EP overlap: dualpipe_overlap.OverlapStats as a dict, None when off.
+            "ep_overlap": None if overlap is None else dataclasses.asdict(overlap.stats)}
 
 
 def _save(obj: Any, path: Path) -> None:

@@ -19,7 +19,13 @@ every run), each against the single-process run on the same global batch:
   the auxiliary balance loss (coefficient 0.01) under 1F1B, against a reference that
   accumulates the same 4 micro-batches (the switch loss is per forward and not linear in the
   batch, so it is only the same loss on the same micro-batches);
-  a PP x FSDP checkpoint (step 2) resumed by one process without PP: its step 3 matches.
+  a PP x FSDP checkpoint (step 2) resumed by one process without PP: its step 3 matches;
+  DualPipeV x EP with the all-to-all overlap (runtime/parallel/dualpipe_overlap.py):
+  2 pp x 2 cp with EP 2 over the CP ranks (4 layers), and 2 pp x 2 dp_shard with EP 2 over
+  FSDP (8 layers cut 2, 3, 2, 1, global batch 8 against its own reference); each rank
+  reports that all its OVERLAP_F_B actions (3 per step) went through the overlap with the
+  turn alternating F, B, F, B at the all-to-alls; the same run with
+  `pipeline_parallel_overlap_ep=false` is bit-identical (losses, grad norms, parameters).
 Every run uses pipeline microbatch size 1 (4 microbatches per step, 2 with accumulation or
 dp 2), document masking (document_ids reach every stage as a keyword argument) and the
 aux-loss-free expert bias (a persistent buffer, compared with the parameters: it checks that
@@ -38,7 +44,8 @@ schedule's shape-inference forward out of the MoE token counts (expert bias off 
 weights by 4e-3); the parity check rejects both. Splitting wrongly (stages given each
 other's layers) was also seen to fail every parity test (loss off by 3e-4 at step 1).
 
-Runtime on a 2-core machine: 85-170 s depending on load (the compiled run ~25 s).
+Runtime on a 2-core machine: 120-220 s depending on load (the compiled run ~25 s, the
+three DualPipeV x EP overlap runs ~35-50 s).
 """
 
 from __future__ import annotations
@@ -342,6 +349,72 @@ def test_aux_loss_matches_accumulated_reference(seeds, references, tmp_path):
                  tmp_path)
     _check_run("1F1B aux loss", ref, got, schedule="Schedule1F1B", stages_per_rank=1, pp=2,
                n_layers=4, microbatches=4)
+
+
+# --------------------------------------------------------------------------- DualPipeV x EP overlap
+
+# pp 2 x cp 2 = 4 ranks with EP 2 over the CP ranks: each OVERLAP_F_B action's forward and
+# backward roles both issue EP all-to-alls and CP all-gathers on the same groups.
+EP_OVER_CP = _pp(2, "DualPipeV") + ["--parallelism.context_parallel_degree=2",
+                                    "--parallelism.expert_parallel_degree=2"]
+OVERLAP_OFF = ["--parallelism.pipeline_parallel_overlap_ep=false"]
+
+
+def _check_overlap_ran(got, per_step: int = 3) -> None:
+    """Every rank ran its OVERLAP_F_B actions (3 per step with pp 2 and 4 microbatches)
+    through the overlap, and the turn always went F, B, F, B, ... at the all-to-alls."""
+    for record in got["ranks"]:
+        stats = record["info"]["ep_overlap"]
+        assert stats is not None, "the DualPipeV EP overlap was not engaged"
+        assert stats["actions"] == per_step * STEPS, stats
+        assert stats["always_alternated"], stats
+        assert min(stats["hand_overs"].values()) >= stats["actions"], stats
+        trace = stats["last_trace"]
+        assert trace[:2] == ["F:after_dispatch", "B:before_combine"], trace
+
+
+@pytest.fixture(scope="module")
+def ep_overlap_run(seeds, tmp_path_factory):
+    return run_pp(4, seeds[4] + EP_OVER_CP + global_batch_overrides(GLOBAL_BATCH, 1),
+                  tmp_path_factory.mktemp("ep-overlap"))
+
+
+@OLD_GLOO_V
+def test_dualpipev_ep_overlap_matches_single_process(ep_overlap_run, references):
+    got = ep_overlap_run
+    _check_overlap_ran(got)
+    assert "ep=2" in got["info"]["mesh"] and "cp=2" in got["info"]["mesh"]
+    _check_run("DualPipeV x EP 2 (over CP 2), overlapped", references[4], got,
+               schedule="ScheduleDualPipeV", stages_per_rank=2, pp=2, n_layers=4, microbatches=4)
+
+
+@OLD_GLOO_V
+def test_dualpipev_ep_overlap_off_gives_identical_numbers(ep_overlap_run, references, seeds,
+                                                          tmp_path):
+    """The interleaving changes no arithmetic: the run without it is bit-identical."""
+    off = run_pp(4, seeds[4] + EP_OVER_CP + OVERLAP_OFF + global_batch_overrides(GLOBAL_BATCH, 1),
+                 tmp_path)
+    assert all(r["info"]["ep_overlap"] is None for r in off["ranks"])
+    assert_parity(references[4], off, what="DualPipeV x EP, overlap off")
+    assert off["losses"] == ep_overlap_run["losses"]
+    assert off["grad_norms"] == ep_overlap_run["grad_norms"]
+    assert max_param_diff(ep_overlap_run, off) == ("", 0.0)
+
+
+@OLD_GLOO_V
+def test_dualpipev_ep_overlap_with_fsdp_and_uneven_stages(seeds, tmp_path):
+    """pp 2 x dp_shard 2 = 4 ranks, EP 2 over dp_shard (FSDP all-gathers / reduce-scatters
+    inside both roles), 8 layers cut 2, 3, 2, 1: the two stages of a rank have different
+    numbers of MoE layers, so one role runs out of hand-over points first. Global batch 8
+    (DualPipeV needs 4 microbatches per dp rank)."""
+    batch = global_batch_overrides(8, 2)
+    ref = run_single(seeds[8] + global_batch_overrides(8, 1), STEPS)
+    got = run_pp(4, seeds[8] + _pp(2, "DualPipeV", dp_shard=2)
+                 + ["--parallelism.expert_parallel_degree=2"] + batch, tmp_path)
+    _check_overlap_ran(got)
+    assert got["info"]["fsdp"] == [True]
+    _check_run("DualPipeV x FSDP 2 x EP 2, overlapped", ref, got, schedule="ScheduleDualPipeV",
+               stages_per_rank=2, pp=2, n_layers=8, microbatches=4)
 
 
 # --------------------------------------------------------------------------- the checks can fail

@@ -23,6 +23,7 @@ hold disjoint tokens of one loss (replicated over tp), so they count once: scale
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,11 +35,18 @@ from torch import nn
 class ExpertParallel:
     group: dist.ProcessGroup
     size: int
+    # DualPipeV's EP overlap (dualpipe_overlap.py) sets this: the rows pass through it right
+    # before and after each all-to-all, where its forward and backward roles hand over.
+    sync_point: Callable[[torch.Tensor, str], torch.Tensor] | None = None
+
+    def _sync(self, t: torch.Tensor, where: str) -> torch.Tensor:
+        return t if self.sync_point is None else self.sync_point(t, where)
 
     def run(self, experts: nn.Module, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [N, D] sorted by global expert, counts [E] -> expert outputs [N, D], same order."""
         from torch.distributed._functional_collectives import all_to_all_single_autograd
 
+        rows = self._sync(rows, "before_dispatch")
         send_counts = counts.view(self.size, -1)  # [ep, E_local]
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.group)
@@ -46,6 +54,7 @@ class ExpertParallel:
         output_splits = recv_counts.sum(1).tolist()
         received = all_to_all_single_autograd(rows.contiguous(), output_splits, input_splits,
                                               self.group)  # [M, D]
+        received = self._sync(received, "after_dispatch")
 
         num_local = send_counts.shape[1]
         segment_expert = torch.arange(num_local, device=rows.device).repeat(self.size)  # [ep*E_local]
@@ -54,7 +63,9 @@ class ExpertParallel:
         order = torch.argsort(row_expert, stable=True)
         out = experts(received[order], recv_counts.sum(0))  # [M, D] grouped by local expert
         restored = torch.empty_like(out).index_copy_(0, order, out)  # back to (source, expert)
-        return all_to_all_single_autograd(restored, input_splits, output_splits, self.group)
+        restored = self._sync(restored, "before_combine")
+        combined = all_to_all_single_autograd(restored, input_splits, output_splits, self.group)
+        return self._sync(combined, "after_combine")
 
 
 def apply_ep(model: nn.Module, ep_mesh, *, etp_mesh=None, tp_in_ep: int = 1) -> None:

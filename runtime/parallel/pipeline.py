@@ -43,10 +43,13 @@ MoE load balancing: each stage's blocks count their own routed tokens; the train
 schedules' one-off metadata (shape) inference runs an extra forward on dummy inputs at the
 first step; `_protect_moe_statistics` undoes its effect on the token counts.
 
-DualPipeV runs as torch implements it (OVERLAP_F_B actions execute their forward and
-backward sub-actions one after the other). Overlapping the expert-parallel all-to-all with
-the other microbatch's compute needs expert parallelism, which this build does not have
-yet: the hook for it is `schedule.register_custom_function(OVERLAP_F_B, ...)`.
+DualPipeV: torch runs an OVERLAP_F_B action's forward and backward sub-actions one after
+the other. With expert parallelism (ep > 1) and `parallelism.pipeline_parallel_overlap_ep`
+(default true), `dualpipe_overlap.EPOverlap` is registered for OVERLAP_F_B instead: the
+forward and the backward run as two roles taking turns at the MoE layers' all-to-alls, so
+that one microbatch's all-to-all is in flight while the other computes (same numbers as
+without it; see that module for the hand-over protocol and why it cannot deadlock).
+`self.ep_overlap` (None when off) counts what it did.
 """
 
 from __future__ import annotations
@@ -292,6 +295,22 @@ class PipelineParallel:
                 f"(training.local_batch_size / parallelism.pipeline_parallel_microbatch_size) and "
                 f"{self.num_stages} stages over pipeline_parallel_degree {dims.pp}: {err}") from err
         self._step_accepts_return_outputs = _accepts(self.schedule.step, "return_outputs")
+        self.ep_overlap = self._maybe_overlap_ep(dims, p.pipeline_parallel_overlap_ep)
+
+    def _maybe_overlap_ep(self, dims: ParallelDims, enabled: bool):
+        """DualPipeV x EP: run OVERLAP_F_B actions with the all-to-all overlap (module doc)."""
+        if not (enabled and self.schedule_name == "DualPipeV" and dims.ep > 1):
+            return None
+        from runtime.parallel import dualpipe_overlap
+
+        if not dualpipe_overlap.supports_custom_overlap(self.schedule):
+            raise ParallelismError(
+                f"parallelism.pipeline_parallel_overlap_ep needs OVERLAP_F_B custom functions, "
+                f"which torch {torch.__version__} lacks; set it to false or upgrade torch")
+        # Outputs are kept only where step() would return them (we pass return_outputs=False).
+        return dualpipe_overlap.enable_ep_overlap(
+            self.schedule, self.model_parts, self.device,
+            save_forward_output=not self._step_accepts_return_outputs)
 
     def _scaled_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._loss_fn(output, target) * self._loss_scale

@@ -224,6 +224,8 @@ class ParallelismSection:
     pipeline_parallel_microbatch_size: int = _opt(1, check=_positive)
     pipeline_parallel_layers_per_stage: int = _opt(-1, check=_auto_or_positive,
                                                    help="-1: split layers evenly over stages")
+    pipeline_parallel_overlap_ep: bool = _opt(
+        True, help="DualPipeV with EP: overlap all-to-alls with the other microbatch")
     enable_async_tensor_parallel: bool = _opt(False, help="needs compile.enable and CUDA")
     disable_loss_parallel: bool = _opt(False, help="gather logits before the loss under TP")
     fsdp_reshard_after_forward: str = _opt("default", choices=("default", "always", "never"))
