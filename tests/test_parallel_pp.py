@@ -322,6 +322,20 @@ def test_split_backward_schedule_with_compiled_blocks(seeds, tmp_path):
                pp=2, n_layers=4, microbatches=4)
 
 
+def test_pp_with_ep_and_compiled_blocks(seeds, references, tmp_path):
+    """2 pp x 2 dp_shard with EP 2 and per-block compile (aot_eager): the expert weights
+    reach the compiled block as DTensors (FSDP x EP) and must be unwrapped there (a
+    `hasattr(t, "to_local")` test traced as False under dynamo here: "mixed torch.Tensor and
+    DTensor")."""
+    got = run_pp(4, seeds[4] + _pp(2, "1F1B", dp_shard=2)
+                 + ["--parallelism.expert_parallel_degree=2", "--compile.enable=true"]
+                 + global_batch_overrides(GLOBAL_BATCH, 2), tmp_path, hook=compile_with_aot_eager)
+    assert got["info"]["dynamo_unique_graphs"] > 0, "torch.compile was not engaged"
+    assert "ep=2" in got["info"]["mesh"]
+    _check_run("1F1B x FSDP 2 x EP 2 compiled", references[4], got, schedule="Schedule1F1B",
+               stages_per_rank=1, pp=2, n_layers=4, microbatches=2)
+
+
 def test_pp_checkpoint_resumes_on_one_process(seeds, references, tmp_path):
     """Interleaved1F1B x FSDP 2 (4 ranks; each rank holds 2 stages under one optimizer, all
     sharded) saves after 2 steps; one process without PP or FSDP resumes from it (model,

@@ -130,7 +130,9 @@ class _ScaleGrad(torch.autograd.Function):
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The rank-local tensor of a DTensor parameter (expert/tensor parallel); identity otherwise."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class _AddAuxiliaryLoss(torch.autograd.Function):
