@@ -73,8 +73,8 @@ def apply_ep(model: nn.Module, ep_mesh, *, etp_mesh=None, tp_in_ep: int = 1) -> 
 
     etp_mesh: the 2-D (ep, tp) mesh for expert tensor parallelism (ETP): experts are then also
         sharded along their hidden dim F over tp (mlp1 [E, 2F, D] Shard(1), mlp2 [E, D, F]
-        Shard(2)); mlp2_bias is added by TP rank 0 only, since the MoE output is a partial sum
-        over tp (runtime/parallel/tensor_parallel.py). The all-to-all runs over `ep_mesh`.
+        Shard(2)); mlp2_bias is added as mlp2_bias/tp by every TP rank, since the MoE output
+        is a partial sum over tp (runtime/parallel/tensor_parallel.py). The all-to-all runs over `ep_mesh`.
     tp_in_ep: how many TP ranks `ep_mesh` includes (EP borrowing TP ranks, etp == 1). Those
         ranks hold different tokens of the same samples, so they count as one data-parallel
         rank in the gradient scale below.
@@ -96,7 +96,7 @@ def apply_ep(model: nn.Module, ep_mesh, *, etp_mesh=None, tp_in_ep: int = 1) -> 
             from runtime.parallel.tensor_parallel import _swap_parameters, sum_grad_over
 
             tp_dim = etp_mesh.mesh_dim_names[1]
-            _swap_parameters(experts, experts, {"mlp2_bias": sum_grad_over(tp_dim, only_rank0=True)})
+            _swap_parameters(experts, experts, {"mlp2_bias": sum_grad_over(tp_dim, count_once=True)})
         block.moe.expert_parallel = ep
         experts.grad_scale = tp_in_ep / ep.size
 

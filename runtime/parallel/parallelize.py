@@ -53,10 +53,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, cfg, device: torch.d
     from runtime.parallel.quantize import apply_quantization, check_async_tp, enable_async_tp
 
     check_async_tp(cfg, device)
-    if dims.tp > 1 and cfg.compile.enable:
-        raise UnsupportedParallelism(
-            "parallelism.tensor_parallel_degree > 1 with compile.enable=true is not supported yet "
-            "(DTensor backward fails inside compiled blocks); disable one of them")
     # Float8 / MXFP8 module swaps on the meta model, before TP/EP/FSDP (quantize.py).
     apply_quantization(model, cfg, device, dims)
     if dims.tp > 1:

@@ -26,8 +26,9 @@ a replicated router; each rank computes its slice F/tp of every expert's hidden 
         chunk has 2F/tp (even) columns starting at an even index, so rank r holds exactly the
         (gate, linear) pairs of hidden units [r*F/tp, (r+1)*F/tp), matching mlp2's chunk;
     mlp1_bias Shard(1) alike; mlp2 [E, D, F] Shard(2);
-    mlp2_bias Replicate, added by TP rank 0 only (every rank's output is a partial sum that
-        the reduce-scatter adds up: adding the bias on every rank would count it tp times).
+    mlp2_bias Replicate, added as mlp2_bias/tp by every TP rank (every rank's output is a
+        partial sum that the reduce-scatter adds up: the whole bias on every rank would count
+        it tp times; not the whole bias on rank 0 only: see `_SumGradOverMesh`).
 The MoE output on a rank is therefore a *partial* sum (Partial placement), and so is every
 gradient that flows back out of the MoE from that rank: into the router (the routing
 weights multiply partial expert outputs) and into the MoE input. Hence:
@@ -55,8 +56,10 @@ MoE under TP with expert parallelism (`moe_mode`, chosen by `parallelize` from e
                 different tokens) are summed over TP, and the aux loss, computed on each
                 rank's own tokens, is scaled by 1/tp so the summed gradient is their mean.
 
-Not supported yet: TP together with per-block torch.compile (the forward traces, the backward
-fails inside DTensor's redistribute with a plain-tensor gradient at a graph boundary).
+Per-block torch.compile (compile.py) traces the block with its TP hooks inside; the only
+DTensor/async value that crosses into a compiled block from eager code is the embedding
+output, which `_wait_async_output` turns from an AsyncCollectiveTensor into a plain tensor
+(see there: compiled regions drop the gradient of ACT inputs).
 """
 
 from __future__ import annotations
@@ -99,6 +102,9 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool, moe_mode: str = "te
             use_local_output=not loss_parallel)
     if plan:
         parallelize_module(model, tp_mesh, plan)
+    if model.tok_embeddings is not None:
+        # After RowwiseParallel's output hook (hooks run in registration order).
+        model.tok_embeddings.register_forward_hook(_wait_async_output)
 
     for block in model.layers.values():
         a = block.attention
@@ -128,6 +134,37 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool, moe_mode: str = "te
     return model
 
 
+class _WaitAsyncCollective(torch.autograd.Function):
+    """AsyncCollectiveTensor -> a plain tensor with the finished collective's result;
+    identity gradient (the autograd edge to the collective's producer is kept)."""
+
+    @staticmethod
+    def forward(ctx, act):
+        out = act.trigger_wait()
+        return out.view_as(out)  # a fresh tensor: autograd metadata goes on it, not on act.elem
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _wait_async_output(module, args, out):
+    """Forward hook on tok_embeddings. RowwiseParallel reduce-scatters the embedding output
+    with async_op=True and hands on `to_local()` of it: an AsyncCollectiveTensor (ACT), which
+    becomes the input of the first transformer block. Under per-block torch.compile that is
+    a compiled-graph input, and AOTAutograd (torch >= 2.12, pytorch#179849) replaces ACT
+    inputs by their waited inner tensor, which has no autograd history: the gradient into
+    the embeddings is dropped (None), and DTensor's Redistribute backward then receives a
+    zero-filled plain tensor ("'Tensor' object has no attribute '_local_tensor'"); upstream
+    fix proposal pytorch#191113. Waiting here, differentiably, hands every compiled block a
+    plain tensor (eager: the wait happens at block 0's first op anyway)."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    if isinstance(out, AsyncCollectiveTensor):
+        return _WaitAsyncCollective.apply(out)
+    return out
+
+
 def _distributed_parameter(param: nn.Parameter, mesh, placements) -> nn.Parameter:
     from torch.distributed.tensor import distribute_tensor
 
@@ -147,25 +184,31 @@ class _SumGradOverMesh(torch.autograd.Function):
     Replicate); backward all-reduces (sums) the local gradients over that dim and hands back
     a gradient with the parameter's placements.
 
-    only_rank0=True: the local value is the parameter on rank 0 of `dim` and zeros elsewhere
-    (a bias added to a partial sum must be counted once); its gradient is then rank 0's."""
+    count_once=True: the local value is the parameter divided by the size of `dim` (a bias
+    added to a partial sum must be counted once over those ranks); its summed gradient is
+    then the mean of the ranks' (identical) gradients. Not "the parameter on rank 0, zeros
+    elsewhere": under torch.compile the other ranks' backward all-reduce of a zero gradient
+    does not depend on the incoming gradient, so inductor's partitioner hoists it into the
+    *forward* graph there, while rank 0 runs it in backward: the ranks' collectives no longer
+    match (gloo: "Received data size doesn't match expected size"; NCCL would hang). Scaling
+    keeps one program on every rank."""
 
     @staticmethod
-    def forward(ctx, param, only_rank0: bool, dim: str | None = None):
+    def forward(ctx, param, count_once: bool, dim: str | None = None):
         mesh = param.device_mesh
         index = 0 if dim is None else mesh.mesh_dim_names.index(dim)
         ctx.spec = (mesh, param.placements, param.shape, param.stride(), index)
-        ctx.zero_here = only_rank0 and mesh.get_local_rank(index) != 0
+        ctx.scale = 1.0 / mesh.size(index) if count_once else 1.0
         local = param.to_local()
-        return torch.zeros_like(local) if ctx.zero_here else local.view_as(local)
+        return local * ctx.scale if count_once else local.view_as(local)
 
     @staticmethod
     def backward(ctx, grad):
         from torch.distributed.tensor import DTensor, Partial
 
         mesh, placements, shape, stride, index = ctx.spec
-        if ctx.zero_here:
-            grad = torch.zeros_like(grad)
+        if ctx.scale != 1.0:
+            grad = grad * ctx.scale
         partial_placements = list(placements)
         partial_placements[index] = Partial()
         partial = DTensor.from_local(grad.contiguous(), mesh, partial_placements, run_check=False,
@@ -173,9 +216,9 @@ class _SumGradOverMesh(torch.autograd.Function):
         return partial.redistribute(mesh, placements), None, None
 
 
-def sum_grad_over(dim: str | None = None, only_rank0: bool = False):
+def sum_grad_over(dim: str | None = None, count_once: bool = False):
     """A `_swap_parameters` substitute: the local tensor whose gradient is summed over `dim`."""
-    return lambda param: _SumGradOverMesh.apply(param, only_rank0, dim)
+    return lambda param: _SumGradOverMesh.apply(param, count_once, dim)
 
 
 class _swap_parameters:
@@ -237,7 +280,7 @@ class _MoETensorParallel:
                         _distributed_parameter(getattr(experts, name), self.mesh, [placement]))
             _swap_parameters(experts, experts, {
                 "mlp1_weight": _to_local, "mlp1_bias": _to_local, "mlp2_weight": _to_local,
-                "mlp2_bias": sum_grad_over(only_rank0=True)})
+                "mlp2_bias": sum_grad_over(count_once=True)})
         moe.register_forward_pre_hook(self._gather_input)
         moe.register_forward_hook(self._reduce_scatter_output)
 
