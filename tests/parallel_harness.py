@@ -179,22 +179,23 @@ def _merge_rank_params(out_dir: Path, world_size: int) -> tuple[dict, tuple[str,
 # --------------------------------------------------------------------------- hooks
 
 def compile_with_aot_eager(rank: int, world_size: int) -> None:
-    """Hook: `nn.Module.compile` defaults to backend="aot_eager" in this rank. The trainer's
-    per-block compile then runs dynamo tracing and AOTAutograd (joint graph, functionalised
-    backward) exactly as with inductor, minus inductor's C++ code generation, which takes
-    over a minute per run on a small CPU. The config has no backend key, hence a hook."""
-    from torch import nn
+    """Hook: `torch.compile` (and so `nn.Module.compile`) defaults to backend="aot_eager" in
+    this rank. The trainer's compile (whole blocks, or regional parts and the experts' math)
+    then runs dynamo tracing and AOTAutograd (joint graph, functionalised backward) exactly
+    as with inductor, minus inductor's C++ code generation, which takes over a minute per
+    run on a small CPU. The config has no backend key, hence a hook."""
+    import torch
 
-    original = nn.Module.compile
+    original = torch.compile
     if getattr(original, "_parity_aot_eager", False):
         return
 
-    def compile(self, *args, **kwargs):
+    def compile(*args, **kwargs):
         kwargs.setdefault("backend", "aot_eager")
-        return original(self, *args, **kwargs)
+        return original(*args, **kwargs)
 
     compile._parity_aot_eager = True
-    nn.Module.compile = compile
+    torch.compile = compile
 
 
 # --------------------------------------------------------------------------- comparison

@@ -78,8 +78,9 @@ def test_expert_parallel_with_tensor_parallel(reference, world, extra, dp, exper
 
 
 def test_expert_parallel_with_compiled_checkpointed_blocks(reference):
-    """The shipped 20b/120b configs combine EP with per-block compile and full AC: the host
-    sync for the all-to-all split sizes is a graph break, not an error (aot_eager backend)."""
+    """The shipped 20b/120b configs combine EP with compile and full AC: compile is regional
+    (the block's parts inside the checkpoint), since the all-to-all split sizes' host sync
+    would otherwise make dynamo run the checkpointed block eagerly (aot_eager backend)."""
     from parallel_harness import compile_with_aot_eager
 
     common, ref = reference
@@ -87,4 +88,31 @@ def test_expert_parallel_with_compiled_checkpointed_blocks(reference):
                                        "--parallelism.data_parallel_shard_degree=2",
                                        "--compile.enable=true", "--activation_checkpoint.mode=full"]
                           + global_batch_overrides(4, 2), steps=STEPS, hook=compile_with_aot_eager)
+    # Regional compile under AC: the all-to-all's host sync no longer disables compile.
+    assert got["info"]["dynamo_unique_graphs"] > 0, "torch.compile was not engaged"
+    assert_parity(ref, got), summarize(ref, got)
+
+
+def test_expert_parallel_with_compiled_blocks_no_ac(reference):
+    """Whole-block compile with EP: the split-size host sync is a graph break; the expert
+    weights reaching the resumed graph are DTensors and must be unwrapped there."""
+    from parallel_harness import compile_with_aot_eager
+
+    common, ref = reference
+    got = run_distributed(2, common + [EP + "2", SHARD + "2", "--compile.enable=true"]
+                          + global_batch_overrides(4, 2), steps=STEPS, hook=compile_with_aot_eager)
+    assert got["info"]["dynamo_unique_graphs"] > 0, "torch.compile was not engaged"
+    assert_parity(ref, got), summarize(ref, got)
+
+
+def test_expert_parallel_borrowing_tp_with_compile_and_ac(reference):
+    """EP over the TP ranks + regional compile under full AC: the TP hooks run inside the
+    compiled attention, the experts' all-to-all stays eager between compiled parts."""
+    from parallel_harness import compile_with_aot_eager
+
+    common, ref = reference
+    got = run_distributed(2, common + [EP + "2", TP2, SHARD + "1", "--compile.enable=true",
+                                       "--activation_checkpoint.mode=full"]
+                          + global_batch_overrides(4, 1), steps=STEPS, hook=compile_with_aot_eager)
+    assert got["info"]["dynamo_unique_graphs"] > 0, "torch.compile was not engaged"
     assert_parity(ref, got), summarize(ref, got)

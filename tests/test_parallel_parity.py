@@ -142,6 +142,20 @@ def test_per_block_compile_aot_eager_matches_eager(common, eager_loop):
     _check_compiled(eager_loop, got, "compile aot_eager")
 
 
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_compile_under_activation_checkpointing_is_regional_and_matches_eager(common, eager_loop,
+                                                                             mode):
+    """With AC on, a graph break inside the checkpointed block (here the fp32 expert loop's
+    host sync; with EP the all-to-all split sizes) would make dynamo run the whole block
+    eagerly: compile.py then compiles the block's parts (norms, attention, experts' math)
+    inside the checkpoint instead, so compile really engages (graphs > 0)."""
+    got = run_single(common + COMPILE_COMMON + ["--compile.enable=true",
+                                                f"--activation_checkpoint.mode={mode}"],
+                     STEPS, hook=compile_with_aot_eager)
+    assert set(got["info"]["activation_checkpoint"].values()) != {"none"}
+    _check_compiled(eager_loop, got, f"regional compile + AC {mode}")
+
+
 @pytest.mark.slow
 def test_per_block_compile_inductor_matches_eager(common, eager_loop):
     """The real thing (inductor, CPU C++ codegen): ~115 s on 2 cores with a cold cache."""

@@ -63,6 +63,7 @@ class GroupedExperts(nn.Module):
         self.impl = args.moe_impl
         # Multiplies the weights' gradients (expert parallelism sets 1/ep, see expert_parallel.py).
         self.grad_scale = 1.0
+        self._compiled_grouped = None  # set by compile_math
         E, D, F_ = args.num_experts, args.dim, args.moe_inter_dim
         self.mlp1_weight = nn.Parameter(torch.empty(E, 2 * F_, D))
         self.mlp1_bias = nn.Parameter(torch.empty(E, 2 * F_))
@@ -89,8 +90,16 @@ class GroupedExperts(nn.Module):
         # torch.compile only traces _grouped_mm in bf16 (eager CPU also takes fp32).
         compiled_fp32 = torch.compiler.is_compiling() and x.dtype != torch.bfloat16
         if self.impl == "grouped" and _grouped_mm_aligned(x, w1, w2) and not compiled_fp32:
-            return self._grouped(x, counts, w1, b1, w2, b2)
+            grouped = self._grouped
+            if self._compiled_grouped is not None and x.dtype == torch.bfloat16:
+                grouped = self._compiled_grouped
+            return grouped(x, counts, w1, b1, w2, b2)
         return self._loop(x, counts, w1, b1, w2, b2)
+
+    def compile_math(self) -> None:
+        """torch.compile the grouped-GEMM path alone (a pure function of its tensors: no
+        hooks, no host syncs), used in bf16 (runtime/parallel/compile.py, regional mode)."""
+        self._compiled_grouped = torch.compile(self._grouped, fullgraph=True)
 
     def _grouped(self, x, counts, w1, b1, w2, b2) -> torch.Tensor:
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E] end row of each group

@@ -73,7 +73,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, cfg, device: torch.d
         apply_cp(model, dims.get_mesh("cp"), cfg.parallelism.context_parallel_load_balancer)
     apply_ac(model, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_ac_option)
     if cfg.compile.enable and "model" in cfg.compile.components:
-        apply_compile(model)
+        apply_compile(model, regional=cfg.activation_checkpoint.mode != "none")
     if mesh is not None and dims.dp * dims.cp > 1:
         mp = mixed_precision_policy(cfg.training, cfg.model.compute_dtype, device)
         experts = {}
