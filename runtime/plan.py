@@ -17,13 +17,6 @@ Exit codes: 0 valid (and it fits), 2 invalid config or mesh (`error: <one line n
 keys>`; nothing else is done), 1 valid but the estimate exceeds --gpu-memory-gib
 (`error: does not fit: ...`, the largest parts named).
 
-Degrees that `parallelize` does not implement yet (it raises UnsupportedParallelism) fall back
-to an analytic estimate, and the output says which parts are analytic: the plan is first
-applied without expert parallelism (EP only moves experts between ranks that FSDP would shard
-them over anyway, so per-rank parameter counts are exact), then, if still refused, as pure
-data parallelism over dp_replicate x (dp_shard x cp), after which TP divides attention,
-embeddings, output head and experts by tp, and PP keeps the layers of the worst rank's stages.
-
 Memory model (per rank; the worst rank under PP; GiB = 2^30 bytes)
 ------------------------------------------------------------------
 params        fp32 master weights: the rank's shards (FSDP pads dim 0: rank 0 gets the ceil)
@@ -60,7 +53,6 @@ Not modelled: expert-load imbalance, temporary buffers of collectives, compile w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -111,34 +103,12 @@ def _layer_of(name: str) -> int | None:
 
 @dataclass
 class Applied:
-    """What `parallelize` did on the fake mesh (possibly with some degrees left out)."""
+    """What `parallelize` did on the fake mesh."""
 
-    dims: ParallelDims  # the degrees actually handed to parallelize()
     full_shapes: dict[str, tuple[int, ...]]  # every parameter's global shape
     local_numel: dict[str, int]  # rank 0's local elements per parameter as sharded
     fsdp: bool  # fully_shard was applied (all-gather buffers exist)
     mesh: str  # the device mesh parallelize() ran on
-    analytic: list[str] = field(default_factory=list)  # degrees estimated, not applied
-    refused: str = ""  # UnsupportedParallelism message of the full plan
-
-
-def _variants(dims: ParallelDims) -> list[tuple[ParallelDims, list[str]]]:
-    """The full degrees, then fallbacks without the degrees parallelize may refuse.
-
-    Pipeline stages are cut by the trainer (runtime.parallel.pipeline), not by parallelize():
-    every variant shards the whole model and `estimate` keeps the layers of each pipeline
-    rank's stages."""
-    out = [(dims, [])]
-    if dims.ep > 1:
-        out.append((dataclasses.replace(dims, ep=1, etp=1), ["ep"]))
-    if dims.tp > 1 or dims.cp > 1 or dims.pp > 1:
-        world = dims.dp_replicate * dims.dp_shard * dims.cp
-        dp_only = ParallelDims(dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard * dims.cp,
-                               cp=1, tp=1, pp=1, ep=1, etp=1, world_size=world)
-        # cp is folded into the FSDP shard degree (CP ranks shard parameters like dp_shard):
-        # exact for parameters; tp and ep are estimated.
-        out.append((dp_only, [n for n in ("tp", "ep") if getattr(dims, n) > 1]))
-    return out
 
 
 def _fake_world(world_size: int):
@@ -166,33 +136,23 @@ def apply_plan(cfg: JobConfig, dims: ParallelDims, model_args: ModelArgs) -> App
     import torch.distributed as dist
 
     from runtime.model import GptOssModel
-    from runtime.parallel.parallelize import UnsupportedParallelism, parallelize
+    from runtime.parallel.parallelize import parallelize
 
-    refused = ""
-    for variant, analytic in _variants(dims):
-        _fake_world(variant.world_size)
-        try:
-            mesh = variant.build_mesh("cpu") if variant.world_size > 1 else None
-            with torch.device("meta"):
-                model = GptOssModel(model_args)
-            try:
-                model = parallelize(model, variant, mesh, cfg, _target_device(cfg))
-            except UnsupportedParallelism as e:
-                refused = refused or " ".join(str(e).split())
-                continue
-            return Applied(
-                dims=variant,
-                full_shapes={n: tuple(p.shape) for n, p in model.named_parameters()},
-                local_numel={n: (p.to_local() if hasattr(p, "to_local") else p).numel()
-                             for n, p in model.named_parameters()},
-                fsdp=_is_fsdp(model),
-                mesh=_describe_mesh(mesh),
-                analytic=analytic,
-                refused=refused,
-            )
-        finally:
-            dist.destroy_process_group()
-    raise ConfigError(f"parallelize() refused every variant of the plan: {refused}")
+    _fake_world(dims.world_size)
+    try:
+        mesh = dims.build_mesh("cpu") if dims.world_size > 1 else None
+        with torch.device("meta"):
+            model = GptOssModel(model_args)
+        model = parallelize(model, dims, mesh, cfg, _target_device(cfg))
+        return Applied(
+            full_shapes={n: tuple(p.shape) for n, p in model.named_parameters()},
+            local_numel={n: (p.to_local() if hasattr(p, "to_local") else p).numel()
+                         for n, p in model.named_parameters()},
+            fsdp=_is_fsdp(model),
+            mesh=_describe_mesh(mesh),
+        )
+    finally:
+        dist.destroy_process_group()
 
 
 def _is_fsdp(model) -> bool:
@@ -364,11 +324,7 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
              model_args, applied: Applied, gpu_gib: float) -> MemoryPlan:
     t, p = cfg.training, cfg.parallelism
     n_layers = model_args.n_layers
-    local = dict(applied.local_numel)
-    if applied.dims.tp == 1 and dims.tp > 1:  # TP not applied: split what TP splits
-        for name, numel in local.items():
-            if _is_tp_sharded(name) or _is_expert(name):
-                local[name] = math.ceil(numel / dims.tp)
+    local = applied.local_numel
     shares = _shares(cfg, dims, n_layers)  # the whole model was sharded: each pp rank's part
 
     full_numel = {n: math.prod(s) for n, s in applied.full_shapes.items()}
@@ -505,14 +461,7 @@ def format_plan(plan: MemoryPlan, cfg: JobConfig) -> str:
             f"params {_fsdp_param_dtype(cfg)} / reduce {cfg.training.mixed_precision_reduce}, "
             f"compute {_compute_dtype(cfg)}" if a.fsdp else f"compute {_compute_dtype(cfg)}"])),
     ]
-    if a.analytic:
-        names = ", ".join(f"{x} {getattr(d, x)}" for x in a.analytic)
-        lines.append(f"ANALYTIC sharding for {names}: parallelize() refused the full plan "
-                     f"({a.refused})")
-        lines.append(f"  applied degrees instead: {a.dims.describe()}; "
-                     + "; ".join(_analytic_notes(d, a)))
-    else:
-        lines.append("sharding: measured from the sharded parameters (rank 0)")
+    lines.append("sharding: measured from the sharded parameters (rank 0)")
     if d.pp > 1:
         lines.append(f"pipeline: {cfg.parallelism.pipeline_parallel_schedule}, stages cut as the "
                      "trainer cuts them; each pipeline rank keeps its stages' layers of the "
@@ -527,20 +476,6 @@ def format_plan(plan: MemoryPlan, cfg: JobConfig) -> str:
     lines.append(f"  {'total':<14}{_gib(total)}   of {plan.gpu_gib:g} GiB per GPU: {verdict} "
                  f"({100 * total / (plan.gpu_gib * GIB):.0f}%)")
     return "\n".join(lines)
-
-
-def _analytic_notes(dims: ParallelDims, a: Applied) -> list[str]:
-    notes = []
-    if "ep" in a.analytic:
-        notes.append(f"ep {dims.ep}: per-rank expert parameters equal FSDP's (experts are split "
-                     "over dp_shard x cp x tp ranks either way); buffers use "
-                     f"E/{_expert_div(dims)} experts per block")
-    if "tp" in a.analytic:
-        notes.append(f"tp {dims.tp}: attention, embeddings, output head and experts / {dims.tp}; "
-                     "norms, router and wo.bias replicated")
-    if dims.cp > 1 and a.dims.cp == 1:
-        notes.append(f"cp {dims.cp}: folded into the FSDP shard degree (exact for parameters)")
-    return notes
 
 
 # --------------------------------------------------------------------------- entry point

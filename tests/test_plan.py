@@ -5,6 +5,7 @@ the key, and an over-memory config exits non-zero with the reason."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,8 +52,7 @@ def test_shipped_config_fits_at_its_world_size(name, capsys):
     for part in ("params", "grads", "optimizer", "FSDP buffers", "activations", "logits + loss"):
         assert f"  {part} " in out, part
     assert "fits" in out.splitlines()[-1]
-    # Whatever parallelize() supports today, the output says which parts were estimated.
-    assert ("ANALYTIC sharding for ep 8" in out) or ("measured from the sharded" in out)
+    assert "sharding: measured from the sharded parameters (rank 0)" in out
 
 
 @pytest.mark.parametrize("name", list(SHIPPED))
@@ -198,18 +198,53 @@ def test_tp_pp_cp_ep_plan_is_labelled_and_consistent(capsys):
     assert plan.rank_params == pytest.approx(plan.total_params / 16, rel=0.02)
     code, out, _ = run_main(capsys, "--config", str(CONFIGS / "gptoss_20b.toml"),
                             "--world-size", "16", *overrides)
-    assert code == 0
-    if "ANALYTIC" in out:  # until parallelize() implements all of them
-        analytic = next(ln for ln in out.splitlines() if ln.startswith("ANALYTIC"))
-        assert "parallelize() refused the full plan" in analytic
+    assert code == 0, out
+    assert "sharding: measured from the sharded parameters (rank 0)" in out
     # the trainer cuts the stages; the plan keeps the worst pipeline rank's layers
     assert "pipeline: 1F1B, stages cut as the trainer cuts them" in out
     assert "per rank [pipeline rank" in out
+
+
+@pytest.mark.parametrize("etp", [1, 2])
+def test_ep_over_tp_ranks_and_etp_shard_the_experts(etp, capsys):
+    """120b on 128 = dp_shard 64 x tp 2. etp 1: EP 16 takes the TP ranks (dp_shard_in_ep 8 x
+    tp 2), each EP rank holds E/16 whole experts; etp 2: EP 8 over dp_shard_in_ep 8, experts
+    also split along F over tp (mlp2_bias replicated). Either way FSDP shards the EP rank's
+    experts over dp_shard_mod_ep 8."""
+    ep = 16 if etp == 1 else 8
+    overrides = ["--parallelism.tensor_parallel_degree=2",
+                 "--parallelism.data_parallel_shard_degree=64",
+                 f"--parallelism.expert_parallel_degree={ep}",
+                 f"--parallelism.expert_tensor_parallel_degree={etp}"]
+    cfg = load_config(str(CONFIGS / "gptoss_120b.toml"), overrides)
+    plan = plan_module.plan_job(cfg, 128)
+    d, args = plan.dims, plan.model_args
+    assert (d.dp_shard_in_ep, d.dp_shard_mod_ep, d.tp_in_ep) == (8, 8, 2 if etp == 1 else 1)
+    E, F, D = args.num_experts, args.moe_inter_dim, args.dim
+    experts_per_rank = E // (ep * d.dp_shard_mod_ep)  # 1 (etp 1) or 2 (etp 2): FSDP dim 0
+    split_by_etp = 2 * F * D + 2 * F + D * F  # mlp1 weight + bias, mlp2 weight
+    per_layer = experts_per_rank * (split_by_etp // etp + D)  # + mlp2_bias
+    assert plan.rank_experts == args.n_layers * per_layer
+    expert_total = args.n_layers * E * (split_by_etp + D)
+    if etp == 1:  # every expert parameter split over all 128 ranks
+        assert plan.rank_experts * 128 == expert_total
+    else:  # mlp2_bias is split over ep x dp_shard_mod_ep = 64 ranks only
+        assert plan.rank_experts * 128 == expert_total + args.n_layers * E * D
+    local = plan.applied.local_numel
+    assert local["layers.0.moe.experts.mlp1_weight"] == experts_per_rank * 2 * F * D // etp
+    assert local["layers.0.moe.experts.mlp2_bias"] == experts_per_rank * D
+    code, out, err = run_main(capsys, "--config", str(CONFIGS / "gptoss_120b.toml"),
+                              "--world-size", "128", *overrides)
+    assert code == 0, out + err
+    assert "sharding: measured from the sharded parameters (rank 0)" in out
+    ep_line = "dp_shard_in_ep x cp x tp" if etp == 1 else "dp_shard_in_ep x cp"
+    assert re.search(rf"^  ep +{ep} = {ep_line}$", out, re.MULTILINE), out
+    assert f"degrees      dp_replicate=1 dp_shard=64 cp=1 tp=2 pp=1 ep={ep} etp={etp}" in out
 
 
 def test_measured_plan_for_pure_data_parallel(capsys):
     code, out, _ = run_main(capsys, "--config", str(CONFIGS / "debugmodel.toml"),
                             "--world-size", "4", "--parallelism.data_parallel_replicate_degree=2")
     assert code == 0, out
-    assert "measured from the sharded parameters" in out and "ANALYTIC" not in out
+    assert "measured from the sharded parameters" in out
     assert "HSDP" in out and "dp_replicate 2 x dp_shard 2" in out

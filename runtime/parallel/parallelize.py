@@ -21,10 +21,6 @@ from runtime.parallel.data_parallel import apply_fsdp, mixed_precision_policy, r
 from runtime.parallel.dims import ParallelDims
 
 
-class UnsupportedParallelism(ValueError):
-    pass
-
-
 def _moe_mode_under_tp(dims: ParallelDims) -> str:
     """How the MoE layers run under TP: experts sharded along F over tp (no EP), experts
     sharded over ep x tp (ETP, etp == tp), or EP taking the TP ranks (etp == 1)."""
