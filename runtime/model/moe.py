@@ -112,6 +112,10 @@ class GroupedExperts(nn.Module):
         out = torch._grouped_mm(a, w2.to(dtype).transpose(-2, -1), offs=offsets)  # [N, D]
         return out + b2.to(dtype)[row_expert]
 
+    # Kept out of compiled graphs: its host sync and data-dependent slice sizes would be a
+    # graph break plus dynamic shapes, which torch 2.11's symbolic shapes mis-refine under
+    # FSDP x TP ("38 not in VR[0, 0]").
+    @torch.compiler.disable
     def _loop(self, x, counts, w1, b1, w2, b2) -> torch.Tensor:
         """Reference: one dense matmul pair per expert (host sync on counts; tests only)."""
         outs, start, dtype = [], 0, x.dtype
