@@ -241,3 +241,39 @@ def test_sync_points_in_compiled_code_still_hand_over():
     eager = torch.ones(3, requires_grad=True)
     layer(eager).backward()
     assert torch.equal(leaf.grad, eager.grad)
+
+
+class _ProbeGrad(torch.autograd.Function):
+    """Identity; records the type of the gradient arriving in backward, then materialises it."""
+
+    @staticmethod
+    def forward(ctx, x, seen):
+        ctx.seen = seen
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.seen.append(type(grad).__name__)
+        return grad * 1, None
+
+
+def test_overlap_all_to_all_hands_on_its_backward_unwaited(tmp_path):
+    """Under the overlap the EP all-to-all's backward returns the reverse all-to-all's result
+    un-waited (AsyncCollectiveTensor): the backward role can hand over while it is in flight
+    (GPU). Values are those of torch's autograd all-to-all (world of 1 here: identity)."""
+    import torch.distributed as dist
+
+    from runtime.parallel.expert_parallel import _all_to_all_lazy_grad
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        x = torch.randn(6, 4, requires_grad=True)
+        seen: list[str] = []
+        y = _all_to_all_lazy_grad(_ProbeGrad.apply(x, seen), [6], [6], dist.group.WORLD)
+        probe = torch.randn(6, 4)
+        (y * probe).sum().backward()
+        assert seen == ["AsyncCollectiveTensor"]
+        torch.testing.assert_close(x.grad, probe, rtol=0, atol=0)
+        torch.testing.assert_close(y, x.detach(), rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()

@@ -44,11 +44,10 @@ its all-to-all on NCCL's stream and hands over, and the other role queues its ke
 the compute stream (the helper thread uses the schedule thread's stream). The forward
 all-to-alls return tensors that are waited for lazily (AsyncCollectiveTensor, at their
 first use in F's next segment), so B's queued kernels run while they are in flight. The
-backward ones are not: torch's backward formula for all_to_all_single waits at once
-(wait_tensor on the compute stream), so F's next kernels queue behind them; overlapping
-those too needs a lazily waited backward all-to-all or a separate stream for B (not done).
-The per-layer exchange of split sizes (`ExpertParallel.run`, a host sync) also waits for
-the kernels queued before it.
+backward ones too: under the overlap `ExpertParallel` uses `_AllToAllLazyGrad`, whose
+backward hands on the reverse all-to-all un-waited (torch's own autograd all-to-all waits
+at once, queueing F's next kernels behind it). The per-layer exchange of split sizes
+(`ExpertParallel.run`, a host sync) still waits for the kernels queued before it.
 """
 
 from __future__ import annotations

@@ -39,21 +39,25 @@ class ExpertParallel:
     # before and after each all-to-all, where its forward and backward roles hand over.
     sync_point: Callable[[torch.Tensor, str], torch.Tensor] | None = None
 
+    def _all_to_all(self, x: torch.Tensor, output_splits, input_splits) -> torch.Tensor:
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+        if self.sync_point is not None:  # overlap: the backward all-to-all is not waited for
+            return _all_to_all_lazy_grad(x, output_splits, input_splits, self.group)
+        return all_to_all_single_autograd(x, output_splits, input_splits, self.group)
+
     def _sync(self, t: torch.Tensor, where: str) -> torch.Tensor:
         return t if self.sync_point is None else self.sync_point(t, where)
 
     def run(self, experts: nn.Module, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [N, D] sorted by global expert, counts [E] -> expert outputs [N, D], same order."""
-        from torch.distributed._functional_collectives import all_to_all_single_autograd
-
         rows = self._sync(rows, "before_dispatch")
         send_counts = counts.view(self.size, -1)  # [ep, E_local]
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.group)
         input_splits = send_counts.sum(1).tolist()  # host sync: split sizes must be known
         output_splits = recv_counts.sum(1).tolist()
-        received = all_to_all_single_autograd(rows.contiguous(), output_splits, input_splits,
-                                              self.group)  # [M, D]
+        received = self._all_to_all(rows.contiguous(), output_splits, input_splits)  # [M, D]
         received = self._sync(received, "after_dispatch")
 
         num_local = send_counts.shape[1]
@@ -64,8 +68,36 @@ class ExpertParallel:
         out = experts(received[order], recv_counts.sum(0))  # [M, D] grouped by local expert
         restored = torch.empty_like(out).index_copy_(0, order, out)  # back to (source, expert)
         restored = self._sync(restored, "before_combine")
-        combined = all_to_all_single_autograd(restored, input_splits, output_splits, self.group)
+        combined = self._all_to_all(restored, input_splits, output_splits)
         return self._sync(combined, "after_combine")
+
+
+class _AllToAllLazyGrad(torch.autograd.Function):
+    """all_to_all_single whose backward (the reverse all-to-all) hands on the collective's
+    result un-waited (an AsyncCollectiveTensor, waited at its first use by the next backward
+    op). torch's own autograd all-to-all waits at once, which on GPU makes the compute
+    stream queue behind it; under DualPipeV's overlap the backward role hands over right
+    after issuing it, so the forward role's kernels run while it is in flight. Same values."""
+
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group):
+        from torch.distributed._functional_collectives import all_to_all_single
+
+        ctx.splits, ctx.group = (input_splits, output_splits), group
+        return all_to_all_single(x, output_splits, input_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed._functional_collectives import all_to_all_single
+
+        input_splits, output_splits = ctx.splits
+        return all_to_all_single(grad.contiguous(), input_splits, output_splits, ctx.group), \
+            None, None, None
+
+
+@torch.compiler.disable  # a collective between two hand-over points: always eager
+def _all_to_all_lazy_grad(x, output_splits, input_splits, group) -> torch.Tensor:
+    return _AllToAllLazyGrad.apply(x, output_splits, input_splits, group)
 
 
 def apply_ep(model: nn.Module, ep_mesh, *, etp_mesh=None, tp_in_ep: int = 1) -> None:
