@@ -56,11 +56,15 @@ def _compiled_flex_attention():
 def flex_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
                         block_mask, scale: float) -> torch.Tensor:
     """Same contract as `math_sink_attention`, with a BlockMask."""
+    from torch.nn.attention.flex_attention import AuxRequest
+
     if q.device.type == "cuda":
         flex = _compiled_flex_attention()
     else:  # eager flex on CPU: forward only (torch refuses its backward on CPU)
         from torch.nn.attention.flex_attention import flex_attention as flex
-    out, lse = flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True)
+    out, aux = flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True,
+                    return_aux=AuxRequest(lse=True))  # (return_lse is deprecated)
+    lse = aux.lse
     # out: [B, H, S, D]; lse: [B, H, S] (natural log, fp32)
     keep = torch.sigmoid(_upcast(lse) - sinks.to(_upcast(lse).dtype).view(1, -1, 1))  # mass not on the sink
     return (_upcast(out) * keep.unsqueeze(-1)).to(q.dtype)
