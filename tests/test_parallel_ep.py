@@ -7,6 +7,9 @@ sharding); EP=2 over dp_shard=4 (experts also FSDP-sharded over the 2 ranks left
 divide factor = dp); EP=2 over dp_shard x cp = 1 x 2 (EP borrowing the CP ranks); with TP=2:
 EP borrowing the TP ranks (etp=1: ep over tp, over dp_shard x tp with FSDP, ep=4 over
 dp_shard 2 x tp 2) and ETP (etp=tp=2: experts on the (ep, tp) mesh, F split over tp).
+Negative control: `test_broken_ep_over_tp_is_caught` treats the TP ranks inside the ep mesh
+like data-parallel ranks (grad scale 1/ep, load counts not summed over tp) and the parity
+check rejects it (loss 2e-4 rel, params 4e-3 off after 3 steps).
 The auxiliary balance loss stays off: with ranks routing different tokens it is the mean of
 per-rank losses, not the whole-batch loss (see tests/test_parallel_tp.py).
 Tolerances: parallel_harness.assert_parity defaults (losses 1e-5 relative, parameters
@@ -116,3 +119,21 @@ def test_expert_parallel_borrowing_tp_with_compile_and_ac(reference):
                           + global_batch_overrides(4, 1), steps=STEPS, hook=compile_with_aot_eager)
     assert got["info"]["dynamo_unique_graphs"] > 0, "torch.compile was not engaged"
     assert_parity(ref, got), summarize(ref, got)
+
+
+def tp_ranks_counted_as_data_ranks(rank: int, world_size: int) -> None:
+    """Hook (negative control): EP over the TP ranks treated like EP over data-parallel ranks
+    (expert grad scale 1/ep instead of tp/ep, MoE load counts not summed over tp)."""
+    from runtime.parallel.dims import ParallelDims
+
+    ParallelDims.tp_in_ep = property(lambda self: 1)
+
+
+def test_broken_ep_over_tp_is_caught(reference):
+    """The broken run trains without error; only the comparison gives it away."""
+    common, ref = reference
+    got = run_distributed(2, common + [EP + "2", TP2, SHARD + "1"] + global_batch_overrides(4, 1),
+                          steps=STEPS, hook=tp_ranks_counted_as_data_ranks)
+    print(summarize(ref, got))
+    with pytest.raises(AssertionError, match="runs differ"):
+        assert_parity(ref, got)
