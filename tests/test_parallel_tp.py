@@ -53,9 +53,9 @@ from parallel_harness import (
     assert_parity,
     compile_with_aot_eager,
     global_batch_overrides,
-    make_seed_checkpoint,
     run_distributed,
     run_single,
+    seeded,
     summarize,
 )
 
@@ -113,22 +113,16 @@ def router_grad_not_reduced(rank: int, world_size: int) -> None:
     record_first_grads(rank, world_size)
     from runtime.parallel import tensor_parallel as tp
 
-    class NoReduce(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, param, only_rank0, dim=None):
-            ctx.spec = (param.device_mesh, param.placements, param.shape, param.stride())
-            local = param.to_local()
-            if only_rank0 and param.device_mesh.get_local_rank() != 0:
-                return torch.zeros_like(local)
-            return local.view_as(local)
+    original = tp._SumGradOverMesh
 
+    class NoReduce(original):  # same forward; backward keeps the local (partial) gradient
         @staticmethod
         def backward(ctx, grad):
             from torch.distributed.tensor import DTensor
 
-            mesh, placements, shape, stride = ctx.spec
-            return DTensor.from_local(grad.contiguous(), mesh, placements, run_check=False,
-                                      shape=shape, stride=stride), None, None
+            mesh, placements, shape, stride, _ = ctx.spec
+            return DTensor.from_local((grad * ctx.scale).contiguous(), mesh, placements,
+                                      run_check=False, shape=shape, stride=stride), None, None
 
     tp._SumGradOverMesh = NoReduce
 
@@ -153,11 +147,10 @@ def expert_bias_on_every_rank(rank: int, world_size: int) -> None:
 
 @pytest.fixture(scope="module")
 def common(tmp_path_factory) -> list[str]:
-    seed = make_seed_checkpoint(BASE, tmp_path_factory.mktemp("tp") / "seed")
     # The reference takes the plain logits path too (TP always does: loss parallel needs the
     # vocab-sharded logits), so the recorded logits can be compared; the fused chunked loss
     # has its own equality tests (tests/test_fused_loss.py).
-    return BASE + [f"--checkpoint.initial_load_path={seed}", "--training.loss_chunk_size=0"]
+    return seeded(BASE, tmp_path_factory.mktemp("tp") / "seed") + ["--training.loss_chunk_size=0"]
 
 
 def _run(world: int, overrides: list[str], tmp_path: Path, name: str, monkeypatch,

@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runtime.model.moe import moe_layers
+
 F, B = "F", "B"
 _OTHER = {F: B, B: F}
 # Hand over after the all-to-all in execution order: forward reaches the "after_*" point just
@@ -337,8 +339,7 @@ def enable_ep_overlap(schedule, model_parts, device: torch.device,
     overlap = EPOverlap(device, save_forward_output)
     schedule.register_custom_function(_ComputationType.OVERLAP_F_B, overlap)
     for part in model_parts:
-        for module in part.modules():
-            ep = getattr(module, "expert_parallel", None)
-            if ep is not None:
-                ep.sync_point = sync_point
+        for moe in moe_layers(part):
+            if moe.expert_parallel is not None:
+                moe.expert_parallel.sync_point = sync_point
     return overlap

@@ -65,6 +65,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from runtime.model.moe import moe_layers
 from runtime.parallel.dims import (
     SINGLE_STAGE_SCHEDULES,
     V_SCHEDULES,
@@ -187,17 +188,11 @@ def _accepts(fn, name: str) -> bool:
 
 # --------------------------------------------------------------------------- MoE statistics
 
-def _moe_modules(module: nn.Module) -> list[nn.Module]:
-    from runtime.model.moe import MoE
-
-    return [m for m in module.modules() if isinstance(m, MoE)]
-
-
 @contextlib.contextmanager
 def _moe_statistics_unchanged(module: nn.Module):
     """Restore the routed-token counts and the last aux loss of `module`'s MoE layers on
     exit: forwards inside (the schedule's metadata inference) leave no trace."""
-    moes = _moe_modules(module)
+    moes = moe_layers(module)
     saved = [(m.tokens_per_expert.clone(), m.last_aux_loss) for m in moes]
     try:
         yield

@@ -293,14 +293,13 @@ class _MoETensorParallel:
         full = x.redistribute(self.mesh, [Replicate()]).to_local(grad_placements=[Partial()])
         # The aux loss is computed identically on every rank and its router gradient is
         # summed over TP: count it once. Restored by the output hook.
-        moe._tp_saved_aux_scale = moe.aux_loss_scale
-        moe.aux_loss_scale = moe.aux_loss_scale / self.size
+        _divide_aux_loss_scale(moe, self.size)
         return (full,)
 
     def _reduce_scatter_output(self, moe, args, out):
         from torch.distributed.tensor import DTensor, Partial, Shard
 
-        moe.aux_loss_scale = moe.__dict__.pop("_tp_saved_aux_scale")
+        _restore_aux_loss_scale(moe)
         partial = DTensor.from_local(out, self.mesh, [Partial()], run_check=False)
         return partial.redistribute(self.mesh, [Shard(1)]).to_local()
 
@@ -324,10 +323,19 @@ class _MoESequenceParallel:
         (x,) = args
         # Each TP rank's aux loss sees its own tokens; the router gradient is summed over TP,
         # so 1/tp makes it the mean (as data-parallel ranks average theirs).
-        moe._tp_saved_aux_scale = moe.aux_loss_scale
-        moe.aux_loss_scale = moe.aux_loss_scale / self.size
+        _divide_aux_loss_scale(moe, self.size)
         return (x.to_local() if isinstance(x, DTensor) else x,)  # [B, S/tp, D]
 
     def _restore_aux_scale(self, moe, args, out):
-        moe.aux_loss_scale = moe.__dict__.pop("_tp_saved_aux_scale")
+        _restore_aux_loss_scale(moe)
         return out
+
+
+def _divide_aux_loss_scale(moe: nn.Module, tp: int) -> None:
+    """For one MoE forward: the aux loss's router gradient is summed over the tp ranks."""
+    moe._tp_saved_aux_scale = moe.aux_loss_scale
+    moe.aux_loss_scale = moe.aux_loss_scale / tp
+
+
+def _restore_aux_loss_scale(moe: nn.Module) -> None:
+    moe.aux_loss_scale = moe.__dict__.pop("_tp_saved_aux_scale")
