@@ -4,11 +4,9 @@ Every parallelism is proven the same way: train a few optimizer steps on one pro
 the same steps on a mesh of N processes with the same global batch and the same initial
 weights, and compare per-step losses, gradient norms and the final parameters.
 
-    from parallel_harness import (BASE, assert_parity, make_seed_checkpoint, run_distributed,
-                                  run_single)
+    from parallel_harness import BASE, assert_parity, run_distributed, run_single, seeded
 
-    seed = make_seed_checkpoint(BASE, tmp_path / "seed")          # identical initial weights
-    common = BASE + [f"--checkpoint.initial_load_path={seed}"]
+    common = seeded(BASE, tmp_path / "seed")                      # identical initial weights
     ref = run_single(common + ["--training.local_batch_size=4"], steps=3)
     got = run_distributed(2, common + ["--training.local_batch_size=2",
                                        "--parallelism.tensor_parallel_degree=2"], steps=3)
@@ -118,6 +116,13 @@ def make_seed_checkpoint(overrides: list[str], directory: str | Path) -> str:
     if not (directory / ".metadata").is_file():
         raise RunError(f"seed checkpoint was not written to {directory}")
     return str(directory)
+
+
+def seeded(overrides: list[str], directory: str | Path) -> list[str]:
+    """`overrides` plus the load of a seed checkpoint written for them in `directory`
+    (`make_seed_checkpoint`): every run of a comparison starts from these weights."""
+    seed = make_seed_checkpoint(overrides, directory)
+    return list(overrides) + [f"--checkpoint.initial_load_path={seed}"]
 
 
 def run_single(overrides: list[str], steps: int, **kwargs) -> dict[str, Any]:

@@ -125,11 +125,10 @@ CP_STEPS = 2
 
 @pytest.fixture(scope="module")
 def cp_reference(tmp_path_factory):
-    from parallel_harness import BASE, global_batch_overrides, make_seed_checkpoint, run_single
+    from parallel_harness import BASE, global_batch_overrides, run_single, seeded
 
-    common = BASE + ["--model.n_layers=2", "--data.document_mask=true"]
-    seed = make_seed_checkpoint(common, tmp_path_factory.mktemp("cp_seed"))
-    common = common + [f"--checkpoint.initial_load_path={seed}"]
+    common = seeded(BASE + ["--model.n_layers=2", "--data.document_mask=true"],
+                    tmp_path_factory.mktemp("cp_seed"))
     return common, run_single(common + global_batch_overrides(4, 1), steps=CP_STEPS)
 
 

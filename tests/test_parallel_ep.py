@@ -24,9 +24,9 @@ from parallel_harness import (
     BASE,
     assert_parity,
     global_batch_overrides,
-    make_seed_checkpoint,
     run_distributed,
     run_single,
+    seeded,
     summarize,
 )
 
@@ -35,8 +35,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    seed = make_seed_checkpoint(BASE, tmp_path_factory.mktemp("ep_seed"))
-    common = BASE + [f"--checkpoint.initial_load_path={seed}"]
+    common = seeded(BASE, tmp_path_factory.mktemp("ep_seed"))
     return common, run_single(common + global_batch_overrides(4, 1), steps=STEPS)
 
 

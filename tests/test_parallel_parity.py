@@ -29,9 +29,9 @@ from parallel_harness import (
     assert_parity,
     compile_with_aot_eager,
     global_batch_overrides,
-    make_seed_checkpoint,
     run_distributed,
     run_single,
+    seeded,
     summarize,
 )
 
@@ -41,8 +41,7 @@ GLOBAL_BATCH = 4
 
 @pytest.fixture(scope="module")
 def common(tmp_path_factory) -> list[str]:
-    seed = make_seed_checkpoint(BASE, tmp_path_factory.mktemp("parity") / "seed")
-    return BASE + [f"--checkpoint.initial_load_path={seed}"]
+    return seeded(BASE, tmp_path_factory.mktemp("parity") / "seed")
 
 
 @pytest.fixture(scope="module")

@@ -61,10 +61,10 @@ from parallel_harness import (
     assert_parity,
     compile_with_aot_eager,
     global_batch_overrides,
-    make_seed_checkpoint,
     max_param_diff,
     run_distributed,
     run_single,
+    seeded,
     summarize,
 )
 
@@ -218,8 +218,7 @@ def seeds(tmp_path_factory) -> dict[int, list[str]]:
     out = {}
     for n in (4, 8):
         model = BASE + [f"--model.n_layers={n}"]
-        seed = make_seed_checkpoint(model, root / f"seed{n}")
-        out[n] = model + [f"--checkpoint.initial_load_path={seed}"]
+        out[n] = seeded(model, root / f"seed{n}")
     return out
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from parallel_harness import BASE, make_seed_checkpoint, run_distributed, run_single, summarize
+from parallel_harness import BASE, run_distributed, run_single, seeded, summarize
 from torch import nn
 
 from runtime.model import GptOssModel
@@ -156,8 +156,7 @@ def gloo_float8_collectives(rank: int, world_size: int) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("quantize")
-    seed = make_seed_checkpoint(BASE, root / "seed")
-    common = BASE + [f"--checkpoint.initial_load_path={seed}", "--training.global_batch_size=4"]
+    common = seeded(BASE, root / "seed") + ["--training.global_batch_size=4"]
     single = common + ["--training.local_batch_size=4"]
     return {
         "common": common,
