@@ -16,7 +16,10 @@ standard library (PSF license, no network needed):
 Everything is sorted and the gzip header carries no timestamp or name, so the output is
 byte-identical for a given CPython version (the assets README records which one).
 The tokenizer is a byte-level BPE trained on that corpus with exactly 8192 entries
-(the debugmodel vocab size), special tokens included.
+(the debugmodel vocab size), special tokens included. The harmony chat tokens of gpt-oss
+(`<|start|>`, `<|message|>`, ...) then take the ids of byte tokens that valid UTF-8 never
+contains (0xF5-0xFB), so chat data renders to single special tokens while every Python
+string still tokenizes exactly as the trained BPE does (see `add_harmony_specials`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent.parent / "runtime" / "assets"
 VOCAB_SIZE = 8192
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|pad|>"]  # ids 0, 1, 2
+# gpt-oss's harmony chat tokens (o200k_harmony names), added after training.
+HARMONY_TOKENS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",
+                  "<|constrain|>"]
+# Bytes that never occur in UTF-8 (RFC 3629: 0xC0, 0xC1, 0xF5-0xFF); the harmony tokens
+# replace the first seven of 0xF5-0xFF, which the corpus therefore cannot contain either.
+HARMONY_BYTES = list(range(0xF5, 0xF5 + len(HARMONY_TOKENS)))
 
 # Test suites and vendored encodings tables are not prose; site-packages is not stdlib.
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "encodings"}
@@ -128,7 +137,40 @@ def train_tokenizer(docs: list[str]) -> bytes:
     size = tok.get_vocab_size(with_added_tokens=True)
     if size != VOCAB_SIZE:
         raise SystemExit(f"tokenizer has {size} entries, expected {VOCAB_SIZE}: corpus too small?")
-    return (tok.to_str(pretty=False) + "\n").encode("utf-8")
+    return add_harmony_specials(tok.to_str(pretty=False))
+
+
+def _byte_level_char(byte: int) -> str:
+    """The character the byte-level pre-tokenizer maps `byte` to (GPT-2's bytes_to_unicode:
+    printable Latin-1 bytes stand for themselves, the others for 256, 257, ... in order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    if byte in printable:
+        return chr(byte)
+    return chr(256 + [b for b in range(256) if b not in printable].index(byte))
+
+
+def add_harmony_specials(tokenizer_json: str) -> bytes:
+    """Give the harmony tokens the ids of byte tokens no Python string can produce.
+
+    A `str` always encodes to valid UTF-8, which never contains 0xF5-0xFF, and BPE never
+    learnt a merge containing them (the corpus is text), so dropping those vocab entries
+    changes the tokenization of no text; the vocabulary stays 8192 (the debugmodel's)."""
+    data = json.loads(tokenizer_json)
+    vocab = data["model"]["vocab"]
+    for byte, name in zip(HARMONY_BYTES, HARMONY_TOKENS, strict=True):
+        char = _byte_level_char(byte)
+        if any(char in part for merge in data["model"]["merges"] for part in merge):
+            raise SystemExit(f"byte 0x{byte:02X} occurs in a merge: it is not free for {name}")
+        # The name takes the byte's vocab slot (as the trainer does for its specials): the
+        # added-token table then finds it at that id instead of appending it past the end.
+        token_id = vocab.pop(char)
+        vocab[name] = token_id
+        data["added_tokens"].append({"id": token_id, "content": name, "single_word": False,
+                                     "lstrip": False, "rstrip": False, "normalized": False,
+                                     "special": True})
+    data["added_tokens"].sort(key=lambda t: t["id"])
+    return (json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
 def manifest_bytes(docs: list[str], outputs: dict[str, bytes]) -> bytes:
@@ -150,6 +192,7 @@ def manifest_bytes(docs: list[str], outputs: dict[str, bytes]) -> bytes:
         "tokens": n_tokens,  # without BOS/EOS
         "vocab_size": VOCAB_SIZE,
         "special_tokens": SPECIAL_TOKENS,
+        "harmony_tokens": {name: tok.token_to_id(name) for name in HARMONY_TOKENS},
         "sha256": {
             name: hashlib.sha256(data).hexdigest() for name, data in sorted(outputs.items())
         },

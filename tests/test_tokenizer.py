@@ -96,11 +96,12 @@ def test_file_form(tmp_path):
 
 
 def _hf_dir(tmp_path: Path, **configs) -> Path:
-    """A checkpoint-like directory: a tokenizer with gpt-oss special tokens + configs."""
+    """A checkpoint-like directory: the embedded tokenizer (which has gpt-oss's harmony
+    tokens) with two more added tokens, and configs."""
     from tokenizers import Tokenizer as HFTokenizer
 
     hf = HFTokenizer.from_file(str(EMBEDDED_TOKENIZER))
-    hf.add_special_tokens(["<|return|>", "<|start|>"])
+    hf.add_special_tokens(["<|reserved_a|>", "<|reserved_b|>"])
     d = tmp_path / "ckpt"
     d.mkdir()
     hf.save(str(d / "tokenizer.json"))
@@ -195,3 +196,33 @@ def test_build_assets_is_reproducible():
         timeout=300,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+HARMONY = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",
+           "<|constrain|>"]
+
+
+def test_harmony_tokens_are_single_special_tokens(tok):
+    ids = [tok.token_to_id(name) for name in HARMONY]
+    assert all(i is not None and i < 8192 for i in ids) and len(set(ids)) == len(ids)
+    text = "<|start|>assistant<|channel|>final<|message|>4<|return|>"
+    encoded = tok.encode(text, allow_special=True)
+    assert [i for i in encoded if i in ids] == [ids[0], ids[3], ids[2], ids[4]]
+    assert tok.decode(encoded) == text
+    # Plain-text encoding never produces them: they took byte slots UTF-8 cannot contain.
+    assert not set(tok.encode(text)) & set(ids)
+
+
+def test_harmony_tokens_leave_text_tokenization_unchanged(tok):
+    """Every byte valid UTF-8 can hold still has its own token, and the manifest's corpus
+    token count (written when the tokenizer had no harmony tokens) still holds."""
+    import gzip
+
+    manifest = json.loads((ASSETS / "manifest.json").read_text())
+    assert manifest["tokens"] == 672000
+    with gzip.open(ASSETS / "corpus.jsonl.gz", "rt", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    assert sum(len(ids) for ids in tok.encode_batch(docs)) == manifest["tokens"]
+    every_char = "".join(chr(c) for c in (*range(32, 0x3000, 7), 0x1F600, 0x10FFFF))
+    assert tok.decode(tok.encode(every_char)) == every_char
+
