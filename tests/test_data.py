@@ -8,11 +8,13 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from runtime.train.data import (
+from runtime.data import (
     DataConfig,
+    Document,
     EmbeddedSource,
     FileSource,
     ParallelAwareDataLoader,
@@ -145,7 +147,7 @@ def test_same_global_batch_for_any_dp(tmp_path, shuffle):
 
 
 def test_same_global_batch_embedded_real_tokenizer():
-    from runtime.train.tokenizer import Tokenizer
+    from runtime.data import Tokenizer
 
     tok = Tokenizer.load()
     ref = build_dataloader(None, tok, 64, 4)
@@ -208,7 +210,7 @@ def test_resume_every_step_across_epochs(tmp_path, shuffle):
 
 
 def test_resume_embedded_shuffled_real_tokenizer():
-    from runtime.train.tokenizer import Tokenizer
+    from runtime.data import Tokenizer
 
     tok = Tokenizer.load()
     cfg = DataConfig(shuffle=True, shuffle_seed=5)
@@ -319,7 +321,7 @@ def test_parquet(tmp_path):
 
 
 def test_embedded_corpus_with_real_tokenizer():
-    from runtime.train.tokenizer import Tokenizer
+    from runtime.data import Tokenizer
 
     tok = Tokenizer.load()
     it = build_dataloader(DataConfig(), tok, 256, 8)
@@ -402,3 +404,65 @@ def test_config_section_of_the_trainer_is_accepted():
     assert build_source(section).name == "embedded corpus"
     for name in ("dataset", "dataset_path", "text_key", "hf_dataset", "hf_split", "document_mask"):
         assert hasattr(section, name) and hasattr(DataConfig, name), name
+
+
+# ---------------------------------------------------------------- documents with loss masks
+class MaskedSource(FileSource):
+    """Items are texts; leading '*' characters are dropped and make that many tokens after BOS
+    untrained (a chat prompt), BOS is never trained: documents carry a per-token mask."""
+
+    def encoder(self, tokenizer):
+        def encode(texts):
+            docs = []
+            for t in texts:
+                prompt = len(t) - len(t.lstrip("*"))
+                toks = np.array([BOS, *map(ord, t[prompt:]), EOS], dtype=np.int64)
+                trained = np.arange(len(toks)) > prompt
+                docs.append(Document(toks, trained))
+            return docs
+
+        return encode
+
+
+def test_documents_with_per_token_loss_mask(tmp_path):
+    # The mask is per token: a label is IGNORE_INDEX iff its token is untrained.
+    src = MaskedSource([write_jsonl(tmp_path / "c.jsonl", ["*ab", "cd"])])
+    it = loader(src, seq_len=4, batch=2)
+    b = next(it)
+    # stream: ^ a b $ ^ c d $ | ^ a ... with trained: F F T T F T T T | F F ...
+    assert b["tokens"].tolist() == [ids("^ab$"), ids("^cd$")]
+    assert b["labels"].tolist() == [[-100, *ids("b$"), -100], [*ids("cd$"), -100]]
+    assert b["positions"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    # resumption carries the mask along
+    _resume_check(lambda: loader(MaskedSource(src.files), seq_len=3, batch=2), 3, 5)
+
+
+def test_show_command_prints_what_the_trainer_gets(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    path = write_jsonl(tmp_path / "c.jsonl", ["hello world", "second document"])
+    cmd = [sys.executable, "-m", "runtime.data", "--config", str(root / "configs/debugmodel.toml"),
+           "--data.dataset=path", f"--data.dataset_path={path}", "--training.seq_len=8",
+           "--show", "3"]
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 3 and set(rows[0]) == {"input_ids", "labels", "document_ids", "positions"}
+
+    from runtime.data import Tokenizer
+    from runtime.train.config import load_config
+
+    cfg = load_config(str(root / "configs/debugmodel.toml"),
+                      ["--data.dataset=path", f"--data.dataset_path={path}", "--training.seq_len=8"])
+    want = next(build_dataloader(cfg.data, Tokenizer.load(), 8, 3))
+    assert [r["input_ids"] for r in rows] == want["tokens"].tolist()
+    assert [r["labels"] for r in rows] == want["labels"].tolist()
+    assert [r["positions"] for r in rows] == want["positions"].tolist()
+    assert [r["document_ids"] for r in rows] == want["document_ids"].tolist()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("=== sample 0") and "hello world" in r.stdout
+    r = subprocess.run(cmd[:5] + ["--data.dataset=path", f"--data.dataset_path={tmp_path}/no.jsonl",
+                                  "--show", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no.jsonl does not exist" in r.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.train.tokenizer import EMBEDDED_TOKENIZER, Tokenizer
+from runtime.data.tokenizer import EMBEDDED_TOKENIZER, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "runtime" / "assets"

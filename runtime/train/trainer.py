@@ -2,7 +2,7 @@
 
 One Trainer owns the pieces, each from its own module:
   config (config.py) -> mesh (parallel/dims.py) -> model (model/) -> parallel passes
-  (parallel/parallelize.py) -> optimizer + lr (optim.py) -> data (data.py) ->
+  (parallel/parallelize.py) -> optimizer + lr (optim.py) -> data (runtime/data/) ->
   checkpoints (checkpoint.py) -> metrics (metrics.py) -> signals/NaNs (faults.py).
 Exit codes: 0 done, 2 config error, 75 stopped by SIGUSR1/SIGTERM after saving (requeue me).
 """
@@ -18,18 +18,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from runtime.data import Tokenizer, build_dataloader, split_microbatches
 from runtime.model import GptOssModel
 from runtime.model.moe import moe_layers, update_expert_bias
 from runtime.parallel.dims import validate_job
 from runtime.parallel.quantize import after_optimizer_step
 from runtime.train.checkpoint import CheckpointManager, ModelState, OptimizerState, TrainState
 from runtime.train.config import ConfigError, JobConfig, build_parser, parse_args
-from runtime.train.data import build_dataloader, split_microbatches
 from runtime.train.faults import StopSignal, check_finite
 from runtime.train.metrics import MetricsLogger
 from runtime.train.optim import build_lr_scheduler, build_optimizer
 from runtime.train.slurm_env import EXIT_CONFIG_ERROR, EXIT_REQUEUE, setup_distributed_env
-from runtime.train.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
 

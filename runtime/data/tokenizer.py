@@ -18,6 +18,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tokenizers import Tokenizer as HFTokenizer
+
+from runtime.data.errors import DataError, DataFileNotFoundError
+
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_TOKENIZER = ASSETS_DIR / "tokenizer.json"
 
@@ -39,7 +43,7 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot parse {path}: {e}") from None
+        raise DataError(f"cannot parse {path}: {e}") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -82,12 +86,10 @@ class Tokenizer:
         bos/eos/pad (token strings) override what the directory's configs say, e.g.
         eos="<|endoftext|>" to separate pre-training documents of gpt-oss with its
         end-of-text token rather than the chat `<|return|>`."""
-        from tokenizers import Tokenizer as HFTokenizer
-
         if not path:
             file, meta_dir = EMBEDDED_TOKENIZER, None
             if not file.is_file():
-                raise FileNotFoundError(
+                raise DataFileNotFoundError(
                     f"embedded tokenizer missing: {file} (run scripts/build_assets.py)"
                 )
         else:
@@ -95,15 +97,15 @@ class Tokenizer:
             if p.is_dir():
                 file, meta_dir = p / "tokenizer.json", p
                 if not file.is_file():
-                    raise FileNotFoundError(f"tokenizer: no tokenizer.json in directory {p}")
+                    raise DataFileNotFoundError(f"tokenizer: no tokenizer.json in directory {p}")
             elif p.is_file():
                 file, meta_dir = p, None
             else:
-                raise FileNotFoundError(f"tokenizer: path does not exist: {p}")
+                raise DataFileNotFoundError(f"tokenizer: path does not exist: {p}")
         try:
             tok = HFTokenizer.from_file(str(file))
         except Exception as e:  # the Rust error type is not importable by name
-            raise ValueError(f"tokenizer: cannot load {file}: {e}") from None
+            raise DataError(f"tokenizer: cannot load {file}: {e}") from None
         found = cls._special_names(meta_dir, tok)
         bos, eos, pad = (
             o if o is not None else f for o, f in zip((bos, eos, pad), found, strict=True)
@@ -132,13 +134,13 @@ class Tokenizer:
     def _resolve(self, token: str | int, role: str) -> int:
         if isinstance(token, int):
             if not 0 <= token < self.vocab_size:
-                raise ValueError(
+                raise DataError(
                     f"tokenizer {self.source}: {role} id {token} outside vocab {self.vocab_size}"
                 )
             return token
         tid = self._tok.token_to_id(token)
         if tid is None:
-            raise ValueError(
+            raise DataError(
                 f"tokenizer {self.source}: {role} token {token!r} is not in the vocabulary"
             )
         return tid

@@ -1,0 +1,130 @@
+"""The stateful loader: this data-parallel rank's rows of the same global batch every step.
+
+`ParallelAwareDataLoader` draws `global_batch_size` consecutive windows per step from one
+`PackedStream` and returns rank r's rows [r*B/dp, (r+1)*B/dp). Every rank reads and
+encodes the same global stream, so the global batch does not depend on the dp degree and
+the loader state is identical on all ranks. Ranks and degrees are plain ints.
+
+Gradient accumulation: `next(loader)` returns the rank's whole slice of the global step
+batch; the trainer cuts it into micro-batches with `split_microbatches`.
+
+Resumption: `state_dict()` is a few integers, the cursor of the document at the head of
+the token buffer plus how many of its tokens were consumed; `load_state_dict` re-reads and
+re-encodes from that document, so the next batch equals the one the uninterrupted loader
+would have produced. It does not depend on batch size or dp degree, so a run may resume
+with a different layout (it then continues the same token stream).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+from runtime.data.errors import DataError
+from runtime.data.packing import Document, PackedStream, window_batch
+from runtime.data.schema import data_option
+from runtime.data.sources import DocumentSource, build_source
+
+STATE_VERSION = 1
+
+
+class ParallelAwareDataLoader:
+    """Iterator of this rank's slice of the global step batch.
+
+    Every step consumes `global_batch_size` windows from one global `PackedStream`; rank
+    r receives rows [r*B/dp, (r+1)*B/dp) as a dict of int64 tensors [B/dp, seq_len]
+    (`tokens`, `labels`, `positions`, `document_ids`). `encoder` (default: the source's,
+    built from `tokenizer`) turns a batch of source items into Documents.
+    """
+
+    def __init__(
+        self,
+        source: DocumentSource,
+        tokenizer,
+        seq_len: int,
+        global_batch_size: int,
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+        *,
+        document_masking: bool = True,
+        tokenize_batch_docs: int = 64,
+        encoder: Callable[[list], list[Document]] | None = None,
+    ):
+        if global_batch_size < 1:
+            raise DataError(f"data: global_batch_size must be >= 1, got {global_batch_size}")
+        if dp_world_size < 1 or not 0 <= dp_rank < dp_world_size:
+            raise DataError(
+                f"data: dp_rank {dp_rank} is not in [0, dp_world_size={dp_world_size})"
+            )
+        if global_batch_size % dp_world_size:
+            raise DataError(
+                f"data: global_batch_size ({global_batch_size}) is not divisible by the "
+                f"data-parallel degree ({dp_world_size})"
+            )
+        self.source, self.seq_len = source, seq_len
+        self.global_batch_size = global_batch_size
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self.local_batch_size = global_batch_size // dp_world_size
+        self.document_masking = document_masking
+        encode = encoder or source.encoder(tokenizer)
+        self.stream = PackedStream(source.stream, encode, seq_len, tokenize_batch_docs)
+        self.step = 0  # batches drawn (informational; resumption uses the stream cursor)
+
+    def __iter__(self) -> "ParallelAwareDataLoader":
+        return self
+
+    def __next__(self) -> dict:
+        b = self.local_batch_size
+        rows = slice(self.dp_rank * b, (self.dp_rank + 1) * b)
+        windows, serials, trained = self.stream.next_windows(self.global_batch_size, rows)
+        self.step += 1
+        return window_batch(windows, serials, self.document_masking, trained)  # [b, S] each
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next token to be read."""
+        return self.stream.state_dict()["epoch"]
+
+    def state_dict(self) -> dict:
+        """JSON-serializable and identical on every rank."""
+        return {
+            "version": STATE_VERSION,
+            "source": self.source.name,
+            "step": self.step,
+            **self.stream.state_dict(),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        if int(sd.get("version", STATE_VERSION)) != STATE_VERSION:
+            raise DataError(f"data: unsupported loader state version {sd.get('version')!r}")
+        if sd.get("source", self.source.name) != self.source.name:
+            warnings.warn(
+                f"data: resuming a {sd['source']!r} position on {self.source.name!r}", stacklevel=2
+            )
+        self.stream.load_state_dict(sd)
+        self.step = int(sd.get("step", 0))
+
+
+def build_dataloader(
+    data_cfg,
+    tokenizer,
+    seq_len: int,
+    global_batch_size: int,
+    dp_rank: int = 0,
+    dp_world_size: int = 1,
+    *,
+    document_masking: bool | None = None,
+) -> ParallelAwareDataLoader:
+    """The loader a [data] config describes (`data_cfg`: DataConfig, dict, any object, or None)."""
+    if document_masking is None:
+        document_masking = bool(data_option(data_cfg, "document_mask"))
+    return ParallelAwareDataLoader(
+        build_source(data_cfg),
+        tokenizer,
+        seq_len,
+        global_batch_size,
+        dp_rank,
+        dp_world_size,
+        document_masking=document_masking,
+        tokenize_batch_docs=int(data_option(data_cfg, "tokenize_batch_docs")),
+    )

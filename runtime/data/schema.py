@@ -1,0 +1,32 @@
+"""The [data] keys: `DataConfig`. Any object with these attribute names (or a dict) is
+accepted by the data package; a missing name takes the default here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ""  # "embedded" | "path" | "hf"; "" = hf if hf_dataset, path if dataset_path
+    dataset_path: str | list[str] = ""  # file, directory or glob (or a list of them)
+    text_key: str = "text"  # JSON key / parquet column / HF field holding the text
+    hf_dataset: str = ""  # HF datasets name or local path; needs `datasets`
+    hf_config: str = ""  # HF dataset config name ("" = default)
+    hf_split: str = "train"
+    hf_streaming: bool = True  # False: download/prepare the split, then read it by index
+    document_mask: bool = True  # per-document positions and ids (else one long context)
+    shuffle: bool = False  # a new seeded order each epoch
+    shuffle_seed: int = 0
+    shuffle_buffer: int = 10000  # HF streaming shuffle buffer (documents)
+    tokenize_batch_docs: int = 64  # documents per encode_batch call
+
+
+def data_option(cfg, name: str):
+    """`cfg.name` for a DataConfig-like object, dict or None (the default when absent)."""
+    default = getattr(DataConfig, name)
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)

@@ -1,0 +1,222 @@
+"""Document sources: a deterministic, resumable, endless sequence of documents.
+
+Every document has a cursor `(epoch, shard, index)`:
+  * `EmbeddedSource`: the corpus shipped in runtime/assets (no network).
+  * `FileSource`: local files (runtime.data.readers), a directory (recursive) or a glob,
+    sorted by path; a shard is one file.
+  * `HFSource`: `datasets.load_dataset(...)`, streamed unless `hf_streaming = false`;
+    only used when the user sets `hf_dataset`, and `datasets` is imported only then.
+Shuffling (optional, seeded, a new order each epoch): the shard (file) order is permuted,
+then the documents inside each shard; a shard is read whole only when shuffling. The
+embedded corpus is one shard, so it is fully shuffled. HF sources use `datasets`' buffered
+shuffle with `set_epoch` (a full permutation when not streaming). Empty/whitespace
+documents are skipped.
+
+A source yields items (text for these sources); `source.encoder(tokenizer)` turns a batch
+of items into `Document`s (token ids + optional per-token loss mask), so a source of other
+items (chat conversations) plugs into the same packing by overriding `encoder`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from runtime.data.errors import DataDependencyError, DataError, DataFileNotFoundError
+from runtime.data.packing import Document, TextEncoder
+from runtime.data.readers import read_docs, resolve_files, text_of
+from runtime.data.schema import data_option
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+EMBEDDED_CORPUS = ASSETS_DIR / "corpus.jsonl.gz"
+
+# A cursor names one document of the endless stream: (epoch, shard, index in shard).
+Cursor = tuple  # (int, int, int)
+
+
+def permutation(n: int, *key: int) -> np.ndarray:
+    """A reproducible permutation of range(n) for (seed, epoch, shard...)."""
+    # SeedSequence over the key: independent, reproducible orders. It rejects negative
+    # ints, so keys are taken modulo 2**64.
+    entropy = [int(k) % (1 << 64) for k in key]
+    return np.random.Generator(np.random.PCG64(entropy)).permutation(n)
+
+
+def _derived_seed(*key: int) -> int:
+    return int(np.random.SeedSequence([int(k) % (1 << 64) for k in key]).generate_state(1)[0])
+
+
+class DocumentSource:
+    """A deterministic, resumable sequence of documents for each epoch."""
+
+    name = "?"
+
+    def documents(self, epoch: int, shard: int, index: int) -> Iterator[tuple[int, int, object]]:
+        """Yield (shard, index, item) of `epoch` starting at document (shard, index)."""
+        raise NotImplementedError
+
+    def keep(self, item) -> bool:
+        """Whether an item is a document (blank texts are not)."""
+        return bool(item) and not item.isspace()
+
+    def encoder(self, tokenizer) -> Callable[[list], list[Document]]:
+        """Items -> Documents (batched): text is [BOS] tokens [EOS], every token trained."""
+        return TextEncoder(tokenizer)
+
+    def stream(self, cursor: Cursor = (0, 0, 0)) -> Iterator[tuple[Cursor, object]]:
+        """Endless (cursor, item) stream over epochs starting at `cursor`; skips blank docs."""
+        epoch, shard, index = cursor
+        while True:
+            yielded = False
+            for s, i, item in self.documents(epoch, shard, index):
+                if self.keep(item):
+                    yielded = True
+                    yield (epoch, s, i), item
+            if not yielded and (shard, index) == (0, 0):
+                raise DataError(f"data: no non-empty documents in {self.name}")
+            epoch, shard, index = epoch + 1, 0, 0
+
+
+class FileSource(DocumentSource):
+    """Documents of local files, read shard (file) by shard in the given order."""
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        text_key: str = "text",
+        shuffle: bool = False,
+        seed: int = 0,
+        name: str | None = None,
+    ):
+        self.files = [Path(f) for f in files]
+        if not self.files:
+            raise DataError("data: no input files")
+        for f in self.files:
+            if not f.is_file():
+                raise DataFileNotFoundError(f"data: {f} does not exist")
+        self.text_key, self.shuffle, self.seed = text_key, shuffle, seed
+        self.name = name or (
+            str(self.files[0]) if len(self.files) == 1 else f"{len(self.files)} files"
+        )
+
+    def shard_order(self, epoch: int) -> list[Path]:
+        if not self.shuffle:
+            return self.files
+        return [self.files[i] for i in permutation(len(self.files), self.seed, epoch)]
+
+    def documents(self, epoch: int, shard: int, index: int) -> Iterator[tuple[int, int, str]]:
+        order = self.shard_order(epoch)
+        for s in range(shard, len(order)):
+            start = index if s == shard else 0
+            if not self.shuffle:
+                for i, text in read_docs(order[s], self.text_key, start):
+                    yield s, i, text
+                continue
+            # Shuffling needs the whole shard: `index` counts positions in the permuted order.
+            docs = [text for _, text in read_docs(order[s], self.text_key)]
+            perm = permutation(len(docs), self.seed, epoch, s + 1)
+            for i in range(start, len(docs)):
+                yield s, i, docs[perm[i]]
+
+
+class EmbeddedSource(FileSource):
+    """The small real-text corpus shipped in runtime/assets (see its README)."""
+
+    def __init__(self, shuffle: bool = False, seed: int = 0):
+        if not EMBEDDED_CORPUS.is_file():
+            raise DataFileNotFoundError(
+                f"embedded corpus missing: {EMBEDDED_CORPUS} (run scripts/build_assets.py)"
+            )
+        super().__init__([EMBEDDED_CORPUS], "text", shuffle, seed, name="embedded corpus")
+
+
+class HFSource(DocumentSource):
+    """HF `datasets`: streamed (default) or a prepared split read by index.
+
+    Resumes at document `index` of the epoch's order by skipping that many examples
+    (streaming) or by index (prepared). Shuffling reshuffles every epoch: a buffered
+    shuffle seeded by (seed, epoch) when streaming, a full permutation otherwise.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        config: str = "",
+        split: str = "train",
+        text_key: str = "text",
+        shuffle: bool = False,
+        seed: int = 0,
+        shuffle_buffer: int = 10000,
+        streaming: bool = True,
+    ):
+        try:
+            import datasets  # noqa: F401  (optional dependency, imported only for HF data)
+        except ImportError:
+            raise DataDependencyError(
+                f"data.hf_dataset={dataset!r} needs the `datasets` package: "
+                "pip install 'gptoss-runtime[data]'"
+            ) from None
+        self.dataset, self.config, self.split, self.streaming = dataset, config, split, streaming
+        self.text_key, self.shuffle, self.seed = text_key, shuffle, seed
+        self.shuffle_buffer = shuffle_buffer
+        self.name = f"hf:{dataset}" + (f"/{config}" if config else "") + f"[{split}]"
+
+    def documents(self, epoch: int, shard: int, index: int) -> Iterator[tuple[int, int, str]]:
+        import datasets  # optional dependency, imported only for HF data
+
+        ds = datasets.load_dataset(
+            self.dataset, self.config or None, split=self.split, streaming=self.streaming
+        )
+        if self.streaming:
+            if self.shuffle:
+                ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+                ds.set_epoch(epoch)  # seeds the buffer and shard order with seed + epoch
+            examples = ds.skip(index) if index else ds
+        else:
+            if self.shuffle:
+                ds = ds.shuffle(seed=_derived_seed(self.seed, epoch))
+            examples = ds.select(range(index, len(ds))) if index else ds
+        for i, example in enumerate(examples, start=index):
+            yield 0, i, text_of(example, self.text_key, f"{self.name} example {i}")
+
+
+def source_kind(data_cfg) -> str:
+    """'embedded' | 'path' | 'hf' (an empty data.dataset is inferred from the paths given)."""
+    kind, path, hf = (data_option(data_cfg, k) for k in ("dataset", "dataset_path", "hf_dataset"))
+    if kind:
+        return kind
+    if hf and path:
+        raise DataError("data: both dataset_path and hf_dataset are set; choose data.dataset")
+    return "hf" if hf else "path" if path else "embedded"
+
+
+def build_source(data_cfg=None) -> DocumentSource:
+    """The DocumentSource a [data] config names (the embedded corpus by default)."""
+    kind = source_kind(data_cfg)
+    shuffle = bool(data_option(data_cfg, "shuffle"))
+    seed = int(data_option(data_cfg, "shuffle_seed"))
+    text_key = data_option(data_cfg, "text_key")
+    if kind == "embedded":
+        return EmbeddedSource(shuffle, seed)
+    if kind == "path":
+        path = data_option(data_cfg, "dataset_path")
+        if not path:
+            raise DataError("data.dataset is 'path' but data.dataset_path is empty")
+        return FileSource(resolve_files(path), text_key, shuffle, seed)
+    if kind == "hf":
+        hf = data_option(data_cfg, "hf_dataset")
+        if not hf:
+            raise DataError("data.dataset is 'hf' but data.hf_dataset is empty")
+        return HFSource(
+            hf,
+            data_option(data_cfg, "hf_config"),
+            data_option(data_cfg, "hf_split"),
+            text_key,
+            shuffle,
+            seed,
+            int(data_option(data_cfg, "shuffle_buffer")),
+            bool(data_option(data_cfg, "hf_streaming")),
+        )
+    raise DataError(f"data.dataset must be 'embedded', 'path' or 'hf', got {kind!r}")
