@@ -471,7 +471,7 @@ def _seed_worker(rank, world_size, port, overrides, steps, out_dir, hook, option
         with torch.device("meta"):
             model = GptOssModel(cfg.model_args())
         model.to_empty(device="cpu")
-        model.init_weights()
+        model.init_weights(seed=cfg.training.seed)
         dcp.save({"model": ModelState([model])}, checkpoint_id=out_dir)
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         error = e

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.model import init
 from runtime.model.args import ModelArgs
 from runtime.model.rope import apply_rotary_emb
 
@@ -86,9 +87,9 @@ class Attention(nn.Module):
 
     def init_weights(self, std: float) -> None:
         for linear in (self.wq, self.wk, self.wv, self.wo):
-            nn.init.trunc_normal_(linear.weight, mean=0.0, std=std)
-            nn.init.zeros_(linear.bias)
-        nn.init.normal_(self.sinks, mean=0.0, std=std)
+            init.trunc_normal_(linear.weight, std=std)
+            init.zeros_(linear.bias)
+        init.normal_(self.sinks, std=std)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask,
                 backend: str) -> torch.Tensor:

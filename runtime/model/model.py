@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.model import init
 from runtime.model.args import ModelArgs
 from runtime.model.attention import Attention, resolve_attn_backend
 from runtime.model.loss import fused_linear_cross_entropy
@@ -47,7 +48,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
+        init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -88,7 +89,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm.init_weights()
         self.ffn_norm.init_weights()
         self.attention.init_weights(std)
-        nn.init.trunc_normal_(self.attention.wo.weight, mean=0.0, std=out_std)
+        init.trunc_normal_(self.attention.wo.weight, std=out_std)
         self.moe.init_weights(std, out_std)
 
     def forward(self, x: torch.Tensor, rope, masks, backend: str) -> torch.Tensor:
@@ -120,20 +121,29 @@ class GptOssModel(nn.Module):
         self.context_parallel = None
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """Initialise every parameter and buffer (safe after `to_empty`). Pipeline stages may
-        have dropped the embeddings/head (set to None): those are skipped."""
+        have dropped the embeddings/head (set to None): those are skipped.
+
+        With a `seed`, every parameter is drawn from generators keyed by (seed, its name), so
+        one seed gives the same model on any mesh and any pipeline split
+        (runtime/model/init.py); without one, from the global RNG."""
+        scope = init.seeded_init(self, seed) if seed is not None else contextlib.nullcontext()
+        with scope:
+            self._init_weights()
+
+    def _init_weights(self) -> None:
         std = self.args.init_std
         out_std = std / math.sqrt(2 * self.args.n_layers)  # residual-branch outputs, GPT-2 style
         self.rope.init_weights()
         if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+            init.normal_(self.tok_embeddings.weight, std=std)
         for block in self.layers.values():
             block.init_weights(std, out_std)
         if self.norm is not None:
             self.norm.init_weights()
         if self.output is not None:
-            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std)
+            init.trunc_normal_(self.output.weight, std=std)
 
     def _mask_inputs(self, seq_len: int, document_ids: torch.Tensor | None,
                      device: torch.device) -> MaskInputs:

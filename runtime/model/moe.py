@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.model import init
 from runtime.model.args import ModelArgs
 
 
@@ -27,8 +28,8 @@ class Router(nn.Module):
         self.gate = nn.Linear(args.dim, args.num_experts, bias=True)
 
     def init_weights(self, std: float) -> None:
-        nn.init.trunc_normal_(self.gate.weight, mean=0.0, std=std)
-        nn.init.zeros_(self.gate.bias)
+        init.trunc_normal_(self.gate.weight, std=std)
+        init.zeros_(self.gate.bias)
 
     def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None):
         # Routing decisions are sensitive to rounding: keep the router in fp32 even under autocast.
@@ -71,10 +72,10 @@ class GroupedExperts(nn.Module):
         self.mlp2_bias = nn.Parameter(torch.empty(E, D))
 
     def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.trunc_normal_(self.mlp1_weight, mean=0.0, std=std)
-        nn.init.trunc_normal_(self.mlp2_weight, mean=0.0, std=out_std)
-        nn.init.zeros_(self.mlp1_bias)
-        nn.init.zeros_(self.mlp2_bias)
+        init.trunc_normal_(self.mlp1_weight, std=std)
+        init.trunc_normal_(self.mlp2_weight, std=out_std)
+        init.zeros_(self.mlp1_bias)
+        init.zeros_(self.mlp2_bias)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, D] rows sorted by expert; counts: [E_local] rows per expert (sum == N)."""

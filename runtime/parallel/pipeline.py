@@ -257,12 +257,9 @@ class PipelineParallel:
         for stage_id in self.stage_ids:
             part = build_stage_module(model, stage_id, self.num_stages, self.layer_ids[stage_id])
             self.model_parts.append(parallelize_fn(part))
-        # Different stages must not draw the same random numbers (identical blocks): one
-        # seed per pipeline rank, shared by its data/tensor-parallel peers.
-        _seed_stage_init(cfg.training.seed, self.pp_rank, device, dims)
         for part in self.model_parts:
             part.to_empty(device=device)
-            part.init_weights()
+            part.init_weights(seed=cfg.training.seed)  # keyed by parameter name: any split alike
             part.train()
         self.view = StagesView(self.model_parts)  # optimizer, checkpoints, MoE bookkeeping
 
@@ -380,19 +377,6 @@ def _loss_parallel_context(enabled: bool):
     from torch.distributed.tensor.parallel import loss_parallel
 
     return loss_parallel()
-
-
-def _seed_stage_init(seed: int, pp_rank: int, device: torch.device, dims: ParallelDims) -> None:
-    stage_seed = seed + pp_rank
-    if device.type != "cpu":
-        # DTensor random ops (sharded init) would otherwise sync rank 0's RNG state to the
-        # whole world, i.e. across pipeline ranks too; seeding through DTensor first makes it
-        # use each rank's own state.
-        from torch.distributed.tensor import _random as dtensor_random
-
-        if dtensor_random.is_rng_supported_mesh(dims.world_mesh):
-            dtensor_random.manual_seed(stage_seed, dims.world_mesh)
-    torch.manual_seed(stage_seed)
 
 
 # --------------------------------------------------------------------------- all stages as one

@@ -115,7 +115,7 @@ class Trainer:
         else:
             model = parallelize(model, self.dims, self.mesh, cfg, self.device)
             model.to_empty(device=self.device)
-            model.init_weights()
+            model.init_weights(seed=cfg.training.seed)
             model.train()
             self.model_parts = [model]
         self.model = model  # with pp: this rank's first stage (self.model_parts: all of them)
