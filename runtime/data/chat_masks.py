@@ -1,0 +1,111 @@
+"""Which tokens of a rendered conversation are trained, found from the token ids.
+
+A harmony conversation is a run of messages `<|start|>{header}<|message|>{content}{stop}`,
+stop one of <|end|> / <|return|> / <|call|>. A *turn* of the assistant is a maximal run of
+consecutive assistant messages (e.g. analysis then final, or analysis then a tool call).
+The model generates everything of a turn after its opening `<|start|>assistant`: the rest of
+the header (`<|channel|>final`, ` to=functions.f<|channel|>commentary json`), the content,
+the stop token, and the whole `<|start|>assistant...` of the turn's further messages. Those
+tokens are trained; every other token is context (IGNORE_INDEX in the labels).
+
+`data.loss_on`:
+  "last_assistant" (default)  the last assistant turn (the gpt-oss template renders the
+                              thinking of that turn only, so earlier turns are not what
+                              the model saw at inference)
+  "all_assistant"             every assistant turn
+  "all"                       every token after the first
+
+The message boundaries come from the special-token ids and each header's role from
+decoding the header ids alone; no substring is re-tokenized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+LOSS_ON = ("last_assistant", "all_assistant", "all")
+ASSISTANT = "assistant"
+
+
+@dataclass(frozen=True)
+class HarmonyIds:
+    start: int
+    message: int
+    stops: frozenset  # <|end|>, <|return|>, <|call|>
+
+    @classmethod
+    def of(cls, tokenizer) -> "HarmonyIds":
+        """The ids of a tokenizer with the harmony tokens (a one-line error otherwise)."""
+        names = ("<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>")
+        ids = [tokenizer.token_to_id(n) for n in names]
+        missing = [n for n, i in zip(names, ids, strict=True) if i is None]
+        if missing:
+            raise ValueError(f"tokenizer {getattr(tokenizer, 'source', '')}: no harmony "
+                             f"token(s) {', '.join(missing)}: chat data needs them")
+        return cls(ids[0], ids[1], frozenset(ids[2:]))
+
+
+def _messages(ids: np.ndarray, hid: HarmonyIds) -> list[tuple[int, int, int]]:
+    """(start, header_end, stop) of each message: ids[start] = <|start|>, ids[header_end] =
+    <|message|>, ids[stop] = its stop token (or the last id of an unfinished message)."""
+    starts = np.flatnonzero(ids == hid.start).tolist()
+    out = []
+    for k, s in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else len(ids)
+        seg = ids[s:end]
+        header = np.flatnonzero(seg == hid.message)
+        stop = np.flatnonzero(np.isin(seg, list(hid.stops)))
+        out.append((s, s + int(header[0]) if len(header) else end,
+                    s + int(stop[0]) if len(stop) else end - 1))
+    return out
+
+
+def _role_length(header: list[int], decode) -> int | None:
+    """How many header tokens spell the role "assistant" (None when the role is another):
+    the smallest prefix whose text reaches the end of the word."""
+    for k in range(1, len(header) + 1):
+        text = decode(header[:k])
+        if len(text) >= len(ASSISTANT):
+            word = text[: len(ASSISTANT)]
+            rest = text[len(ASSISTANT):]
+            if word != ASSISTANT or (rest and rest[0] not in " <"):
+                return None
+            return k
+    return None
+
+
+def assistant_turns(ids, decode, hid: HarmonyIds) -> list[tuple[int, int]]:
+    """[first, last] token indices (inclusive) generated in each assistant turn."""
+    ids = np.asarray(ids, dtype=np.int64)
+    turns: list[list[int]] = []
+    previous_stop = None
+    for start, header_end, stop in _messages(ids, hid):
+        role_len = _role_length(ids[start + 1: header_end].tolist(), decode)
+        if role_len is None:
+            previous_stop = None
+            continue
+        if previous_stop is not None and previous_stop == start - 1:
+            turns[-1][1] = stop  # the same turn continues with another assistant message
+        else:
+            turns.append([start + 1 + role_len, stop])
+        previous_stop = stop
+    return [(a, b) for a, b in turns]
+
+
+def trained_tokens(ids, decode, hid: HarmonyIds, loss_on: str = "last_assistant") -> np.ndarray:
+    """bool [len(ids)]: True where the token is a training target."""
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"data.loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
+    n = len(ids)
+    mask = np.zeros(n, dtype=bool)
+    if loss_on == "all":
+        mask[1:] = True
+        return mask
+    turns = assistant_turns(ids, decode, hid)
+    if loss_on == "last_assistant":
+        turns = turns[-1:]
+    for first, last in turns:
+        mask[first: last + 1] = True
+    return mask

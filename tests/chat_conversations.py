@@ -1,0 +1,64 @@
+"""Conversations the chat tests render: single and multi-turn, thinking, tool calls."""
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "City name"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "default": "celsius"},
+                "days": {"type": "integer", "default": 1},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "exact": {"type": "boolean"},
+            },
+            "required": ["city"],
+        },
+    },
+}
+CLOCK_TOOL = {"type": "function", "function": {"name": "now", "description": "The time."}}
+
+CONVERSATIONS = {
+    "single_turn": {"messages": [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4"},
+    ]},
+    "system_and_thinking": {"messages": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Reverse 'abc'."},
+        {"role": "assistant", "thinking": "Reverse a, b, c: c, b, a.", "content": "cba"},
+    ]},
+    "multi_turn": {"reasoning_effort": "high", "messages": [
+        {"role": "developer", "content": "You are a calculator.\nBe exact."},
+        {"role": "user", "content": "3 * 7?"},
+        {"role": "assistant", "thinking": "3 * 7 = 21.", "content": "21"},
+        {"role": "user", "content": "And 21 + 1? Ünïcødé ✓ 日本"},
+        {"role": "assistant", "thinking": "21 + 1 = 22.", "content": "22"},
+    ]},
+    "tool_call": {"tools": [WEATHER_TOOL, CLOCK_TOOL], "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "thinking": "I need the weather tool.",
+         "tool_calls": [{"type": "function", "function": {
+             "name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}]},
+        {"role": "tool", "content": "{\"temperature\": 21}"},
+        {"role": "assistant", "thinking": "It is 21 C.", "content": "21 °C and sunny."},
+    ]},
+    "ends_with_tool_call": {"tools": [WEATHER_TOOL], "reasoning_effort": "low", "messages": [
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "Weather in Oslo, 3 days?"},
+        {"role": "assistant", "thinking": "Call the tool.",
+         "tool_calls": [{"function": {"name": "get_weather",
+                                      "arguments": "{\"city\": \"Oslo\", \"days\": 3}"}}]},
+    ]},
+    "two_turns_with_tools": {"tools": [CLOCK_TOOL], "messages": [
+        {"role": "user", "content": "Time?"},
+        {"role": "assistant", "content": "Checking the clock.",
+         "tool_calls": [{"function": {"name": "now", "arguments": {}}}]},
+        {"role": "tool", "content": "12:00"},
+        {"role": "assistant", "content": "It is noon."},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "thinking": "Say you're welcome.", "content": "You're welcome."},
+    ]},
+}

@@ -1,0 +1,210 @@
+"""Chat rendering: the built-in harmony renderer equals a chat template (our fixture, and the
+real gpt-oss template when GPTOSS_CHAT_TEMPLATE names a checkpoint dir or template file), the
+template runs sandboxed with HF's helpers, and the loss mask covers exactly the generated
+tokens (checked against spans found independently in the rendered text)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.data import harmony
+from runtime.data.chat_masks import HarmonyIds, trained_tokens
+from runtime.data.chat_records import ChatRecordError, parse_record
+from runtime.data.chat_template import (ChatTemplateError, HarmonyRenderer, TemplateRenderer,
+                                        build_renderer, find_template)
+from runtime.train.tokenizer import Tokenizer
+from chat_conversations import CONVERSATIONS
+
+FIXTURE = Path(__file__).parent / "fixtures" / "harmony_chat_template.jinja"
+DATE = "2026-01-15"
+
+
+def _render_both(renderer_a, renderer_b, record, **kw):
+    conv = parse_record(record, "test", require_assistant=False)
+    args = dict(tools=conv.tools, reasoning_effort=conv.reasoning_effort, **kw)
+    return renderer_a.render(conv.messages, **args), renderer_b.render(conv.messages, **args)
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("generation_prompt", [False, True])
+def test_builtin_equals_template(name, generation_prompt):
+    template = TemplateRenderer(FIXTURE.read_text(), str(FIXTURE), date=DATE)
+    record = CONVERSATIONS[name]
+    if generation_prompt:  # the inference prompt: up to the last user message
+        last_user = max(i for i, m in enumerate(record["messages"]) if m["role"] == "user")
+        record = {**record, "messages": record["messages"][: last_user + 1]}
+    ours, theirs = _render_both(HarmonyRenderer(date=DATE), template, record,
+                                add_generation_prompt=generation_prompt)
+    assert ours == theirs
+
+
+def _real_template() -> TemplateRenderer | None:
+    where = os.environ.get("GPTOSS_CHAT_TEMPLATE", "")
+    if not where:
+        return None
+    p = Path(where)
+    found = find_template(str(p), "") if p.is_dir() else find_template("", str(p))
+    return TemplateRenderer(found[0], found[1], date=DATE) if found else None
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_builtin_equals_real_gptoss_template(name):
+    """Opt-in (the template is not shipped here): GPTOSS_CHAT_TEMPLATE=/path/gpt-oss-20b."""
+    real = _real_template()
+    if real is None:
+        pytest.skip("set GPTOSS_CHAT_TEMPLATE to a gpt-oss checkpoint dir or chat_template.jinja")
+    ours, theirs = _render_both(HarmonyRenderer(date=DATE), real, CONVERSATIONS[name])
+    assert ours == theirs
+
+
+def test_builtin_renders_the_harmony_literal():
+    text = harmony.render([{"role": "user", "content": "Hi"},
+                           {"role": "assistant", "thinking": "Greet.", "content": "Hello"}],
+                          date=DATE)
+    assert text == (
+        "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+        f"Knowledge cutoff: 2024-06\nCurrent date: {DATE}\n\nReasoning: medium\n\n"
+        "# Valid channels: analysis, commentary, final. Channel must be included for every "
+        "message.<|end|>"
+        "<|start|>user<|message|>Hi<|end|>"
+        "<|start|>assistant<|channel|>analysis<|message|>Greet.<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Hello<|return|>")
+
+
+def test_earlier_thinking_dropped_and_return_only_at_the_end():
+    conv = parse_record(CONVERSATIONS["multi_turn"], "t")
+    text = harmony.render(conv.messages, date=DATE, reasoning_effort="high")
+    assert "3 * 7 = 21." not in text and "21 + 1 = 22." in text
+    assert text.count("<|return|>") == 1 and text.endswith("22<|return|>")
+    assert "Reasoning: high" in text and "# Instructions\n\nYou are a calculator." in text
+
+
+def test_template_helpers_and_sandbox():
+    t = TemplateRenderer("{{ strftime_now('%d/%m/%Y') }}{{ {'k': 'é'} | tojson }}", "t",
+                         date=DATE)
+    assert t.render([]) == '15/01/2026{"k": "é"}'
+    with pytest.raises(ChatTemplateError, match="boom"):
+        TemplateRenderer("{{ raise_exception('boom') }}", "t", date=DATE).render([])
+    with pytest.raises(ChatTemplateError):  # the sandbox refuses attribute walks
+        TemplateRenderer("{{ ''.__class__.__mro__ }}", "t", date=DATE).render([])
+    with pytest.raises(ChatTemplateError):  # immutable: inputs cannot be changed
+        TemplateRenderer("{{ messages.append(1) }}", "t", date=DATE).render([])
+    with pytest.raises(ChatTemplateError, match="channel"):
+        HarmonyRenderer(date=DATE).render(
+            [{"role": "user", "content": "x"},
+             {"role": "assistant", "content": "<|channel|>final<|message|>y"}])
+
+
+def test_find_template_order(tmp_path):
+    assert find_template(str(tmp_path)) is None
+    assert isinstance(build_renderer(str(tmp_path), date=DATE), HarmonyRenderer)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": [{"name": "tool_use", "template": "T"},
+                           {"name": "default", "template": "D"}]}))
+    assert find_template(str(tmp_path))[0] == "D"
+    (tmp_path / "chat_template.jinja").write_text("J")
+    assert find_template(str(tmp_path))[0] == "J"
+    explicit = tmp_path / "mine.jinja"
+    explicit.write_text("M")
+    assert build_renderer(str(tmp_path), str(explicit), date=DATE).render([]) == "M"
+    with pytest.raises(ChatTemplateError, match="data.chat_template"):
+        find_template("", str(tmp_path / "missing.jinja"))
+    with pytest.raises(ChatTemplateError, match="data.chat_date"):
+        build_renderer("", date="15/01/2026")
+
+
+@pytest.mark.parametrize("record, match", [
+    ({"messages": []}, "non-empty"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "role 'bot'"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "no assistant"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "s"},
+                   {"role": "assistant", "content": "y"}]}, "only come first"),
+    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     "before any tool call"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": {
+        "name": "f", "arguments": "{bad"}}]}]}, "not valid JSON"),
+    ({"reasoning_effort": "max", "messages": [{"role": "assistant", "content": "y"}]},
+     "reasoning_effort"),
+])
+def test_bad_records_name_the_field(record, match):
+    with pytest.raises(ChatRecordError, match=match) as e:
+        parse_record(record, "chat.jsonl:7")
+    assert str(e.value).startswith("chat.jsonl:7")
+
+
+# ------------------------------------------------------------------------------- masks
+MESSAGE_RE = re.compile(r"<\|start\|>(.*?)<\|message\|>.*?(?:<\|end\|>|<\|return\|>|<\|call\|>)",
+                        re.DOTALL)
+
+
+def _char_spans(text: str, loss_on: str) -> list[tuple[int, int]]:
+    """Trained character spans found in the text alone: assistant turns from right after
+    `<|start|>assistant` to the end of their last message's stop token."""
+    turns, prev_end = [], None
+    for m in MESSAGE_RE.finditer(text):
+        if not m.group(1).startswith("assistant"):
+            prev_end = None
+            continue
+        if prev_end == m.start():
+            turns[-1][1] = m.end()
+        else:
+            turns.append([m.start() + len("<|start|>assistant"), m.end()])
+        prev_end = m.end()
+    if loss_on == "last_assistant":
+        turns = turns[-1:]
+    return [tuple(t) for t in turns]
+
+
+def _mask_from_text(tok: Tokenizer, text: str, loss_on: str) -> tuple[list[int], np.ndarray]:
+    backend = tok.backend
+    backend.encode_special_tokens = False
+    try:
+        enc = backend.encode(text, add_special_tokens=False)
+    finally:
+        backend.encode_special_tokens = True
+    spans = _char_spans(text, loss_on)
+    mask = np.array([any(a <= s and e <= b for a, b in spans) for s, e in enc.offsets])
+    return enc.ids, mask
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.load("")
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("loss_on", ["last_assistant", "all_assistant"])
+def test_mask_equals_spans_found_in_text(tok, name, loss_on):
+    conv = parse_record(CONVERSATIONS[name], "t")
+    text = harmony.render(conv.messages, tools=conv.tools, date=DATE,
+                          reasoning_effort=conv.reasoning_effort or "medium")
+    ids = tok.encode(text, allow_special=True)
+    expected_ids, expected = _mask_from_text(tok, text, loss_on)
+    assert ids == expected_ids
+    mask = trained_tokens(ids, tok.decode, HarmonyIds.of(tok), loss_on)
+    assert mask.any() and (mask == expected).all()
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert trained.endswith(("<|return|>", "<|call|>"))
+    assert "<|start|>user" not in trained and "<|start|>system" not in trained
+
+
+def test_mask_details(tok):
+    conv = parse_record(CONVERSATIONS["tool_call"], "t")
+    text = harmony.render(conv.messages, tools=conv.tools, date=DATE)
+    ids = tok.encode(text, allow_special=True)
+    hid = HarmonyIds.of(tok)
+    last = tok.decode([i for i, m in zip(ids, trained_tokens(ids, tok.decode, hid)) if m])
+    assert last == ("<|channel|>analysis<|message|>It is 21 C.<|end|><|start|>assistant"
+                    "<|channel|>final<|message|>21 °C and sunny.<|return|>")
+    every = trained_tokens(ids, tok.decode, hid, "all_assistant")
+    first_turn = tok.decode([i for i, m in zip(ids, every) if m])
+    assert first_turn.startswith(' to=functions.get_weather<|channel|>commentary json<|message|>')
+    assert trained_tokens(ids, tok.decode, hid, "all").sum() == len(ids) - 1
+    with pytest.raises(ValueError, match="data.loss_on"):
+        trained_tokens(ids, tok.decode, hid, "assistant")
