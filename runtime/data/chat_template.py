@@ -84,17 +84,19 @@ class TemplateRenderer:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         self.source, self.date = source, date
-        when = dt.datetime.strptime(date, "%Y-%m-%d")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=[loopcontrols])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = when.strftime
+        env.globals["strftime_now"] = self._strftime_now
         try:
             self._template = env.from_string(text)
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"{source}: invalid chat template: {e}") from None
         self._special = dict(special_tokens or {})
+
+    def _strftime_now(self, fmt: str) -> str:
+        return dt.datetime.strptime(self.date, "%Y-%m-%d").strftime(fmt)
 
     def render(self, messages: list[dict], *, tools: list[dict] | None = None,
                reasoning_effort: str | None = None, add_generation_prompt: bool = False) -> str:
