@@ -21,9 +21,10 @@ import warnings
 from typing import Callable
 
 from runtime.data.errors import DataError
-from runtime.data.packing import Document, PackedStream, window_batch
+from runtime.data.packing import Document, window_batch
 from runtime.data.schema import data_option
-from runtime.data.sources import DocumentSource, build_source
+from runtime.data.chat_source import build_chat_source
+from runtime.data.sources import DocumentSource, build_source, source_kind
 
 STATE_VERSION = 1
 
@@ -67,7 +68,7 @@ class ParallelAwareDataLoader:
         self.local_batch_size = global_batch_size // dp_world_size
         self.document_masking = document_masking
         encode = encoder or source.encoder(tokenizer)
-        self.stream = PackedStream(source.stream, encode, seq_len, tokenize_batch_docs)
+        self.stream = source.packer(tokenizer, encode, seq_len, tokenize_batch_docs)
         self.step = 0  # batches drawn (informational; resumption uses the stream cursor)
 
     def __iter__(self) -> "ParallelAwareDataLoader":
@@ -114,12 +115,15 @@ def build_dataloader(
     dp_world_size: int = 1,
     *,
     document_masking: bool | None = None,
+    split: str = "train",
 ) -> ParallelAwareDataLoader:
-    """The loader a [data] config describes (`data_cfg`: DataConfig, dict, any object, or None)."""
+    """The loader a [data] config describes (`data_cfg`: DataConfig, dict, any object, or None).
+    `split` picks the embedded chat sample's split when chat data names no files."""
     if document_masking is None:
         document_masking = bool(data_option(data_cfg, "document_mask"))
+    chat = source_kind(data_cfg) == "chat"
     return ParallelAwareDataLoader(
-        build_source(data_cfg),
+        build_chat_source(data_cfg, split) if chat else build_source(data_cfg),
         tokenizer,
         seq_len,
         global_batch_size,

@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from runtime.data.errors import DataDependencyError, DataError, DataFileNotFoundError
-from runtime.data.packing import Document, TextEncoder
+from runtime.data.packing import Document, PackedStream, TextEncoder
 from runtime.data.readers import read_docs, resolve_files, text_of
 from runtime.data.schema import data_option
 
@@ -64,6 +64,11 @@ class DocumentSource:
     def encoder(self, tokenizer) -> Callable[[list], list[Document]]:
         """Items -> Documents (batched): text is [BOS] tokens [EOS], every token trained."""
         return TextEncoder(tokenizer)
+
+    def packer(self, tokenizer, encode, seq_len: int, batch_docs: int):
+        """The stream that packs this source's Documents into windows: one token stream cut
+        into seq_len windows (text); a chat source keeps each conversation whole."""
+        return PackedStream(self.stream, encode, seq_len, batch_docs)
 
     def stream(self, cursor: Cursor = (0, 0, 0)) -> Iterator[tuple[Cursor, object]]:
         """Endless (cursor, item) stream over epochs starting at `cursor`; skips blank docs."""
@@ -106,16 +111,20 @@ class FileSource(DocumentSource):
             return self.files
         return [self.files[i] for i in permutation(len(self.files), self.seed, epoch)]
 
+    def read(self, path: Path, start: int = 0) -> Iterator[tuple[int, object]]:
+        """(index, item) of one file from `start` (a chat source reads conversations)."""
+        return read_docs(path, self.text_key, start)
+
     def documents(self, epoch: int, shard: int, index: int) -> Iterator[tuple[int, int, str]]:
         order = self.shard_order(epoch)
         for s in range(shard, len(order)):
             start = index if s == shard else 0
             if not self.shuffle:
-                for i, text in read_docs(order[s], self.text_key, start):
+                for i, text in self.read(order[s], start):
                     yield s, i, text
                 continue
             # Shuffling needs the whole shard: `index` counts positions in the permuted order.
-            docs = [text for _, text in read_docs(order[s], self.text_key)]
+            docs = [text for _, text in self.read(order[s])]
             perm = permutation(len(docs), self.seed, epoch, s + 1)
             for i in range(start, len(docs)):
                 yield s, i, docs[perm[i]]
@@ -179,7 +188,11 @@ class HFSource(DocumentSource):
                 ds = ds.shuffle(seed=_derived_seed(self.seed, epoch))
             examples = ds.select(range(index, len(ds))) if index else ds
         for i, example in enumerate(examples, start=index):
-            yield 0, i, text_of(example, self.text_key, f"{self.name} example {i}")
+            yield 0, i, self.item_of(example, f"{self.name} example {i}")
+
+    def item_of(self, example, where: str):
+        """The item of one dataset example (its text; a chat source parses a conversation)."""
+        return text_of(example, self.text_key, where)
 
 
 def source_kind(data_cfg) -> str:
@@ -219,4 +232,4 @@ def build_source(data_cfg=None) -> DocumentSource:
             int(data_option(data_cfg, "shuffle_buffer")),
             bool(data_option(data_cfg, "hf_streaming")),
         )
-    raise DataError(f"data.dataset must be 'embedded', 'path' or 'hf', got {kind!r}")
+    raise DataError(f"data.dataset must be 'embedded', 'path', 'hf' or 'chat', got {kind!r}")

@@ -65,6 +65,7 @@ class Tokenizer:
     def __init__(self, tok, *, bos: str | int, eos: str | int, pad: str | int | None, source: str):
         self._tok = tok
         self.source = source
+        self.directory = ""  # the checkpoint directory it came from (chat template, configs)
         self.bos_id = self._resolve(bos, "bos")
         self.eos_id = self._resolve(eos, "eos")
         # Packing never pads; pad_id only matters for callers that do (falls back to EOS).
@@ -110,7 +111,9 @@ class Tokenizer:
         bos, eos, pad = (
             o if o is not None else f for o, f in zip((bos, eos, pad), found, strict=True)
         )
-        return cls(tok, bos=bos, eos=eos, pad=pad, source=str(file))
+        loaded = cls(tok, bos=bos, eos=eos, pad=pad, source=str(file))
+        loaded.directory = str(meta_dir) if meta_dir is not None else ""
+        return loaded
 
     @staticmethod
     def _special_names(meta_dir: Path | None, tok) -> tuple:

@@ -1,0 +1,150 @@
+"""`data.dataset = "chat"`: conversations from JSONL files / HF datasets (or the embedded
+chat sample) rendered, tokenized and masked into Documents packed one per window.
+
+    [data]
+    dataset = "chat"
+    dataset_path = "chats/*.jsonl"   # files/dirs/globs; or hf_dataset = "org/name"; neither:
+                                     # the embedded chat sample (runtime/assets/chat_sample)
+    loss_on = "last_assistant"       # | "all_assistant" | "all"   (runtime.data.chat_masks)
+    chat_overflow = "truncate"       # | "drop": conversations longer than seq_len
+    chat_template = ""               # a .jinja file; "" = the tokenizer dir's, else built-in
+    chat_date = ""                   # "Current date" of the system message; "" = today
+
+Records: runtime.data.chat_records; rendering: runtime.data.chat_template; masks:
+runtime.data.chat_masks; packing: runtime.data.chat_pack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from runtime.data.chat_masks import LOSS_ON, HarmonyIds, trained_tokens
+from runtime.data.chat_pack import WholeDocumentStream
+from runtime.data.chat_records import ChatRecordError, Conversation, parse_record
+from runtime.data.chat_template import ChatTemplateError, build_renderer
+from runtime.data.errors import DataError
+from runtime.data.packing import Document
+from runtime.data.readers import read_json_records, resolve_files
+from runtime.data.schema import data_option
+from runtime.data.sources import ASSETS_DIR, FileSource, HFSource
+
+CHAT_SAMPLE_DIR = ASSETS_DIR / "chat_sample"
+CHAT_SAMPLE = {"train": CHAT_SAMPLE_DIR / "train.jsonl.gz",
+               "validation": CHAT_SAMPLE_DIR / "validation.jsonl.gz"}
+
+
+def _conversation(record, where: str) -> Conversation:
+    try:
+        return parse_record(record, where)
+    except ChatRecordError as e:
+        raise DataError(str(e)) from None
+
+
+class ChatEncoder:
+    """Conversations -> Documents: render, encode with special tokens, mask (batched)."""
+
+    def __init__(self, tokenizer, renderer, loss_on: str = "last_assistant"):
+        if loss_on not in LOSS_ON:
+            raise DataError(f"data.loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
+        self.tokenizer, self.renderer, self.loss_on = tokenizer, renderer, loss_on
+        try:
+            self.harmony_ids = HarmonyIds.of(tokenizer)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+
+    @property
+    def date(self) -> str:
+        return self.renderer.date
+
+    @date.setter
+    def date(self, value: str) -> None:
+        self.renderer.date = value
+
+    def render(self, conversation: Conversation) -> str:
+        try:
+            return self.renderer.render(conversation.messages, tools=conversation.tools,
+                                        reasoning_effort=conversation.reasoning_effort)
+        except ChatTemplateError as e:
+            raise DataError(f"{self.renderer.source}: {e}") from None
+
+    def __call__(self, conversations: list[Conversation]) -> list[Document]:
+        texts = [self.render(c) for c in conversations]
+        docs = []
+        for ids in self.tokenizer.encode_batch(texts, allow_special=True):
+            ids = np.asarray(ids, dtype=np.int64)
+            docs.append(Document(ids, trained_tokens(ids, self.tokenizer.decode,
+                                                     self.harmony_ids, self.loss_on)))
+        return docs
+
+
+class _ChatMixin:
+    """What makes a source a chat source: conversation items, whole-document packing."""
+
+    data_cfg = None
+
+    def keep(self, item) -> bool:
+        return True  # every record is a conversation (parse_record rejected the others)
+
+    def encoder(self, tokenizer) -> ChatEncoder:
+        try:
+            renderer = build_renderer(
+                tokenizer.directory, data_option(self.data_cfg, "chat_template"),
+                date=data_option(self.data_cfg, "chat_date"),
+                special_tokens={"bos_token": tokenizer.decode([tokenizer.bos_id]),
+                                "eos_token": tokenizer.decode([tokenizer.eos_id])})
+        except ChatTemplateError as e:
+            raise DataError(str(e)) from None
+        return ChatEncoder(tokenizer, renderer, data_option(self.data_cfg, "loss_on"))
+
+    def packer(self, tokenizer, encode, seq_len: int, batch_docs: int) -> WholeDocumentStream:
+        return WholeDocumentStream(self.stream, encode, seq_len, pad_id=tokenizer.pad_id,
+                                   overflow=data_option(self.data_cfg, "chat_overflow"),
+                                   batch_docs=batch_docs)
+
+
+class ChatFileSource(_ChatMixin, FileSource):
+    """Conversations of local .jsonl / .json (+ .gz) files, one record per line."""
+
+    def __init__(self, files, data_cfg=None, name: str | None = None):
+        super().__init__(files, "messages", bool(data_option(data_cfg, "shuffle")),
+                         int(data_option(data_cfg, "shuffle_seed")), name=name)
+        self.data_cfg = data_cfg
+
+    def read(self, path: Path, start: int = 0) -> Iterator[tuple[int, Conversation]]:
+        for i, record, where in read_json_records(path, start):
+            yield i, _conversation(record, where)
+
+
+class ChatHFSource(_ChatMixin, HFSource):
+    """Conversations of an HF dataset whose examples hold `messages` (optional extra)."""
+
+    def __init__(self, data_cfg):
+        super().__init__(data_option(data_cfg, "hf_dataset"), data_option(data_cfg, "hf_config"),
+                         data_option(data_cfg, "hf_split"), "messages",
+                         bool(data_option(data_cfg, "shuffle")),
+                         int(data_option(data_cfg, "shuffle_seed")),
+                         int(data_option(data_cfg, "shuffle_buffer")),
+                         bool(data_option(data_cfg, "hf_streaming")))
+        self.data_cfg = data_cfg
+
+    def item_of(self, example, where: str) -> Conversation:
+        return _conversation(dict(example), where)
+
+
+def build_chat_source(data_cfg, split: str = "train"):
+    """The chat source a [data] (or [validation]) config names; with neither dataset_path
+    nor hf_dataset, the `split` ("train" | "validation") of the embedded chat sample."""
+    path, hf = data_option(data_cfg, "dataset_path"), data_option(data_cfg, "hf_dataset")
+    if path and hf:
+        raise DataError("data: both dataset_path and hf_dataset are set for chat data")
+    if hf:
+        return ChatHFSource(data_cfg)
+    if path:
+        return ChatFileSource(resolve_files(path), data_cfg)
+    sample = CHAT_SAMPLE[split]
+    if not sample.is_file():
+        raise DataError(f"embedded chat sample missing: {sample} (run scripts/build_chat_sample.py)")
+    return ChatFileSource([sample], data_cfg, name=f"embedded chat sample ({split})")

@@ -1,0 +1,178 @@
+"""Chat data: conversations packed one per document with masked labels, overflow, exact
+resume, the same global batch on any dp degree, the checkpoint's template, the sample."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chat_conversations import CONVERSATIONS
+from runtime.data import DataError, Tokenizer, build_dataloader
+from runtime.data.chat_masks import HarmonyIds, trained_tokens
+from runtime.data.chat_records import parse_record
+from runtime.data.chat_source import CHAT_SAMPLE
+from runtime.data.chat_template import HarmonyRenderer
+from runtime.data.tokenizer import EMBEDDED_TOKENIZER
+from runtime.model.loss import IGNORE_INDEX
+
+DATE = "2026-01-15"
+FIXTURE = Path(__file__).parent / "fixtures" / "harmony_chat_template.jinja"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.load("")
+
+
+def _write(tmp_path: Path, records: list[dict], name="chats.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _cfg(path, **kw):
+    return {"dataset": "chat", "dataset_path": str(path), "chat_date": DATE, **kw}
+
+
+def _encoded(tok, record, loss_on="last_assistant"):
+    conv = parse_record(record, "t")
+    text = HarmonyRenderer(date=DATE).render(conv.messages, tools=conv.tools,
+                                             reasoning_effort=conv.reasoning_effort)
+    ids = tok.encode(text, allow_special=True)
+    return ids, trained_tokens(ids, tok.decode, HarmonyIds.of(tok), loss_on)
+
+
+RECORDS = [CONVERSATIONS[k] for k in sorted(CONVERSATIONS)]
+
+
+@pytest.mark.parametrize("loss_on", ["last_assistant", "all_assistant", "all"])
+def test_windows_hold_whole_conversations_with_masked_labels(tmp_path, tok, loss_on):
+    path = _write(tmp_path, RECORDS)
+    longest = max(len(_encoded(tok, r)[0]) for r in RECORDS)
+    S = longest + 40
+    loader = build_dataloader(_cfg(path, loss_on=loss_on), tok, S, len(RECORDS))
+    batch = next(loader)
+    expected = [_encoded(tok, r, loss_on) for r in RECORDS]
+    placed = []  # every conversation, in order, from the windows
+    for row in range(batch["tokens"].shape[0]):
+        tokens, labels = batch["tokens"][row].numpy(), batch["labels"][row].numpy()
+        docs, pos = batch["document_ids"][row].numpy(), batch["positions"][row].numpy()
+        for d in np.unique(docs):
+            cols = np.flatnonzero(docs == d)
+            assert (pos[cols] == np.arange(len(cols))).all()  # positions restart per document
+            if tokens[cols[0]] == tok.pad_id:
+                assert (labels[cols] == IGNORE_INDEX).all()  # padding trains nothing
+                continue
+            placed.append((tokens[cols].tolist(), labels[cols]))
+    assert len(placed) >= len(RECORDS)
+    for (ids, trained), (got_ids, got_labels) in zip(expected, placed, strict=False):
+        assert got_ids == ids
+        want = np.where(trained[1:], np.asarray(ids[1:]), IGNORE_INDEX)
+        assert (got_labels[:-1] == want).all() and got_labels[-1] == IGNORE_INDEX
+
+
+def test_overflow_truncate_and_drop(tmp_path, tok):
+    short, long = CONVERSATIONS["single_turn"], CONVERSATIONS["tool_call"]
+    path = _write(tmp_path, [short, long, short])
+    S = len(_encoded(tok, short)[0]) + 5
+    assert len(_encoded(tok, long)[0]) > S
+    cut = build_dataloader(_cfg(path), tok, S, 3)
+    batch = next(cut)
+    assert cut.stream.overflow_counts == {"truncated": 1, "dropped": 0}
+    assert batch["tokens"][1].tolist() == _encoded(tok, long)[0][:S]  # its first S tokens
+    dropped = build_dataloader(_cfg(path, chat_overflow="drop"), tok, S, 2)
+    batch = next(dropped)
+    assert dropped.stream.overflow_counts["dropped"] == 1
+    assert batch["tokens"][0].tolist() == batch["tokens"][1].tolist()  # short, short
+    assert dropped.state_dict()["chat_dropped"] == 1
+
+
+def test_resume_is_exact_and_dp_slices_match(tmp_path, tok):
+    path = _write(tmp_path, RECORDS * 3)
+    S = 700
+
+    def draw(loader, n):
+        return [next(loader) for _ in range(n)]
+
+    reference = draw(build_dataloader(_cfg(path), tok, S, 4), 6)
+    first = build_dataloader(_cfg(path), tok, S, 4)
+    draw(first, 2)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = build_dataloader(_cfg(path, chat_date="2030-12-31"), tok, S, 4)
+    resumed.load_state_dict(state)  # the saved render date wins over the config's
+    for want, got in zip(reference[2:], draw(resumed, 4), strict=True):
+        assert all(torch.equal(want[k], got[k]) for k in want)
+    for dp in (2, 4):
+        ranks = [draw(build_dataloader(_cfg(path), tok, S, 4, r, dp), 3) for r in range(dp)]
+        for step in range(3):
+            joined = torch.cat([ranks[r][step]["labels"] for r in range(dp)])
+            assert torch.equal(joined, reference[step]["labels"])
+
+
+def test_checkpoint_template_is_used(tmp_path, tok):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copy(EMBEDDED_TOKENIZER, ckpt / "tokenizer.json")
+    path = _write(tmp_path, RECORDS)
+    builtin = next(build_dataloader(_cfg(path), tok, 1024, 4))
+    (ckpt / "chat_template.jinja").write_text(FIXTURE.read_text())
+    loader = build_dataloader(_cfg(path), Tokenizer.load(str(ckpt)), 1024, 4)
+    assert "chat_template.jinja" in loader.stream.encode.renderer.source
+    templated = next(loader)
+    assert all(torch.equal(builtin[k], templated[k]) for k in builtin)
+    (ckpt / "chat_template.jinja").write_text("{{ raise_exception('no chat here') }}")
+    with pytest.raises(DataError, match="no chat here"):
+        next(build_dataloader(_cfg(path), Tokenizer.load(str(ckpt)), 1024, 4))
+
+
+def test_bad_chat_input_is_one_line(tmp_path, tok):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"messages": [
+        {"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: no assistant"):
+        for _ in range(3):
+            next(build_dataloader(_cfg(bad, tokenize_batch_docs=1), tok, 1024, 1))
+    path = _write(tmp_path, RECORDS)
+    with pytest.raises(DataError, match="data.loss_on"):
+        build_dataloader(_cfg(path, loss_on="assistant"), tok, 1024, 1)
+    with pytest.raises(DataError, match="data.chat_overflow"):
+        build_dataloader(_cfg(path, chat_overflow="wrap"), tok, 1024, 1)
+    text_only = tmp_path / "tok.json"
+    shutil.copy(EMBEDDED_TOKENIZER, text_only)
+    raw = json.loads(text_only.read_text())
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] != "<|start|>"]
+    raw["model"]["vocab"].pop("<|start|>")
+    text_only.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="harmony"):
+        build_dataloader(_cfg(path), Tokenizer.load(str(text_only)), 1024, 1)
+
+
+def test_embedded_chat_sample(tok):
+    for split, count in (("train", 4000), ("validation", 200)):
+        with gzip.open(CHAT_SAMPLE[split], "rt", encoding="utf-8") as f:
+            records = [json.loads(line) for line in f]
+        assert len(records) == count
+        assert {r["task"] for r in records} == {"reverse", "sort", "add", "followup", "tool"}
+        for r in records[:50]:
+            assert r["messages"][-1]["content"] == r["answer"]
+    loader = build_dataloader({"dataset": "chat", "chat_date": DATE}, tok, 512, 2,
+                              split="validation")
+    assert loader.source.name == "embedded chat sample (validation)"
+    batch = next(loader)
+    assert (batch["labels"] != IGNORE_INDEX).sum() > 0
+
+
+def test_chat_sample_is_reproducible():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "build_chat_sample.py"
+    r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
