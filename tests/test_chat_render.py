@@ -18,7 +18,7 @@ from runtime.data.chat_masks import HarmonyIds, trained_tokens
 from runtime.data.chat_records import ChatRecordError, parse_record
 from runtime.data.chat_template import (ChatTemplateError, HarmonyRenderer, TemplateRenderer,
                                         build_renderer, find_template)
-from runtime.train.tokenizer import Tokenizer
+from runtime.data.tokenizer import Tokenizer
 from chat_conversations import CONVERSATIONS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "harmony_chat_template.jinja"
