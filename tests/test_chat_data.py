@@ -22,7 +22,7 @@ from runtime.data.tokenizer import EMBEDDED_TOKENIZER
 from runtime.model.loss import IGNORE_INDEX
 
 DATE = "2026-01-15"
-FIXTURE = Path(__file__).parent / "fixtures" / "harmony_chat_template.jinja"
+FIXTURE = Path(__file__).resolve().parent.parent / "runtime" / "assets" / "harmony_chat_template.jinja"
 
 
 @pytest.fixture(scope="module")
