@@ -37,9 +37,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import EXIT_CONFIG_ERROR, EXIT_REQUEUE
+
 REPO = Path(__file__).resolve().parent
-EXIT_REQUEUE = 75  # == runtime.train.slurm_env.EXIT_REQUEUE (kept import-free here)
-EXIT_REFUSED = 2
+EXIT_REFUSED = EXIT_CONFIG_ERROR  # bad arguments, or the mesh does not fit: nothing submitted
 
 _OVERRIDE_KEY = re.compile(r"^--[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+$")
 

@@ -58,21 +58,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from runtime.parallel.dims import (
-    SINGLE_STAGE_SCHEDULES,
-    V_SCHEDULES,
-    ParallelDims,
-    pipeline_num_stages,
-    validate_job,
-)
-from runtime.train.config import ConfigError, JobConfig, build_parser, parse_args
+from runtime.errors import EXIT_CONFIG_ERROR, EXIT_OK, ConfigError, report_config_error
+from runtime.parallel.dims import ParallelDims, pipeline_num_stages
+from runtime.train.config import JobConfig, build_parser, parse_args, validate_job
 
 if TYPE_CHECKING:
     from runtime.model.args import ModelArgs
 
-EXIT_OK = 0
-EXIT_DOES_NOT_FIT = 1
-EXIT_CONFIG_ERROR = 2
+EXIT_DOES_NOT_FIT = 1  # valid config and mesh, but the estimate exceeds --gpu-memory-gib
 
 DEFAULT_GPU_MEMORY_GIB = 80.0  # H100 80GB
 RESERVE_GIB = 2.0
@@ -506,30 +499,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _error(message: str) -> None:
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_arg_parser()
     try:
-        cfg, ns = parse_args(argv, parser)
-    except ConfigError as e:
-        _error(e)
-        return EXIT_CONFIG_ERROR
-    if ns.print_config:
-        print(cfg.to_toml_str(), end="")
-        return EXIT_OK
-    config_name = ns.config or "(defaults)"
-    if not ns.gpu_memory_gib > 0:
-        _error(f"--gpu-memory-gib must be > 0, got {ns.gpu_memory_gib}")
-        return EXIT_CONFIG_ERROR
-    try:
+        cfg, ns = parse_args(argv, build_arg_parser())
+        if ns.print_config:
+            print(cfg.to_toml_str(), end="")
+            return EXIT_OK
+        if not ns.gpu_memory_gib > 0:
+            raise ConfigError(f"command line: --gpu-memory-gib must be > 0, "
+                              f"got {ns.gpu_memory_gib}")
         model_args = cfg.model_args()
         dims = validate_job(cfg, ns.world_size, model_args)
     except ConfigError as e:  # ParallelismError included
-        _error(e)
-        return EXIT_CONFIG_ERROR
+        return report_config_error(e)
+    config_name = ns.config or "(defaults)"
     if ns.check_only:
         print(f"ok: {config_name}: mesh valid for {_ranks(ns.world_size)}: "
               f"{dims.describe().split(': ', 1)[1]}",
@@ -539,16 +522,16 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_job(cfg, ns.world_size, ns.gpu_memory_gib, config_name, dims=dims,
                         model_args=model_args)
     except ValueError as e:  # ConfigError, or a parallel pass refusing this model/mesh
-        _error(f"parallel plan: {e}" if not isinstance(e, ConfigError) else e)
-        return EXIT_CONFIG_ERROR
+        return report_config_error(e if isinstance(e, ConfigError) else f"parallel plan: {e}")
     print(format_plan(plan, cfg), flush=True)
     if not plan.fits:
         big = sorted(plan.lines, key=lambda x: -x.bytes)[:3]
         parts = ", ".join(f"{x.label} {x.bytes / GIB:.1f}" for x in big)
-        _error(f"does not fit: {plan.total_bytes / GIB:.1f} GiB per rank > {plan.gpu_gib:g} GiB "
-               f"per GPU (largest: {parts} GiB); shard more (data_parallel_shard_degree, "
-               "tensor/expert/pipeline degrees), lower training.local_batch_size or "
-               "enable activation_checkpoint.mode")
+        print(f"error: does not fit: {plan.total_bytes / GIB:.1f} GiB per rank > "
+              f"{plan.gpu_gib:g} GiB per GPU (largest: {parts} GiB); shard more "
+              "(data_parallel_shard_degree, tensor/expert/pipeline degrees), lower "
+              "training.local_batch_size or enable activation_checkpoint.mode",
+              file=sys.stderr, flush=True)
         return EXIT_DOES_NOT_FIT
     return EXIT_OK
 

@@ -6,17 +6,13 @@ import pathlib
 
 import pytest
 
+from runtime import errors
+from runtime.errors import ConfigError
 from runtime.model.args import FLAVORS
-from runtime.train.config import (
-    SECTIONS,
-    ConfigError,
-    JobConfig,
-    config_from_dict,
-    load_config,
-    main,
-    main_guard,
-    parse_args,
-)
+import runtime.train.config as config_package
+from runtime.plan import build_arg_parser
+from runtime.plan import main as plan_main
+from runtime.train.config import SECTIONS, JobConfig, config_from_dict, load_config, parse_args
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.toml"))
@@ -369,28 +365,40 @@ def test_parse_args_and_print_config(tmp_path, capsys):
     assert parse_args([])[0] == JobConfig()
 
 
-def test_config_main_prints_resolved_toml(tmp_path, capsys):
-    assert main(["--config", str(CONFIGS / "gptoss_120b.toml"), "--world-size", "128"]) == 0
+def test_plan_prints_the_resolved_toml_and_checks_the_mesh(tmp_path, capsys):
+    # runtime.plan is the one command that validates a config and its mesh (the config
+    # package has no CLI of its own).
+    argv = ["--config", str(CONFIGS / "gptoss_120b.toml"), "--world-size", "128"]
+    assert plan_main(argv + ["--print-config"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("# world 128: dp_replicate=1 dp_shard=128 cp=1 tp=1 pp=1 ep=8 etp=1\n")
     assert load_config(write(tmp_path, out), []) == load_config(str(CONFIGS / "gptoss_120b.toml"))
+    assert plan_main(argv + ["--check-only"]) == 0
+    assert capsys.readouterr().out.endswith(
+        "mesh valid for 128 ranks: dp_replicate=1 dp_shard=128 cp=1 tp=1 pp=1 ep=8 etp=1\n")
 
 
-def test_main_guard_prints_one_line_and_exits_2(capsys):
-    @main_guard
-    def entry(argv):
-        parse_args(argv)
-
-    with pytest.raises(SystemExit) as info:
-        entry(["--training.stepz=1"])
-    assert info.value.code == 2
+def test_report_config_error_prints_one_line_and_returns_2(capsys):
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--training.stepz=1"])
+    assert errors.report_config_error(info.value) == errors.EXIT_CONFIG_ERROR == 2
     err = capsys.readouterr().err
     assert err == ("error: command line: unknown key '--training.stepz' "
                    "(did you mean '--training.steps'?)\n")
 
 
-def test_config_main_rejects_a_bad_world_size(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["--config", str(CONFIGS / "gptoss_20b.toml"), "--world-size", "12"])
-    assert info.value.code == 2
-    assert capsys.readouterr().err.startswith("error: parallelism.expert_parallel_degree (8)")
+def test_argparse_usage_errors_are_one_line_config_errors():
+    with pytest.raises(ConfigError, match=r"^command line: argument --world-size: invalid int "
+                                          r"value: 'x' \(see python -m runtime.plan --help\)$"):
+        parse_args(["--world-size", "x"], build_arg_parser())
+
+
+def test_plan_rejects_a_bad_world_size_in_one_line(capsys):
+    assert plan_main(["--config", str(CONFIGS / "gptoss_20b.toml"), "--world-size", "12",
+                      "--check-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: parallelism.expert_parallel_degree (8)")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_the_config_package_has_no_command_line_of_its_own():
+    assert not hasattr(config_package, "main") and not hasattr(config_package, "main_guard")

@@ -7,8 +7,9 @@ import pathlib
 import pytest
 
 from runtime.model.args import FLAVORS
-from runtime.parallel import ParallelDims, ParallelismError, pipeline_num_stages, validate_job
-from runtime.train.config import ConfigError, load_config
+from runtime.errors import ConfigError
+from runtime.parallel import ParallelDims, ParallelismError, pipeline_num_stages
+from runtime.train.config import load_config, parallel_dims, validate_job
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -31,25 +32,18 @@ def error_of(fn, *args, **kwargs) -> str:
 def test_dp_shard_is_inferred_from_the_world_size():
     d = dims(8)
     assert d.dp_shard == 8 and d.dp == 8
-    assert d.fsdp_enabled and d.dp_enabled and not d.tp_enabled and not d.ep_enabled
+    assert (d.dp_replicate, d.cp, d.tp, d.ep, d.pp) == (1, 1, 1, 1, 1)
     d = dims(16, dp_replicate=2, tp=2, cp=2)
     assert d.dp_shard == 2 and d.dp == 4
-    assert d.fsdp_gradient_divide_factor == 8 and d.non_data_parallel_size == 4
-    assert d.dp_replicate_enabled and d.cp_enabled and d.tp_enabled and d.dp_cp_enabled
 
 
 def test_single_process_and_explicit_degrees():
     d = dims(1)
-    assert d.dp_shard == 1 and not (d.dp_enabled or d.fsdp_enabled or d.pp_enabled)
+    assert d.dp_shard == 1 and d.dp == 1 and not d.pp_enabled
     d = dims(8, dp_replicate=2, dp_shard=2, pp=2)
     assert d.pp_enabled and d.dp == 4
     d = dims(4, dp_replicate=4, dp_shard=1)  # DDP
-    assert d.dp_replicate_enabled and not d.fsdp_enabled
-
-
-def test_cp_alone_enables_fsdp():
-    d = dims(2, dp_shard=1, cp=2)
-    assert d.fsdp_enabled and not d.dp_enabled and d.dp_cp_enabled
+    assert (d.dp_replicate, d.dp_shard, d.dp) == (4, 1, 4)
 
 
 def test_ep_borrows_dp_shard_ranks():
@@ -65,10 +59,10 @@ def test_ep_borrows_dp_shard_ranks():
     assert (d.dp_shard_in_ep, d.dp_shard_mod_ep) == (1, 8)
 
 
-def test_from_config():
+def test_the_config_hands_plain_degrees_to_parallel_dims():
     cfg = load_config(None, ["--parallelism.tensor_parallel_degree=2",
                              "--parallelism.expert_parallel_degree=2"])
-    d = ParallelDims.from_config(cfg.parallelism, 8)
+    d = parallel_dims(cfg, 8)
     assert (d.dp_replicate, d.dp_shard, d.cp, d.tp, d.pp, d.ep, d.etp) == (1, 4, 1, 2, 1, 2, 1)
 
 
@@ -112,17 +106,20 @@ def test_bad_world_size():
     (dict(etp=2), "parallelism.expert_tensor_parallel_degree (2) must be 1 or equal "
                   "parallelism.tensor_parallel_degree (1)"),
     (dict(ep=3), "parallelism.expert_parallel_degree (3) must divide "
-                 "parallelism.data_parallel_shard_degree * context_parallel_degree = 16 "
+                 "parallelism.data_parallel_shard_degree * "
+                 "parallelism.context_parallel_degree = 16 "
                  "(experts are spread over dp_shard x cp ranks)"),
     (dict(cp=4, ep=2), "parallelism.expert_parallel_degree (2) must be a multiple of "
                        "parallelism.context_parallel_degree = 4 "
                        "(experts are spread over dp_shard x cp ranks)"),
     (dict(tp=4, ep=2), "parallelism.expert_parallel_degree (2) must be a multiple of "
-                       "parallelism.context_parallel_degree * tensor_parallel_degree = 4 "
+                       "parallelism.context_parallel_degree * "
+                       "parallelism.tensor_parallel_degree = 4 "
                        "(experts are spread over dp_shard x cp x tp ranks when etp == 1)"),
     (dict(tp=2, ep=32), "parallelism.expert_parallel_degree (32) must divide "
-                        "parallelism.data_parallel_shard_degree * context_parallel_degree * "
-                        "tensor_parallel_degree = 16 "
+                        "parallelism.data_parallel_shard_degree * "
+                        "parallelism.context_parallel_degree * "
+                        "parallelism.tensor_parallel_degree = 16 "
                         "(experts are spread over dp_shard x cp x tp ranks when etp == 1)"),
 ])
 def test_expert_parallel_errors(kwargs, message):
@@ -163,15 +160,16 @@ def test_seq_len_divisibility():
     m = FLAVORS["tiny"]
     dims(4, dp_shard=1, cp=4).check_model(m, 64)
     assert error_of(dims(4, dp_shard=1, cp=4).check_model, m, 36) == (
-        "training.seq_len (36) must be divisible by parallelism.2 * context_parallel_degree (4) "
+        "training.seq_len (36) must be divisible by 2 * parallelism.context_parallel_degree (4) "
         "= 8 (head-tail context parallel)")
     dims(4, dp_shard=1, cp=4).check_model(m, 36, cp_load_balancer="none")
     assert error_of(dims(4, dp_shard=1, cp=4).check_model, m, 34, cp_load_balancer="none") == (
         "training.seq_len (34) must be divisible by parallelism.context_parallel_degree (4) = 4 "
         "(context parallel)")
     assert error_of(dims(4, dp_shard=1, cp=2, tp=2).check_model, m, 36) == (
-        "training.seq_len (36) must be divisible by parallelism.2 * context_parallel_degree (2) "
-        "* tensor_parallel_degree (2) = 8 (head-tail context parallel, sequence parallel)")
+        "training.seq_len (36) must be divisible by 2 * parallelism.context_parallel_degree (2) "
+        "* parallelism.tensor_parallel_degree (2) = 8 "
+        "(head-tail context parallel, sequence parallel)")
     assert dims(4, dp_shard=1, cp=2, tp=2).seq_len_divisor() == 8
 
 

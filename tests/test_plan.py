@@ -150,6 +150,30 @@ def test_unknown_override_and_bad_world_size_exit_2(capsys):
     assert code == 2 and "world size" in error_line(err)
 
 
+@pytest.mark.parametrize("argv, line", [
+    # the key named once, with its section (was "parallelism.2 * context_parallel_degree")
+    (["--parallelism.context_parallel_degree=2", "--parallelism.tensor_parallel_degree=2",
+      "--training.seq_len=36"],
+     "error: training.seq_len (36) must be divisible by 2 * parallelism.context_parallel_degree "
+     "(2) * parallelism.tensor_parallel_degree (2) = 8 (head-tail context parallel, "
+     "sequence parallel)"),
+    (["--parallelism.tensor_parallel_degree=2", "--parallelism.expert_parallel_degree=2",
+      "--parallelism.context_parallel_degree=2"],
+     "error: parallelism.expert_parallel_degree (2) must be a multiple of "
+     "parallelism.context_parallel_degree * parallelism.tensor_parallel_degree = 4"),
+    # argparse's own errors were a usage block plus a line
+    (["--world-size=x"], "error: command line: argument --world-size: invalid int value: 'x' "
+                         "(see python -m runtime.plan --help)"),
+])
+def test_cli_bad_mesh_is_one_line_naming_the_keys(argv, line):
+    world = [] if any(a.startswith("--world-size") for a in argv) else ["--world-size", "8"]
+    for check_only in (["--check-only"], []):
+        out = run_cli("--config", "configs/debugmodel.toml", *world, *argv, *check_only)
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.splitlines() == [out.stderr.splitlines()[0]]  # one line, no traceback
+        assert out.stderr.startswith(line), out.stderr
+
+
 # --------------------------------------------------------------------------- memory
 
 def test_over_memory_config_exits_1_with_the_reason(capsys):

@@ -53,9 +53,9 @@ from parallel_harness import BASE, run_distributed, run_single, seeded, summariz
 from torch import nn
 
 from runtime.model import GptOssModel
-from runtime.parallel.dims import ParallelDims
 from runtime.parallel.parallelize import parallelize
-from runtime.train.config import ConfigError, load_config
+from runtime.errors import ConfigError
+from runtime.train.config import load_config, parallel_dims
 
 torchao = pytest.importorskip("torchao")
 
@@ -79,7 +79,7 @@ def build(*overrides: str, device: str = "cpu"):
     cfg = cfg_of(*overrides)
     with torch.device("meta"):
         model = GptOssModel(cfg.model_args())
-    return parallelize(model, ParallelDims.from_config(cfg.parallelism, 1), None, cfg,
+    return parallelize(model, parallel_dims(cfg, 1), None, cfg,
                        torch.device(device))
 
 

@@ -1,5 +1,5 @@
 """Parallelism: degrees and mesh (dims), and the per-strategy modules that apply them."""
 
-from runtime.parallel.dims import ParallelDims, ParallelismError, pipeline_num_stages, validate_job
+from runtime.parallel.dims import ParallelDims, ParallelismError, pipeline_num_stages
 
-__all__ = ["ParallelDims", "ParallelismError", "pipeline_num_stages", "validate_job"]
+__all__ = ["ParallelDims", "ParallelismError", "pipeline_num_stages"]

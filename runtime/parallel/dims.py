@@ -8,8 +8,10 @@ split into dp_shard_mod_ep x dp_shard_in_ep and
     ep = dp_shard_in_ep x cp x tp       (etp == 1: EP takes the TP ranks too)
 Expert weights are then FSDP-sharded over dp_shard_mod_ep (x dp_replicate for HSDP).
 
+`ParallelDims` takes plain integers (runtime.train.config.job builds it from a config).
 Validation is pure Python and runs before any process group exists: every failure is a
-one-line `ParallelismError` (a ConfigError, hence a ValueError) naming the config keys.
+one-line `ParallelismError` (runtime.errors; a ConfigError, hence a ValueError) naming the
+[parallelism] keys the user writes.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from runtime.train.config import ConfigError
+from runtime.errors import ParallelismError
 
 if TYPE_CHECKING:  # torch is only needed to build the mesh
     from torch.distributed.device_mesh import DeviceMesh
 
     from runtime.model.args import ModelArgs
-    from runtime.train.config import JobConfig, ParallelismSection
 
 # ParallelDims field -> the config key users write.
 KEYS = {
@@ -41,10 +42,6 @@ KEYS = {
 # Pipeline schedules by how many stages each rank holds.
 SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
 V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")  # exactly 2 stages per rank, in a V
-
-
-class ParallelismError(ConfigError):
-    """Invalid parallelism degrees for the world size or the model."""
 
 
 def _key(name: str) -> str:
@@ -65,11 +62,6 @@ class ParallelDims:
 
     def __post_init__(self) -> None:
         self._validate()
-
-    @classmethod
-    def from_config(cls, parallelism: "ParallelismSection", world_size: int) -> "ParallelDims":
-        return cls(world_size=world_size,
-                   **{name: getattr(parallelism, key) for name, key in KEYS.items()})
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
@@ -109,18 +101,16 @@ class ParallelDims:
         # divisor of dp_shard.
         borrows_tp = self.etp == 1 and self.tp > 1
         inner = self.cp * (self.tp if borrows_tp else 1)
-        inner_names = "context_parallel_degree"
-        if borrows_tp:
-            inner_names += " * tensor_parallel_degree"
+        inner_names = _key("cp") + (f" * {_key('tp')}" if borrows_tp else "")
         why = ("experts are spread over dp_shard x cp x tp ranks when etp == 1" if borrows_tp
                else "experts are spread over dp_shard x cp ranks")
         if self.ep % inner:
             raise ParallelismError(
-                f"{_key('ep')} ({self.ep}) must be a multiple of parallelism.{inner_names} = "
+                f"{_key('ep')} ({self.ep}) must be a multiple of {inner_names} = "
                 f"{inner} ({why})")
         if (self.dp_shard * inner) % self.ep:
             raise ParallelismError(
-                f"{_key('ep')} ({self.ep}) must divide parallelism.data_parallel_shard_degree * "
+                f"{_key('ep')} ({self.ep}) must divide {_key('dp_shard')} * "
                 f"{inner_names} = {self.dp_shard * inner} ({why})")
 
     def check_model(self, model: "ModelArgs", seq_len: int, *,
@@ -156,16 +146,16 @@ class ParallelDims:
         parts, why = [], []
         if self.cp > 1:
             headtail = cp_load_balancer == "headtail"
-            parts.append(f"{'2 * ' if headtail else ''}context_parallel_degree ({self.cp})")
+            parts.append(f"{'2 * ' if headtail else ''}{_key('cp')} ({self.cp})")
             why.append("head-tail context parallel" if headtail else "context parallel")
         if self.tp > 1:
-            parts.append(f"tensor_parallel_degree ({self.tp})")
+            parts.append(f"{_key('tp')} ({self.tp})")
             why.append("sequence parallel")
         divisor = self.seq_len_divisor(cp_load_balancer)
         if seq_len % divisor:
             raise ParallelismError(
                 f"training.seq_len ({seq_len}) must be divisible by "
-                f"parallelism.{' * '.join(parts)} = {divisor} ({', '.join(why)})")
+                f"{' * '.join(parts)} = {divisor} ({', '.join(why)})")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -174,41 +164,8 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
-    def dp_enabled(self) -> bool:
-        return self.dp > 1
-
-    @property
-    def dp_replicate_enabled(self) -> bool:
-        return self.dp_replicate > 1
-
-    @property
-    def dp_shard_enabled(self) -> bool:
-        return self.dp_shard > 1
-
-    @property
-    def fsdp_enabled(self) -> bool:
-        # CP ranks hold the same parameters, so FSDP shards over dp_shard x cp.
-        return self.dp_shard_enabled or self.cp_enabled
-
-    @property
-    def cp_enabled(self) -> bool:
-        return self.cp > 1
-
-    @property
-    def dp_cp_enabled(self) -> bool:
-        return self.dp_enabled or self.cp_enabled
-
-    @property
-    def tp_enabled(self) -> bool:
-        return self.tp > 1
-
-    @property
     def pp_enabled(self) -> bool:
         return self.pp > 1
-
-    @property
-    def ep_enabled(self) -> bool:
-        return self.ep > 1
 
     @property
     def etp_enabled(self) -> bool:
@@ -230,15 +187,6 @@ class ParallelDims:
     def dp_shard_mod_ep(self) -> int:
         """The part of dp_shard over which expert weights are FSDP-sharded."""
         return self.dp_shard // self.dp_shard_in_ep
-
-    @property
-    def fsdp_gradient_divide_factor(self) -> int:
-        # Gradients are averaged over every rank that sees different tokens.
-        return self.dp_replicate * self.dp_shard * self.cp
-
-    @property
-    def non_data_parallel_size(self) -> int:
-        return self.cp * self.tp * self.pp
 
     def seq_len_divisor(self, cp_load_balancer: str = "headtail") -> int:
         """training.seq_len must be a multiple of this."""
@@ -343,18 +291,3 @@ def pipeline_num_stages(pp: int, schedule: str, n_layers: int, layers_per_stage:
         raise ParallelismError(f"{prefix} {schedule} needs >= 2 stages per rank, got {got}")
     return stages
 
-
-def validate_job(job: "JobConfig", world_size: int,
-                 model: "ModelArgs | None" = None) -> ParallelDims:
-    """All parallelism checks for a config at a world size (model: default job.model_args())."""
-    p = job.parallelism
-    dims = ParallelDims.from_config(p, world_size)
-    dims.check_model(
-        model or job.model_args(), job.training.seq_len,
-        cp_load_balancer=p.context_parallel_load_balancer,
-        loss_parallel=not p.disable_loss_parallel,
-        pp_schedule=p.pipeline_parallel_schedule,
-        pp_layers_per_stage=p.pipeline_parallel_layers_per_stage,
-    )
-    job.training.gradient_accumulation_steps(dims.dp)  # raises if global batch doesn't split
-    return dims

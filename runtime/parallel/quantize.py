@@ -58,7 +58,7 @@ import warnings
 import torch
 from torch import nn
 
-from runtime.train.config import ConfigError
+from runtime.errors import ConfigError
 
 __all__ = [
     "MXFP8Linear",

@@ -19,11 +19,7 @@ import socket
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
-#: The trainer exits with this code after a graceful stop (SIGUSR1/SIGTERM: finish the current
-#: step, save a checkpoint). Launchers requeue the job on it (EX_TEMPFAIL from sysexits.h).
-EXIT_REQUEUE = 75
-#: The trainer exits with this code on an invalid config (nothing was started).
-EXIT_CONFIG_ERROR = 2
+from runtime.errors import EXIT_CONFIG_ERROR, EXIT_REQUEUE  # re-exported: the launchers' codes
 
 MASTER_PORT_BASE = 20000
 MASTER_PORT_SPAN = 20000

@@ -19,16 +19,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from runtime.data import Tokenizer, build_dataloader, split_microbatches
+from runtime.errors import EXIT_CONFIG_ERROR, EXIT_REQUEUE, ConfigError
 from runtime.model import GptOssModel
 from runtime.model.moe import moe_layers, update_expert_bias
-from runtime.parallel.dims import validate_job
 from runtime.parallel.quantize import after_optimizer_step
 from runtime.train.checkpoint import CheckpointManager, ModelState, OptimizerState, TrainState
-from runtime.train.config import ConfigError, JobConfig, build_parser, parse_args
+from runtime.train.config import JobConfig, build_parser, parse_args, validate_job
 from runtime.train.faults import StopSignal, check_finite
 from runtime.train.metrics import MetricsLogger
 from runtime.train.optim import build_lr_scheduler, build_optimizer
-from runtime.train.slurm_env import EXIT_CONFIG_ERROR, EXIT_REQUEUE, setup_distributed_env
+from runtime.train.slurm_env import setup_distributed_env
 
 IGNORE_INDEX = -100
 

@@ -1,47 +1,22 @@
-"""Job configuration: a TOML file plus `--section.key=value` overrides -> `JobConfig`.
+"""The config schema: one dataclass per TOML section, each field with its rule, and `JobConfig`.
 
-Section and key names follow torchtitan wherever torchtitan has one, so configs and
-command lines migrate with few edits. Everything here is pure Python (no torch): a bad
-config fails in milliseconds with a one-line `ConfigError` naming the file (or the
-command line) and the key, before any process group or weight exists.
-
-Trainer entry points use it like this::
-
-    @main_guard                       # ConfigError -> "error: <msg>" on stderr, exit 2
-    def main(argv=None):
-        cfg, ns = parse_args(argv)
-        if ns.print_config:
-            print(cfg.to_toml_str(), end="")
-            return 0
-        ...
-
-`python -m runtime.train.config --config FILE [--world-size N] [overrides]` validates a
-config (and, with --world-size, its parallelism) and prints the resolved TOML.
+A field is `_opt(default, choices=..., check=...)`; `validate_config` applies every field's rule
+and then the rules that involve several keys (`_cross_check`). Errors name the key and where its
+value came from (`Origins`: the file, or `--section.key` on the command line). Pure Python, no
+torch. Reading TOML and command lines is loader.py's job.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import functools
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
+from runtime.errors import ConfigError
 from runtime.model.args import ATTN_BACKENDS, COMPUTE_DTYPES, FLAVORS, MOE_IMPLS, ModelArgs
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message is one line that names the key and its origin."""
-
 
 # --------------------------------------------------------------------------- field rules
 # Each option is a dataclass field whose metadata carries its allowed values or a check.
@@ -290,7 +265,7 @@ class JobConfig:
 
     def validate(self) -> None:
         """Re-check every value (for configs built or edited in Python)."""
-        _validate(self, _Origins("config"))
+        validate_config(self)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -300,7 +275,7 @@ class JobConfig:
         lines = []
         for section, values in self.to_dict().items():
             lines.append(f"[{section}]")
-            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
             lines.append("")
         return "\n".join(lines)
 
@@ -326,22 +301,19 @@ class JobConfig:
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(JobConfig)}
 
-# Names other trainers (torchtitan) use for things that live elsewhere here.
-_SECTION_HINTS = {"float8": "quantize", "mx": "quantize", "lr": "lr_scheduler"}
 
-
-def _fields(section: str) -> dict[str, dataclasses.Field]:
+def section_fields(section: str) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
 
 
-def _kind(f: dataclasses.Field) -> type:
+def field_kind(f: dataclasses.Field) -> type:
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
     return type(default)
 
 
 # --------------------------------------------------------------------------- origins + errors
 
-class _Origins:
+class Origins:
     """Where each value came from, so an error can say `file: key` or `command line: --key`."""
 
     def __init__(self, default: str):
@@ -360,37 +332,13 @@ class _Origins:
         return ConfigError(f"{origin}: {self.name(section, key)} {text}")
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _unknown_section(origin: str, section: str, flag: bool) -> ConfigError:
-    dash = "--" if flag else ""
-    match = _SECTION_HINTS.get(section) or next(
-        iter(difflib.get_close_matches(section, list(SECTIONS), n=1, cutoff=0.6)), None)
-    tail = f" (did you mean '{dash}{match}'?)" if match else f" (sections: {', '.join(SECTIONS)})"
-    return ConfigError(f"{origin}: unknown section '{dash}{section}'{tail}")
-
-
-def _unknown_key(origin: str, section: str, key: str, flag: bool) -> ConfigError:
-    dash = "--" if flag else ""
-    # A key that exists in another section (torchtitan's training.dataset -> data.dataset).
-    elsewhere = [s for s in SECTIONS if key in _fields(s)]
-    if elsewhere:
-        tail = f" (did you mean '{dash}{elsewhere[0]}.{key}'?)"
-    else:
-        match = difflib.get_close_matches(key, list(_fields(section)), n=1, cutoff=0.6)
-        tail = f" (did you mean '{dash}{section}.{match[0]}'?)" if match else ""
-    return ConfigError(f"{origin}: unknown key '{dash}{section}.{key}'{tail}")
-
-
 # --------------------------------------------------------------------------- typing
 
 _KIND_TEXT = {bool: "true or false", int: "an integer", float: "a finite number",
               str: "a string", list: "a list of strings"}
 
 
-def _coerce(kind: type, value: Any) -> Any:
+def coerce(kind: type, value: Any) -> Any:
     """`value` as `kind`, or raise TypeError. An int is accepted where a float is expected."""
     if kind is bool and isinstance(value, bool):
         return value
@@ -406,23 +354,7 @@ def _coerce(kind: type, value: Any) -> Any:
     raise TypeError(f"must be {_KIND_TEXT[kind]}")
 
 
-def _parse_literal(raw: str, kind: type) -> Any:
-    """Command-line text as a TOML literal, with conveniences for strings and lists."""
-    parsed: Any = raw
-    if "\n" not in raw:
-        try:
-            parsed = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            if kind is bool and raw.lower() in ("true", "false"):
-                parsed = raw.lower() == "true"
-    if kind is str and not isinstance(parsed, str):
-        return raw  # bare words and numbers-as-text: --model.flavor=20b, selective_ac_option=2
-    if kind is list and not isinstance(parsed, list):
-        return [item.strip() for item in raw.split(",") if item.strip()]  # a,b,c
-    return parsed
-
-
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -431,108 +363,21 @@ def _toml_value(value: Any) -> str:
         # JSON string escapes are valid TOML basic-string escapes; DEL must be escaped too.
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-# --------------------------------------------------------------------------- loading
-
-def _set(values: dict, origins: _Origins, origin: str, flag: bool, section: str, key: str,
-         value: Any, shown: str) -> None:
-    fields = _fields(section)
-    if key not in fields:
-        raise _unknown_key(origin, section, key, flag)
-    origins.set(section, key, origin, flag)
-    try:
-        values.setdefault(section, {})[key] = _coerce(_kind(fields[key]), value)
-    except TypeError as e:
-        raise origins.error(section, key, f"{e}, got {shown}") from None
-
-
-def _read_file(path: str, values: dict, origins: _Origins) -> None:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a config file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: malformed TOML: {_one_line(e)}") from None
-    for section, table in data.items():
-        if section not in SECTIONS:
-            raise _unknown_section(path, section, flag=False)
-        if not isinstance(table, dict):
-            raise ConfigError(f"{path}: '{section}' must be a [{section}] table, got {table!r}")
-        for key, value in table.items():
-            _set(values, origins, path, False, section, key, value, repr(value))
-
-
-def _parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
-    """`--section.key=value` / `--section.key value` / bare `--section.flag` -> triples."""
-    out, i = [], 0
-    while i < len(argv):
-        token = argv[i]
-        name, eq, raw = token[2:].partition("=")
-        section, dot, key = name.replace("-", "_").partition(".")
-        if not token.startswith("--") or not dot or not key:
-            raise ConfigError(f"command line: unexpected argument '{token}' "
-                              f"(overrides look like --section.key=value)")
-        if section not in SECTIONS:
-            raise _unknown_section("command line", section, flag=True)
-        fields = _fields(section)
-        if key not in fields:
-            raise _unknown_key("command line", section, key, flag=True)
-        if not eq:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if _kind(fields[key]) is bool and (nxt is None or nxt.lower() not in ("true", "false")):
-                raw = "true"  # torchtitan-style bare flag: --compile.enable
-            elif nxt is None:
-                raise ConfigError(f"command line: --{section}.{key} needs a value")
-            else:
-                raw, i = nxt, i + 1
-        out.append((section, key, raw))
-        i += 1
-    return out
-
-
-def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:
-    """Defaults <- TOML file (optional) <- overrides; validated. Raises ConfigError."""
-    origins = _Origins(path or "config")
-    values: dict[str, dict[str, Any]] = {}
-    if path is not None:
-        _read_file(path, values, origins)
-    for section, key, raw in _parse_overrides(list(overrides or [])):
-        value = _parse_literal(raw, _kind(_fields(section)[key]))
-        _set(values, origins, "command line", True, section, key, value, repr(raw))
-    cfg = JobConfig(**{s: SECTIONS[s](**values.get(s, {})) for s in SECTIONS})
-    _validate(cfg, origins)
-    return cfg
-
-
-def config_from_dict(data: dict[str, dict[str, Any]], origin: str = "config") -> JobConfig:
-    """A validated JobConfig from nested dicts (e.g. a checkpoint's saved to_dict())."""
-    origins = _Origins(origin)
-    values: dict[str, dict[str, Any]] = {}
-    for section, table in data.items():
-        if section not in SECTIONS:
-            raise _unknown_section(origin, section, flag=False)
-        for key, value in table.items():
-            _set(values, origins, origin, False, section, key, value, repr(value))
-    cfg = JobConfig(**{s: SECTIONS[s](**values.get(s, {})) for s in SECTIONS})
-    _validate(cfg, origins)
-    return cfg
 
 
 # --------------------------------------------------------------------------- validation
 
-def _validate(cfg: JobConfig, origins: _Origins) -> None:
+def validate_config(cfg: JobConfig, origins: Origins | None = None) -> None:
+    """Every field's rule, then the rules involving several keys; raises ConfigError."""
+    origins = origins or Origins("config")
     for section in SECTIONS:
         obj = getattr(cfg, section)
-        for key, f in _fields(section).items():
+        for key, f in section_fields(section).items():
             value = getattr(obj, key)
             try:
-                value = _coerce(_kind(f), value)
+                value = coerce(field_kind(f), value)
             except TypeError as e:
                 raise origins.error(section, key, f"{e}, got {value!r}") from None
             choices = f.metadata["choices"]
@@ -546,7 +391,7 @@ def _validate(cfg: JobConfig, origins: _Origins) -> None:
     _cross_check(cfg, origins)
 
 
-def _cross_check(cfg: JobConfig, o: _Origins) -> None:
+def _cross_check(cfg: JobConfig, o: Origins) -> None:
     """Rules that involve more than one key. The first key named is the one blamed."""
     d, t, p, c, q = cfg.data, cfg.training, cfg.parallelism, cfg.checkpoint, cfg.quantize
     if d.dataset == "path" and not d.dataset_path:
@@ -580,68 +425,3 @@ def _cross_check(cfg: JobConfig, o: _Origins) -> None:
                       f"got '{q.float8_recipe}'")
 
 
-# --------------------------------------------------------------------------- command line
-
-def _options_help() -> str:
-    lines = ["config keys (override any as --section.key=value; TOML literals):"]
-    for section in SECTIONS:
-        for key, f in _fields(section).items():
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            text = f"  --{section}.{key}={_toml_value(default)}"
-            lines.append(f"{text:<58} {f.metadata['help']}".rstrip())
-    return "\n".join(lines)
-
-
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, allow_abbrev=False, epilog=_options_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="%(prog)s [--config FILE] [--print-config] [--section.key=value ...]",
-    )
-    # --job.config_file is torchtitan's spelling.
-    parser.add_argument("--config", "--job.config_file", dest="config", metavar="FILE",
-                        help="TOML config (defaults only when absent)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config as TOML and exit")
-    return parser
-
-
-def parse_args(
-    argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None
-) -> tuple[JobConfig, argparse.Namespace]:
-    """Parse --config/--print-config (plus any options of `parser`) and the overrides."""
-    parser = parser or build_parser()
-    ns, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    return load_config(ns.config, rest), ns
-
-
-def main_guard(fn: Callable) -> Callable:
-    """Decorator for entry points: a ConfigError becomes `error: <msg>` and exit code 2."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-    return wrapper
-
-
-@main_guard
-def main(argv: list[str] | None = None) -> int:
-    """Validate a config (and its mesh for --world-size) and print it resolved."""
-    parser = build_parser("python -m runtime.train.config")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="also validate parallelism for this many ranks")
-    cfg, ns = parse_args(argv, parser)
-    if ns.world_size is not None:
-        from runtime.parallel.dims import validate_job
-
-        dims = validate_job(cfg, ns.world_size)
-        print(f"# {dims.describe()}")
-    print(cfg.to_toml_str(), end="")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

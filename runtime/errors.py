@@ -1,0 +1,39 @@
+"""User-facing errors and the process exit codes every entry point shares (a leaf: no imports).
+
+A user error (bad config key, impossible mesh, missing file) is one line on stderr naming the
+key / file, and exit code 2, raised before anything large is built; never a traceback.
+Layers below train (model, parallel, hf, data) raise `ConfigError`; the entry points
+(runtime.train, runtime.plan, submit.py, the Slurm helpers) turn it into
+`report_config_error(e)` -> exit `EXIT_CONFIG_ERROR`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+#: Finished (and, for runtime.plan, the job fits).
+EXIT_OK = 0
+#: Invalid config, command line or mesh: nothing was started (argparse's usage code too).
+EXIT_CONFIG_ERROR = 2
+#: Stopped on SIGUSR1/SIGTERM after saving a checkpoint: requeue the job (EX_TEMPFAIL,
+#: sysexits.h). The Slurm templates and submit.py requeue on it.
+EXIT_REQUEUE = 75
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line that names the key and its origin."""
+
+
+class ParallelismError(ConfigError):
+    """Parallelism degrees that do not fit the world size or the model."""
+
+
+def one_line(text: object) -> str:
+    """`text` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(str(text).split())
+
+
+def report_config_error(error: object) -> int:
+    """Print `error: <one line>` on stderr; return EXIT_CONFIG_ERROR for the caller to exit with."""
+    print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+    return EXIT_CONFIG_ERROR
