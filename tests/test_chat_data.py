@@ -176,3 +176,36 @@ def test_chat_sample_is_reproducible():
     r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_held_out_split_is_disjoint_and_stable(tmp_path, tok):
+    from runtime.data.loader import validation_data_config
+    from runtime.data.split import held_out
+
+    records = [{"messages": [{"role": "user", "content": f"q{i}"},
+                             {"role": "assistant", "content": f"a{i}"}]} for i in range(60)]
+    path = _write(tmp_path, records)
+    cfg = _cfg(path, shuffle=True)
+    sides = {}
+    for side in ("train", "validation"):
+        loader = build_dataloader(cfg, tok, 4096, 1, split=side, holdout=0.25)
+        seen = set()
+        for _ in range(2):  # a whole epoch fits in one window: two windows = two epochs
+            text = tok.decode(next(loader)["tokens"][0].tolist())
+            seen |= {int(x) for x in __import__("re").findall(r"user<\|message\|>q(\d+)", text)}
+        sides[side] = seen
+    assert sides["train"] and sides["validation"] and not sides["train"] & sides["validation"]
+    assert sides["train"] | sides["validation"] == set(range(60))
+    assert 5 <= len(sides["validation"]) <= 25  # about a quarter
+    assert held_out("x", 0.5) == held_out("x", 0.5)
+
+    merged, fraction = validation_data_config({"split_fraction": 0.1}, cfg)
+    assert fraction == 0.1 and merged["shuffle"] is False
+    merged, fraction = validation_data_config({"dataset_path": "v.jsonl"}, cfg)
+    assert (merged["dataset"], merged["dataset_path"], fraction) == ("chat", "v.jsonl", 0.0)
+    merged, _ = validation_data_config({}, {"dataset": "chat"})
+    assert merged["dataset"] == "chat" and not merged["dataset_path"]
+    with pytest.raises(DataError, match="validation.split_fraction"):
+        validation_data_config({}, {"dataset": "embedded"})
+    with pytest.raises(DataError, match="not both"):
+        validation_data_config({"split_fraction": 0.1, "dataset_path": "v"}, cfg)

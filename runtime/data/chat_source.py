@@ -99,8 +99,9 @@ class _ChatMixin:
             raise DataError(str(e)) from None
         return ChatEncoder(tokenizer, renderer, data_option(self.data_cfg, "loss_on"))
 
-    def packer(self, tokenizer, encode, seq_len: int, batch_docs: int) -> WholeDocumentStream:
-        return WholeDocumentStream(self.stream, encode, seq_len, pad_id=tokenizer.pad_id,
+    def packer(self, tokenizer, encode, seq_len: int, batch_docs: int,
+               items=None) -> WholeDocumentStream:
+        return WholeDocumentStream(items or self.stream, encode, seq_len, pad_id=tokenizer.pad_id,
                                    overflow=data_option(self.data_cfg, "chat_overflow"),
                                    batch_docs=batch_docs)
 

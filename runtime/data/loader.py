@@ -22,9 +22,10 @@ from typing import Callable
 
 from runtime.data.errors import DataError
 from runtime.data.packing import Document, window_batch
-from runtime.data.schema import data_option
+from runtime.data.schema import DataConfig, ValidationConfig, data_option, validation_option
 from runtime.data.chat_source import build_chat_source
 from runtime.data.sources import DocumentSource, build_source, source_kind
+from runtime.data.split import HeldOutSplit
 
 STATE_VERSION = 1
 
@@ -116,14 +117,19 @@ def build_dataloader(
     *,
     document_masking: bool | None = None,
     split: str = "train",
+    holdout: float = 0.0,
 ) -> ParallelAwareDataLoader:
     """The loader a [data] config describes (`data_cfg`: DataConfig, dict, any object, or None).
-    `split` picks the embedded chat sample's split when chat data names no files."""
+    `split` ("train" | "validation") picks the embedded chat sample's split when chat data
+    names no files, and the side of a content-hash split when `holdout` (a fraction) > 0."""
     if document_masking is None:
         document_masking = bool(data_option(data_cfg, "document_mask"))
     chat = source_kind(data_cfg) == "chat"
+    source = build_chat_source(data_cfg, "train" if holdout else split) if chat else build_source(data_cfg)
+    if holdout:
+        source = HeldOutSplit(source, holdout, split)
     return ParallelAwareDataLoader(
-        build_chat_source(data_cfg, split) if chat else build_source(data_cfg),
+        source,
         tokenizer,
         seq_len,
         global_batch_size,
@@ -132,3 +138,38 @@ def build_dataloader(
         document_masking=document_masking,
         tokenize_batch_docs=int(data_option(data_cfg, "tokenize_batch_docs")),
     )
+
+
+VALIDATION_SOURCE_KEYS = ("dataset", "dataset_path", "hf_dataset", "hf_config", "hf_split")
+
+
+def validation_data_config(val_cfg, data_cfg) -> tuple[dict, float]:
+    """(data config, holdout fraction) of the [validation] source.
+
+    `val_cfg` holds enable/freq/steps and these keys: `split_fraction` (> 0: that fraction
+    of the training source, by content hash, never trained on), or a held-out source
+    (`dataset`, `dataset_path`, `hf_dataset`, `hf_config`, `hf_split`; an empty
+    `dataset` keeps the training kind, so chat stays chat). The other [data] keys (loss_on,
+    chat template, text_key, ...) are the training data's. With neither, chat data on the
+    embedded sample validates on the sample's validation split."""
+    merged = {name: data_option(data_cfg, name) for name in DataConfig.__dataclass_fields__}
+    merged["shuffle"] = False  # the same validation batches at every evaluation
+    fraction = float(validation_option(val_cfg, "split_fraction") or 0.0)
+    named = {k: validation_option(val_cfg, k) for k in VALIDATION_SOURCE_KEYS
+             if validation_option(val_cfg, k) != getattr(ValidationConfig, k)}
+    if fraction and (named.keys() - {"dataset"}):
+        raise DataError("validation: give either split_fraction or a held-out source, not both")
+    if fraction:
+        return merged, fraction
+    if named.keys() - {"dataset"}:
+        chat = merged["dataset"] == "chat"
+        for key in VALIDATION_SOURCE_KEYS:  # the held-out source replaces the training one
+            merged[key] = validation_option(val_cfg, key)
+        merged["dataset"] = named.get("dataset") or ("chat" if chat else "")
+        return merged, 0.0
+    embedded_chat = source_kind(merged) == "chat" and not (
+        merged["dataset_path"] or merged["hf_dataset"])
+    if not embedded_chat:
+        raise DataError("validation.enable needs validation.dataset_path (or hf_dataset) or "
+                        "validation.split_fraction")
+    return merged, 0.0

@@ -35,3 +35,28 @@ def data_option(cfg, name: str):
     if isinstance(cfg, dict):
         return cfg.get(name, default)
     return getattr(cfg, name, default)
+
+
+@dataclass
+class ValidationConfig:
+    """The [validation] keys (torchtitan's enable/freq/steps, plus where the held-out data is)."""
+
+    enable: bool = False
+    freq: int = 100  # evaluate every `freq` steps (and after the last one)
+    steps: int = 10  # batches of the global batch size per evaluation (-1: the whole source once)
+    split_fraction: float = 0.0  # > 0: this fraction of the training source (content hash)
+    dataset: str = ""  # a held-out source ("" keeps the training kind) ...
+    dataset_path: str | list[str] = ""
+    hf_dataset: str = ""
+    hf_config: str = ""
+    hf_split: str = "validation"
+
+
+def validation_option(cfg, name: str):
+    """`cfg.name` for a ValidationConfig-like object, dict or None."""
+    default = getattr(ValidationConfig, name)
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)

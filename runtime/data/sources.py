@@ -65,10 +65,11 @@ class DocumentSource:
         """Items -> Documents (batched): text is [BOS] tokens [EOS], every token trained."""
         return TextEncoder(tokenizer)
 
-    def packer(self, tokenizer, encode, seq_len: int, batch_docs: int):
+    def packer(self, tokenizer, encode, seq_len: int, batch_docs: int, items=None):
         """The stream that packs this source's Documents into windows: one token stream cut
-        into seq_len windows (text); a chat source keeps each conversation whole."""
-        return PackedStream(self.stream, encode, seq_len, batch_docs)
+        into seq_len windows (text); a chat source keeps each conversation whole. `items`
+        replaces `self.stream` (a wrapper such as a held-out split filters it)."""
+        return PackedStream(items or self.stream, encode, seq_len, batch_docs)
 
     def stream(self, cursor: Cursor = (0, 0, 0)) -> Iterator[tuple[Cursor, object]]:
         """Endless (cursor, item) stream over epochs starting at `cursor`; skips blank docs."""
