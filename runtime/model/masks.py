@@ -3,6 +3,9 @@
 Two layer kinds exist (sliding window, full causal), each optionally restricted to the
 query's own document (packed sequences). The masks are built once per forward and
 handed to every block: a boolean tensor for the math backend, a BlockMask for flex.
+Masks without document ids depend on no data: the model builds them once per length and
+reuses them (GptOssModel._attention_masks); document masks change with every batch and are rebuilt each forward (on CUDA
+by a compiled `create_block_mask`, which avoids the eager path's [B, 1, S, S] temporaries).
 
 Masks are defined on *global* sequence indices: without context parallelism the queries
 and keys are both `arange(S)`; under context parallelism a rank holds a load-balanced
@@ -70,8 +73,10 @@ def flex_block_mask(m: MaskInputs, window: int | None):
             return mask_predicate(q_index[q_idx], kv_index[kv_idx], window,
                                   doc_q[b, q_idx], doc_kv[b, kv_idx])
         batch = doc_q.shape[0]
+    # Compiled on CUDA (as torchtitan does): the eager builder evaluates the mask over dense
+    # [B, 1, S, S] index grids. Eager on CPU, where flex is a test path only.
     return create_block_mask(mask_mod, batch, None, len(q_index), len(kv_index),
-                             device=q_index.device)
+                             device=q_index.device, _compile=q_index.device.type == "cuda")
 
 
 @dataclass
@@ -88,3 +93,4 @@ class AttentionMasks:
 def build_attention_masks(backend: str, inputs: MaskInputs, window: int) -> AttentionMasks:
     build = flex_block_mask if backend == "flex" else dense_mask
     return AttentionMasks(sliding=build(inputs, window), full=build(inputs, None))
+

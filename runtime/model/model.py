@@ -119,6 +119,9 @@ class GptOssModel(nn.Module):
         # Set by runtime.parallel.context_parallel.apply_cp; inputs are then this rank's
         # sequence shard and `positions` is required.
         self.context_parallel = None
+        # (backend, seq_len, device, cp) -> AttentionMasks without document ids: they depend
+        # on no data, so one build serves every forward.
+        self._static_masks: dict[tuple, object] = {}
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -144,6 +147,19 @@ class GptOssModel(nn.Module):
             self.norm.init_weights()
         if self.output is not None:
             init.trunc_normal_(self.output.weight, std=std)
+
+    def _attention_masks(self, backend: str, seq_len: int, document_ids: torch.Tensor | None,
+                         device: torch.device):
+        window = self.args.sliding_window
+        if document_ids is not None:  # new documents every batch: build each forward
+            return build_attention_masks(backend, self._mask_inputs(seq_len, document_ids, device),
+                                         window)
+        key = (backend, seq_len, str(device), id(self.context_parallel))
+        masks = self._static_masks.get(key)
+        if masks is None:
+            inputs = self._mask_inputs(seq_len, None, device)
+            masks = self._static_masks[key] = build_attention_masks(backend, inputs, window)
+        return masks
 
     def _mask_inputs(self, seq_len: int, document_ids: torch.Tensor | None,
                      device: torch.device) -> MaskInputs:
@@ -174,8 +190,7 @@ class GptOssModel(nn.Module):
                 raise ValueError("context parallel forward needs the positions of the local tokens")
             positions = torch.arange(seq_len, device=device).expand(bsz, seq_len)
         backend = resolve_attn_backend(self.args.attn_backend, device)
-        mask_inputs = self._mask_inputs(seq_len, document_ids, device)
-        masks = build_attention_masks(backend, mask_inputs, self.args.sliding_window)
+        masks = self._attention_masks(backend, seq_len, document_ids, device)
         dtype = resolve_compute_dtype(self.args.compute_dtype, device)
         autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                     else contextlib.nullcontext())
