@@ -70,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-backend", default="auto", choices=("auto", "flex", "math"),
                    help="auto: flex on CUDA, math on CPU")
     p.add_argument("--variants", default="sliding,full", help="comma list of sliding,full")
-    p.add_argument("--no-pieces", dest="pieces", action="store_false",
-                   help="skip the per-piece timings")
+    p.add_argument("--pieces", default="all", choices=("all", "attention-core", "none"),
+                   help="per-piece timings: all, only the attention core (sliding/full), or none")
+    p.add_argument("--no-pieces", dest="pieces", action="store_const", const="none",
+                   help="the same as --pieces none")
     p.add_argument("--iters", type=int, default=20, help="timed calls (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls first (after compile)")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
@@ -333,6 +335,8 @@ def bench_pieces(c: Ctx, args, batch, seq_len, variants, cos_sin, masks) -> list
             extra["block_mask_sparsity_pct"] = float(mask.sparsity())
         record(f"attention core {variant} ({c.backend}, sinks)", lambda mask=mask: attention_core(mask),
                attention_core_flops(args, tokens, seq_len, variant == "sliding"), **extra)
+    if c.a.pieces == "attention-core":
+        return out
     record("q/k/v/o projections", projections, projection_flops(args, tokens))
     for variant in variants:
         sliding = variant == "sliding"
@@ -414,7 +418,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
         print(f"  block {variant:8s} fwd+bwd {r['ms']:9.3f} ms {r['tflops']:8.4g} TF/s "
               f"{pct} of peak | first call {r['first_call_s']:.1f} s | "
               f"peak mem {r['peak_memory_gib']:.2f} GiB", flush=True)
-    if a.pieces:
+    if a.pieces != "none":
         records += bench_pieces(c, args, batch, seq_len, variants, cos_sin, masks)
     for r in records:
         append_jsonl(a.out, r)

@@ -54,6 +54,10 @@ from benchmarks.common import (
     synchronize,
 )
 
+# The record of the latest run() in this process, also when run() exits 1 after recording an
+# error (benchmarks/check_reference.py reads the numbers of a failed run from here).
+LAST_RECORD: dict | None = None
+
 # Applied before the user's overrides (which may change them): a benchmark saves nothing.
 BENCH_DEFAULTS = ["--checkpoint.enable=false", "--metrics.enable_jsonl=false",
                   "--metrics.enable_tensorboard=false"]
@@ -243,6 +247,8 @@ def run(argv: list[str] | None = None) -> dict:
         record.update({"median_step_s": None, "tokens_per_s": None,
                        "tokens_per_s_per_device": None, "tflops_per_device": None, "mfu": None})
 
+    global LAST_RECORD
+    LAST_RECORD = record
     if rank0:
         append_jsonl(args.out, record)
         print(summary(record), flush=True)

@@ -9,6 +9,7 @@ is written as null.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -140,6 +141,7 @@ def peak_memory(device: torch.device) -> dict:
             "peak_memory_reserved_gib": None, "memory_kind": "cpu max RSS (whole process)"}
 
 
+@functools.cache
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -188,3 +190,25 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             if line:
                 rows.append(json.loads(line))
     return rows
+
+
+def check_record(part: str, check: str, passed: bool, device: torch.device, **numbers) -> dict:
+    """One gpu_check record (benchmarks/gpu_check.py): which part and check, whether it passed,
+    where and when it ran, and its numbers (tolerances, observed errors, timings)."""
+    env = env_info(device)
+    return {"kind": "gpu_check", "part": part, "check": check, "passed": bool(passed),
+            "gpu": env["gpu"], "torch": env["torch"], "date": env["date"], "device": env["device"],
+            "git": env["git"], **numbers}
+
+
+def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref|| in float64 (inf when got has a NaN/inf: never a pass)."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def max_abs_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    return float((got - ref).abs().max()) if got.numel() else 0.0

@@ -278,9 +278,98 @@ def test_projection_from_results_and_cli(tmp_path, capsys):
 
 
 def test_scripts_run_as_files_and_shell_scripts_parse():
-    for script in ("run_all.sh", "bench_train.sbatch"):
+    for script in ("run_all.sh", "bench_train.sbatch", "gpu_check.sh"):
         subprocess.run(["bash", "-n", str(REPO / "benchmarks" / script)], check=True)
     # run as a file from elsewhere: the script puts the checkout on sys.path itself
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "project_120b.py"), "--help"],
                          capture_output=True, text=True, check=True, cwd="/")
     assert "--assume-layer-ms" in out.stdout
+
+
+# ----------------------------------------------------------------------------- gpu_check
+
+def test_gpu_check_cpu_smoke_end_to_end(tmp_path):
+    """The GPU window's script, CPU mode: every part runs, one JSONL + one summary (+ a log)."""
+    import os
+
+    env = {**os.environ, "RESULTS_DIR": str(tmp_path / "results"), "GPU_CHECK_CACHE": str(tmp_path / "cache"),
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    files = sorted((tmp_path / "results").iterdir())
+    assert [f.suffix for f in files] == [".jsonl", ".log", ".md"]  # <= 8 files come back from $OUT
+    rows = read(files[0])
+    for r in rows:
+        assert r["kind"] == "gpu_check" and isinstance(r["passed"], bool), r
+        assert r["gpu"] is None and r["torch"] == torch.__version__ and r["date"], r
+    parts = [r["part"] for r in rows]
+    assert parts[0] == "run" and rows[0]["cpu_smoke"] is True
+    order = [p for i, p in enumerate(parts) if p != "run" and (i == 0 or parts[i - 1] != p)]
+    assert order == ["correctness", "reference", "profile", "block"]
+    assert all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]
+    checks = {r["check"]: r for r in rows}
+    flex = [r for r in rows if r["check"].startswith("flex vs math")]
+    assert len(flex) == 8 and all(r["max_error"] <= r["tolerance"] for r in flex)
+    assert checks["grouped experts vs loop float32"]["idle_expert_max_grad"] == 0.0
+    assert checks["compiled block (aot_eager)"]["graph_breaks"] == 0
+    assert checks["torchrun fsdp2 bf16 + full AC step vs cpu fp32"]["fsdp_block_class"].startswith("FSDP")
+    assert checks["(process) pytest -m gpu"]["tests"] >= 1
+    ref = checks["reference config"]
+    assert ref["tokens_per_s"] > 0 and ref["plan_total_gib"] > 0 and ref["first_step_s"] > 0
+    phases = checks["phases"]
+    assert phases["step_ms"] == pytest.approx(sum(phases["phases_ms"].values()))
+    assert {"blocks forward", "blocks backward", "loss forward", "loss backward", "optimizer", "grad clip",
+            "mask build"} <= set(phases["phases_ms"])
+    assert checks["host-sync audit"]["syncs"] == 0
+    block = checks["block sliding vs full"]
+    assert {"block_sliding", "block_full", "attention_core_sliding", "attention_core_full"} <= set(block)
+    md = files[2].read_text()
+    assert "**Correctness: passed**" in md and "| block | block sliding vs full | yes |" in md
+    assert md in proc.stdout  # the summary is printed last
+
+
+def test_gpu_check_reports_a_failing_part_and_runs_the_rest(tmp_path, monkeypatch, capsys):
+    from benchmarks import gpu_check
+
+    def steps(py, jsonl, smoke, scratch):
+        return [gpu_check.Step("correctness", "fails", [py, "-c", "raise SystemExit(3)"], 5, 5),
+                gpu_check.Step("reference", "hangs", [py, "-c", "import time; time.sleep(60)"], 5, 2),
+                gpu_check.Step("block", "works", [py, "-c", "print('[block] fine')"], 5, 20)]
+
+    monkeypatch.setattr(gpu_check, "plan_steps", steps)
+    monkeypatch.setenv("GPU_CHECK_CACHE", str(tmp_path / "cache"))
+    assert gpu_check.main(["--cpu-smoke", "--results-dir", str(tmp_path)]) == 1
+    rows = read(next(tmp_path.glob("*.jsonl")))
+    by = {r["check"]: r for r in rows}
+    assert by["(process) fails"]["exit_code"] == 3 and not by["(process) fails"]["passed"]
+    assert by["(process) hangs"]["timed_out"] and by["(process) hangs"]["seconds"] < 30
+    assert by["(process) works"]["passed"]
+    out = capsys.readouterr().out
+    assert "[block] fine" in out and "**Correctness: FAILED**" in out
+    # a measuring part's failure alone does not fail the run
+    monkeypatch.setattr(gpu_check, "plan_steps", lambda *a: steps(*a)[1:])
+    assert gpu_check.main(["--cpu-smoke", "--results-dir", str(tmp_path / "2")]) == 0
+
+
+def test_gpu_check_idle_gaps_and_phases_hand_checked():
+    from benchmarks import check_profile
+
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "user_annotation", "name": "gpu_check_step", "ts": 1000, "dur": 1000},
+        {"ph": "X", "cat": "kernel", "name": "a", "ts": 1100, "dur": 200},   # 1100-1300
+        {"ph": "X", "cat": "kernel", "name": "b", "ts": 1250, "dur": 150},   # overlaps: 1100-1400
+        {"ph": "X", "cat": "gpu_memcpy", "name": "c", "ts": 1700, "dur": 100},  # 1700-1800
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 1000, "dur": 900},
+    ]}
+    r = check_profile.idle_gaps(trace, "gpu_check_step")
+    assert (r["span_ms"], r["busy_ms"], r["idle_ms"]) == pytest.approx((1.0, 0.4, 0.6))
+    assert [g["us"] for g in r["gaps"]] == [300, 200, 100]  # b->c, c->end, start->a
+    assert r["gaps"][0] == {"us": 300, "after": "b", "before": "c"}
+    assert check_profile.top_kernels(trace)[0] == {"kernel": "a", "ms": 0.2, "calls": 1}
+    cats = check_profile.phase_summary([("h2d + token count", 1.0), ("mask build", 2.0), ("block 0 forward", 3.0),
+                                        ("block 1 forward", 4.0), ("head + loss forward", 5.0),
+                                        ("head + loss backward", 6.0), ("block 1 backward", 7.0),
+                                        ("block 0 backward", 8.0), ("grad clip", 9.0), ("optimizer", 10.0)])
+    assert cats == {"blocks forward": 7.0, "blocks backward": 15.0, "loss forward": 5.0, "loss backward": 6.0,
+                    "optimizer": 10.0, "grad clip": 9.0, "mask build": 2.0, "other": 1.0}

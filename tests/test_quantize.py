@@ -42,6 +42,7 @@ Runtime: ~48 s on a shared 2-core machine (1 seed + 4 single-process + 3 two-ran
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import re
 import warnings
@@ -57,7 +58,10 @@ from runtime.parallel.parallelize import parallelize
 from runtime.errors import ConfigError
 from runtime.train.config import load_config, parallel_dims
 
-torchao = pytest.importorskip("torchao")
+# Every test here needs torchao (the async-TP ones import runtime.parallel.quantize's torchao
+# paths too); without it the whole module is skipped with this reason, the GPU test included.
+torchao = pytest.importorskip("torchao", reason="needs torchao (pip install torchao; the GPU test "
+                                                "image has none: carry it as a wheel)")
 
 STEPS = 3
 EMULATE = ["--quantize.emulate=true"]
@@ -433,6 +437,8 @@ def test_enable_async_tp_sets_the_inductor_pass(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                    reason="needs torchao (the GPU test image has none: carry it as a wheel)")
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_float8_on_cuda(recipe):
     """Real float8 kernels (SM89+ linears, SM90+ grouped experts): a few bf16 training steps
