@@ -209,3 +209,57 @@ def test_held_out_split_is_disjoint_and_stable(tmp_path, tok):
         validation_data_config({}, {"dataset": "embedded"})
     with pytest.raises(DataError, match="not both"):
         validation_data_config({"split_fraction": 0.1, "dataset_path": "v"}, cfg)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["--data.loss_on=assistant"], "--data.loss_on must be one of"),
+    (["--data.chat_overflow=wrap"], "--data.chat_overflow must be one of"),
+    (["--data.chat_date=15/01/2026"], "--data.chat_date must be YYYY-MM-DD"),
+    (["--data.dataset=chat", "--data.dataset_path=a", "--data.hf_dataset=b"], "choose one"),
+    (["--validation.enable"], "--validation.enable needs validation.dataset_path"),
+    (["--validation.enable", "--validation.split_fraction=0.1", "--validation.dataset_path=v"],
+     "exclusive"),
+    (["--validation.enable", "--validation.split_fraction=1"], "must be < 1"),
+    (["--checkpoint.last_save_hf_dtype=int8"], "last_save_hf_dtype must be one of"),
+])
+def test_chat_config_errors_name_the_key(overrides, match):
+    from runtime.errors import ConfigError
+    from runtime.train.config import load_config
+
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(None, overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_chat_configs_load_and_pass_the_plan_at_their_world_sizes(capsys):
+    from runtime.plan import main as plan_main
+    from runtime.train.config import load_config
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for name, world in (("debugmodel_sft", 1), ("gptoss_20b_sft", 8), ("gptoss_120b_sft", 64)):
+        args = ["--config", str(root / f"{name}.toml"), "--world-size", str(world), "--check-only"]
+        assert plan_main(args) == 0, capsys.readouterr()
+    cfg = load_config(str(root / "debugmodel_sft.toml"))
+    assert cfg.data.dataset == "chat" and cfg.validation.enable
+    assert cfg.checkpoint.last_save_in_hf
+    for size in ("20b", "120b"):
+        cfg = load_config(str(root / f"gptoss_{size}_sft.toml"))
+        assert cfg.checkpoint.initial_load_hf == cfg.model.tokenizer_path
+        assert cfg.validation.split_fraction > 0 and cfg.checkpoint.last_save_in_hf
+        assert cfg.model.load_balance_coeff == 0.0
+
+
+def test_show_marks_the_trained_tokens(capsys):
+    from runtime.data.__main__ import main
+
+    root = Path(__file__).resolve().parent.parent
+    assert main(["--config", str(root / "configs" / "debugmodel_sft.toml"), "--show", "2",
+                 "--data.chat_date=2026-01-15"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("=== sample") == 2
+    assert "assistant[[<|channel|>analysis<|message|>" in text and "<|return|>]]" in text
+    assert main(["--config", str(root / "configs" / "debugmodel_sft.toml"), "--show", "1",
+                 "--json"]) == 0
+    sample = json.loads(capsys.readouterr().out)
+    assert set(sample) == {"input_ids", "labels", "document_ids", "positions"}
+    assert IGNORE_INDEX in sample["labels"] and len(sample["input_ids"]) == 512

@@ -48,7 +48,8 @@ def test_defaults_are_valid_and_match_the_documented_values():
     assert cfg.compile.components == ["model", "loss"]
     assert cfg.quantize.filter_fqns == ["output", "router"]
     assert list(SECTIONS) == ["job", "model", "data", "training", "optimizer", "lr_scheduler",
-                              "parallelism", "checkpoint", "activation_checkpoint", "compile",
+                              "parallelism", "checkpoint", "validation", "activation_checkpoint",
+                              "compile",
                               "quantize", "metrics"]
 
 
@@ -148,8 +149,8 @@ def test_unknown_section(tmp_path):
     path = write(tmp_path, "[zzz]\n")
     assert error_of(path) == (
         f"{path}: unknown section 'zzz' (sections: job, model, data, training, optimizer, "
-        f"lr_scheduler, parallelism, checkpoint, activation_checkpoint, compile, quantize, "
-        f"metrics)")
+        f"lr_scheduler, parallelism, checkpoint, validation, activation_checkpoint, compile, "
+        f"quantize, metrics)")
 
 
 def test_unknown_key(tmp_path):

@@ -35,11 +35,34 @@ def _parser() -> argparse.ArgumentParser:
 def first_samples(cfg, n: int) -> tuple[dict, Tokenizer]:
     """The first n packed windows of the job's data stream: dict of int64 tensors [n, S]."""
     tokenizer = Tokenizer.load(cfg.model.tokenizer_path)
-    loader = build_dataloader(cfg.data, tokenizer, cfg.training.seq_len, n)
+    v = cfg.validation  # a held-out fraction never reaches the trainer: show what it sees
+    holdout = v.split_fraction if v.enable else 0.0
+    loader = build_dataloader(cfg.data, tokenizer, cfg.training.seq_len, n, holdout=holdout)
     return next(loader), tokenizer
 
 
-def show(batch: dict, tokenizer: Tokenizer, as_json: bool, out=sys.stdout) -> None:
+TRAINED_ON, TRAINED_OFF = "\033[1;32m", "\033[0m"  # bold green on a terminal
+PLAIN_ON, PLAIN_OFF = "[[", "]]"  # in a file or pipe
+
+
+def highlighted(tokens: list[int], labels: list[int], tokenizer: Tokenizer, color: bool) -> str:
+    """The decoded sample with every trained token (a label != IGNORE_INDEX predicts it)
+    between markers: token j is trained when labels[j - 1] holds it."""
+    on, off = (TRAINED_ON, TRAINED_OFF) if color else (PLAIN_ON, PLAIN_OFF)
+    trained = [False] + [label != -100 for label in labels[:-1]]
+    out, start = [], 0
+    for j in range(1, len(tokens) + 1):  # cut where trained flips
+        if j == len(tokens) or trained[j] != trained[start]:
+            text = tokenizer.decode(tokens[start:j])
+            out.append(f"{on}{text}{off}" if trained[start] else text)
+            start = j
+    return "".join(out)
+
+
+def show(batch: dict, tokenizer: Tokenizer, as_json: bool, out=sys.stdout,
+         color: bool | None = None) -> None:
+    if color is None:
+        color = out.isatty()
     for i in range(batch["tokens"].shape[0]):
         sample = {
             "input_ids": batch["tokens"][i].tolist(),
@@ -54,7 +77,11 @@ def show(batch: dict, tokenizer: Tokenizer, as_json: bool, out=sys.stdout) -> No
         docs = max(sample["document_ids"]) + 1
         print(f"=== sample {i}: {len(sample['input_ids'])} tokens, {docs} document(s), "
               f"{trained} trained labels", file=out)
-        print(tokenizer.decode(sample["input_ids"]), file=out)
+        if trained < len(sample["labels"]):  # a loss mask: mark what is trained
+            print(f"(trained tokens {'in bold green' if color else 'between [[ ]]'})", file=out)
+            print(highlighted(sample["input_ids"], sample["labels"], tokenizer, color), file=out)
+        else:
+            print(tokenizer.decode(sample["input_ids"]), file=out)
 
 
 def main(argv: list[str] | None = None) -> int:

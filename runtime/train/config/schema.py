@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -75,6 +76,10 @@ def _selective_ac(v):
     return None if ok else "must be 'op' or a positive integer N (checkpoint every N-th layer)"
 
 
+def _date_or_empty(v):
+    return None if not v or re.fullmatch(r"\d{4}-\d{2}-\d{2}", v) else "must be YYYY-MM-DD or ''"
+
+
 def _subset(allowed: tuple[str, ...]):
     def check(v):
         bad = [x for x in v if x not in allowed]
@@ -114,8 +119,9 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    dataset: str = _opt("embedded", choices=("embedded", "path", "hf"),
-                        help="embedded sample text | local files | HF datasets")
+    dataset: str = _opt("embedded", choices=("embedded", "path", "hf", "chat"),
+                        help="embedded sample text | local files | HF datasets | chat JSONL "
+                             "(dataset_path / hf_dataset; neither: the embedded chat sample)")
     dataset_path: str = _opt("", help="file, directory or glob of .jsonl/.json/.parquet/.txt")
     text_key: str = _opt("text", check=_non_empty, help="field holding the text in records")
     hf_dataset: str = _opt("", help="HF datasets name (data.dataset = 'hf')")
@@ -123,6 +129,14 @@ class DataSection:
     hf_streaming: bool = _opt(True, help="stream instead of downloading the whole dataset")
     document_mask: bool = _opt(True, help="packed documents do not attend to each other")
     shuffle_seed: int = _opt(0, check=_non_negative, help="file/sample shuffle seed")
+    loss_on: str = _opt("last_assistant", choices=("last_assistant", "all_assistant", "all"),
+                        help="chat: which tokens are trained (the rest are IGNORE_INDEX)")
+    chat_overflow: str = _opt("truncate", choices=("truncate", "drop"),
+                              help="chat: a conversation longer than training.seq_len")
+    chat_template: str = _opt("", help="chat: a .jinja template file; '' = the tokenizer "
+                                       "dir's chat template, else the built-in harmony renderer")
+    chat_date: str = _opt("", check=_date_or_empty,
+                          help="chat: YYYY-MM-DD shown as the system message's date; '' = today")
 
 
 @dataclass
@@ -216,6 +230,13 @@ class CheckpointSection:
     initial_load_hf: str = _opt("", help="HF checkpoint dir to start from (no saved step yet)")
     initial_load_path: str = _opt("", help="DCP checkpoint dir to start from (no saved step yet)")
     load_step: int = _opt(-1, check=_load_step, help="-1: latest")
+    last_save_in_hf: bool = _opt(False, help="after the last step, write the model as an HF "
+                                             "checkpoint (+ tokenizer, chat template) in "
+                                             "<dump_folder>/hf/")
+    last_save_hf_dtype: str = _opt("bfloat16", choices=("bfloat16", "float16", "float32"),
+                                   help="dtype of the HF export")
+    last_save_hf_experts: str = _opt("dense", choices=("dense", "mxfp4"),
+                                     help="experts of the HF export: dense or MXFP4 as released")
 
 
 @dataclass
@@ -248,6 +269,22 @@ class MetricsSection:
 
 
 @dataclass
+class ValidationSection:
+    enable: bool = _opt(False, help="log validation_loss on held-out data")
+    freq: int = _opt(100, check=_positive, help="steps between evaluations (and after the last)")
+    steps: int = _opt(10, check=_auto_or_positive,
+                      help="global batches per evaluation; -1: the whole held-out set once")
+    split_fraction: float = _opt(0.0, check=_unit_interval,
+                                 help=">0: hold out this fraction of the training data "
+                                      "(by content hash) instead of a separate source")
+    dataset: str = _opt("", choices=("", "embedded", "path", "hf", "chat"),
+                        help="'' = the training data's kind")
+    dataset_path: str = _opt("", help="held-out files (as data.dataset_path)")
+    hf_dataset: str = _opt("", help="held-out HF dataset (default: the training one)")
+    hf_split: str = _opt("validation", check=_non_empty, help="HF split of the held-out data")
+
+
+@dataclass
 class JobConfig:
     job: JobSection = field(default_factory=JobSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -257,6 +294,7 @@ class JobConfig:
     lr_scheduler: LRSchedulerSection = field(default_factory=LRSchedulerSection)
     parallelism: ParallelismSection = field(default_factory=ParallelismSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
     activation_checkpoint: ActivationCheckpointSection = field(
         default_factory=ActivationCheckpointSection)
     compile: CompileSection = field(default_factory=CompileSection)
@@ -391,6 +429,22 @@ def validate_config(cfg: JobConfig, origins: Origins | None = None) -> None:
     _cross_check(cfg, origins)
 
 
+def _check_validation(cfg: JobConfig, o: Origins) -> None:
+    v, d = cfg.validation, cfg.data
+    if not v.enable:
+        return
+    held_out = v.dataset_path or v.hf_dataset or (v.dataset and v.dataset != d.dataset)
+    if v.split_fraction > 0 and held_out:
+        raise o.error("validation", "split_fraction", "and a held-out source "
+                      f"({o.name('validation', 'dataset_path')} / hf_dataset) are exclusive")
+    if v.split_fraction >= 1:
+        raise o.error("validation", "split_fraction", f"must be < 1, got {v.split_fraction}")
+    embedded_chat = d.dataset == "chat" and not (d.dataset_path or d.hf_dataset)
+    if not (v.split_fraction > 0 or held_out or embedded_chat):
+        raise o.error("validation", "enable", f"needs {o.name('validation', 'dataset_path')} "
+                      f"(or hf_dataset) or {o.name('validation', 'split_fraction')} > 0")
+
+
 def _cross_check(cfg: JobConfig, o: Origins) -> None:
     """Rules that involve more than one key. The first key named is the one blamed."""
     d, t, p, c, q = cfg.data, cfg.training, cfg.parallelism, cfg.checkpoint, cfg.quantize
@@ -398,6 +452,10 @@ def _cross_check(cfg: JobConfig, o: Origins) -> None:
         raise o.error("data", "dataset", f"is 'path' but {o.name('data', 'dataset_path')} is empty")
     if d.dataset == "hf" and not d.hf_dataset:
         raise o.error("data", "dataset", f"is 'hf' but {o.name('data', 'hf_dataset')} is empty")
+    if d.dataset == "chat" and d.dataset_path and d.hf_dataset:
+        raise o.error("data", "dataset_path", f"and {o.name('data', 'hf_dataset')} are both set "
+                      "for chat data: choose one")
+    _check_validation(cfg, o)
     if t.global_batch_size > 0 and t.global_batch_size % t.local_batch_size:
         raise o.error("training", "global_batch_size",
                       f"({t.global_batch_size}) must be a multiple of "
