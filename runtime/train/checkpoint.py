@@ -1,15 +1,35 @@
-"""Distributed checkpoints (torch.distributed.checkpoint) that are never half-written.
+"""Distributed checkpoints (torch.distributed.checkpoint) that are never half-written, never
+execute code, never load into a model they do not match, and never lose intact history.
 
 Layout under `<dump_folder>/<checkpoint.folder>/`:
-    step-200/            a complete DCP checkpoint (model, optimizer, train state)
+    step-200/            a complete checkpoint:
+        __R_I.distcp         DCP tensor data (model, optimizer), any mesh can load it
+        .metadata            DCP's index (read through safe_dcp's allow-listing unpickler)
+        runtime.json         our non-tensor state as JSON: step, data-loader position, RNG,
+                             skipped steps, the model identity (flavor + ModelArgs) and the
+                             run's config (to report what a resume changes)
+        manifest.json        size + CRC32 of each file above, written last (manifest.py)
     step-300/
-    latest               text file naming the newest complete checkpoint ("step-300")
-    .step-400.tmp/       a save in progress (or killed mid-way: ignored, removed at start)
+    latest               text file naming the newest checkpoint ("step-300"); advisory
+    .step-400.tmp/       a save in progress (or killed mid-way: removed at start)
+and `<dump_folder>/.lock` (dump_lock.py): one job per dump folder.
 
-A save writes into the temp directory; only after every rank finished does rank 0 rename
-it to `step-N` and then atomically replace `latest`. A kill at any moment therefore leaves
-the previous checkpoint and pointer intact. The model state uses
-`torch.distributed.checkpoint.state_dict`, so the same files load on any mesh (resharding).
+Save: every rank writes into the temp directory; rank 0 adds runtime.json, the ranks
+checksum the files (split between them), rank 0 writes the manifest, renames the directory
+to `step-N` (replacing an existing `step-N` directory: see below) and replaces `latest`.
+A kill at any moment leaves the previous checkpoints intact.
+
+Load (resume): the newest `step-N` whose files match its manifest; a damaged or incomplete
+one is skipped with a one-line warning. Before anything is loaded: the checkpoint's model
+(ModelArgs and every tensor shape) must equal this run's, and the config keys that differ
+are printed; keys a resume cannot honour are an error or a named warning (see
+`_RESUME_RULES`). `checkpoint.exclude_from_loading` (torchtitan's name) takes parts from
+the config instead of the checkpoint.
+
+History: a save over an existing `step-N` replaces it atomically (it is only ever a damaged
+checkpoint this run fell back past, or a re-save of this run's own step), and a run started
+with `checkpoint.load_step=N` refuses to start while intact checkpoints after step N exist,
+since it would mix its new steps with the old run's.
 """
 
 from __future__ import annotations
@@ -25,6 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -34,9 +55,28 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-LATEST = "latest"
+from runtime.errors import ConfigError
+from runtime.train import manifest
+from runtime.train.dump_lock import DumpFolderLocked, DumpLock
+from runtime.train.safe_dcp import UnsafeCheckpointError, dcp_load, read_metadata_file
 
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_REPLACED_DIR = re.compile(r"^\.step-(\d+)\.old$")
+LATEST = "latest"
+RUNTIME_JSON = "runtime.json"
+RUNTIME_FORMAT = 1
+EXCLUDABLE = ("optimizer", "lr_scheduler", "dataloader")
+
+# ModelArgs fields that do not change the weights' meaning: may differ on resume.
+_NOT_IDENTITY = {"attn_backend", "moe_impl", "compute_dtype", "init_std", "load_balance_coeff",
+                 "aux_loss_coeff", "max_seq_len"}
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint cannot be used as asked; one line, exit code 2 (like any ConfigError)."""
+
+
+# ------------------------------------------------------------------------- distributed bits
 
 def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -46,10 +86,48 @@ def _rank() -> int:
     return dist.get_rank() if _is_distributed() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if _is_distributed() else 1
+
+
 def _barrier() -> None:
     if _is_distributed():
         dist.barrier()
 
+
+def _all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj` (small Python data between our own ranks, never from files)."""
+    if not _is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _from_rank0(obj: Any) -> Any:
+    if not _is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def lock_dump_folder(dump_folder: str, log=print) -> DumpLock | None:
+    """Rank 0 takes `<dump_folder>/.lock` (dump_lock.py); every rank raises the same
+    CheckpointError if another job holds it. Returns the lock on rank 0, else None."""
+    lock, error = None, None
+    if _rank() == 0:
+        try:
+            lock = DumpLock.acquire(dump_folder, log)
+        except DumpFolderLocked as e:
+            error = str(e)
+    error = _from_rank0(error)
+    if error:
+        raise CheckpointError(error)
+    return lock
+
+
+# ------------------------------------------------------------------------- what is saved
 
 class ModelState(Stateful):
     """The model parts' parameters and persistent buffers by fully qualified name."""
@@ -67,6 +145,16 @@ class ModelState(Stateful):
         for part in self.model_parts:
             set_model_state_dict(part, state_dict, options=StateDictOptions(strict=False))
 
+    def global_shapes(self) -> dict[str, tuple[int, ...]]:
+        """name -> full (unsharded) shape of every tensor of the whole model, all ranks'
+        stages together (a collective)."""
+        local = {name: tuple(t.shape) for name, t in self.state_dict().items()
+                 if isinstance(t, torch.Tensor)}
+        merged: dict[str, tuple[int, ...]] = {}
+        for part in _all_gather(local):
+            merged.update(part)
+        return merged
+
 
 class OptimizerState(Stateful):
     def __init__(self, model_parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]):
@@ -83,132 +171,400 @@ class OptimizerState(Stateful):
             set_optimizer_state_dict(part, optim, state_dict)
 
 
-class TrainState(Stateful):
-    """Step, lr scheduler, data loader position and RNG, stored as one JSON string (the
-    same on every rank, so DCP writes it once)."""
+class TrainState:
+    """The trainer's non-tensor state as JSON (runtime.json; identical on every rank):
+    step, lr scheduler, data-loader position, CPU RNG, counters; plus the model identity
+    and the config, which a resume checks against."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
-    def state_dict(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         t = self.trainer
-        payload = {
+        return {
             "step": t.step,
-            "lr_scheduler": t.lr_scheduler.state_dict(),
-            "dataloader": t.dataloader.state_dict(),
-            "rng_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
             "tokens_seen": t.tokens_seen,
+            "skipped_steps": getattr(t, "skipped_steps", 0),
+            "lr_scheduler": _plain(t.lr_scheduler.state_dict()),
+            "dataloader": _plain(t.dataloader.state_dict()),
+            "rng_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         }
-        return {"json": json.dumps(payload, default=_json_default)}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        payload = json.loads(state_dict["json"])
+    def restore(self, payload: dict[str, Any], exclude: list[str]) -> None:
         t = self.trainer
-        t.step = payload["step"]
-        t.tokens_seen = payload.get("tokens_seen", 0)
-        t.lr_scheduler.load_state_dict(payload["lr_scheduler"])
-        t.dataloader.load_state_dict(payload["dataloader"])
+        t.step = int(payload["step"])
+        t.tokens_seen = int(payload.get("tokens_seen", 0))
+        if hasattr(t, "skipped_steps"):
+            t.skipped_steps = int(payload.get("skipped_steps", 0))
+        if "lr_scheduler" in exclude:
+            _restart_schedule_at(t.lr_scheduler, t.step)
+        else:
+            t.lr_scheduler.load_state_dict(payload["lr_scheduler"])
+        if "dataloader" not in exclude:
+            t.dataloader.load_state_dict(payload["dataloader"])
         rng = base64.b64decode(payload["rng_cpu"])
         torch.set_rng_state(torch.frombuffer(bytearray(rng), dtype=torch.uint8))
 
+    def model_identity(self) -> dict[str, Any]:
+        return model_identity(self.trainer.cfg.model.flavor, self.trainer.model_args)
 
-def _json_default(obj):
+    def config(self) -> dict[str, dict[str, Any]]:
+        return self.trainer.cfg.to_dict()
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-ready copy (tensors as lists); JSON's allow-list is the point."""
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
-    raise TypeError(f"checkpoint train state: cannot serialise {type(obj).__name__}")
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"checkpoint train state: cannot store {type(obj).__name__} as JSON")
 
 
-def list_complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """(step, path) of finished checkpoints, oldest first (a DCP dir is complete once its
-    `.metadata` exists; temp dirs never match `step-N`)."""
+def _restart_schedule_at(scheduler, step: int) -> None:
+    """This config's schedule (its optimizer.lr and [lr_scheduler]) at `step`: the schedule
+    is a pure function of the step, so it continues there (no second warmup)."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, base, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, lrs):
+        group["initial_lr"] = base
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def model_identity(flavor: str, args) -> dict[str, Any]:
+    fields = {k: v for k, v in args.to_dict().items() if k not in _NOT_IDENTITY}
+    return {"flavor": flavor, "args": _plain(fields)}
+
+
+# ------------------------------------------------------------------------- comparisons
+
+def _identity_differences(saved: dict, current: dict) -> list[str]:
+    old, new = saved.get("args", {}), current["args"]
+    out = [f"{k} {old.get(k)!r} here {new.get(k)!r}" for k in sorted(set(old) | set(new))
+           if old.get(k) != new.get(k)]
+    if out and saved.get("flavor") != current["flavor"]:
+        out.insert(0, f"flavor {saved.get('flavor')!r} here {current['flavor']!r}")
+    return out
+
+
+def _shape_differences(stored: dict[str, tuple], run: dict[str, tuple]) -> list[str]:
+    missing = sorted(set(run) - set(stored))
+    extra = sorted(set(stored) - set(run))
+    differ = sorted(k for k in set(run) & set(stored) if tuple(run[k]) != tuple(stored[k]))
+    out = []
+    if missing:
+        out.append(f"{len(missing)} tensors of this model are not in it (e.g. {missing[0]})")
+    if extra:
+        out.append(f"{len(extra)} of its tensors are not in this model (e.g. {extra[0]})")
+    for k in differ[:2]:
+        out.append(f"{k} is {list(stored[k])} there, {list(run[k])} here")
+    if len(differ) > 2:
+        out.append(f"{len(differ) - 2} more shapes differ")
+    return out
+
+
+def stored_model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor under the checkpoint's "model" key (safe metadata read)."""
+    metadata = read_metadata_file(path / ".metadata")
+    return {key[len("model."):]: tuple(meta.size)
+            for key, meta in metadata.state_dict_metadata.items()
+            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+
+
+# What a resume does with a config key whose value differs from the checkpoint's:
+# (key prefix, the exclude_from_loading part that lets it apply, why it cannot apply otherwise,
+#  error?). Keys not listed take effect.
+_RESUME_RULES = [
+    ("optimizer.lr", "lr_scheduler", "the restored lr scheduler keeps {old}", True),
+    ("optimizer.beta1", "optimizer", "the restored optimizer state keeps {old}", False),
+    ("optimizer.beta2", "optimizer", "the restored optimizer state keeps {old}", False),
+    ("optimizer.eps", "optimizer", "the restored optimizer state keeps {old}", False),
+    ("optimizer.weight_decay", "optimizer", "the restored optimizer state keeps {old}", False),
+    ("training.seed", None, "weights and RNG state come from the checkpoint", False),
+    ("data.", "dataloader", "the data loader resumes at the checkpoint's position "
+                            "(a position in the old data)", False),
+]
+# Differences not worth reporting on a resume.
+_QUIET_KEYS = {"checkpoint.load_step", "checkpoint.exclude_from_loading", "job.description"}
+
+
+def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    out = []
+    for section, values in current.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            old = saved.get(section, {}).get(key, value)
+            if old != value and name not in _QUIET_KEYS:
+                out.append((name, old, value))
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (str, list)) else repr(value)
+
+
+# ------------------------------------------------------------------------- folder scanning
+
+def step_dirs(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `step-N` directory, complete or not, oldest first."""
     if not folder.is_dir():
         return []
-    found = []
-    for child in folder.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / ".metadata").is_file():
-            found.append((int(match.group(1)), child))
+    found = [(int(m.group(1)), child) for child in folder.iterdir()
+             if (m := _STEP_DIR.match(child.name)) and child.is_dir()]
     return sorted(found)
 
 
+def list_complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of checkpoints whose save finished (a manifest exists; not verified)."""
+    return [(s, p) for s, p in step_dirs(folder) if (p / manifest.MANIFEST).is_file()]
+
+
 def find_latest_checkpoint(folder: Path) -> Path | None:
-    pointer = folder / LATEST
-    if pointer.is_file():
-        candidate = folder / pointer.read_text().strip()
-        if (candidate / ".metadata").is_file():
-            return candidate
-    complete = list_complete_checkpoints(folder)  # pointer missing or stale: newest complete
+    """The newest finished checkpoint (cheap: not verified; loading verifies)."""
+    complete = list_complete_checkpoints(folder)
     return complete[-1][1] if complete else None
 
 
+def read_pointer(folder: Path) -> tuple[str | None, str | None]:
+    """(checkpoint name in `latest`, None) or (None, why it is unusable / None if absent)."""
+    path = folder / LATEST
+    if not path.is_file():
+        return None, None
+    raw = path.read_bytes()[:256]
+    try:
+        name = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None, f"{path} is not text"
+    if not _STEP_DIR.match(name):
+        return None, f"{path} holds {name[:40]!r}, not a step-N name"
+    return name, None
+
+
+def verify_checkpoint(path: Path, required: tuple[str, ...] = (".metadata", RUNTIME_JSON)) -> str | None:
+    """None if every file of `path` matches its manifest, else why not. A collective: the
+    files' checksums are split over the ranks."""
+    files, problem = manifest.read_manifest(path)
+    for name in required if files is not None else ():
+        if name not in files:
+            problem = problem or f"manifest.json does not list {name}"
+    if files is not None and problem is None:
+        mine = manifest.files_for_rank(sorted(files), _rank(), _world())
+        problem = manifest.check_sizes(path, {n: files[n] for n in mine}) or \
+            manifest.check_checksums(path, files, mine)
+    problems = [p for p in _all_gather(problem) if p]
+    return problems[0] if problems else None
+
+
+# ------------------------------------------------------------------------- the manager
+
 class CheckpointManager:
-    def __init__(self, cfg, dump_folder: str, states: dict[str, Stateful], log=print):
-        """cfg: the `[checkpoint]` section; states: what a checkpoint holds ("model",
-        "optimizer", "train")."""
+    def __init__(self, cfg, dump_folder: str, states: dict[str, Any], log=print):
+        """cfg: the `[checkpoint]` section; states: "model" (ModelState), "optimizer"
+        (OptimizerState), "train" (TrainState). The caller holds the dump-folder lock."""
         self.cfg = cfg
         self.folder = Path(dump_folder) / cfg.folder
         self.states = states
         self.log = log
-        self._pending: tuple[Any, int, Path] | None = None  # async save in flight
+        self.exclude = list(getattr(cfg, "exclude_from_loading", []) or [])
+        self._pending: tuple[Any, int, Path, str] | None = None  # async save in flight
         self._async_group = None
+        self._saved_steps: set[int] = set()  # this run's saves (a stop right after an interval save)
+        self._damaged: set[Path] = set()
         if _rank() == 0 and cfg.enable:
             self.folder.mkdir(parents=True, exist_ok=True)
-            for stale in self.folder.glob(".step-*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
+            self._clean_interrupted()
         _barrier()
 
+    def _clean_interrupted(self) -> None:
+        for stale in self.folder.glob(".step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for old in self.folder.glob(".step-*.old"):  # killed in the middle of a replace
+            match = _REPLACED_DIR.match(old.name)
+            final = self.folder / f"step-{match.group(1)}" if match else None
+            if final is not None and not final.exists():
+                os.rename(old, final)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _warn(self, msg: str) -> None:
+        self.log(f"warning: {msg}")
+
+    def _read_runtime(self, path: Path) -> dict[str, Any]:
+        record = json.loads((path / RUNTIME_JSON).read_text())
+        if not isinstance(record, dict) or record.get("format") != RUNTIME_FORMAT:
+            raise ValueError(f"{path / RUNTIME_JSON}: unknown format")
+        return record
+
     # ---------------------------------------------------------------- loading
-    def load_latest(self) -> int | None:
-        """Resume from the newest complete checkpoint; returns its step or None."""
+    def _candidates(self) -> list[Path]:
         if self.cfg.load_step >= 0:
-            path = self.folder / f"step-{self.cfg.load_step}"
-            if not (path / ".metadata").is_file():
-                raise FileNotFoundError(
-                    f"checkpoint.load_step={self.cfg.load_step}: no complete checkpoint at {path}")
-        else:
-            path = find_latest_checkpoint(self.folder)
-        if path is None:
-            return None
+            return [self.folder / f"step-{self.cfg.load_step}"]
+        name, problem = read_pointer(self.folder)
+        if problem:
+            self._warn(f"{problem}: ignored, looking for the newest intact checkpoint")
+        found = [p for _, p in reversed(step_dirs(self.folder))]
+        if name and found and found[0].name != name and (self.folder / name).is_dir():
+            self._warn(f"{self.folder / LATEST} names {name} but {found[0].name} is newer: "
+                       "the newest intact checkpoint is used")
+        return found
+
+    def load_latest(self) -> int | None:
+        """Resume from the newest intact checkpoint (or checkpoint.load_step); returns its
+        step, or None to start from scratch. Raises CheckpointError (one line) when a
+        checkpoint exists but cannot be used."""
+        explicit = self.cfg.load_step >= 0
+        for path in self._candidates():
+            if explicit and not path.is_dir():
+                raise CheckpointError(f"checkpoint.load_step={self.cfg.load_step}: no checkpoint at {path}")
+            problem = verify_checkpoint(path)
+            if problem is None:
+                try:
+                    record = self._read_runtime(path)
+                except (ValueError, KeyError, OSError) as e:
+                    problem = f"{RUNTIME_JSON} unreadable: {' '.join(str(e).split())[:120]}"
+            if problem is not None:
+                self._damaged.add(path)
+                if explicit:
+                    raise CheckpointError(f"checkpoint.load_step={self.cfg.load_step}: {path} is "
+                                          f"damaged ({problem})")
+                self._warn(f"checkpoint {path} is damaged or incomplete ({problem}): skipped")
+                continue
+            return self._resume_from(path, record)
+        if self._damaged:
+            self._warn(f"no intact checkpoint in {self.folder}: starting from step 0")
+        return None
+
+    def _resume_from(self, path: Path, record: dict[str, Any]) -> int:
+        train: TrainState = self.states["train"]
+        self._check_model(path, record.get("model"))
+        self._check_history(path)
+        self._check_config(path, record.get("config", {}))
         self.log(f"resuming from {path}")
-        dcp.load(self.states, checkpoint_id=str(path))
+        state = {"model": self.states["model"]}
+        if "optimizer" not in self.exclude:
+            state["optimizer"] = self.states["optimizer"]
+        try:
+            dcp_load(state, path)
+        except UnsafeCheckpointError as e:
+            raise CheckpointError(str(e)) from None
+        train.restore(record["train"], self.exclude)
         return int(_STEP_DIR.match(path.name).group(1))
+
+    def _check_model(self, path: Path, saved_identity: dict | None) -> None:
+        """Same ModelArgs and the same tensor names and shapes, before anything is loaded."""
+        train: TrainState = self.states["train"]
+        current = train.model_identity()
+        details = _identity_differences(saved_identity, current) if saved_identity else []
+        try:
+            stored = stored_model_shapes(path)
+        except UnsafeCheckpointError as e:
+            raise CheckpointError(str(e)) from None
+        details = details or _shape_differences(stored, self.states["model"].global_shapes())
+        if details:
+            saved = (saved_identity or {}).get("args", {})
+            hint = f"model.flavor={saved_identity['flavor']!r}" if saved_identity else "its model settings"
+            if saved.get("n_layers") is not None:
+                hint += f" model.n_layers={saved['n_layers']}"
+            raise CheckpointError(
+                f"checkpoint {path} holds another model than this run ({'; '.join(details)}); "
+                f"nothing was loaded or deleted. To start this model fresh, use a new "
+                f"job.dump_folder (or checkpoint.folder); to continue the checkpoint, run with "
+                f"{hint}")
+
+    def _check_history(self, path: Path) -> None:
+        """checkpoint.load_step=N with intact-looking checkpoints after N: refuse rather than
+        interleave a new run's steps with the old run's."""
+        if self.cfg.load_step < 0:
+            return
+        later = [p.name for s, p in list_complete_checkpoints(self.folder) if s > self.cfg.load_step]
+        if later:
+            raise CheckpointError(
+                f"checkpoint.load_step={self.cfg.load_step}: {self.folder} also holds the later "
+                f"checkpoints {', '.join(later)}, which this run's saves would mix with its own; "
+                f"move them out of {self.folder} (or copy {path.name} to a new job.dump_folder) "
+                f"to branch from step {self.cfg.load_step}")
+
+    def _check_config(self, path: Path, saved_config: dict) -> None:
+        train: TrainState = self.states["train"]
+        diffs = config_differences(saved_config, train.config())
+        if not diffs:
+            return
+        self.log(f"resuming {path.name} with config changes: "
+                 + "; ".join(f"{k} {_fmt(a)} -> {_fmt(b)}" for k, a, b in diffs))
+        for key, old, new in diffs:
+            for prefix, part, why, is_error in _RESUME_RULES:
+                if not key.startswith(prefix) or (part is not None and part in self.exclude):
+                    continue
+                remedy = (f"add \"{part}\" to checkpoint.exclude_from_loading to take it from "
+                          f"this config" if part else "it only applies to a fresh run")
+                text = f"{key} = {_fmt(new)} cannot take effect on this resume: " \
+                       f"{why.format(old=_fmt(old))}; {remedy}"
+                if is_error:
+                    raise CheckpointError(f"{text}, or set it back to {_fmt(old)}")
+                self._warn(text)
+                break
 
     @staticmethod
     def load_model_only(model_state: ModelState, path: str) -> None:
-        """Initial weights from a model-only DCP directory ({"model": ...}), e.g. made by
-        `python -m runtime.hf.convert hf-to-dcp`."""
-        if not (Path(path) / ".metadata").is_file():
-            raise FileNotFoundError(f"checkpoint.initial_load_path: no DCP checkpoint at {path}")
-        dcp.load({"model": model_state}, checkpoint_id=path)
+        """Initial weights from a DCP directory's "model" key (a model-only directory made by
+        `python -m runtime.hf.convert hf-to-dcp`, or a training checkpoint)."""
+        folder = Path(path)
+        if not (folder / ".metadata").is_file():
+            raise CheckpointError(f"checkpoint.initial_load_path: no DCP checkpoint at {path}")
+        if (folder / manifest.MANIFEST).is_file():
+            problem = verify_checkpoint(folder, required=(".metadata",))
+            if problem:
+                raise CheckpointError(f"checkpoint.initial_load_path: {path} is damaged ({problem})")
+        try:
+            details = _shape_differences(stored_model_shapes(folder), model_state.global_shapes())
+            if details:
+                raise CheckpointError(f"checkpoint.initial_load_path: {path} holds another model "
+                                      f"than this run ({'; '.join(details)}); nothing was loaded")
+            dcp_load({"model": model_state}, folder)
+        except UnsafeCheckpointError as e:
+            raise CheckpointError(f"checkpoint.initial_load_path: {e}") from None
 
     # ---------------------------------------------------------------- saving
     def should_save(self, step: int, last_step: int) -> bool:
         return self.cfg.enable and (step % self.cfg.interval == 0 or step == last_step)
 
+    def _runtime_record(self, step: int) -> str:
+        train: TrainState = self.states["train"]
+        return json.dumps({"format": RUNTIME_FORMAT, "step": step, "train": train.snapshot(),
+                           "model": train.model_identity(), "config": train.config()},
+                          indent=1, allow_nan=False)
+
     def save(self, step: int, *, force_sync: bool = False) -> None:
         self.wait()  # at most one save in flight; its finalisation comes first
-        final = self.folder / f"step-{step}"
-        if (final / ".metadata").is_file():
-            return  # already saved this step (e.g. interval save, then stop signal)
+        if step in self._saved_steps:
+            return  # saved this step already (e.g. interval save, then stop signal)
+        self._saved_steps.add(step)
         tmp = self.folder / f".step-{step}.tmp"
+        record = self._runtime_record(step)  # now: an async save finishes steps later
+        state = {"model": self.states["model"], "optimizer": self.states["optimizer"]}
         if self.cfg.async_mode == "async" and not force_sync:
-            future = dcp.async_save(self.states, checkpoint_id=str(tmp),
+            future = dcp.async_save(state, checkpoint_id=str(tmp),
                                     process_group=self._get_async_group())
-            self._pending = (future, step, tmp)
+            self._pending = (future, step, tmp, record)
             self.log(f"checkpoint step {step}: async save started")
             return
-        self.log(f"checkpoint step {step}: saving to {final}")
-        dcp.save(self.states, checkpoint_id=str(tmp))
-        self._finalize(step, tmp)
+        self.log(f"checkpoint step {step}: saving to {self.folder / f'step-{step}'}")
+        dcp.save(state, checkpoint_id=str(tmp))
+        self._finalize(step, tmp, record)
 
     def wait(self) -> None:
         """Block until an async save is on disk, then publish it."""
         if self._pending is None:
             return
-        future, step, tmp = self._pending
+        future, step, tmp, record = self._pending
         self._pending = None
         future.result()
-        self._finalize(step, tmp)
+        self._finalize(step, tmp, record)
 
     def _get_async_group(self):
         # Background checkpoint collectives must not share a (NCCL) group with training.
@@ -216,26 +572,62 @@ class CheckpointManager:
             self._async_group = dist.new_group(backend="gloo")
         return self._async_group
 
-    def _finalize(self, step: int, tmp: Path) -> None:
-        _barrier()  # every rank's shards are written
+    def _finalize(self, step: int, tmp: Path, record: str) -> None:
+        _barrier()  # every rank's shards and the .metadata are written
+        names = None
         if _rank() == 0:
-            final = self.folder / f"step-{step}"
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            pointer_tmp = self.folder / f".{LATEST}.tmp"
-            pointer_tmp.write_text(final.name + "\n")
-            os.replace(pointer_tmp, self.folder / LATEST)  # atomic: old or new, never half
-            self._prune()
+            _write_synced(tmp / RUNTIME_JSON, record)
+            # The files DCP's own index refers to (not a directory listing: that can lag
+            # on network filesystems), plus the index and our JSON.
+            stored = read_metadata_file(tmp / ".metadata").storage_data.values()
+            names = sorted({info.relative_path for info in stored} | {".metadata", RUNTIME_JSON})
+        names = _from_rank0(names)
+        mine = manifest.describe_files(tmp, manifest.files_for_rank(names, _rank(), _world()))
+        if _rank() == 0:
+            files: dict[str, dict] = {}
+            for part in _all_gather(mine):
+                files.update(part)
+            manifest.write_manifest(tmp, files, step)
+            self._publish(step, tmp)
+            self._prune(step)
             self.log(f"checkpoint step {step}: complete")
+        else:
+            _all_gather(mine)
         _barrier()
 
-    def _prune(self) -> None:
+    def _publish(self, step: int, tmp: Path) -> None:
+        final = self.folder / f"step-{step}"
+        if final.exists():  # a damaged checkpoint this run fell back past: replace it
+            old = self.folder / f".step-{step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            self.log(f"checkpoint step {step}: replaced the previous {final.name}")
+        else:
+            os.rename(tmp, final)
+        pointer_tmp = self.folder / f".{LATEST}.tmp"
+        _write_synced(pointer_tmp, final.name + "\n")
+        os.replace(pointer_tmp, self.folder / LATEST)  # atomic: old or new, never half
+
+    def _prune(self, saved_step: int) -> None:
+        """Keep `keep_latest_k` checkpoints: the one just saved and the newest older ones
+        this run did not find damaged. Later steps (another history) are never pruned."""
         keep = self.cfg.keep_latest_k
         if keep <= 0:
             return
-        for _, path in list_complete_checkpoints(self.folder)[:-keep]:
+        older = [p for s, p in list_complete_checkpoints(self.folder) if s < saved_step]
+        intact = [p for p in older if p not in self._damaged]
+        doomed = [p for p in older if p in self._damaged] + intact[:max(0, len(intact) - (keep - 1))]
+        for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
 
     def close(self) -> None:
         self.wait()
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())

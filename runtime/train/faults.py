@@ -1,4 +1,5 @@
-"""Graceful stop on SIGTERM/SIGUSR1 (preemption, Slurm time limit) and non-finite losses."""
+"""Graceful stop on SIGTERM/SIGUSR1 (preemption, Slurm time limit) and non-finite losses or
+gradient norms (stop, or skip the step up to training.max_skipped_steps times)."""
 
 from __future__ import annotations
 
@@ -48,12 +49,23 @@ class StopSignal:
         return flag > 0
 
 
-def check_finite(loss: float, step: int, policy: str) -> bool:
-    """True if the step may proceed; raises on a non-finite loss unless policy == 'skip'."""
-    if math.isfinite(loss):
+def check_finite(value: float, step: int, policy: str, quantity: str = "loss") -> bool:
+    """True if the step may proceed; raises on a non-finite `quantity` ("loss", "grad norm")
+    unless policy == 'skip'."""
+    if math.isfinite(value):
         return True
     if policy == "skip":
         return False
     raise NonFiniteLossError(
-        f"non-finite loss {loss} at step {step} (set training.on_nonfinite='skip' to skip such steps)"
-    )
+        f"non-finite {quantity} {value} at step {step} "
+        f"(set training.on_nonfinite='skip' to skip such steps)")
+
+
+def count_skipped_step(skipped: int, limit: int, step: int, quantity: str, value: float) -> str:
+    """After a skipped step (`skipped` so far, this one included): the line to log, or
+    NonFiniteLossError once more than `limit` steps were skipped."""
+    if skipped > limit:
+        raise NonFiniteLossError(
+            f"non-finite {quantity} {value} at step {step}: {skipped} steps skipped, more than "
+            f"training.max_skipped_steps ({limit}); the run stops (the last checkpoint is intact)")
+    return f"step {step}: non-finite {quantity} {value}, step skipped ({skipped} of at most {limit})"

@@ -1,5 +1,9 @@
 """Per-step metrics: one readable line + `<dump_folder>/metrics.jsonl` (+ TensorBoard).
 
+metrics.jsonl holds every step once: a run that starts after step N (a resume, or 0 for a
+fresh run) first drops the rows after step N, which a killed predecessor logged but never
+checkpointed, into `metrics.dropped.jsonl`. JSON has no NaN: non-finite values are null.
+
 FLOPs per trained token (used for MFU), counting matmuls only, forward + backward = 3x fwd:
     6 * (active matmul parameters)                       dense projections, router,
                                                           top_k experts, output head
@@ -14,6 +18,8 @@ on work actually needed, as torchtitan's and Megatron's counts are).
 from __future__ import annotations
 
 import json
+import math
+import os
 import resource
 import sys
 import time
@@ -54,8 +60,6 @@ def training_flops_per_token(args: ModelArgs, seq_len: int) -> float:
 
 
 def peak_flops(device: torch.device) -> float | None:
-    import os
-
     if os.environ.get("RUNTIME_PEAK_TFLOPS"):
         return float(os.environ["RUNTIME_PEAK_TFLOPS"]) * 1e12
     if device.type != "cuda":
@@ -74,10 +78,49 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+DROPPED = "metrics.dropped.jsonl"
+
+
+def json_safe(value):
+    """NaN/inf -> None (JSON null), at any depth: strict JSON readers reject NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Keep the rows of steps <= last_step (and no torn last line); the others go to
+    metrics.dropped.jsonl. Returns how many rows were moved."""
+    if not path.is_file():
+        return 0
+    keep, drop = [], []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and int(row["step"]) <= last_step
+        except (ValueError, KeyError, TypeError):
+            ok = False  # a line torn by a kill, or not ours
+        (keep if ok else drop).append(line)
+    if not drop:
+        return 0
+    with open(path.with_name(DROPPED), "a") as f:
+        f.writelines(line + "\n" for line in drop)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+    return len(drop)
+
+
 class MetricsLogger:
     def __init__(self, cfg, dump_folder: str, model_args: ModelArgs, seq_len: int,
                  global_tokens_per_step: int, world_size: int, device: torch.device,
-                 is_writer: bool, start_step: int = 0):
+                 is_writer: bool, start_step: int | None = None):
+        """start_step: the step this run continues after (0: fresh); rows after it are
+        removed from metrics.jsonl first. None leaves the file as it is."""
         self.cfg = cfg
         self.device = device
         self.is_writer = is_writer
@@ -90,7 +133,13 @@ class MetricsLogger:
         if is_writer:
             Path(dump_folder).mkdir(parents=True, exist_ok=True)
             if cfg.enable_jsonl:
-                self.jsonl = open(Path(dump_folder) / "metrics.jsonl", "a", buffering=1)
+                path = Path(dump_folder) / "metrics.jsonl"
+                if start_step is not None:
+                    dropped = truncate_metrics(path, start_step)
+                    if dropped:
+                        print(f"{path}: moved {dropped} rows logged after step {start_step} "
+                              f"(not checkpointed) to {path.with_name(DROPPED)}", flush=True)
+                self.jsonl = open(path, "a", buffering=1)
             if cfg.enable_tensorboard:
                 self.tb = self._tensorboard(Path(dump_folder) / cfg.save_tb_folder)
         self._last_time = time.perf_counter()
@@ -137,7 +186,7 @@ class MetricsLogger:
               f"tflops/dev {r['tflops_per_device']:.2f} | mfu {mfu} | "
               f"mem {r['memory_gib']:.2f} GiB | {r['step_time_s']:.2f}s", flush=True)
         if self.jsonl:
-            self.jsonl.write(json.dumps(r) + "\n")
+            self.jsonl.write(json.dumps(json_safe(r), allow_nan=False) + "\n")
         if self.tb:
             for key, value in r.items():
                 if key != "step" and isinstance(value, (int, float)):

@@ -88,6 +88,7 @@ def _subset(allowed: tuple[str, ...]):
 
 
 NO_DECAY_GROUPS = ("norms", "biases", "sinks", "embeddings")
+CHECKPOINT_PARTS = ("optimizer", "lr_scheduler", "dataloader")
 COMPILE_COMPONENTS = ("model", "loss")
 PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble",
                 "DualPipeV")
@@ -156,6 +157,9 @@ class TrainingSection:
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available")
     on_nonfinite: str = _opt("error", choices=("error", "skip"),
                              help="on a NaN/inf loss or grad norm: stop, or skip the step")
+    max_skipped_steps: int = _opt(3, check=_non_negative,
+                                  help="on_nonfinite='skip': steps skipped over the whole run "
+                                       "(resumes included) before the run stops with exit 2")
     deterministic: bool = _opt(False, help="deterministic algorithms (slower)")
     loss_chunk_size: int = _opt(1024, check=_non_negative,
                                 help="tokens per chunk of the fused output head + cross entropy "
@@ -237,6 +241,10 @@ class CheckpointSection:
                                    help="dtype of the HF export")
     last_save_hf_experts: str = _opt("dense", choices=("dense", "mxfp4"),
                                      help="experts of the HF export: dense or MXFP4 as released")
+    exclude_from_loading: list = _opt([], check=_subset(CHECKPOINT_PARTS),
+                                      help="resume parts taken from this config instead: "
+                                           "lr_scheduler (optimizer.lr + [lr_scheduler] at the "
+                                           "resumed step), optimizer (fresh state), dataloader")
 
 
 @dataclass
@@ -455,6 +463,12 @@ def _cross_check(cfg: JobConfig, o: Origins) -> None:
     if d.dataset == "chat" and d.dataset_path and d.hf_dataset:
         raise o.error("data", "dataset_path", f"and {o.name('data', 'hf_dataset')} are both set "
                       "for chat data: choose one")
+    unused = {"embedded": ("dataset_path", "hf_dataset"), "path": ("hf_dataset",),
+              "hf": ("dataset_path",)}.get(d.dataset, ())
+    for key in unused:
+        if getattr(d, key):
+            raise o.error("data", key, f"is set but {o.name('data', 'dataset')} = {d.dataset!r} "
+                          "never reads it (set data.dataset to the source you mean)")
     _check_validation(cfg, o)
     if t.global_batch_size > 0 and t.global_batch_size % t.local_batch_size:
         raise o.error("training", "global_batch_size",

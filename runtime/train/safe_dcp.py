@@ -1,0 +1,136 @@
+"""Reading DCP checkpoints without executing anything stored in them.
+
+torch DCP reads a checkpoint's `.metadata` with `pickle.load` and every non-tensor item
+(optimizer hyperparameters, our JSON train state) with `torch.load(weights_only=False)`: a
+pickle planted in either file runs arbitrary code. Checkpoints live for weeks on shared
+storage, so this module replaces both readers:
+
+- `.metadata` goes through `MetadataUnpickler`, which resolves only DCP's own metadata
+  classes and the few torch/pathlib objects they contain (`torch.Size`, dtypes, layouts,
+  paths); any other global is refused with one line naming the file.
+- non-tensor items go through `torch.load(weights_only=True)` (torch's own allow-list:
+  containers, numbers, strings, tensors).
+
+`dcp_load(state, path)` is `dcp.load` with both in place; every checkpoint read in the
+trainer goes through it (resume and `checkpoint.initial_load_path`).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds something other than plain data; the message is one line."""
+
+
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+# DCP's metadata classes (and the enum TensorProperties pickles its memory format as).
+_ALLOWED_METADATA_NAMES = frozenset(dcp_metadata.__all__) | {"_MEM_FORMAT_ENCODING"}
+_ALLOWED_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # file, offset, length
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a layout by its name, e.g. "torch.strided"
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP `.metadata` and nothing else."""
+
+    def __init__(self, file, source: str):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (module == _METADATA_MODULE and name in _ALLOWED_METADATA_NAMES) or (
+            (module, name) in _ALLOWED_GLOBALS) or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise UnsafeCheckpointError(
+                f"{self.source}: refused to load: it references {module}.{name}, which is not "
+                f"part of a DCP checkpoint's metadata (a planted or foreign file?)")
+        return super().find_class(module, name)
+
+
+def read_metadata_file(path: str | Path) -> dcp_metadata.Metadata:
+    """A `.metadata` file through the allow-listing unpickler."""
+    source = str(path)
+    with open(path, "rb") as f:
+        try:
+            metadata = MetadataUnpickler(f, source).load()
+        except UnsafeCheckpointError:
+            raise
+        except Exception as e:  # truncated/garbage bytes: any unpickling error
+            raise UnsafeCheckpointError(f"{source}: not a readable DCP metadata file "
+                                        f"({type(e).__name__}: {e})") from None
+    if not isinstance(metadata, dcp_metadata.Metadata):
+        raise UnsafeCheckpointError(f"{source}: holds a {type(metadata).__name__}, "
+                                    "not DCP metadata")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose metadata comes from `read_metadata_file`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
+        rank = kwargs.get("rank")  # per-rank metadata files (no_dist loads on newer torch)
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        metadata = read_metadata_file(Path(self.path) / name)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner whose non-tensor items are read with `weights_only=True`."""
+
+    def __init__(self, source: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.source = source  # the checkpoint directory, for messages
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as e:  # weights_only refuses any non-allow-listed global
+            found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(e))
+            why = f"it references {found.group(1)}" if found else " ".join(str(e).split())[:160]
+            raise UnsafeCheckpointError(
+                f"{self.source}: refused to load item {fqn!r}: {why}, which is not plain "
+                "data (a planted or foreign file?)") from None
+        # Hand the already-safe object to DefaultLoadPlanner's own placement logic.
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        buffer.seek(0)
+        super().load_bytes(read_item, buffer)
+
+
+def dcp_load(state: dict[str, Any], path: str | Path) -> None:
+    """`dcp.load(state, checkpoint_id=path)` that never unpickles anything but plain data.
+    Raises UnsafeCheckpointError (one line) for a refused file."""
+    read_metadata_file(Path(path) / ".metadata")  # refuse early, outside DCP's error wrapping
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)),
+                 planner=SafeLoadPlanner(str(path)))
+    except CheckpointException as e:  # DCP gathers every rank's failure: surface ours as is
+        for exc, _trace in e.failures.values():
+            if isinstance(exc, UnsafeCheckpointError):
+                raise UnsafeCheckpointError(str(exc)) from None
+        raise

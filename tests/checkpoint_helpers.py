@@ -1,0 +1,94 @@
+"""Shared pieces of the tests/test_checkpoint_*.py suites: a tiny trainer (in process or as a
+`python -m runtime.train` subprocess) and ways to damage or poison a saved checkpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+from runtime.train import manifest
+from runtime.train.config import load_config
+from runtime.train.safe_dcp import read_metadata_file
+from runtime.train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ["--model.flavor=tiny", "--training.seq_len=32", "--training.local_batch_size=4",
+        "--training.steps=4", "--lr_scheduler.warmup_steps=1", "--metrics.log_freq=1",
+        "--checkpoint.interval=2", "--optimizer.lr=3e-3", "--checkpoint.enable=true"]
+
+
+def make_trainer(folder: Path, *extra: str) -> Trainer:
+    torch.manual_seed(0)
+    return Trainer(load_config(None, BASE + [f"--job.dump_folder={folder}", *extra]))
+
+
+def run_job(folder: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real entry point in a fresh process (what Slurm runs)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run(
+        [sys.executable, "-m", "runtime.train", *BASE, f"--job.dump_folder={folder}", *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def metrics_steps(folder: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+class Payload:
+    """Unpickling this creates `marker` (what a planted pickle would do, harmlessly)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def rewrite_manifest(ckpt: Path) -> None:
+    """What an attacker with write access would also do: make the manifest match again."""
+    names = [n for n in manifest.data_files(ckpt)]
+    files = manifest.describe_files(ckpt, names)
+    manifest.write_manifest(ckpt, files, step=int(ckpt.name.split("-")[1]) if "-" in ckpt.name else 0)
+
+
+def plant_metadata(ckpt: Path, marker: Path) -> None:
+    with open(ckpt / ".metadata", "wb") as f:
+        pickle.dump(Payload(marker), f)
+    rewrite_manifest(ckpt)
+
+
+def plant_item(ckpt: Path, marker: Path) -> str:
+    """Replace one non-tensor item inside a .distcp file by a payload pickle (offsets and the
+    manifest updated); returns the item's name."""
+    md = read_metadata_file(ckpt / ".metadata")
+    index, info = next((i, s) for i, s in md.storage_data.items()
+                       if isinstance(md.state_dict_metadata[i.fqn], BytesStorageMetadata))
+    buf = io.BytesIO()
+    torch.save(Payload(marker), buf)
+    evil = buf.getvalue()
+    path = ckpt / info.relative_path
+    data = path.read_bytes()
+    path.write_bytes(data[:info.offset] + evil + data[info.offset + info.length:])
+    delta = len(evil) - info.length
+    for other in md.storage_data.values():
+        if other.relative_path == info.relative_path and other.offset > info.offset:
+            other.offset += delta
+    info.length = len(evil)
+    with open(ckpt / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    rewrite_manifest(ckpt)
+    return index.fqn
