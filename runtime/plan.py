@@ -75,7 +75,6 @@ GIB = 2 ** 30
 # The rest (norms, router, wo.bias) is replicated over tp.
 _TP_SHARDED = ("attention.wq.", "attention.wk.", "attention.wv.", "attention.wo.weight",
                "attention.sinks", "tok_embeddings.", "output.")
-_ROOT = ("tok_embeddings.", "norm.", "output.")
 
 
 def _is_expert(name: str) -> bool:
@@ -95,112 +94,6 @@ def _layer_of(name: str) -> int | None:
 # --------------------------------------------------------------------------- the applied plan
 
 @dataclass
-class Applied:
-    """What `parallelize` did on the fake mesh."""
-
-    full_shapes: dict[str, tuple[int, ...]]  # every parameter's global shape
-    local_numel: dict[str, int]  # rank 0's local elements per parameter as sharded
-    fsdp: bool  # fully_shard was applied (all-gather buffers exist)
-    mesh: str  # the device mesh parallelize() ran on
-
-
-def _fake_world(world_size: int):
-    import torch.distributed as dist
-
-    try:  # registers the "fake" backend (torch >= 2.1)
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-    except ImportError as e:  # pragma: no cover - torch without testing internals
-        raise RuntimeError(f"this torch build has no fake process group ({e})") from None
-    if dist.is_initialized():
-        raise RuntimeError("runtime.plan needs its own process: a process group already exists")
-    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
-
-
-def _target_device(cfg: JobConfig):
-    import torch
-
-    # Plans are for the job's accelerator: "auto" means CUDA there (bf16 compute).
-    return torch.device("cpu" if cfg.training.device == "cpu" else "cuda")
-
-
-def apply_plan(cfg: JobConfig, dims: ParallelDims, model_args: ModelArgs) -> Applied:
-    """Build the model on meta under a fake process group and apply `parallelize`."""
-    import torch
-    import torch.distributed as dist
-
-    from runtime.model import GptOssModel
-    from runtime.parallel.parallelize import parallelize
-
-    _fake_world(dims.world_size)
-    try:
-        mesh = dims.build_mesh("cpu") if dims.world_size > 1 else None
-        with torch.device("meta"):
-            model = GptOssModel(model_args)
-        model = parallelize(model, dims, mesh, cfg, _target_device(cfg))
-        return Applied(
-            full_shapes={n: tuple(p.shape) for n, p in model.named_parameters()},
-            local_numel={n: (p.to_local() if hasattr(p, "to_local") else p).numel()
-                         for n, p in model.named_parameters()},
-            fsdp=_is_fsdp(model),
-            mesh=_describe_mesh(mesh),
-        )
-    finally:
-        dist.destroy_process_group()
-
-
-def _is_fsdp(model) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def _describe_mesh(mesh) -> str:
-    if mesh is None:
-        return "none (1 rank)"
-    names = mesh.mesh_dim_names or tuple(f"dim{i}" for i in range(mesh.ndim))
-    return " x ".join(f"{n} {s}" for n, s in zip(names, mesh.mesh.shape))
-
-
-# --------------------------------------------------------------------------- per-rank accounting
-
-def _stage_layers(n_layers: int, stages: int, layers_per_stage: int) -> list[list[int]]:
-    """Layers of each pipeline stage: the trainer's split (runtime.parallel.pipeline) when
-    that module is present, else an even split (earlier stages take the remainder)."""
-    try:
-        from runtime.parallel.pipeline import stage_layer_ids
-    except ImportError:
-        stage_layer_ids = None
-    if stage_layer_ids is not None:
-        return stage_layer_ids(n_layers, stages, layers_per_stage)
-    if layers_per_stage > 0:
-        return [list(range(s * layers_per_stage, min(n_layers, (s + 1) * layers_per_stage)))
-                for s in range(stages)]
-    base, extra = divmod(n_layers, stages)
-    out, start = [], 0
-    for s in range(stages):
-        size = base + (1 if s < extra else 0)
-        out.append(list(range(start, start + size)))
-        start += size
-    return out
-
-
-def _rank_stages(rank: int, pp: int, stages: int, schedule: str) -> list[int]:
-    try:
-        from runtime.parallel.pipeline import stage_ids_this_rank
-    except ImportError:
-        stage_ids_this_rank = None
-    if stage_ids_this_rank is not None:
-        return list(stage_ids_this_rank(rank, pp, stages, schedule))
-    if schedule in SINGLE_STAGE_SCHEDULES:
-        return [rank]
-    if schedule in V_SCHEDULES:
-        return [rank, 2 * pp - 1 - rank]
-    return list(range(rank, stages, pp))  # looped (interleaved) schedules
-
-
-@dataclass
 class RankShare:
     """Which parameters one pipeline rank holds (all of them without PP)."""
 
@@ -218,21 +111,80 @@ class RankShare:
         return self.last
 
 
-def _shares(cfg: JobConfig, dims: ParallelDims, n_layers: int) -> list[RankShare]:
-    if dims.pp == 1:
-        return [RankShare("every rank", list(range(n_layers)), True, True)]
-    p = cfg.parallelism
-    stages = pipeline_num_stages(dims.pp, p.pipeline_parallel_schedule, n_layers,
-                                 p.pipeline_parallel_layers_per_stage)
-    layers = _stage_layers(n_layers, stages, p.pipeline_parallel_layers_per_stage)
-    out = []
-    for r in range(dims.pp):
-        own = _rank_stages(r, dims.pp, stages, p.pipeline_parallel_schedule)
-        out.append(RankShare(f"pipeline rank {r}: stages {', '.join(map(str, own))}",
-                             sorted(layer for s in own for layer in layers[s]),
-                             0 in own, stages - 1 in own))
-    return out
+@dataclass
+class Applied:
+    """What `parallelize` did on the fake mesh."""
 
+    full_shapes: dict[str, tuple[int, ...]]  # every parameter's global shape
+    local_numel: dict[str, int]  # rank 0's local elements per parameter as sharded
+    fsdp: bool  # fully_shard was applied (all-gather buffers exist)
+    mesh: str  # the device mesh parallelize() ran on
+    shares: list[RankShare]  # each pipeline rank's part, cut as the trainer cuts stages
+
+
+def apply_plan(cfg: JobConfig, dims: ParallelDims, model_args: ModelArgs) -> Applied:
+    """Build the model on meta under a fake process group and apply `parallelize`."""
+    # torch is imported here, not at the top: --check-only must stay torch-free (milliseconds
+    # on a login node) and only the full plan needs it.
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers "fake"
+
+    from runtime.model import GptOssModel
+    from runtime.parallel.parallelize import parallelize
+    from runtime.parallel.pipeline import stage_ids_this_rank, stage_layer_ids
+
+    if dist.is_initialized():
+        raise RuntimeError("runtime.plan needs its own process: a process group already exists")
+    dist.init_process_group("fake", rank=0, world_size=dims.world_size, store=FakeStore())
+    try:
+        mesh = dims.build_mesh("cpu") if dims.world_size > 1 else None
+        with torch.device("meta"):
+            model = GptOssModel(model_args)
+        # Plans are for the job's accelerator: "auto" means CUDA there (bf16 compute).
+        device = torch.device("cpu" if cfg.training.device == "cpu" else "cuda")
+        model = parallelize(model, dims, mesh, cfg, device)
+        shares = [RankShare("every rank", list(range(model_args.n_layers)), True, True)]
+        if dims.pp > 1:
+            p = cfg.parallelism
+            stages = pipeline_num_stages(dims.pp, p.pipeline_parallel_schedule,
+                                         model_args.n_layers, p.pipeline_parallel_layers_per_stage)
+            layers = stage_layer_ids(model_args.n_layers, stages,
+                                     p.pipeline_parallel_layers_per_stage)
+            owned = [stage_ids_this_rank(r, dims.pp, stages, p.pipeline_parallel_schedule)
+                     for r in range(dims.pp)]
+            shares = _pipeline_shares(layers, owned)
+        return Applied(
+            full_shapes={n: tuple(p.shape) for n, p in model.named_parameters()},
+            local_numel={n: (p.to_local() if hasattr(p, "to_local") else p).numel()
+                         for n, p in model.named_parameters()},
+            fsdp=any(isinstance(m, FSDPModule) for m in model.modules()),
+            mesh=_describe_mesh(mesh),
+            shares=shares,
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _pipeline_shares(stage_layers: list[list[int]],
+                     owned: list[tuple[int, ...]]) -> list[RankShare]:
+    """One RankShare per pipeline rank from the layers of each stage and each rank's stages."""
+    last = len(stage_layers) - 1
+    return [RankShare(f"pipeline rank {r}: stages {', '.join(map(str, own))}",
+                      sorted(layer for s in own for layer in stage_layers[s]),
+                      0 in own, last in own)
+            for r, own in enumerate(owned)]
+
+
+def _describe_mesh(mesh) -> str:
+    if mesh is None:
+        return "none (1 rank)"
+    names = mesh.mesh_dim_names or tuple(f"dim{i}" for i in range(mesh.ndim))
+    return " x ".join(f"{n} {s}" for n, s in zip(names, mesh.mesh.shape))
+
+
+# --------------------------------------------------------------------------- per-rank accounting
 
 def _expert_div(dims: ParallelDims) -> int:
     """How many ranks split one block's experts besides FSDP (ep x etp, or tp without EP)."""
@@ -275,16 +227,20 @@ class MemoryPlan:
         return self.total_bytes <= self.gpu_gib * GIB
 
 
-def _compute_dtype(cfg: JobConfig) -> str:
+def _target_compute_dtype_name(cfg: JobConfig) -> str:
+    """model.compute_dtype with "auto" resolved for the job's target device (CUDA unless
+    training.device = "cpu"), as runtime.model.model.resolve_compute_dtype does there."""
     name = cfg.model.compute_dtype
-    if name == "auto":  # as runtime.model.model.resolve_compute_dtype on the target device
+    if name == "auto":
         name = "float32" if cfg.training.device == "cpu" else "bfloat16"
     return name
 
 
-def _fsdp_param_dtype(cfg: JobConfig) -> str:
+def _fsdp_param_dtype_name(cfg: JobConfig) -> str:
     # as runtime.parallel.data_parallel.mixed_precision_policy: fp32 compute keeps fp32 params
-    return "float32" if _compute_dtype(cfg) == "float32" else cfg.training.mixed_precision_param
+    if _target_compute_dtype_name(cfg) == "float32":
+        return "float32"
+    return cfg.training.mixed_precision_param
 
 
 def _dtype_bytes(name: str) -> int:
@@ -318,7 +274,7 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
     t, p = cfg.training, cfg.parallelism
     n_layers = model_args.n_layers
     local = applied.local_numel
-    shares = _shares(cfg, dims, n_layers)  # the whole model was sharded: each pp rank's part
+    shares = applied.shares  # the whole model was sharded: each pp rank's part
 
     full_numel = {n: math.prod(s) for n, s in applied.full_shapes.items()}
     expert_div = _expert_div(dims)
@@ -329,8 +285,8 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
             return math.ceil(n / expert_div)
         return math.ceil(n / dims.tp) if _is_tp_sharded(name) else n
 
-    a = _dtype_bytes(_compute_dtype(cfg))
-    param_bytes = _dtype_bytes(_fsdp_param_dtype(cfg))
+    a = _dtype_bytes(_target_compute_dtype_name(cfg))
+    param_bytes = _dtype_bytes(_fsdp_param_dtype_name(cfg))
     reduce_bytes = _dtype_bytes(t.mixed_precision_reduce)
     per_token = _activation_bytes_per_token(model_args, a)
     modes = _layer_modes(cfg, n_layers)
@@ -366,8 +322,8 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
             lines.append(Line(
                 "FSDP buffers",
                 param_bytes * (gathered + root) + reduce_bytes * (blocks[0] if blocks else 0),
-                f"{min(2, len(blocks))} blocks + root unit gathered in {_fsdp_param_dtype(cfg)}, "
-                f"1 block of unsharded grads in {t.mixed_precision_reduce}"))
+                f"{min(2, len(blocks))} blocks + root unit gathered in "
+                f"{_fsdp_param_dtype_name(cfg)}, 1 block of unsharded grads in {t.mixed_precision_reduce}"))
         stored = sum(per_token[modes[i]] for i in share.layers)
         recompute = max((per_token["none"] - per_token[modes[i]] for i in share.layers
                          if modes[i] != "none"), default=0.0)
@@ -451,8 +407,9 @@ def format_plan(plan: MemoryPlan, cfg: JobConfig) -> str:
             f"AC {ac.mode}" + (f" ({ac.selective_ac_option})" if ac.mode == "selective" else "")
             if ac.mode != "none" else "",
             "per-block compile" if cfg.compile.enable and "model" in cfg.compile.components else "",
-            f"params {_fsdp_param_dtype(cfg)} / reduce {cfg.training.mixed_precision_reduce}, "
-            f"compute {_compute_dtype(cfg)}" if a.fsdp else f"compute {_compute_dtype(cfg)}"])),
+            (f"params {_fsdp_param_dtype_name(cfg)} / reduce "
+             f"{cfg.training.mixed_precision_reduce}, " if a.fsdp else "")
+            + f"compute {_target_compute_dtype_name(cfg)}"])),
     ]
     lines.append("sharding: measured from the sharded parameters (rank 0)")
     if d.pp > 1:

@@ -127,7 +127,8 @@ def _parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
             raise _unknown_key("command line", section, key, flag=True)
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if field_kind(fields[key]) is bool and (nxt is None or nxt.lower() not in ("true", "false")):
+            bare_flag = nxt is None or nxt.lower() not in ("true", "false")
+            if field_kind(fields[key]) is bool and bare_flag:
                 raw = "true"  # torchtitan-style bare flag: --compile.enable
             elif nxt is None:
                 raise ConfigError(f"command line: --{section}.{key} needs a value")
