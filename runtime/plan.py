@@ -56,14 +56,12 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from runtime.errors import EXIT_CONFIG_ERROR, EXIT_OK, ConfigError, report_config_error
+from runtime.model.args import ModelArgs
 from runtime.parallel.dims import ParallelDims, pipeline_num_stages
 from runtime.train.config import JobConfig, build_parser, parse_args, validate_job
-
-if TYPE_CHECKING:
-    from runtime.model.args import ModelArgs
 
 EXIT_DOES_NOT_FIT = 1  # valid config and mesh, but the estimate exceeds --gpu-memory-gib
 

@@ -30,13 +30,15 @@ from runtime.model.masks import MaskInputs, build_attention_masks
 from runtime.model.moe import MoE
 from runtime.model.rope import RotaryEmbedding
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config dtype names -> torch dtypes (model.compute_dtype, training.mixed_precision_*).
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A model.compute_dtype name as a torch dtype; "auto": bfloat16 on CUDA, else float32."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    return TORCH_DTYPES[name]
 
 
 class RMSNorm(nn.Module):

@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from runtime.errors import ParallelismError
+from runtime.model.args import ModelArgs
 
 if TYPE_CHECKING:  # torch is only needed to build the mesh
     from torch.distributed.device_mesh import DeviceMesh
-
-    from runtime.model.args import ModelArgs
 
 # ParallelDims field -> the config key users write.
 KEYS = {
@@ -113,7 +112,7 @@ class ParallelDims:
                 f"{_key('ep')} ({self.ep}) must divide {_key('dp_shard')} * "
                 f"{inner_names} = {self.dp_shard * inner} ({why})")
 
-    def check_model(self, model: "ModelArgs", seq_len: int, *,
+    def check_model(self, model: ModelArgs, seq_len: int, *,
                     cp_load_balancer: str = "headtail", loss_parallel: bool = True,
                     pp_schedule: str = "1F1B", pp_layers_per_stage: int = -1) -> None:
         """Divisibility of the model's shapes and the sequence by the degrees."""
@@ -235,6 +234,7 @@ class ParallelDims:
         Views are kept here (`get_mesh`), because slicing a flattened dim from the root
         mesh is deprecated in recent torch.
         """
+        # torch is imported here, not at the top: validation runs without it (login nodes).
         from torch.distributed.device_mesh import init_device_mesh
 
         names, sizes = self.mesh_shape()

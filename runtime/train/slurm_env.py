@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
@@ -286,8 +287,6 @@ def setup_distributed_env(environ: MutableMapping[str, str] | None = None) -> Di
 def _main(argv: list[str] | None = None) -> int:
     """`python -m runtime.train.slurm_env [first-host NODELIST | hosts NODELIST | port JOBID]`:
     shell helpers for the sbatch templates (no `scontrol` needed, e.g. inside a container)."""
-    import sys
-
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) == 2 and args[0] == "first-host":
         print(first_host(args[1]))

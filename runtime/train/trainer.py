@@ -76,16 +76,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _init_distributed(self) -> None:
-        setup_distributed_env()
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        env = setup_distributed_env()  # Slurm's per-task variables -> RANK, WORLD_SIZE, ...
+        self.world_size, self.rank, self.local_rank = env.world_size, env.rank, env.local_rank
         self.device = resolve_device(self.cfg.training.device, self.local_rank)
         if self.world_size > 1 and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend=backend, device_id=self.device if backend == "nccl" else None)
         if self.device.type == "cpu" and self.world_size > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
