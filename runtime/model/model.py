@@ -124,6 +124,9 @@ class GptOssModel(nn.Module):
         # (backend, seq_len, device, cp) -> AttentionMasks without document ids: they depend
         # on no data, so one build serves every forward.
         self._static_masks: dict[tuple, object] = {}
+        # Set by runtime.parallel.compile.apply_compile_loss (compile.components has "loss"):
+        # the fused loss's per-chunk softmax/gradient chain runs compiled.
+        self.compile_loss = False
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -205,7 +208,8 @@ class GptOssModel(nn.Module):
             if self.output is None:
                 return h
             if labels is not None:
-                return fused_linear_cross_entropy(h, self.output.weight, labels, loss_chunk_size)
+                return fused_linear_cross_entropy(h, self.output.weight, labels, loss_chunk_size,
+                                                  compiled=self.compile_loss)
             return self.output(h)
 
 

@@ -35,3 +35,11 @@ def apply_compile(model: nn.Module, regional: bool = False) -> None:
         for part in (block.attention_norm, block.attention, block.ffn_norm):
             part.compile(fullgraph=False)
         block.moe.experts.compile_math()
+
+
+def apply_compile_loss(model: nn.Module) -> None:
+    """compile.components "loss": the fused chunked loss (training.loss_chunk_size > 0) runs
+    each chunk's softmax, target gather, gradient and cast to the compute dtype as one
+    compiled kernel instead of ~6 passes over the [chunk, vocab] logits. The plain logits
+    path and TP's loss-parallel path have no such chain and are left as they are."""
+    model.compile_loss = True

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from runtime.parallel.activation_checkpoint import apply_ac
-from runtime.parallel.compile import apply_compile
+from runtime.parallel.compile import apply_compile, apply_compile_loss
 from runtime.parallel.data_parallel import apply_fsdp, mixed_precision_policy, reshard_after_forward
 from runtime.parallel.dims import ParallelDims
 
@@ -70,6 +70,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, cfg, device: torch.d
     apply_ac(model, cfg.activation_checkpoint.mode, cfg.activation_checkpoint.selective_ac_option)
     if cfg.compile.enable and "model" in cfg.compile.components:
         apply_compile(model, regional=cfg.activation_checkpoint.mode != "none")
+    if cfg.compile.enable and "loss" in cfg.compile.components:
+        apply_compile_loss(model)
     if mesh is not None and dims.dp * dims.cp > 1:
         mp = mixed_precision_policy(cfg.training, cfg.model.compute_dtype, device)
         experts = {}
