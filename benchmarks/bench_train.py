@@ -25,7 +25,7 @@ are drawn from the config's data loader BEFORE timing (their cost is reported se
   sliding window and causal mask, runtime/train/metrics.py). Recomputation by activation
   checkpointing is NOT counted (model FLOPs, not hardware FLOPs), so MFU stays comparable.
 - MFU = that / the peak: measured now (`--measure-peak`: 8192^3 bf16 matmul median, as
-  /work/shared/perf/roofline.py) or given (`--peak-tflops`), else null.
+  ../shared/perf/roofline.py) or given (`--peak-tflops`), else null.
 - peak memory: `torch.cuda.max_memory_allocated` over the whole run (max over ranks);
   on CPU the process' max RSS.
 """

@@ -78,11 +78,8 @@ class MarkedBlock(nn.Module):
     def __init__(self, block: nn.Module, index: int, last: bool, marks: Marks):
         super().__init__()
         self.block, self.index, self.last, self.marks = block, index, last, marks
-        self.enabled = False
 
     def forward(self, x, *args, **kwargs):
-        if not self.enabled:
-            return self.block(x, *args, **kwargs)
         self.marks(f"block {self.index} forward")
         out = self.block(x, *args, **kwargs)
         self.marks("head + loss forward" if self.last else "between blocks (forward)")
@@ -109,39 +106,44 @@ def instrumented(trainer, marks: Marks):
     originals = {k: model.layers[k] for k in keys}
     for i, k in enumerate(keys):
         model.layers[k] = MarkedBlock(originals[k], i, i == len(keys) - 1, marks)
-        model.layers[k].enabled = True
-    build_masks = model_module.build_attention_masks
 
-    def marked_masks(*args, **kwargs):
-        marks("mask build")
-        masks = build_masks(*args, **kwargs)
-        marks("embedding + rope")
-        return masks
+    def between(label: str, after: str, fn):
+        def marked(*args, **kwargs):
+            marks(label)
+            out = fn(*args, **kwargs)
+            marks(after)
+            return out
+        return marked
 
     def on_model_return(module, inputs, output):
         marks("head + loss backward")
 
-    clip, step = trainer._clip_grad_norm, trainer.optimizer.step
-
-    def marked_clip(*args, **kwargs):
-        marks("grad clip")
-        return clip(*args, **kwargs)
-
-    def marked_step(*args, **kwargs):
-        marks("optimizer")
-        out = step(*args, **kwargs)
-        marks("zero_grad + lr + expert bias")
-        return out
-
-    model_module.build_attention_masks = marked_masks
+    # (owner, attribute, phase, the phase after it); where the runtime renamed an attribute
+    # the phase merges into its neighbour (the record's detail_ms shows which were marked).
+    # The model's per-forward mask lookup (cached without document ids) or the builder itself.
+    mask_owner = (model, "_attention_masks") if hasattr(model, "_attention_masks") else \
+        (model_module, "build_attention_masks")
+    targets = [(*mask_owner, "mask build", "embedding + rope"),
+               (trainer, "_clip_grad_norm", "grad clip", "after grad clip"),
+               (trainer.optimizer, "step", "optimizer", "zero_grad + lr + expert bias")]
+    patched = []
+    for owner, name, label, after in targets:
+        if hasattr(owner, name):
+            # own: an attribute of the object itself (a module's function, the lr scheduler's
+            # wrapper of optimizer.step) is put back; a class's method is uncovered again.
+            own = name in vars(owner)
+            patched.append((owner, name, getattr(owner, name) if own else None))
+            setattr(owner, name, between(label, after, getattr(owner, name)))
     handle = model.register_forward_hook(on_model_return)
-    trainer._clip_grad_norm, trainer.optimizer.step = marked_clip, marked_step
     try:
         yield
     finally:
-        model_module.build_attention_masks = build_masks
+        for owner, name, original in patched:
+            if original is not None:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)
         handle.remove()
-        trainer._clip_grad_norm, trainer.optimizer.step = clip, step
         for k in keys:
             model.layers[k] = originals[k]
 

@@ -1,5 +1,5 @@
 """Shared pieces of the benchmark scripts: timing with proper CUDA synchronisation, the
-measured dense-matmul peak (the way /work/shared/perf/roofline.py measures it), environment
+measured dense-matmul peak (the way ../shared/perf/roofline.py measures it), environment
 facts for every record, and the JSONL writer.
 
 Nothing here invents a number: a value that was not measured (or given on the command line)

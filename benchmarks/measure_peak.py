@@ -1,6 +1,6 @@
 """The dense-matmul ceiling MFU is quoted against: an n x n x n matmul (default 8192^3 bf16),
 median of 20 timed calls after 5 warm-up calls, CUDA-event timed (as
-/work/shared/perf/roofline.py measures it).
+../shared/perf/roofline.py measures it).
 
     python benchmarks/measure_peak.py [--size 8192] [--dtype bfloat16] [--out results.jsonl]
     PEAK=$(python benchmarks/measure_peak.py --quiet)      # just the TFLOP/s number
