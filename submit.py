@@ -7,20 +7,23 @@
     python submit.py --dry-run --nodes 4 --config configs/gptoss_20b.toml  # print only
 
 One task per GPU (``nodes x gpus_per_node`` ranks; ``--cpu-ranks-per-node`` for CPU/gloo runs):
-each task runs :class:`GptOssTrain`, which maps submitit's job environment to
-RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT and calls ``runtime.train.trainer.main``.
-Before anything is submitted, ``python -m runtime.plan --check-only`` verifies that the
-config's parallelism mesh fits the requested world size (refused otherwise, exit 2).
+each task runs :class:`GptOssTrain`, which exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/
+MASTER_PORT (submitit's TorchDistributedEnvironment) and calls ``runtime.train.trainer.main``.
+Before anything is submitted, ``python -m runtime.plan`` checks the config (an unknown key is a
+config error), that its parallelism mesh fits the requested world size and that every rank fits
+the GPUs' memory (``--gpu-memory-gib``: default from a GPU name in --partition/--constraint,
+else 80; ``--skip-memory-check``); a job that cannot run is refused (exit 2).
 
-Preemption / time limit: Slurm sends submitit's signal (SIGUSR2, ``--signal-delay-s`` before
-the limit) to every rank; GptOssTrain forwards it to the trainer as SIGUSR1, the trainer finishes
-the current step, saves a checkpoint and returns 75; then rank 0 lets submitit requeue the job
-(``checkpoint()`` -> ``scontrol requeue``). The requeued job runs the same callable again and the
-trainer resumes from the latest complete checkpoint in ``job.dump_folder``.
+Signals (the trainer's contract, runtime/train/faults.py): submitit's time-limit signal
+(SIGUSR2, ``--signal-delay-s`` before the limit) is forwarded to the trainer as SIGUSR1: it
+finishes the step, saves a checkpoint and returns 75; rank 0 then lets submitit requeue the job
+(``checkpoint()`` -> ``scontrol requeue``) and the requeued job resumes from the latest
+checkpoint in ``job.dump_folder``. ``scancel`` (SIGTERM) saves and ends the job for good: no
+requeue. A run without checkpoints (checkpoint.enable = false) is not requeued either.
 
 Overrides (``--section.key=value``, ``--section.key value``, bare ``--section.flag``) are
 passed to the trainer untouched. Exit codes: 0 submitted (with --wait: the job succeeded),
-1 the job failed, 2 refused (bad arguments or the mesh does not fit).
+1 the job failed, 2 refused (bad arguments, a config error, the mesh or memory does not fit).
 """
 
 from __future__ import annotations
@@ -41,30 +44,32 @@ from runtime.errors import EXIT_CONFIG_ERROR, EXIT_REQUEUE
 
 REPO = Path(__file__).resolve().parent
 EXIT_REFUSED = EXIT_CONFIG_ERROR  # bad arguments, or the mesh does not fit: nothing submitted
+# the trainer's clean stops without a requeue: 128 + the signal (runtime/train/faults.py)
+EXIT_SIGNAL_STOPS = {130: \"SIGINT\", 138: \"SIGUSR1\", 143: \"SIGTERM\"}
 
 _OVERRIDE_KEY = re.compile(r"^--[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+$")
 
 
 # --------------------------------------------------------------------------- the job
-def _set_dist_env_from_submitit(job_env: Any, local: bool) -> dict[str, str]:
-    """RANK/WORLD_SIZE/... for init_process_group(env://) from submitit's JobEnvironment."""
+def _export_dist_env(job_env: Any, local: bool) -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for init_process_group(env://), through submitit's
+    TorchDistributedEnvironment. Its MASTER_PORT default is random in 20000-60000 (partly the
+    ephemeral range), so ours is set first: below 32768, derived from the job id."""
+    from submitit.helpers import TorchDistributedEnvironment
+
     from runtime.train.slurm_env import master_port_for_job
 
-    num_nodes = max(1, int(job_env.num_nodes))
-    num_tasks = int(job_env.num_tasks)
-    values = {
-        "RANK": str(job_env.global_rank),
-        "WORLD_SIZE": str(num_tasks),
-        "LOCAL_RANK": str(job_env.local_rank),
-        "LOCAL_WORLD_SIZE": str(max(1, num_tasks // num_nodes)),
-        "GROUP_RANK": str(job_env.node),
+    os.environ.setdefault("MASTER_PORT", str(master_port_for_job(job_env.job_id)))
+    # every rank sees all of the node's GPUs and takes cuda:LOCAL_RANK (as under srun/torchrun)
+    dist_env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    if local:  # one machine: no need to resolve its host name
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["GROUP_RANK"] = str(job_env.node)
+    return {
+        "RANK": str(dist_env.rank),
+        "WORLD_SIZE": str(dist_env.world_size),
+        "LOCAL_RANK": str(dist_env.local_rank),
     }
-    if not os.environ.get("MASTER_ADDR"):
-        values["MASTER_ADDR"] = "127.0.0.1" if local else str(job_env.hostnames[0])
-    if not os.environ.get("MASTER_PORT"):
-        values["MASTER_PORT"] = str(master_port_for_job(job_env.job_id))
-    os.environ.update(values)
-    return values
 
 
 def _forward_to_trainer(signum: int, frame: Any) -> None:
@@ -131,7 +136,7 @@ class GptOssTrain(_Checkpointable):
         os.environ.update(self.env)
         job_env = submitit.JobEnvironment()
         local = job_env.cluster == "local"
-        dist = _set_dist_env_from_submitit(job_env, local)
+        dist = _export_dist_env(job_env, local)
         print(
             f"[submit] job {job_env.job_id} rank {dist['RANK']}/{dist['WORLD_SIZE']} "
             f"local {dist['LOCAL_RANK']} on {job_env.hostname}, master "
@@ -154,13 +159,21 @@ class GptOssTrain(_Checkpointable):
                 if h is not None:
                     signal.signal(s, h)
         rc = 0 if rc is None else int(rc)
+        result = {
+            "exit_code": rc,
+            "rank": int(dist["RANK"]),
+            "world_size": int(dist["WORLD_SIZE"]),
+            "job_id": str(job_env.job_id),
+        }
         if rc == 0:
-            return {
-                "exit_code": 0,
-                "rank": int(dist["RANK"]),
-                "world_size": int(dist["WORLD_SIZE"]),
-                "job_id": str(job_env.job_id),
-            }
+            return result
+        if rc in EXIT_SIGNAL_STOPS:  # scancel (SIGTERM), Ctrl-C, or nothing to resume from
+            result["stopped_on"] = EXIT_SIGNAL_STOPS[rc]
+            print(
+                f"[submit] trainer stopped on {EXIT_SIGNAL_STOPS[rc]} (exit {rc}): not requeueing",
+                flush=True,
+            )
+            return result
         if rc == EXIT_REQUEUE:
             print(f"[submit] trainer checkpointed and exited {rc}: requeueing", flush=True)
             if callable(submitit_handler) and int(dist["RANK"]) == 0:
@@ -306,9 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--python", default=None, help="python on the nodes (default: this one)")
     g.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=None,
+        metavar="G",
+        help="memory per GPU for the memory check (default: from a GPU name such as h100/h200/"
+        "b200 in --partition or --constraint, else 80)",
+    )
+    g.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="check the config and mesh, not the memory per rank",
+    )
+    g.add_argument(
         "--skip-mesh-check",
         action="store_true",
-        help="do not run `python -m runtime.plan --check-only` before submitting",
+        help="do not run `python -m runtime.plan` (config, mesh, memory) before submitting",
     )
     g = p.add_argument_group("mode")
     g.add_argument(
@@ -335,6 +361,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         parser.error("--cpu-ranks-per-node must be >= 1")
     if args.cpu_ranks_per_node is None and args.gpus_per_node < 1:
         parser.error("--gpus-per-node must be >= 1 (or use --cpu-ranks-per-node for a CPU run)")
+    if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
+        parser.error("--gpu-memory-gib must be > 0")
     for item in args.env:
         if "=" not in item:
             parser.error(f"--env {item!r}: expected KEY=VALUE")
@@ -350,32 +378,88 @@ def world_size(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- checks
-def mesh_check(
-    config: str, world: int, overrides: list[str], python: str = sys.executable
-) -> tuple[bool, str]:
-    """`python -m runtime.plan --config C --world-size N --check-only [overrides]`
-    -> (ok, message)."""
-    cmd = [
-        python,
-        "-m",
-        "runtime.plan",
-        "--config",
-        config,
-        "--world-size",
-        str(world),
-        "--check-only",
-        *overrides,
-    ]
+#: memory per GPU (GiB) by a name found in --partition / --constraint (first match wins)
+GPU_MEMORY_GIB_BY_NAME = (
+    ("gh200", 96.0),
+    ("h200", 141.0),
+    ("h100", 80.0),
+    ("gb200", 186.0),
+    ("b200", 180.0),
+    ("a100-40", 40.0),
+    ("a100", 80.0),
+    ("l40s", 48.0),
+    ("mi300x", 192.0),
+)
+DEFAULT_GPU_MEMORY_GIB = 80.0
+
+
+def gpu_memory_gib(args: argparse.Namespace) -> tuple[float, str]:
+    """(GiB per GPU, where the number came from) for the memory check."""
+    if args.gpu_memory_gib is not None:
+        return args.gpu_memory_gib, "--gpu-memory-gib"
+    for option in ("partition", "constraint"):
+        text = (getattr(args, option) or "").lower()
+        for name, gib in GPU_MEMORY_GIB_BY_NAME:
+            if name in text:
+                return gib, f"{name} in --{option}"
+    return DEFAULT_GPU_MEMORY_GIB, "default"
+
+
+def run_plan(
+    config: str, world: int, overrides: list[str], *extra: str, python: str = sys.executable
+) -> tuple[int, str]:
+    """`python -m runtime.plan --config C --world-size N EXTRA [overrides]` -> (exit code, its
+    last line)."""
+    cmd = [python, "-m", "runtime.plan", "--config", config, "--world-size", str(world), *extra]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (
         os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
     )
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
-        return False, f"could not run the mesh check ({e})"
+        return -1, f"could not run {' '.join(cmd[1:4])} ({e})"
     lines = [ln for ln in (proc.stdout + "\n" + proc.stderr).splitlines() if ln.strip()]
-    return proc.returncode == 0, (lines[-1] if lines else f"exit code {proc.returncode}")
+    last = lines[-1] if lines else f"exit code {proc.returncode}"
+    return proc.returncode, last.removeprefix("error: ")
+
+
+def check_job(args: argparse.Namespace, config: str, overrides: list[str]) -> str | None:
+    """None if the job can run, else the one-line reason to refuse it. Prints what passed."""
+    world = world_size(args)
+    limit_s, lead_s = args.time * 60, args.signal_delay_s
+    if limit_s <= lead_s:
+        return (
+            f"--time {args.time} min ({limit_s} s) is not longer than --signal-delay-s {lead_s}: "
+            "every leg would be told to checkpoint and requeue as soon as it starts"
+        )
+    if args.skip_mesh_check:
+        return None
+    rc, line = run_plan(config, world, overrides, "--print-config")
+    if rc != 0:
+        return f"config error: {line}"
+    what = (
+        f"{args.nodes} node(s) x {ranks_per_node(args)} "
+        f"{'CPU rank(s)' if args.cpu_ranks_per_node is not None else 'GPU(s)'}"
+    )
+    if args.skip_memory_check:
+        rc, line = run_plan(config, world, overrides, "--check-only")
+        memory = "memory check skipped (--skip-memory-check)"
+    else:
+        gib, source = gpu_memory_gib(args)
+        rc, line = run_plan(config, world, overrides, "--gpu-memory-gib", f"{gib:g}")
+        memory = f"memory ok for {gib:g} GiB per GPU ({source})"
+    if rc == 1:
+        return (
+            f"{args.config} does not fit the memory of {world} ranks ({what}, {gib:g} GiB per "
+            f"GPU from {source}; --gpu-memory-gib sets it, --skip-memory-check skips): {line}"
+        )
+    if rc != 0:
+        return f"{args.config} does not fit {world} ranks ({what}): {line}"
+    print(f"[submit] config ok, mesh check ok: {args.config} fits {world} ranks; {memory}", flush=True)
+    return None
 
 
 def read_dump_folder(config: str, overrides: list[str]) -> str | None:
@@ -576,20 +660,10 @@ def main(argv: list[str] | None = None) -> int:
     config_abs = str(config.resolve())
     world = world_size(args)
 
-    if not args.skip_mesh_check:
-        ok, message = mesh_check(config_abs, world, overrides)
-        if not ok:
-            what = (
-                f"{args.nodes} node(s) x {ranks_per_node(args)} "
-                f"{'CPU rank(s)' if args.cpu_ranks_per_node is not None else 'GPU(s)'}"
-            )
-            print(
-                f"submit.py: refusing to submit: {args.config} does not fit {world} ranks "
-                f"({what}): {message}",
-                file=sys.stderr,
-            )
-            return EXIT_REFUSED
-        print(f"[submit] mesh check ok: {args.config} fits {world} ranks ({message})", flush=True)
+    refusal = check_job(args, config_abs, overrides)
+    if refusal:
+        print(f"submit.py: refusing to submit: {refusal}", file=sys.stderr)
+        return EXIT_REFUSED
 
     folder = Path(args.folder)
     if not folder.is_absolute():
@@ -624,8 +698,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[submit] dump folder:  {dump} (metrics.jsonl, checkpoints/)", flush=True)
     if not args.local:
         print(
-            f"[submit] cancel: scancel {job.job_id}    "
-            f"checkpoint+requeue: scancel --signal=USR2 {job.job_id}",
+            f"[submit] save and stop: scancel --signal=TERM {job.job_id} (plain scancel: "
+            f"the same within the cluster's KillWait)    save and requeue: "
+            f"scancel --signal=USR2 {job.job_id}",
             flush=True,
         )
     if args.wait or args.local:

@@ -5,11 +5,16 @@
 # `python -m runtime.train` processes; each one maps SLURM_PROCID/SLURM_LOCALID/... to
 # RANK/LOCAL_RANK/... itself (runtime/train/slurm_env.py) and meets the others at
 # MASTER_ADDR:MASTER_PORT (first node of the job, port derived from the job id). Every rank
-# receives Slurm's signals directly: `--signal=USR1@<s>` makes each rank finish its step,
-# save a checkpoint and exit 75 (EXIT_REQUEUE), and then this script requeues the job, which
-# resumes from the latest complete checkpoint in job.dump_folder.
-# (torchrun's agent would not forward SIGUSR1 to its workers, hence no torchrun here; set
-#  LAUNCHER=torchrun for one torchrun per node anyway, see slurm/README.md.)
+# receives Slurm's signals directly (runtime/train/faults.py):
+#   SIGUSR1 (`--signal=USR1@<s>`, before the time limit): each rank finishes its step, saves a
+#           checkpoint and exits 75 (EXIT_REQUEUE); this script requeues the job, which resumes
+#           from the latest complete checkpoint in job.dump_folder;
+#   SIGTERM (scancel, preemption): the same save, then exit 143: the job ends (not requeued).
+# A rank that crashes (any other exit code) ends the whole step at once (srun
+# --kill-on-bad-exit with slurm/rank_exec.sh). Before srun: the time limit against the signal's
+# lead, then `python -m runtime.plan`: the config, the mesh for this job's ranks, memory per GPU.
+# (torchrun's agent would also receive the signals and end the workers on its own terms, hence
+#  no torchrun here; LAUNCHER=torchrun runs one per node anyway, see slurm/README.md.)
 #
 # Knobs (environment; `sbatch` exports the submitting shell's environment by default):
 #   CONFIG            TOML config (relative to RUNTIME_ROOT or absolute)          [per template]
@@ -24,14 +29,124 @@
 #   RANK_LOGS         1: one log file per rank in the job folder; 0: all ranks, labelled, in
 #                     the batch log                                            [1]
 #   MAX_REQUEUES      stop requeueing after this many restarts                 [50]
-#   RANK_EXIT_GRACE_S srun --wait: once one rank exited, kill the others after this long [600]
-#   SKIP_MESH_CHECK   1: do not run `python -m runtime.plan --check-only` first
+#   RANK_EXIT_GRACE_S srun --wait: once one rank exited (cleanly), kill the others after this long [600]
+#   GPU_MEMORY_GIB    memory per GPU for the memory check           [nvidia-smi, else 80]
+#   SKIP_MEMORY_CHECK 1: check the config and mesh only, not memory per rank
+#   SKIP_MESH_CHECK   1: no `python -m runtime.plan` check at all before srun
+#   SIGNAL_LEAD_S     the --signal lead in seconds, if the submit line/header cannot tell
 #   LAUNCHER          srun (one task per GPU, default) | torchrun (one task per node)
 #   DEBUG_RANK        run this rank under debugpy (waits for a client on DEBUG_PORT [5678])
 #   EXTRA_SRUN_ARGS   appended to the training srun (word-split)
 
 gptoss_log() { printf '[gptoss %s] %s\n' "$(date '+%F %T')" "$*"; }
 gptoss_die() { gptoss_log "ERROR: $1" >&2; exit "${2:-1}"; }
+
+# Exit codes of a rank that ended cleanly (runtime/train/faults.py): 0 done, 75 checkpointed for a
+# requeue, 128 + SIGINT/SIGUSR1/SIGTERM stopped on that signal (checkpoint saved if enabled).
+GPTOSS_EXIT_REQUEUE=75
+gptoss_signal_stop_code() { [[ "$1" == 130 || "$1" == 138 || "$1" == 143 ]]; }
+
+# A trainer config override: --section.key[=value] (sbatch options never have a dot in the name).
+gptoss_is_override() { [[ "$1" =~ ^--[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)+(=.*)?$ ]]; }
+
+# Every argument after the script must be an override or the value of the one before it:
+# `sbatch slurm/x.sbatch --hold` would otherwise hand --hold to the trainer.
+gptoss_check_overrides() {
+  local tok value_may_follow=0
+  for tok in "$@"; do
+    if gptoss_is_override "$tok"; then
+      if [[ "$tok" == *=* ]]; then value_may_follow=0; else value_may_follow=1; fi
+    elif (( value_may_follow )) && [[ ! "$tok" =~ ^--[A-Za-z] ]]; then
+      value_may_follow=0
+    else
+      gptoss_die "'$tok' is not a config override (--section.key=value): sbatch options go before the script (sbatch $tok slurm/<template>.sbatch, or bash slurm/<template>.sbatch $tok --section.key=value)" 2
+    fi
+  done
+}
+
+# Slurm time ([D-]HH:MM:SS, MM:SS, M, D-HH[:MM]) -> seconds; fails for UNLIMITED and the like.
+gptoss_time_s() {
+  local t=$1 d=0 h=0 m=0 s=0
+  if [[ "$t" =~ ^([0-9]+)-([0-9]+)(:([0-9]+))?(:([0-9]+))?$ ]]; then
+    d=${BASH_REMATCH[1]}; h=${BASH_REMATCH[2]}; m=${BASH_REMATCH[4]:-0}; s=${BASH_REMATCH[6]:-0}
+  elif [[ "$t" =~ ^([0-9]+):([0-9]+):([0-9]+)$ ]]; then
+    h=${BASH_REMATCH[1]}; m=${BASH_REMATCH[2]}; s=${BASH_REMATCH[3]}
+  elif [[ "$t" =~ ^([0-9]+):([0-9]+)$ ]]; then
+    m=${BASH_REMATCH[1]}; s=${BASH_REMATCH[2]}
+  elif [[ "$t" =~ ^([0-9]+)$ ]]; then
+    m=${BASH_REMATCH[1]}
+  else
+    return 1
+  fi
+  echo $(( ((10#$d * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s ))
+}
+
+# The lead of the last `--signal=[B:]SIG@N` in the given text (sbatch options or a script).
+gptoss_signal_lead_in() {
+  grep -oE -- '--signal[= ]+([A-Za-z]+:)*[A-Za-z0-9]+@[0-9]+' <<<"$1" | tail -n 1 | sed 's/.*@//'
+}
+
+# Refuses a job whose time limit is not longer than its time-limit signal's lead: every leg would
+# be told to stop as it starts, checkpoint, requeue, and again (up to MAX_REQUEUES times).
+# gptoss_time_check LIMIT LEAD_S WHAT
+gptoss_time_check() {
+  local limit_s
+  [[ -n "$1" && -n "$2" ]] || return 0
+  limit_s=$(gptoss_time_s "$1") || return 0
+  if (( limit_s <= $2 )); then
+    gptoss_die "time limit $1 (${limit_s} s) is not longer than the time-limit signal's lead (--signal=...@$2, $3): every leg would stop as soon as it starts; ask for more --time or a smaller --signal lead" 2
+  fi
+}
+
+# In the job: the limit from slurmctld, the lead from the submit line (sacct, if accounting
+# keeps it) or else from this script's #SBATCH header; SIGNAL_LEAD_S overrides both.
+gptoss_job_time_check() {
+  [[ "${GPTOSS_INTERACTIVE:-0}" == 1 ]] && return 0
+  local limit lead where
+  limit=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.*TimeLimit=\([^ ]*\).*/\1/p' | head -n 1)
+  if [[ -n "${SIGNAL_LEAD_S:-}" ]]; then
+    lead=$SIGNAL_LEAD_S; where="SIGNAL_LEAD_S"
+  else
+    lead=$(gptoss_signal_lead_in "$(timeout 20 sacct -j "$SLURM_JOB_ID" -X -n -P -o SubmitLine 2>/dev/null | head -n 1)"); where="sbatch command line"
+    if [[ -z "$lead" ]]; then
+      lead=$(gptoss_signal_lead_in "$(grep -E '^#SBATCH' "$0" 2>/dev/null)"); where="#SBATCH header"
+    fi
+  fi
+  gptoss_time_check "$limit" "$lead" "$where"
+}
+
+# GPU memory per GPU in GiB for the memory check: GPU_MEMORY_GIB, else what nvidia-smi reports
+# on this (first) node of the job, else 80 (H100 80GB).
+gptoss_gpu_memory_gib() {
+  if [[ -n "${GPU_MEMORY_GIB:-}" ]]; then echo "$GPU_MEMORY_GIB"; return; fi
+  local mib
+  mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 | tr -d ' ')
+  if [[ "$mib" =~ ^[0-9]+$ ]] && (( mib > 0 )); then
+    awk -v m="$mib" 'BEGIN { printf "%.1f\n", m / 1024 }'
+  else
+    echo 80
+  fi
+}
+
+# Outside Slurm (`bash slurm/x.sbatch [sbatch options] [--section.key=value ...]`): submit the
+# script. Everything before the first override (or a `--`) is an sbatch option.
+gptoss_submit() {
+  local script=$1; shift
+  local opts=()
+  while (( $# )); do
+    if [[ "$1" == -- ]]; then shift; break; fi
+    gptoss_is_override "$1" && break
+    opts+=("$1"); shift
+  done
+  gptoss_check_overrides "$@"
+  local all_opts limit lead
+  all_opts="$(grep -E '^#SBATCH' "$script") ${opts[*]}"
+  limit=$(grep -oE -- '(--time[= ]+|-t +)[^ ]+' <<<"$all_opts" | tail -n 1 | sed -E 's/^(--time[= ]+|-t +)//')
+  lead=$(gptoss_signal_lead_in "$all_opts")
+  gptoss_time_check "$limit" "$lead" "options and #SBATCH header"
+  mkdir -p logs   # the --output folder (tracked in git; sbatch does not create it)
+  exec sbatch "${opts[@]}" "$script" "$@"
+}
 
 # Where the checkout is: sbatch runs a *copy* of the script from slurmd's spool, so $0 is no
 # help; ask slurmctld for the submitted path (Command=), else use the submission directory.
@@ -75,21 +190,75 @@ gptoss_container_setup() {
   fi
 }
 
-# Checks that CONFIG's parallelism mesh fits WORLD ranks before anything expensive starts.
-gptoss_mesh_check() {
-  local world=$1; shift
-  if [[ "${SKIP_MESH_CHECK:-0}" == 1 ]]; then gptoss_log "mesh check skipped (SKIP_MESH_CHECK=1)"; return 0; fi
-  local out rc=0 cmd=("$PYTHON" -m runtime.plan --config "$CONFIG" --world-size "$world" --check-only "$@")
+# Runs `$PYTHON ARGS...` where the ranks will run it (in the container, if any); sets
+# GPTOSS_OUT (stdout + stderr) and GPTOSS_RC.
+gptoss_python() {
+  GPTOSS_RC=0
   if (( ${#GPTOSS_SRUN_CONTAINER[@]} )); then
-    out=$(srun --nodes=1 --ntasks=1 "${GPTOSS_SRUN_CONTAINER[@]}" "${cmd[@]}" 2>&1) || rc=$?
+    GPTOSS_OUT=$(srun --nodes=1 --ntasks=1 "${GPTOSS_SRUN_CONTAINER[@]}" "$PYTHON" "$@" 2>&1) || GPTOSS_RC=$?
   else
-    out=$("${GPTOSS_EXEC_PREFIX[@]}" "${cmd[@]}" 2>&1) || rc=$?
+    GPTOSS_OUT=$("${GPTOSS_EXEC_PREFIX[@]}" "$PYTHON" "$@" 2>&1) || GPTOSS_RC=$?
   fi
-  if (( rc != 0 )); then
-    printf '%s\n' "$out" >&2
-    gptoss_die "mesh check failed: $CONFIG for this job's $world ranks ($SLURM_JOB_NUM_NODES node(s) x ${SLURM_NTASKS_PER_NODE:-?} task(s)): $(printf '%s\n' "$out" | grep -v '^\s*$' | tail -n 1)" 2
+}
+gptoss_last_line() { printf '%s\n' "$1" | grep -v '^\s*$' | tail -n 1; }
+
+# Before anything expensive starts, `python -m runtime.plan` on the first node: (1) the config
+# and overrides alone (unknown key, bad value: a config error), (2) the parallel mesh against
+# this job's WORLD ranks and (3) the memory per rank against the GPUs' (SKIP_MEMORY_CHECK=1:
+# mesh only; SKIP_MESH_CHECK=1: none of it). Dies with exit 2 and the plan's one-line reason.
+gptoss_checks() {
+  local world=$1; shift
+  if [[ "${SKIP_MESH_CHECK:-0}" == 1 ]]; then gptoss_log "config/mesh/memory checks skipped (SKIP_MESH_CHECK=1)"; return 0; fi
+  local plan=(-m runtime.plan --config "$CONFIG" --world-size "$world") gib=""
+  local layout="$SLURM_JOB_NUM_NODES node(s) x ${SLURM_NTASKS_PER_NODE:-?} task(s)"
+  gptoss_python "${plan[@]}" --print-config "$@"
+  if (( GPTOSS_RC != 0 )); then
+    printf '%s\n' "$GPTOSS_OUT" >&2
+    gptoss_die "config error in $CONFIG or the overrides: $(gptoss_last_line "$GPTOSS_OUT")" 2
   fi
-  gptoss_log "mesh check ok: $CONFIG fits $world ranks${out:+ ($(printf '%s' "$out" | tail -n 1))}"
+  if [[ "${SKIP_MEMORY_CHECK:-0}" == 1 ]]; then
+    gptoss_python "${plan[@]}" --check-only "$@"
+  else
+    local gib
+    gib=$(gptoss_gpu_memory_gib)
+    gptoss_python "${plan[@]}" --gpu-memory-gib "$gib" "$@"
+  fi
+  case "$GPTOSS_RC" in
+    0) ;;
+    1)
+      printf '%s\n' "$GPTOSS_OUT" >&2
+      gptoss_die "memory check failed: $CONFIG on this job's $world ranks ($layout) with ${gib} GiB per GPU (GPU_MEMORY_GIB sets the size, SKIP_MEMORY_CHECK=1 skips the check): $(gptoss_last_line "$GPTOSS_OUT")" 2 ;;
+    *)
+      printf '%s\n' "$GPTOSS_OUT" >&2
+      gptoss_die "mesh check failed: $CONFIG for this job's $world ranks ($layout): $(gptoss_last_line "$GPTOSS_OUT")" 2 ;;
+  esac
+  if [[ "${SKIP_MEMORY_CHECK:-0}" == 1 ]]; then
+    gptoss_log "mesh check ok: $CONFIG fits $world ranks ($(gptoss_last_line "$GPTOSS_OUT")); memory check skipped"
+  else
+    gptoss_log "mesh and memory check ok: $CONFIG fits $world ranks, $(printf '%s\n' "$GPTOSS_OUT" | grep -E '^ *total' | sed 's/^ *//')"
+  fi
+}
+
+# The step's outcome from the ranks' own exit codes (written by rank_exec.sh into EXIT_DIR):
+# the first crashed rank's code, else a signal stop, else 75, else 0; srun's code where ranks
+# left no record (killed, or never started).
+gptoss_step_outcome() {
+  local exit_dir=$1 world=$2 srun_rc=$3 f code crash="" stop="" requeue=0 n=0 rank
+  for ((rank = 0; rank < world; rank++)); do
+    f="$exit_dir/rank-$rank"
+    [[ -s "$f" ]] || continue
+    n=$((n + 1)); code=$(<"$f")
+    if [[ "$code" == 0 ]]; then :
+    elif [[ "$code" == "$GPTOSS_EXIT_REQUEUE" ]]; then requeue=1
+    elif gptoss_signal_stop_code "$code"; then stop=${stop:-$code}
+    else crash=${crash:-"$code $rank"}
+    fi
+  done
+  if [[ -n "$crash" ]]; then echo "$crash"; return; fi
+  if (( n < world )) && (( srun_rc != 0 )); then echo "$srun_rc -"; return; fi
+  if [[ -n "$stop" ]]; then echo "$stop -"; return; fi
+  if (( requeue )); then echo "$GPTOSS_EXIT_REQUEUE -"; return; fi
+  echo "$srun_rc -"
 }
 
 # Redacted environment snapshot for the job folder (no tokens/keys/passwords).
@@ -112,6 +281,7 @@ gptoss_main() {
   : "${CONFIG:?set CONFIG=path/to/config.toml}"
   [[ -f "$CONFIG" ]] || gptoss_die "config $CONFIG not found (relative paths are relative to $RUNTIME_ROOT)" 2
 
+  gptoss_check_overrides "$@"
   local overrides=()
   if [[ -n "${DUMP_FOLDER:-}" ]]; then overrides+=("--job.dump_folder=$DUMP_FOLDER"); fi
   overrides+=("$@")
@@ -125,7 +295,9 @@ gptoss_main() {
 
   # Rendezvous: rank 0 runs on the first node of the allocation (block distribution).
   MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
-  MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  # below the Linux ephemeral range (32768-60999), where a port may already be in use;
+  # the same formula as runtime/train/slurm_env.py:master_port_for_job
+  MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12768))}
   export MASTER_ADDR MASTER_PORT
   # Threads per rank: the CPUs Slurm gave each task.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
@@ -145,13 +317,14 @@ gptoss_main() {
   fi
   gptoss_env_snapshot > "$job_dir/env-attempt${attempt}.txt"
 
+  gptoss_job_time_check
   gptoss_container_setup
-  gptoss_mesh_check "$world" "${overrides[@]}"
+  gptoss_checks "$world" "${overrides[@]}"
 
   # ---- the training step --------------------------------------------------------------
   local srun_args=(
-    --kill-on-bad-exit=0               # a rank that exits first (e.g. 75) must not kill the others mid-save
-    "--wait=${RANK_EXIT_GRACE_S:-600}"  # ...but do not hang forever behind a crashed rank
+    --kill-on-bad-exit=1                # a crashed rank ends the step at once (rank_exec.sh exits 0 for clean stops)
+    "--wait=${RANK_EXIT_GRACE_S:-600}"  # ...and a rank that finished does not wait forever for a hung one
   )
   if [[ "${RANK_LOGS:-1}" == 1 ]]; then
     srun_args+=("--output=$job_dir/rank-%t.log" --open-mode=append)
@@ -159,11 +332,13 @@ gptoss_main() {
     srun_args+=(--label)
   fi
   srun_args+=("${GPTOSS_SRUN_CONTAINER[@]}")
-  local train=("$PYTHON" -m runtime.train --config "$CONFIG" "${overrides[@]}")
+  local train=("$PYTHON" -m runtime.train --config "$CONFIG" "${overrides[@]}") tasks=$world
   if [[ "${LAUNCHER:-srun}" == torchrun ]]; then
     # One agent per node; torchrun sets RANK/WORLD_SIZE (slurm_env.py then does nothing).
-    # NOTE: torchrun does not forward SIGUSR1 to its workers: use --signal=TERM@<s> with it.
+    # NOTE: its agent also gets Slurm's signals and ends with its own exit code (see
+    # slurm/README.md): no requeue on this path.
     local nproc=${SLURM_NTASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+    tasks=$SLURM_JOB_NUM_NODES
     srun_args+=(--ntasks-per-node=1 "--ntasks=${SLURM_JOB_NUM_NODES}")
     train=("$PYTHON" -m torch.distributed.run --nnodes="${SLURM_JOB_NUM_NODES}" --nproc-per-node="$nproc"
            --rdzv-backend=c10d --rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}" --rdzv-id="${SLURM_JOB_ID}"
@@ -175,15 +350,18 @@ gptoss_main() {
   gptoss_log "launch: srun ${srun_args[*]} ${GPTOSS_EXEC_PREFIX[*]} bash slurm/rank_exec.sh ${train[*]}"
   # srun in the background + wait, so that a SIGTERM to this batch shell (time limit,
   # preemption) is trapped and we keep waiting for the ranks to save and exit.
-  local term_seen=0 rc
+  local term_seen=0 rc srun_rc exit_dir="$job_dir/exit" outcome bad_rank
+  rm -rf "$exit_dir"; mkdir -p "$exit_dir"
   trap 'term_seen=1; gptoss_log "batch shell got SIGTERM: waiting for the ranks to checkpoint"' TERM
   srun "${srun_args[@]}" "${GPTOSS_EXEC_PREFIX[@]}" bash "$RUNTIME_ROOT/slurm/rank_exec.sh" "${train[@]}" &
   local srun_pid=$!
   while true; do
-    wait "$srun_pid"; rc=$?
+    wait "$srun_pid"; srun_rc=$?
     kill -0 "$srun_pid" 2>/dev/null || break   # wait returned because of a trapped signal
   done
   trap - TERM
+  outcome=$(gptoss_step_outcome "$exit_dir" "$tasks" "$srun_rc")
+  rc=${outcome% *}; bad_rank=${outcome#* }
   echo "attempt ${attempt} exit ${rc} $(date -Is)" >> "$job_dir/attempts.log"
 
   if [[ "${RANK_LOGS:-1}" == 1 && -f "$job_dir/rank-0.log" ]]; then
@@ -208,10 +386,18 @@ gptoss_main() {
       scontrol requeue "$SLURM_JOB_ID" || gptoss_die "scontrol requeue $SLURM_JOB_ID failed (was the job submitted with --no-requeue?)" 75
       # slurmctld now ends this run and puts the job back in the queue; nothing else to do
       return 0 ;;
+    130|138|143)
+      # scancel / Ctrl-C / a time-limit signal with nothing to resume from: the ranks saved
+      # (if checkpointing is on) and stopped; the job ends here (Slurm requeues preempted jobs itself)
+      gptoss_log "ranks stopped on SIG$(kill -l $((rc - 128))) (exit ${rc}): not requeueing; see $job_dir/rank-0.log"
+      return "$rc" ;;
     2)
-      gptoss_die "config error (exit 2): see $job_dir/rank-0.log" 2 ;;
+      gptoss_die "config error (exit 2): see $job_dir/rank-${bad_rank/-/0}.log" 2 ;;
     *)
       if (( term_seen )); then gptoss_die "ranks exited ${rc} after SIGTERM" "$rc"; fi
+      if [[ "$bad_rank" != - ]]; then
+        gptoss_die "rank ${bad_rank} failed with exit ${rc} (the step was stopped): see $job_dir/rank-${bad_rank}.log" "$rc"
+      fi
       gptoss_die "training failed with exit ${rc}: see $job_dir/rank-*.log" "$rc" ;;
   esac
 }

@@ -8,8 +8,10 @@
 #   DEBUG_RANK=3 bash slurm/interactive.sh configs/debugmodel.toml           # rank 3 under debugpy
 #   RANK_LOGS=0 bash slurm/interactive.sh ...                                  # all ranks on this terminal
 #
-# Inside `srun --pty bash` on a node of the allocation it works too (it starts another step:
-# srun --overlap is added when needed). See slurm/README.md for the debugging recipes.
+# Call it from the salloc shell. Inside a one-task step (`srun --pty --ntasks=1 --overlap bash`)
+# it works too (it starts another step: srun --overlap is added). Inside a step of several tasks
+# (`srun --pty bash -c '... interactive.sh'` in a 2-task allocation) every task would start its
+# own launcher; it refuses that (exit 2). See slurm/README.md for the debugging recipes.
 set -uo pipefail
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
   echo "slurm/interactive.sh: no allocation; first: salloc --nodes=1 --ntasks-per-node=8 --gpus-per-node=8" >&2
@@ -17,6 +19,13 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
 fi
 if (( $# < 1 )); then
   echo "usage: bash slurm/interactive.sh CONFIG [--section.key=value ...]" >&2
+  exit 2
+fi
+# srun ran this script once per task of its step: N launchers would each start N ranks.
+if [[ -n "${SLURM_STEP_ID:-}" ]] && (( ${SLURM_STEP_NUM_TASKS:-1} > 1 )); then
+  if [[ "${SLURM_PROCID:-0}" == 0 ]]; then
+    echo "slurm/interactive.sh: started by srun in each of the ${SLURM_STEP_NUM_TASKS} tasks of step ${SLURM_JOB_ID}.${SLURM_STEP_ID}; it launches the ranks itself: run it from the salloc shell (bash slurm/interactive.sh ...) or from a one-task shell (srun --pty --ntasks=1 --overlap bash)" >&2
+  fi
   exit 2
 fi
 CONFIG=$1; shift

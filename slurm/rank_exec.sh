@@ -1,27 +1,52 @@
 #!/usr/bin/env bash
 # slurm/rank_exec.sh PYTHON ARGS... - the per-rank wrapper srun starts (inside the container,
-# if any). It records where this rank runs, then EXECs the command, so the trainer keeps this
-# PID and receives Slurm's signals (USR1/TERM) directly.
+# if any). It records where this rank runs, runs the command and records its exit code.
+#
+# Under the launcher (GPTOSS_JOB_LOG_DIR set, srun --kill-on-bad-exit=1), the command runs as a
+# child and this wrapper exits:
+#   0   when the rank ended cleanly: 0 (done), 75 (checkpointed, requeue) or 130/138/143
+#       (stopped on SIGINT/SIGUSR1/SIGTERM, runtime/train/faults.py). These ranks leave only after the trainer's final barrier, so the
+#       others are done with every collective; srun must not kill them for it (a kill mid-save
+#       would lose the checkpoint).
+#   the rank's code otherwise (a crash): srun kills the whole step at once, instead of leaving
+#       the other ranks blocked in a collective for the NCCL timeout.
+# Either way the rank's real code is in $GPTOSS_JOB_LOG_DIR/exit/rank-N; slurm/common.sh
+# reads them. Slurm signals every process of the task (USR1, TERM), the trainer included:
+# this wrapper only has to survive them.
 #
 #   DEBUG_RANK=N   rank N runs under debugpy, listening on DEBUG_PORT (5678) and waiting for a
 #                  client before it starts (the other ranks block in the first collective).
 #                  Attach from your workstation through an ssh tunnel to that node, see README.
 #   PYSPY_RANK=N   rank N runs under `py-spy record` (flame graph in the job's log folder).
-set -euo pipefail
+set -uo pipefail
 rank=${SLURM_PROCID:-${RANK:-0}}
-if [[ -n "${GPTOSS_JOB_LOG_DIR:-}" ]]; then
-  mkdir -p "$GPTOSS_JOB_LOG_DIR/pids" 2>/dev/null || true
-  # "<host> <pid> <program>": `srun --overlap --jobid=J -w <host> py-spy dump --pid <pid>` attaches
-  echo "$(hostname) $$ $(command -v "$1" || echo "$1")" > "$GPTOSS_JOB_LOG_DIR/pids/rank-$rank" 2>/dev/null || true
-fi
+cmd=("$@")
 if [[ -n "${DEBUG_RANK:-}" && "$rank" == "$DEBUG_RANK" ]]; then
   port=${DEBUG_PORT:-5678}
   echo "[rank_exec] rank $rank on $(hostname): debugpy listening on 0.0.0.0:$port, waiting for a client" >&2
-  exec "$1" -m debugpy --listen "0.0.0.0:$port" --wait-for-client "${@:2}"
-fi
-if [[ -n "${PYSPY_RANK:-}" && "$rank" == "$PYSPY_RANK" ]]; then
+  cmd=("$1" -m debugpy --listen "0.0.0.0:$port" --wait-for-client "${@:2}")
+elif [[ -n "${PYSPY_RANK:-}" && "$rank" == "$PYSPY_RANK" ]]; then
   out="${GPTOSS_JOB_LOG_DIR:-.}/pyspy-rank$rank-${SLURM_RESTART_COUNT:-0}.svg"
   echo "[rank_exec] rank $rank under py-spy record -> $out" >&2
-  exec py-spy record --subprocesses -o "$out" -- "$@"
+  cmd=(py-spy record --subprocesses -o "$out" -- "$@")
 fi
-exec "$@"
+if [[ -z "${GPTOSS_JOB_LOG_DIR:-}" ]]; then exec "${cmd[@]}"; fi
+
+# Slurm's signals reach the child directly; a no-op trap (not '', which children would
+# inherit as "ignored") keeps this shell alive and makes `wait` return early: wait again.
+trap ':' USR1 TERM INT
+"${cmd[@]}" &
+child=$!
+mkdir -p "$GPTOSS_JOB_LOG_DIR/pids" "$GPTOSS_JOB_LOG_DIR/exit" 2>/dev/null || true
+# "<host> <pid> <program>": `srun --overlap --jobid=J -w <host> py-spy dump --pid <pid>` attaches
+echo "$(hostname) $child $(command -v "$1" || echo "$1")" > "$GPTOSS_JOB_LOG_DIR/pids/rank-$rank" 2>/dev/null || true
+while true; do
+  wait "$child"; rc=$?
+  kill -0 "$child" 2>/dev/null || break
+done
+echo "$rc" > "$GPTOSS_JOB_LOG_DIR/exit/rank-$rank" 2>/dev/null || true
+case "$rc" in
+  0|75|130|138|143) exit 0 ;;   # done, requeue, stopped on SIGINT/SIGUSR1/SIGTERM (faults.py)
+esac
+echo "[rank_exec] rank $rank on $(hostname) exited $rc: stopping the step" >&2
+exit "$rc"

@@ -4,7 +4,7 @@ The stand-in ("fake") trainer lets the launcher mechanics (sbatch templates, ran
 checkpoint -> exit 75 -> requeue -> resume) be tested independently of the real trainer: a
 scratch checkout is made with the real `slurm/` scripts and `runtime/train/slurm_env.py` plus a
 tiny `runtime.train` / `runtime.plan` that follow the same contract (metrics.jsonl, checkpoints/
-step-N + latest, exit 75 on SIGUSR1/SIGTERM, exit 2 on a bad mesh).
+step-N + latest, exit 75 on SIGUSR1, 143 on SIGTERM, exit 2 on a bad mesh).
 """
 
 from __future__ import annotations
@@ -83,13 +83,14 @@ def main(argv):
         flag = torch.tensor([1.0 if stop["sig"] else 0.0])
         if td.is_initialized():
             td.all_reduce(flag)
-        if flag.item() > 0:
+        if flag.item() > 0:  # the real trainer's contract: USR1 -> 75, TERM -> 143 (faults.py)
             save(step)
-            print(f"fake trainer: stopping after step {step} on a signal, exit {EXIT_REQUEUE}",
-                  flush=True)
+            code = EXIT_REQUEUE if stop["sig"] == signal.SIGUSR1 else 128 + int(stop["sig"] or 15)
+            print(f"fake trainer: stopping after step {step} on a signal, exit {code}", flush=True)
             if td.is_initialized():
+                td.barrier()
                 td.destroy_process_group()
-            return EXIT_REQUEUE
+            return code
         if step % int(cfg["checkpoint.interval"]) == 0 or step == steps:
             save(step)
     if td.is_initialized():
@@ -101,15 +102,33 @@ if __name__ == "__main__":
 '''
 
 FAKE_PLAN = r'''
-"""Stand-in for runtime.plan --check-only: the mesh needs exactly --fake.world ranks (if given)."""
+"""Stand-in for runtime.plan: --print-config refuses --fake.bad* keys (exit 2); the mesh needs
+exactly --fake.world ranks if given (exit 2); a rank needs --fake.gib GiB (exit 1 when that
+exceeds --gpu-memory-gib), like the real plan's exit codes."""
 import sys
 args = sys.argv[1:]
 world = int(args[args.index("--world-size") + 1])
-want = [a.split("=", 1)[1] for a in args if a.startswith("--fake.world=")]
-if want and int(want[0]) != world:
-    print(f"parallelism: the mesh needs {want[0]} ranks but the job has {world} (--fake.world)")
+opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--fake.") and "=" in a)
+bad = [k for k in opts if k.startswith("fake.bad")]
+if bad:
+    print(f"error: command line: unknown key '--{bad[0]}'", file=sys.stderr)
+    sys.exit(2)
+if "--print-config" in args:
+    print("[fake]")
+    sys.exit(0)
+if "fake.world" in opts and int(opts["fake.world"]) != world:
+    print(f"error: parallelism: the mesh needs {opts['fake.world']} ranks but the job has {world}",
+          file=sys.stderr)
+    sys.exit(2)
+if "--check-only" in args:
+    print(f"ok: mesh ok for {world} ranks")
+    sys.exit(0)
+gpu = float(args[args.index("--gpu-memory-gib") + 1]) if "--gpu-memory-gib" in args else 80.0
+need = float(opts.get("fake.gib", "1"))
+print(f"  total         {need:.1f} GiB   of {gpu:g} GiB per GPU")
+if need > gpu:
+    print(f"error: does not fit: {need:.1f} GiB per rank > {gpu:g} GiB per GPU", file=sys.stderr)
     sys.exit(1)
-print(f"mesh ok for {world} ranks")
 '''
 
 

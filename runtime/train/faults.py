@@ -1,13 +1,31 @@
-"""Graceful stop on SIGTERM/SIGUSR1 (preemption, Slurm time limit) and non-finite losses or
-gradient norms (stop, or skip the step up to training.max_skipped_steps times)."""
+"""Graceful stops on signals (scancel, the Slurm time limit, Ctrl-C), and non-finite losses or
+gradient norms (stop, or skip the step up to training.max_skipped_steps times).
+
+What each signal means (the contract the launchers in slurm/ and submit.py rely on):
+
+  SIGUSR1  the time-limit warning (`#SBATCH --signal=USR1@<s>`): finish the step, save a
+           checkpoint, exit 75 (EXIT_REQUEUE) so the launcher requeues the job, which resumes.
+           Without a checkpoint to resume from (checkpoint.enable = false), a requeued job would
+           start again at step 0, so the run exits 128 + SIGUSR1 instead and is not requeued.
+  SIGTERM  scancel, preemption, the time limit itself: finish the step, save, exit for good
+           (128 + SIGTERM = 143, what a shell reports for a process that SIGTERM ended). If Slurm
+           preempts with requeue, Slurm itself requeues the job; the launchers never do.
+  SIGINT   Ctrl-C: as SIGTERM (exit 130). A second Ctrl-C stops at once (os._exit(130)):
+           safe, because a checkpoint is only ever published by a rename after it is complete.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import signal
+import sys
+import time
 
 import torch
 import torch.distributed as dist
+
+from runtime.errors import EXIT_REQUEUE
 
 
 class NonFiniteLossError(RuntimeError):
@@ -15,16 +33,24 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopSignal:
-    """Records SIGUSR1/SIGTERM; the trainer finishes the step, saves and exits for requeue.
+    """Records the stop signals; the trainer finishes the step, saves and exits with
+    :meth:`exit_code`.
 
-    Ranks may receive the signal at slightly different times, so `should_stop` agrees on
-    it across ranks (one tiny all-reduce per step) before anyone starts saving.
+    Ranks may receive a signal at slightly different times (or different signals: a scancel
+    during the time-limit wind-down), so `should_stop` agrees on the strongest one across
+    ranks (one tiny all-reduce per step) before anyone starts saving.
     """
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    # strength: a stop for good (TERM/INT) wins over a requeue (USR1) when both arrive
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    #: a second SIGINT this soon after the first is the same Ctrl-C delivered twice (torchrun's
+    #: agent forwards the terminal's SIGINT to workers that already got it), not a second one
+    DUPLICATE_WINDOW_S = 0.5
 
     def __init__(self):
-        self.received: int | None = None
+        self.received: int | None = None  # the strongest signal this process got
+        self.agreed: int | None = None  # the strongest signal any rank got (after should_stop)
+        self._first_sigint: float | None = None
         self._previous = {}
 
     def install(self) -> "StopSignal":
@@ -38,15 +64,50 @@ class StopSignal:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint > self.DUPLICATE_WINDOW_S:
+                print("second Ctrl-C: stopping now, without saving (the last complete "
+                      "checkpoint stays the latest)", file=sys.stderr, flush=True)
+                os._exit(128 + signal.SIGINT)
+            if self._first_sigint is None:
+                self._first_sigint = now
+                print("Ctrl-C: finishing this step, saving, then exiting "
+                      "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        if self.received is None or self._strength(signum) > self._strength(self.received):
+            self.received = signum
 
-    def should_stop(self, device: torch.device) -> bool:
-        flag = 1.0 if self.received is not None else 0.0
+    @classmethod
+    def _strength(cls, signum: int | None) -> int:
+        return 0 if signum is None else cls.SIGNALS.index(signum) + 1
+
+    def should_stop(self, device: torch.device) -> int | None:
+        """The signal every rank stops on (None: keep going). A collective on every rank."""
+        strength = self._strength(self.received)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([flag], device=device)
+            t = torch.tensor([float(strength)], device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = t.item()
-        return flag > 0
+            strength = int(t.item())
+        self.agreed = self.SIGNALS[strength - 1] if strength else None
+        return self.agreed
+
+    def exit_code(self, checkpoint_saved: bool) -> int:
+        """75 (requeue) for the time-limit signal when the run can resume from a checkpoint,
+        else 128 + the signal: the job ends for good."""
+        if self.agreed == signal.SIGUSR1 and checkpoint_saved:
+            return EXIT_REQUEUE
+        return 128 + int(self.agreed or signal.SIGTERM)
+
+    def describe(self, step: int, code: int, checkpoint_saved: bool) -> str:
+        """One line for the log: which signal, what was done, what happens next."""
+        name = signal.Signals(self.agreed or signal.SIGTERM).name
+        saved = "checkpoint saved" if checkpoint_saved else "no checkpoint (checkpoint.enable = false)"
+        if code == EXIT_REQUEUE:
+            return f"{name} (time limit): stopped after step {step}, {saved}; exit {code}: requeue"
+        if self.agreed == signal.SIGUSR1:
+            return (f"{name} (time limit): stopped after step {step}, {saved}: a requeued job "
+                    f"would restart from step 0, so exit {code} (not requeued)")
+        return f"{name}: stopped after step {step}, {saved}; exit {code} (not requeued)"
 
 
 def check_finite(value: float, step: int, policy: str, quantity: str = "loss") -> bool:

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 from runtime.errors import EXIT_CONFIG_ERROR, EXIT_REQUEUE  # re-exported: the launchers' codes
 
+#: MASTER_PORT = BASE + job id % SPAN: 20000-32767, below the Linux ephemeral port range
+#: (32768-60999), where another process may already hold the port (EADDRINUSE).
 MASTER_PORT_BASE = 20000
-MASTER_PORT_SPAN = 20000
+MASTER_PORT_SPAN = 12768
 
 __all__ = [
     "EXIT_CONFIG_ERROR",

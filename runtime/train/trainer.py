@@ -294,10 +294,10 @@ class Trainer:
                 if self.checkpointer.should_save(self.step, last_step) or (stopping and cfg.checkpoint.enable):
                     self.checkpointer.save(self.step, force_sync=stopping or self.step == last_step)
                     self.metrics.reset_timer()  # keep save time out of tokens/s
-                if stopping:
-                    self.log(f"received signal {stop.received}: stopped after step {self.step}"
-                             f"{' (checkpoint saved)' if cfg.checkpoint.enable else ''}; exit {EXIT_REQUEUE}")
-                    return EXIT_REQUEUE
+                if stopping:  # USR1 -> 75 (requeue); TERM/INT -> 128 + signal (faults.py)
+                    code = stop.exit_code(checkpoint_saved=cfg.checkpoint.enable)
+                    self.log(stop.describe(self.step, code, cfg.checkpoint.enable))
+                    return code
             return 0
         finally:
             stop.uninstall()
