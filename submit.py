@@ -549,7 +549,7 @@ def job_env_vars(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, st
             {
                 "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
                 "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-                "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+                "TORCH_FR_BUFFER_SIZE": "2000",  # flight recorder (was TORCH_NCCL_TRACE_BUFFER_SIZE)
                 "NCCL_DEBUG": "WARN",
                 "CUDA_DEVICE_MAX_CONNECTIONS": "1",
                 "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",

@@ -72,6 +72,9 @@ def main(argv):
     import torch
     for step in range(start + 1, steps + 1):
         time.sleep(float(cfg["fake.step_s"]))
+        if str(rank) == cfg.get("fake.crash_rank") and step == int(cfg.get("fake.crash_step", 2)):
+            print(f"fake trainer: rank {rank} crashes at step {step}", flush=True)
+            os._exit(3)
         t = torch.tensor([1.0])
         if td.is_initialized():
             td.all_reduce(t)

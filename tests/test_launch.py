@@ -621,7 +621,7 @@ def test_slurm_launcher_mechanics(slurm_cluster, tmp_path):
     state = lh.wait_job(jid, 60, release_requeued=False)
     out = lh.tail(root / "logs" / f"gptoss-debug-{jid}.out")
     assert state == "FAILED" and exit_code(jid) == "1:0", out
-    assert lh.job_field(jid, "Restarts") == "0" and "training failed with exit 1" in out, out
+    assert lh.job_field(jid, "Restarts") == "0" and "failed with exit 1" in out, out
 
 
 @pytest.mark.slurm
@@ -832,3 +832,249 @@ def test_slurm_debug_sbatch_in_container(slurm_cluster, tmp_path):
             .split()
         )
         assert host == f"node0{rank + 1}" and program == "/usr/bin/python", (host, program)
+
+
+# =========================================================================== issue 17: launch
+# Signals (faults.py): USR1 -> save, 75 (requeue); TERM (scancel) -> save, 143, for good;
+# INT (Ctrl-C) like TERM (130), a second Ctrl-C stops at once.
+def test_stop_signal_codes_and_agreement():
+    import signal as sig
+
+    from runtime.train import faults
+
+    stop = faults.StopSignal().install()
+    try:
+        assert stop.should_stop(None) is None
+        os.kill(os.getpid(), sig.SIGUSR1)
+        assert stop.should_stop(None) == sig.SIGUSR1
+        assert stop.exit_code(checkpoint_saved=True) == EXIT_REQUEUE
+        # nothing to resume from: a requeue would restart at step 0, so the job ends
+        assert stop.exit_code(checkpoint_saved=False) == 128 + sig.SIGUSR1
+        assert "not requeued" in stop.describe(7, 138, False)
+        os.kill(os.getpid(), sig.SIGTERM)  # scancel during the time-limit wind-down wins
+        assert stop.should_stop(None) == sig.SIGTERM
+        assert stop.exit_code(checkpoint_saved=True) == 143
+        assert "SIGTERM: stopped after step 7, checkpoint saved; exit 143" in stop.describe(7, 143, True)
+    finally:
+        stop.uninstall()
+    assert sig.getsignal(sig.SIGTERM) is not stop._handle
+
+
+def test_ctrl_c_saves_then_second_ctrl_c_stops_at_once(monkeypatch):
+    import signal as sig
+
+    from runtime.train import faults
+
+    exits = []
+    monkeypatch.setattr(faults.os, "_exit", lambda code: exits.append(code))
+    stop = faults.StopSignal().install()
+    try:
+        os.kill(os.getpid(), sig.SIGINT)  # first Ctrl-C: finish the step, save, exit 130
+        assert stop.should_stop(None) == sig.SIGINT and stop.exit_code(True) == 130
+        os.kill(os.getpid(), sig.SIGINT)  # the same Ctrl-C again (torchrun forwards it): ignored
+        assert exits == []
+        stop._first_sigint -= 2 * stop.DUPLICATE_WINDOW_S  # ...a second one, later: stop now
+        os.kill(os.getpid(), sig.SIGINT)
+        assert exits == [130]
+    finally:
+        stop.uninstall()
+
+
+@needs_trainer
+@pytest.mark.parametrize(
+    "signame, checkpoint, code",
+    [("SIGINT", True, 130), ("SIGTERM", True, 143), ("SIGUSR1", True, 75), ("SIGUSR1", False, 138)],
+)
+def test_trainer_stops_on_signals(tmp_path, signame, checkpoint, code):
+    """python -m runtime.train: the signal arrives mid-run; the step finishes, a checkpoint is
+    saved (when enabled) at the step it stopped after, and the exit code tells launchers what to
+    do (75: requeue; 128 + signal: stopped for good)."""
+    import signal as sig
+
+    dump = tmp_path / "dump"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.train", *TINY, "--training.steps=100000",
+         f"--checkpoint.enable={str(checkpoint).lower()}", "--checkpoint.interval=100000",
+         f"--job.dump_folder={dump}"],
+        cwd=REPO, env=lh.python_env(OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        lh.wait_for(lambda: len(lh.read_metrics(dump / "metrics.jsonl")) >= 3 or proc.poll() is not None,
+                    240, "3 logged steps")
+        proc.send_signal(getattr(sig, signame))
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, out
+    last = lh.read_metrics(dump / "metrics.jsonl")[-1]["step"]
+    assert f"{signame}" in out and f"stopped after step {last}" in out, out
+    latest = dump / "checkpoints" / "latest"
+    if checkpoint:
+        assert latest.read_text().strip() == f"step-{last}", out
+    else:
+        assert not latest.exists()
+
+
+def test_master_port_below_ephemeral_range_and_shell_agrees():
+    from runtime.train import slurm_env
+
+    top = slurm_env.MASTER_PORT_BASE + slurm_env.MASTER_PORT_SPAN
+    assert top <= 32768  # Linux ip_local_port_range starts at 32768
+    shell = (REPO / "slurm" / "common.sh").read_text()
+    assert (
+        f"$(({slurm_env.MASTER_PORT_BASE} + SLURM_JOB_ID % {slurm_env.MASTER_PORT_SPAN}))" in shell
+    )
+    ports = {master_port_for_job(j) for j in range(0, 200000, 1)}
+    assert min(ports) == 20000 and max(ports) == 32767
+
+
+def _bash(script: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_step_outcome_from_rank_exit_codes(tmp_path):
+    """common.sh's verdict on a step from the codes rank_exec.sh wrote (first crash wins)."""
+    def outcome(codes: dict[int, str], world: int, srun_rc: int) -> str:
+        d = tmp_path / f"exit{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        for rank, code in codes.items():
+            (d / f"rank-{rank}").write_text(code + "\n")
+        out = _bash(f"source slurm/common.sh; gptoss_step_outcome {d} {world} {srun_rc}")
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert outcome({0: "0", 1: "0"}, 2, 0) == "0 -"
+    assert outcome({0: "75", 1: "75"}, 2, 0) == "75 -"
+    assert outcome({0: "143", 1: "143"}, 2, 0) == "143 -"
+    assert outcome({1: "3"}, 2, 137) == "3 1"  # rank 1 crashed, srun killed rank 0
+    assert outcome({0: "75"}, 2, 9) == "9 -"  # a rank left no record: srun's code
+
+
+def test_rank_exec_passes_clean_stops_and_fails_crashes(tmp_path):
+    env = dict(os.environ, GPTOSS_JOB_LOG_DIR=str(tmp_path), SLURM_PROCID="1")
+    for code, wrapper_rc in [(0, 0), (75, 0), (143, 0), (3, 3), (137, 137)]:
+        out = subprocess.run(
+            ["bash", str(REPO / "slurm" / "rank_exec.sh"), sys.executable, "-c",
+             f"import os; os._exit({code})"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == wrapper_rc, (code, out.stderr)
+        assert (tmp_path / "exit" / "rank-1").read_text().strip() == str(code)
+        host, pid, _ = (tmp_path / "pids" / "rank-1").read_text().split()
+        assert int(pid) > 0
+
+
+def test_interactive_refuses_to_run_in_every_task_of_a_step():
+    env = dict(os.environ, SLURM_JOB_ID="5", SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="2",
+               SLURM_PROCID="0")
+    out = subprocess.run(["bash", "slurm/interactive.sh", "configs/debugmodel.toml"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "each of the 2 tasks" in out.stderr and "srun --pty --ntasks=1 --overlap bash" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = subprocess.run(["bash", "slurm/interactive.sh", "configs/debugmodel.toml"], cwd=REPO,
+                         env=dict(env, SLURM_PROCID="1"), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr == ""  # one message, not one per task
+
+
+def _fake_sbatch_env(tmp_path: Path) -> tuple[dict, Path]:
+    """PATH with an `sbatch` that records its arguments instead of submitting."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    record = tmp_path / "sbatch-args"
+    (bindir / "sbatch").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {record}\necho 42\n')
+    (bindir / "sbatch").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    env.pop("SLURM_JOB_ID", None)
+    return env, record
+
+
+def test_self_submit_sends_leading_options_to_sbatch(tmp_path):
+    env, record = _fake_sbatch_env(tmp_path)
+    out = _bash("bash slurm/gptoss_120b.sbatch --hold --nodes 2 -p gpu --training.steps=3 "
+                "--model.n_layers 2", env=env)
+    assert out.returncode == 0, out.stderr
+    assert record.read_text().splitlines() == [
+        "--hold", "--nodes", "2", "-p", "gpu", "slurm/gptoss_120b.sbatch",
+        "--training.steps=3", "--model.n_layers", "2"]
+    # an sbatch option after the overrides is refused, not handed to the trainer
+    out = _bash("bash slurm/debug.sbatch --training.steps=3 --hold", env=env)
+    assert out.returncode == 2 and "'--hold' is not a config override" in out.stderr, out.stderr
+    # a time limit that the time-limit signal's lead (debug: USR1@60) would consume at once
+    record.unlink()
+    out = _bash("bash slurm/debug.sbatch --time=1 --training.steps=3", env=env)
+    assert out.returncode == 2 and "not longer than the time-limit signal's lead" in out.stderr
+    assert not record.exists()
+
+
+def test_submit_refuses_time_shorter_than_signal_delay():
+    out = run_submit("--dry-run", "--config", "configs/debugmodel.toml", "--cpu-ranks-per-node",
+                     "1", "--time", "3", "--signal-delay-s", "180")
+    assert out.returncode == 2 and "not longer than --signal-delay-s 180" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+@needs_plan
+def test_submit_unknown_key_is_a_config_error():
+    out = run_submit("--dry-run", "--config", "configs/debugmodel.toml", "--cpu-ranks-per-node",
+                     "1", "--training.stepz=3")
+    assert out.returncode == 2
+    assert "config error" in out.stderr and "--training.stepz" in out.stderr, out.stderr
+    assert "mesh" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@needs_plan
+def test_submit_checks_memory_before_queueing():
+    """120b on 2 nodes x 8 GPUs: the mesh is valid but a rank needs ~125 GiB: refused on 80 GiB
+    GPUs (the default) with the plan's reason; on H200s (141 GiB, from the partition name) it
+    fits; --skip-memory-check skips the check."""
+    pytest.importorskip("submitit")
+    base = ["--dry-run", "--nodes", "2", "--config", "configs/gptoss_120b.toml"]
+    out = run_submit(*base, timeout=600)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "does not fit the memory of 16 ranks" in out.stderr and "GiB per rank > 80" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "#SBATCH" not in out.stdout
+    out = run_submit(*base, "--partition", "h200-long", timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "memory ok for 141 GiB per GPU (h200 in --partition)" in out.stdout
+    out = run_submit(*base, "--skip-memory-check", timeout=600)
+    assert out.returncode == 0 and "memory check skipped" in out.stdout, out.stderr
+
+
+def test_submitit_pinned_and_its_helpers_used():
+    submitit = pytest.importorskip("submitit")
+    pin = re.search(r'"submitit==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert submitit.__version__ == pin, "submit.py relies on private submitit names: re-check them"
+    assert f'"submitit=={pin}"' in (REPO / "Dockerfile").read_text()
+    from submitit.core.job_environment import JobEnvironment
+    from submitit.slurm.slurm import _make_sbatch_string  # noqa: F401  (dry-run's sbatch text)
+
+    assert callable(JobEnvironment._usr_sig)
+    text = (REPO / "submit.py").read_text()
+    assert "TorchDistributedEnvironment" in text and "_set_dist_env_from_submitit" not in text
+
+
+def test_submit_exports_dist_env_through_submitit():
+    pytest.importorskip("submitit")
+    env = dict(os.environ, SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_NTASKS="16",
+               SLURM_JOB_NUM_NODES="2", SLURM_NODEID="1", SLURM_JOB_NODELIST="gpu[07-08]",
+               SLURM_PROCID="13", SLURM_LOCALID="5", PYTHONPATH=str(REPO))
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES"):
+        env.pop(key, None)
+    code = ("import os, submit, submitit; submit._export_dist_env(submitit.JobEnvironment(), False); "
+            "print(' '.join(os.environ.get(k, '-') for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', "
+            "'LOCAL_WORLD_SIZE', 'GROUP_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'CUDA_VISIBLE_DEVICES')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["13", "16", "5", "8", "1", "gpu07", str(master_port_for_job(4242)), "-"]
+
+
+def test_nccl_env_names_current():
+    for path in [REPO / "submit.py", *(REPO / "slurm").glob("*.sbatch")]:
+        text = path.read_text()
+        assert "export TORCH_NCCL_TRACE_BUFFER_SIZE" not in text and '"TORCH_NCCL_TRACE_BUFFER_SIZE"' not in text, path
+    assert "TORCH_FR_BUFFER_SIZE" in (REPO / "slurm" / "gptoss_120b.sbatch").read_text()
