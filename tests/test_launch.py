@@ -1078,3 +1078,155 @@ def test_nccl_env_names_current():
         text = path.read_text()
         assert "export TORCH_NCCL_TRACE_BUFFER_SIZE" not in text and '"TORCH_NCCL_TRACE_BUFFER_SIZE"' not in text, path
     assert "TORCH_FR_BUFFER_SIZE" in (REPO / "slurm" / "gptoss_120b.sbatch").read_text()
+
+
+# --------------------------------------------------------------------------- issue 17 on Slurm
+def _fake_job(tmp_path: Path, name: str = "checkout"):
+    root = lh.make_fake_checkout(tmp_path / name)
+    return root, lh.python_env(CONFIG="configs/fake.toml", OMP_NUM_THREADS="1")
+
+
+def _batch_log(root: Path, jid: str, n: int = 60) -> str:
+    return lh.tail(root / "logs" / f"gptoss-debug-{jid}.out", n) + "\n" + lh.dump_job_logs(
+        root / "logs" / f"gptoss-debug-{jid}"
+    )
+
+
+@pytest.mark.slurm
+@needs_trainer
+def test_slurm_scancel_ends_the_job_and_usr1_without_checkpoints_is_not_requeued(
+    slurm_cluster, tmp_path
+):
+    """Item 1: scancel -> every rank saves and exits 143 -> the job ends, never requeued.
+    Item 2: the time-limit signal on a run without checkpoints -> exit 138, not requeued (a
+    requeued leg would start again at step 0)."""
+    (tmp_path / "logs").mkdir()
+    env = lh.python_env(LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1")
+    jobs = {}
+    for name, extra in [("cancel", "--checkpoint.enable=true"), ("nockpt", "--checkpoint.enable=false")]:
+        jobs[name] = sbatch(
+            REPO / "slurm" / "debug.sbatch", *TINY, "--training.steps=100000",
+            "--checkpoint.interval=100000", extra, f"--job.dump_folder={tmp_path / name}",
+            cwd=REPO, env=env, sbatch_opts=[f"--output={tmp_path}/logs/%x-%j.out"],
+        )
+    interrupt_when(tmp_path / "cancel" / "metrics.jsonl", 3, jobs["cancel"],
+                   lambda: lh.run(["scancel", jobs["cancel"]], check=True), timeout=240,
+                   logs=tmp_path / "logs")
+    interrupt_when(tmp_path / "nockpt" / "metrics.jsonl", 3, jobs["nockpt"],
+                   lambda: lh.run(["scancel", "--signal=USR1", jobs["nockpt"]], check=True),
+                   timeout=240, logs=tmp_path / "logs")
+    states = {name: lh.wait_job(jid, 120, release_requeued=False) for name, jid in jobs.items()}
+    time.sleep(5)  # a requeue would show up as PENDING / Restarts=1 by now
+    logs = {name: lh.dump_job_logs(tmp_path / "logs") for name in jobs}
+    assert states["cancel"] == "CANCELLED" and lh.job_state(jobs["cancel"]) == "CANCELLED", logs["cancel"]
+    assert lh.job_field(jobs["cancel"], "Restarts") == "0", logs["cancel"]
+    rank0 = (tmp_path / "logs" / f"gptoss-debug-{jobs['cancel']}" / "rank-0.log").read_text()
+    last = lh.read_metrics(tmp_path / "cancel" / "metrics.jsonl")[-1]["step"]
+    assert f"SIGTERM: stopped after step {last}, checkpoint saved; exit 143" in rank0, rank0
+    latest = tmp_path / "cancel" / "checkpoints" / "latest"
+    assert latest.read_text().strip() == f"step-{last}", rank0
+    assert states["nockpt"] == "FAILED" and exit_code(jobs["nockpt"]) == "138:0", logs["nockpt"]
+    assert lh.job_field(jobs["nockpt"], "Restarts") == "0", logs["nockpt"]
+    out = lh.tail(tmp_path / "logs" / f"gptoss-debug-{jobs['nockpt']}.out")
+    assert "ranks stopped on SIGUSR1 (exit 138): not requeueing" in out, out
+    assert not (tmp_path / "nockpt" / "checkpoints").exists()
+
+
+@pytest.mark.slurm
+def test_slurm_refusals_before_srun(slurm_cluster, tmp_path):
+    """Each refused in the job, before any rank starts, with exit 2 and one line:
+    item 2: --time not longer than the --signal lead; item 4: a rank does not fit the GPUs'
+    memory; item 7: an sbatch option after the script, an unknown config key."""
+    root, env = _fake_job(tmp_path)
+    script = root / "slurm" / "debug.sbatch"
+    cases = {
+        "time": (sbatch(script, cwd=root, env=env, sbatch_opts=["--time=1"]),
+                 "time limit 00:01:00 (60 s) is not longer than the time-limit signal's lead "
+                 "(--signal=...@60"),
+        "memory": (sbatch(script, "--fake.gib=100", cwd=root, env=dict(env, GPU_MEMORY_GIB="80")),
+                   "memory check failed: configs/fake.toml on this job's 2 ranks"),
+        "option": (sbatch(script, "--training.steps=3", "--hold", cwd=root, env=env),
+                   "'--hold' is not a config override"),
+        "key": (sbatch(script, "--fake.bad_key=3", cwd=root, env=env),
+                "config error in configs/fake.toml or the overrides: error: command line: "
+                "unknown key '--fake.bad_key'"),
+    }
+    for name, (jid, message) in cases.items():
+        state = lh.wait_job(jid, 90, release_requeued=False)
+        out = lh.tail(root / "logs" / f"gptoss-debug-{jid}.out")
+        assert state == "FAILED" and exit_code(jid) == "2:0", (name, out)
+        assert message in out, (name, out)
+        assert "mesh check failed" not in out and "launch: srun" not in out, (name, out)
+        assert lh.job_field(jid, "Restarts") == "0", (name, out)
+    out = lh.tail(root / "logs" / f"gptoss-debug-{cases['memory'][0]}.out")
+    assert "does not fit: 100.0 GiB per rank > 80 GiB per GPU" in out, out
+    # the same job with enough memory per GPU runs
+    jid = sbatch(script, "--fake.gib=100", "--training.steps=3", "--fake.step_s=0.05", cwd=root,
+                 env=dict(env, GPU_MEMORY_GIB="141"))
+    assert lh.wait_job(jid, 90, release_requeued=False) == "COMPLETED", _batch_log(root, jid)
+    assert "mesh and memory check ok" in _batch_log(root, jid)
+
+
+@pytest.mark.slurm
+def test_slurm_self_submit_options_reach_sbatch(slurm_cluster, tmp_path):
+    """Item 7: `bash slurm/debug.sbatch --hold ...` holds the job (sbatch got --hold) and the
+    trainer never sees it."""
+    root, env = _fake_job(tmp_path)
+    out = subprocess.run(
+        ["bash", "slurm/debug.sbatch", "--hold", "--parsable", "--training.steps=3"],
+        cwd=root, env={k: v for k, v in env.items() if k != "SLURM_JOB_ID"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    jid = out.stdout.strip().split(";")[0]
+    try:
+        assert lh.job_state(jid) == "PENDING" and lh.job_field(jid, "Reason") == "JobHeldUser"
+        assert lh.job_field(jid, "Restarts") == "0"
+    finally:
+        lh.run(["scancel", jid])
+
+
+@pytest.mark.slurm
+def test_slurm_crashed_rank_ends_the_step_at_once(slurm_cluster, tmp_path):
+    """Item 5: rank 1 dies at step 2 while rank 0 waits in a collective; the step ends within
+    seconds (was: up to RANK_EXIT_GRACE_S = 600 s), the job fails with rank 1's exit code."""
+    root, env = _fake_job(tmp_path)
+    start = time.monotonic()
+    jid = sbatch(root / "slurm" / "debug.sbatch", "--training.steps=400", "--fake.step_s=0.25",
+                 "--fake.crash_rank=1", "--fake.crash_step=2", f"--job.dump_folder={tmp_path / 'd'}",
+                 cwd=root, env=env)
+    state = lh.wait_job(jid, 90, release_requeued=False)
+    elapsed = time.monotonic() - start
+    log = _batch_log(root, jid)
+    assert state == "FAILED" and exit_code(jid) == "3:0", log
+    assert "rank 1 failed with exit 3 (the step was stopped)" in log, log
+    assert elapsed < 60, f"{elapsed:.0f} s: the step was not brought down at once\n{log}"
+    assert lh.job_field(jid, "Restarts") == "0"
+
+
+@pytest.mark.slurm
+@needs_trainer
+def test_slurm_fresh_clone_sbatch(slurm_cluster, tmp_path):
+    """Item 3: the tracked files only (as `git clone` gives them, no logs/ made by hand):
+    `sbatch slurm/debug.sbatch` runs the real trainer, checked by the real plan, and logs."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, timeout=60)
+    if files.returncode != 0:
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    for name in filter(None, files.stdout.decode().split("\0")):
+        if (REPO / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, clone / name)
+    assert (clone / "logs").is_dir(), "logs/ must be tracked (logs/.gitignore)"
+    assert not list((clone / "logs").glob("*.out"))
+    env = lh.python_env(OMP_NUM_THREADS="1")
+    env.pop("LOG_DIR", None)
+    env["PYTHONPATH"] = ""  # the job must import the clone's runtime (common.sh adds it)
+    jid = sbatch(clone / "slurm" / "debug.sbatch", *TINY, "--training.steps=4",
+                 f"--job.dump_folder={tmp_path / 'dump'}", cwd=clone, env=env)
+    state = lh.wait_job(jid, 240, release_requeued=False)
+    out = clone / "logs" / f"gptoss-debug-{jid}.out"
+    log = lh.tail(out, 60) + "\n" + lh.dump_job_logs(clone / "logs" / f"gptoss-debug-{jid}")
+    assert state == "COMPLETED", log
+    assert "mesh and memory check ok" in log and "training finished (exit 0)" in log, log
+    assert [r["step"] for r in lh.read_metrics(tmp_path / "dump" / "metrics.jsonl")][-1] == 4
