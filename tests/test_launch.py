@@ -703,8 +703,9 @@ def test_slurm_debug_sbatch_refuses_bad_mesh(slurm_cluster, tmp_path):
 @pytest.mark.slurm
 @needs_trainer
 def test_slurm_submit_py_interrupt_requeue_resume(slurm_cluster, tmp_path):
-    """python submit.py --nodes 2 through submitit: job._interrupt() -> the trainer checkpoints ->
-    submitit requeues -> the resumed job continues from the saved step and completes (--wait)."""
+    """python submit.py --nodes 2 through submitit: its time-limit signal (job._interrupt(
+    timeout=True): USR2) -> the trainer checkpoints -> submitit requeues -> the resumed job
+    continues from the saved step and completes (--wait)."""
     submitit = pytest.importorskip("submitit")
     dump = tmp_path / "dump"
     folder = tmp_path / "submitit" / "%j"
@@ -752,7 +753,8 @@ def test_slurm_submit_py_interrupt_requeue_resume(slurm_cluster, tmp_path):
         assert f"{jid}_0_log.out" in first  # log paths printed
         job = submitit.SlurmJob(folder=folder, job_id=jid, tasks=(0, 1))
         interrupt_when(
-            dump / "metrics.jsonl", 5, jid, job._interrupt, timeout=180, logs=tmp_path / "submitit"
+            dump / "metrics.jsonl", 5, jid, lambda: job._interrupt(timeout=True), timeout=180,
+            logs=tmp_path / "submitit",
         )
         state = lh.wait_job(jid, 240)
         rest, _ = proc.communicate(timeout=120)
@@ -851,7 +853,13 @@ def test_stop_signal_codes_and_agreement():
         # nothing to resume from: a requeue would restart at step 0, so the job ends
         assert stop.exit_code(checkpoint_saved=False) == 128 + sig.SIGUSR1
         assert "not requeued" in stop.describe(7, 138, False)
-        os.kill(os.getpid(), sig.SIGTERM)  # scancel during the time-limit wind-down wins
+        os.kill(os.getpid(), sig.SIGTERM)  # submitit's preemption: TERM + the time-limit signal
+        assert stop.should_stop(None) == sig.SIGUSR1  # ...still saves for a requeue
+    finally:
+        stop.uninstall()
+    stop = faults.StopSignal().install()
+    try:
+        os.kill(os.getpid(), sig.SIGTERM)  # scancel
         assert stop.should_stop(None) == sig.SIGTERM
         assert stop.exit_code(checkpoint_saved=True) == 143
         assert "SIGTERM: stopped after step 7, checkpoint saved; exit 143" in stop.describe(7, 143, True)
@@ -1230,3 +1238,30 @@ def test_slurm_fresh_clone_sbatch(slurm_cluster, tmp_path):
     assert state == "COMPLETED", log
     assert "mesh and memory check ok" in log and "training finished (exit 0)" in log, log
     assert [r["step"] for r in lh.read_metrics(tmp_path / "dump" / "metrics.jsonl")][-1] == 4
+
+
+@pytest.mark.slurm
+@needs_trainer
+def test_slurm_submit_py_scancel_ends_the_job(slurm_cluster, tmp_path):
+    """Item 1 through submit.py: scancel -> the ranks save and stop (143) -> not requeued."""
+    pytest.importorskip("submitit")
+    dump, folder = tmp_path / "dump", tmp_path / "submitit" / "%j"
+    out = run_submit(
+        "--nodes", "2", "--cpu-ranks-per-node", "1", "--config", "configs/debugmodel.toml",
+        "--time", "20", "--folder", str(folder), *TINY, "--training.steps=100000",
+        "--checkpoint.interval=100000", f"--job.dump_folder={dump}",
+        timeout=300, env=lh.python_env(OMP_NUM_THREADS="1"),
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    jid = re.search(r"submitted job (\d+)", out.stdout).group(1)
+    assert f"scancel --signal=TERM {jid}" in out.stdout
+    interrupt_when(dump / "metrics.jsonl", 3, jid, lambda: lh.run(["scancel", jid], check=True),
+                   timeout=240, logs=tmp_path / "submitit")
+    state = lh.wait_job(jid, 120, release_requeued=False)
+    time.sleep(5)
+    log = lh.dump_job_logs(tmp_path / "submitit")
+    assert state == "CANCELLED" and lh.job_state(jid) == "CANCELLED", log
+    assert lh.job_field(jid, "Restarts") == "0", log
+    assert "trainer stopped on SIGTERM (exit 143): not requeueing" in log, log
+    last = lh.read_metrics(dump / "metrics.jsonl")[-1]["step"]
+    assert (dump / "checkpoints" / "latest").read_text().strip() == f"step-{last}", log

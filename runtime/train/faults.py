@@ -36,13 +36,15 @@ class StopSignal:
     """Records the stop signals; the trainer finishes the step, saves and exits with
     :meth:`exit_code`.
 
-    Ranks may receive a signal at slightly different times (or different signals: a scancel
-    during the time-limit wind-down), so `should_stop` agrees on the strongest one across
-    ranks (one tiny all-reduce per step) before anyone starts saving.
+    Ranks may receive a signal at slightly different times (or different signals: submitit's
+    preemption is SIGTERM then the time-limit signal), so `should_stop` agrees on the strongest
+    one across ranks (one tiny all-reduce per step) before anyone starts saving.
     """
 
-    # strength: a stop for good (TERM/INT) wins over a requeue (USR1) when both arrive
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    # weakest first: when several arrive, the time-limit signal wins, so the checkpoint is made
+    # for a requeue (submitit's preemption sends SIGTERM, then its time-limit signal); whether
+    # the job is requeued is the scheduler's call: a cancelled job is not.
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     #: a second SIGINT this soon after the first is the same Ctrl-C delivered twice (torchrun's
     #: agent forwards the terminal's SIGINT to workers that already got it), not a second one
     DUPLICATE_WINDOW_S = 0.5
