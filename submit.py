@@ -45,7 +45,7 @@ from runtime.errors import EXIT_CONFIG_ERROR, EXIT_REQUEUE
 REPO = Path(__file__).resolve().parent
 EXIT_REFUSED = EXIT_CONFIG_ERROR  # bad arguments, or the mesh does not fit: nothing submitted
 # the trainer's clean stops without a requeue: 128 + the signal (runtime/train/faults.py)
-EXIT_SIGNAL_STOPS = {130: \"SIGINT\", 138: \"SIGUSR1\", 143: \"SIGTERM\"}
+EXIT_SIGNAL_STOPS = {130: "SIGINT", 138: "SIGUSR1", 143: "SIGTERM"}
 
 _OVERRIDE_KEY = re.compile(r"^--[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+$")
 
