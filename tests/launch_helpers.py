@@ -144,6 +144,7 @@ def make_fake_checkout(root: Path) -> Path:
     shutil.copy(
         REPO / "runtime" / "train" / "slurm_env.py", root / "runtime" / "train" / "slurm_env.py"
     )
+    shutil.copy(REPO / "runtime" / "errors.py", root / "runtime" / "errors.py")  # slurm_env's codes
     (root / "runtime" / "train" / "trainer.py").write_text(FAKE_TRAIN)
     (root / "runtime" / "train" / "__main__.py").write_text(
         "import sys\nfrom runtime.train.trainer import main\nsys.exit(main(sys.argv[1:]))\n"
