@@ -319,6 +319,8 @@ def test_gpu_check_cpu_smoke_end_to_end(tmp_path):
     assert len(flex) == 8 and all(r["max_error"] <= r["tolerance"] for r in flex)
     assert checks["grouped experts vs loop float32"]["idle_expert_max_grad"] == 0.0
     assert checks["compiled block (aot_eager)"]["graph_breaks"] == 0
+    compiled_step = checks["train step compiled (aot_eager) vs cpu fp32"]
+    assert compiled_step["compile"] and not compiled_step.get("skipped")
     assert checks["torchrun fsdp2 bf16 + full AC step vs cpu fp32"]["fsdp_block_class"].startswith("FSDP")
     assert checks["(process) pytest -m gpu"]["tests"] >= 1
     ref = checks["reference config"]
@@ -382,3 +384,25 @@ def test_gpu_check_idle_gaps_and_phases_hand_checked():
                                         ("block 0 backward", 8.0), ("grad clip", 9.0), ("optimizer", 10.0)])
     assert cats == {"blocks forward": 7.0, "blocks backward": 15.0, "loss forward": 5.0, "loss backward": 6.0,
                     "optimizer": 10.0, "grad clip": 9.0, "mask build": 2.0, "other": 1.0}
+
+
+def test_gpu_check_sync_audit_lists_repository_sites():
+    """The audit's capture (what set_sync_debug_mode('warn') feeds on CUDA) on a stand-in step."""
+    import warnings
+
+    from benchmarks import check_profile
+
+    class Trainer:
+        step = 0
+
+        def optimizer_step(self, batch):
+            for _ in range(2):
+                warnings.warn("called a synchronizing CUDA operation")  # this line is the site
+            warnings.warn("something else")  # not a sync: ignored
+            return 1.0, 1.0, 1e-3
+
+    r = check_profile.sync_audit(Trainer(), {}, torch.device("cpu"))
+    assert r["syncs"] == 2 and len(r["sites"]) == 1
+    site = r["sites"][0]
+    assert site["count"] == 2 and site["site"].startswith("tests/test_benchmarks.py:")
+    assert "optimizer_step: warnings.warn(" in site["site"]
