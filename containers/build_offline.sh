@@ -20,8 +20,11 @@ mirror=${MIRROR:-http://deb.debian.org/debian}
 work=${WORK_DIR:-/tmp/gptoss-offline-build}
 rootfs=${ROOTFS:-$work/rootfs}
 ca=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
-from=$(sed -n 's/^FROM \([^ ]*\).*/\1/p' "$root/Dockerfile" | head -n 1)
-[[ -n "$from" ]] || { echo "no FROM in $root/Dockerfile" >&2; exit 2; }
+# The Dockerfile's base (ARG BASE_IMAGE=name:tag@sha256:...): the stand-in gets its name:tag
+# (a local image cannot carry the registry's digest) and is passed as --build-arg BASE_IMAGE.
+from=$(sed -n 's/^ARG BASE_IMAGE=\([^ ]*\).*/\1/p' "$root/Dockerfile" | head -n 1)
+from=${from%%@*}
+[[ -n "$from" ]] || { echo "no ARG BASE_IMAGE in $root/Dockerfile" >&2; exit 2; }
 log() { printf '[build_offline] %s\n' "$*" >&2; }
 
 command -v podman >/dev/null || { log "podman missing: bash ../shared/tools/local_slurm.sh containers"; exit 2; }
@@ -59,5 +62,6 @@ if ! podman image exists "$from"; then
 fi
 
 log "podman build $root -> localhost/gptoss-runtime:$tag"
-podman build --pull=never --network=host -v "$ca:$ca:ro" -t "localhost/gptoss-runtime:$tag" -f "$root/Dockerfile" "$root"
+podman build --pull=never --network=host -v "$ca:$ca:ro" --build-arg "BASE_IMAGE=$from" \
+  -t "localhost/gptoss-runtime:$tag" -f "$root/Dockerfile" "$root"
 echo "localhost/gptoss-runtime:$tag"

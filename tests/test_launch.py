@@ -470,7 +470,18 @@ def test_shell_scripts_syntax_and_shellcheck():
 
 def test_dockerfile_hadolint():
     text = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^FROM \S+:\S+", text, re.M), "base image pinned by tag"
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
+    assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", base), "base pinned by tag and digest"
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    # dependencies before code: a code change must not re-run the dependency install
+    lines = text.splitlines()
+    where = {key: next(i for i, ln in enumerate(lines) if ln.startswith(key))
+             for key in ("COPY pyproject.toml", "RUN python -c \"import tomllib", "COPY runtime")}
+    assert where["COPY pyproject.toml"] < where["RUN python -c \"import tomllib"] < where["COPY runtime"]
+    assert "pip install --no-cache-dir --no-deps ." in text
+    # HF_HOME left to the runtime environment (Apptainer's default in gptoss.def must apply)
+    assert "HF_HOME" not in "\n".join(ln for ln in lines if not ln.startswith("#"))
+    assert 'HF_HOME="${HF_HOME:-$HOME/.cache/huggingface}"' in (REPO / "containers" / "gptoss.def").read_text()
     assert re.search(r"^USER (?!root|0\b)", text, re.M), "non-root user"
     assert 'ENTRYPOINT ["python", "-m", "runtime.train"]' in text
     assert "HEALTHCHECK" not in text
