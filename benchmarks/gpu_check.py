@@ -4,7 +4,7 @@ minutes on one H200, written as one JSONL + one markdown summary (+ one log).
     bash benchmarks/gpu_check.sh                        # results under benchmarks/results/
     RESULTS_DIR=$OUT bash benchmarks/gpu_check.sh       # on the lent GPU machine
     bash benchmarks/gpu_check.sh --cpu-smoke            # tiny shapes on the CPU (CI, < 2 min)
-    bash benchmarks/gpu_check.sh --parts correctness,block
+    bash benchmarks/gpu_check.sh --parts correctness,block --budget reference=200
 
 Parts, in this order, each step its own subprocess with its own time budget (seconds, GPU /
 CPU smoke); a step that fails or runs out of time is recorded and the rest still run:
@@ -13,12 +13,13 @@ CPU smoke); a step that fails or runs out of time is recorded and the rest still
                torchrun   check_fsdp_step.py under torchrun --nproc-per-node 1 (NCCL,
                           FSDP2 bf16, full AC)                                           40 /  60
                pytest     pytest -m gpu tests (the GPU test set)                          60 /  90
-  reference    check_reference.py: the reference config's tokens/s, first step, peak
-               memory, runtime.plan's estimate                                           120 /  60
-  profile      check_profile.py: one step in phases, idle gaps, host-sync audit            50 /  60
-  block        check_block.py: bench_block.py, 20b block sliding vs full + attention core  75 /  60
+  reference    train      check_reference.py: the reference config's tokens/s, first step,
+                          peak memory, runtime.plan's estimate                          110 /  60
+  profile      phases     check_profile.py: one step in phases, idle gaps, host-sync audit 60 /  60
+  block        block      check_block.py: bench_block.py, 20b block sliding vs full
+                          + the attention core alone                                     75 /  60
                (GPU sum: 470 s, + start-up = 8 minutes; not measured yet: first-guess budgets)
-The whole run is also capped (--total-budget, default 470 s on a GPU): a step gets at most the
+--budget STEP=S overrides a budget (STEP: a part, or part/step). The whole run is also capped (--total-budget, default 470 s on a GPU): a step gets at most the
 time left. All steps share one inductor/triton cache ($GPU_CHECK_CACHE, default
 $TMPDIR/gptoss-gpu-check-cache): later parts reuse what earlier ones compiled, and a second run
 on the same machine is warm (the run record says whether the cache started empty).
@@ -72,11 +73,11 @@ def plan_steps(py: str, jsonl: str, smoke: bool, scratch: str) -> list[Step]:
         Step("correctness", "checks", [py, "benchmarks/check_correctness.py", "--out", jsonl] + flag, 125, 120),
         Step("correctness", "torchrun", [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                                          "benchmarks/check_fsdp_step.py", "--out", jsonl] + flag, 40, 60),
-        Step("correctness", "pytest -m gpu", [py, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
+        Step("correctness", "pytest", [py, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
                                               "--junitxml", junit, "tests"], 60, 90, junit=junit),
-        Step("reference", "bench_train", [py, "benchmarks/check_reference.py", "--out", jsonl] + flag, 120, 60),
-        Step("profile", "phases + syncs", [py, "benchmarks/check_profile.py", "--out", jsonl] + flag, 50, 60),
-        Step("block", "bench_block", [py, "benchmarks/check_block.py", "--out", jsonl] + flag, 75, 60),
+        Step("reference", "train", [py, "benchmarks/check_reference.py", "--out", jsonl] + flag, 110, 60),
+        Step("profile", "phases", [py, "benchmarks/check_profile.py", "--out", jsonl] + flag, 60, 60),
+        Step("block", "block", [py, "benchmarks/check_block.py", "--out", jsonl] + flag, 75, 60),
     ]
 
 
@@ -260,12 +261,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     p.add_argument("--total-budget", type=float, default=None, metavar="S",
                    help=f"cap on the whole run (default {GPU_TOTAL_S} GPU, {CPU_TOTAL_S} CPU smoke)")
+    p.add_argument("--budget", action="append", default=[], metavar="STEP=S",
+                   help="override a step's budget in seconds; STEP is a part (all its steps) or "
+                        "part/step, e.g. --budget reference=200 --budget 'correctness/pytest -m gpu=90'")
     p.add_argument("--results-dir", default=os.environ.get("RESULTS_DIR") or str(REPO / "benchmarks" / "results"))
     a = p.parse_args(argv)
     parts = [x.strip() for x in a.parts.split(",") if x.strip()]
     if not parts or any(x not in PARTS for x in parts):
         p.error(f"--parts takes a comma list of {', '.join(PARTS)}")
     smoke = a.cpu_smoke
+    names = {n for s in plan_steps(sys.executable, "", smoke, "") for n in (s.part, f"{s.part}/{s.name}")}
+    budget_overrides = {}
+    for item in a.budget:
+        name, _, seconds = item.rpartition("=")
+        try:
+            budget_overrides[name] = int(float(seconds))
+        except ValueError:
+            name = None
+        if name not in names:
+            p.error(f"--budget {item!r}: expected STEP=SECONDS, STEP one of {', '.join(sorted(names))}")
     total_budget = a.total_budget or (CPU_TOTAL_S if smoke else GPU_TOTAL_S)
     if not smoke:
         import torch
@@ -288,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
            "TRITON_CACHE_DIR": str(cache / "triton")}
     scratch = tempfile.mkdtemp(prefix="gpu-check-")
     steps = [s for s in plan_steps(sys.executable, jsonl, smoke, scratch) if s.part in parts]
+    for s in steps:
+        for name in (s.part, f"{s.part}/{s.name}"):  # the more specific one last: it wins
+            if name in budget_overrides:
+                s.budget_gpu = s.budget_cpu = budget_overrides[name]
     budgets = {f"{s.part}/{s.name}": (s.budget_cpu if smoke else s.budget_gpu) for s in steps}
     append_jsonl(jsonl, environment(smoke, cache, cache_was_empty, budgets))
     log.say(f"{'CPU smoke' if smoke else 'GPU'} run: {len(steps)} steps, budget {total_budget:.0f} s; "
