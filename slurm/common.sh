@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2030,SC2031  # gptoss_submit_checks sets job-like variables in a subshell on purpose
 # slurm/common.sh - the launcher shared by slurm/*.sbatch and slurm/interactive.sh (sourced).
 #
 # Launch model: ONE TASK PER GPU. `srun` starts WORLD_SIZE = SLURM_NTASKS plain
@@ -141,11 +142,44 @@ gptoss_submit() {
   gptoss_check_overrides "$@"
   local all_opts limit lead
   all_opts="$(grep -E '^#SBATCH' "$script") ${opts[*]}"
-  limit=$(grep -oE -- '(--time[= ]+|-t +)[^ ]+' <<<"$all_opts" | tail -n 1 | sed -E 's/^(--time[= ]+|-t +)//')
+  limit=$(gptoss_opt_value "$all_opts" '--time|-t')
   lead=$(gptoss_signal_lead_in "$all_opts")
   gptoss_time_check "$limit" "$lead" "options and #SBATCH header"
+  gptoss_submit_checks "$script" "$all_opts" "$@"
   mkdir -p logs   # the --output folder (tracked in git; sbatch does not create it)
   exec sbatch "${opts[@]}" "$script" "$@"
+}
+
+# The last value of an sbatch option in TEXT (#SBATCH lines, then the command line):
+# gptoss_opt_value TEXT '--nodes|-N' -> 2 for "--nodes=2", "--nodes 2", "-N 2", "-N2".
+gptoss_opt_value() {
+  grep -oE -- "(^|[ =])(${2})(=| +|)[^ =-][^ ]*" <<<"$1" | tail -n 1 | sed -E "s/^[ =]?(${2})(=| +|)//"
+}
+
+# Before submitting: the job's config/mesh/memory checks, here, when this machine's python can
+# run the plan (torch importable) and the layout is plain NODES x NTASKS_PER_NODE; else they run
+# in the job only. GPU memory: GPU_MEMORY_GIB, else 80 (a login node's GPUs prove nothing).
+gptoss_submit_checks() {
+  local script=$1 all_opts=$2; shift 2
+  [[ "${SKIP_MESH_CHECK:-0}" == 1 ]] && return 0
+  local nodes tpn root
+  nodes=$(gptoss_opt_value "$all_opts" '--nodes|-N')
+  tpn=$(gptoss_opt_value "$all_opts" '--ntasks-per-node')
+  root=$(cd "$(dirname "$script")/.." && pwd)
+  PYTHON=${PYTHON:-python3}
+  if [[ ! "$nodes" =~ ^[0-9]+$ || ! "$tpn" =~ ^[0-9]+$ ]] \
+     || ! (cd "$root" && PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c 'import torch, runtime.plan' >/dev/null 2>&1); then
+    gptoss_log "config/mesh/memory checks: in the job (not runnable here)" >&2
+    return 0
+  fi
+  (
+    cd "$root" || exit 2
+    export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-80}
+    export SLURM_JOB_NUM_NODES=$nodes SLURM_NTASKS_PER_NODE=$tpn
+    GPTOSS_SRUN_CONTAINER=(); GPTOSS_EXEC_PREFIX=()
+    [[ -f "$CONFIG" ]] || gptoss_die "config $CONFIG not found (relative paths are relative to $root)" 2
+    gptoss_checks $((nodes * tpn)) "$@"
+  ) >&2 || exit $?   # stdout stays sbatch's (--parsable)
 }
 
 # Where the checkout is: sbatch runs a *copy* of the script from slurmd's spool, so $0 is no

@@ -1014,7 +1014,7 @@ def _fake_sbatch_env(tmp_path: Path) -> tuple[dict, Path]:
 def test_self_submit_sends_leading_options_to_sbatch(tmp_path):
     env, record = _fake_sbatch_env(tmp_path)
     out = _bash("bash slurm/gptoss_120b.sbatch --hold --nodes 2 -p gpu --training.steps=3 "
-                "--model.n_layers 2", env=env)
+                "--model.n_layers 2", env=dict(env, SKIP_MESH_CHECK="1"))
     assert out.returncode == 0, out.stderr
     assert record.read_text().splitlines() == [
         "--hold", "--nodes", "2", "-p", "gpu", "slurm/gptoss_120b.sbatch",
@@ -1027,6 +1027,27 @@ def test_self_submit_sends_leading_options_to_sbatch(tmp_path):
     out = _bash("bash slurm/debug.sbatch --time=1 --training.steps=3", env=env)
     assert out.returncode == 2 and "not longer than the time-limit signal's lead" in out.stderr
     assert not record.exists()
+
+
+@needs_plan
+def test_self_submit_checks_the_job_before_sbatch(tmp_path):
+    """Item 4 for `bash slurm/x.sbatch`: the job's checks run before it is queued, where this
+    python can run the plan: 120b on 2 nodes (--nodes overrides the header's 16) does not fit
+    80 GiB GPUs; an unknown key is a config error; the debug model on 2 nodes is submitted."""
+    env, record = _fake_sbatch_env(tmp_path)
+    env = dict(env, PYTHON=sys.executable)
+    out = _bash("bash slurm/gptoss_120b.sbatch --nodes=2 --training.steps=3", env=env)
+    assert out.returncode == 2 and not record.exists(), out.stdout + out.stderr
+    assert "memory check failed: configs/gptoss_120b.toml on this job's 16 ranks" in out.stderr
+    assert "GiB per rank > 80 GiB per GPU" in out.stderr
+    out = _bash("bash slurm/debug.sbatch --training.stepz=3", env=env)
+    assert out.returncode == 2 and "config error" in out.stderr and "stepz" in out.stderr
+    assert not record.exists()
+    out = _bash("bash slurm/debug.sbatch -N 1 --training.steps=3", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "mesh and memory check ok: configs/debugmodel.toml fits 1 ranks" in out.stderr
+    assert out.stdout.strip() == "42"  # sbatch's output alone (--parsable keeps working)
+    assert record.read_text().splitlines() == ["-N", "1", "slurm/debug.sbatch", "--training.steps=3"]
 
 
 def test_submit_refuses_time_shorter_than_signal_delay():
