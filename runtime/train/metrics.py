@@ -1,4 +1,4 @@
-"""Per-step metrics: one readable line + `<dump_folder>/metrics.jsonl` (+ TensorBoard).
+"""Per-step metrics: one timestamped line + `<dump_folder>/metrics.jsonl` (+ TensorBoard, W&B).
 
 metrics.jsonl holds every step once: a run that starts after step N (a resume, or 0 for a
 fresh run) first drops the rows after step N, which a killed predecessor logged but never
@@ -118,9 +118,11 @@ def truncate_metrics(path: Path, last_step: int) -> int:
 class MetricsLogger:
     def __init__(self, cfg, dump_folder: str, model_args: ModelArgs, seq_len: int,
                  global_tokens_per_step: int, world_size: int, device: torch.device,
-                 is_writer: bool, start_step: int | None = None):
+                 is_writer: bool, start_step: int | None = None, sinks: list | None = None):
         """start_step: the step this run continues after (0: fresh); rows after it are
-        removed from metrics.jsonl first. None leaves the file as it is."""
+        removed from metrics.jsonl first. None leaves the file as it is.
+        sinks: more writers of each emitted record (e.g. wandb_logger.WandbLogger), each with
+        log(record) and close(); give them to the writer rank only."""
         self.cfg = cfg
         self.device = device
         self.is_writer = is_writer
@@ -130,6 +132,7 @@ class MetricsLogger:
         self.peak = peak_flops(device)
         self.jsonl = None
         self.tb = None
+        self.sinks = list(sinks or [])
         if is_writer:
             Path(dump_folder).mkdir(parents=True, exist_ok=True)
             if cfg.enable_jsonl:
@@ -181,20 +184,24 @@ class MetricsLogger:
 
     def _emit(self, r: dict) -> None:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"step {r['step']:>6} | loss {r['loss']:.4f} | grad_norm {r['grad_norm']:.3f} | "
-              f"lr {r['lr']:.2e} | tok/s {r['tokens_per_s']:,.0f} | "
-              f"tflops/dev {r['tflops_per_device']:.2f} | mfu {mfu} | "
-              f"mem {r['memory_gib']:.2f} GiB | {r['step_time_s']:.2f}s", flush=True)
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {r['step']:>6} | "
+              f"loss {r['loss']:.4f} | grad_norm {r['grad_norm']:.3f} | lr {r['lr']:.2e} | "
+              f"tok/s {r['tokens_per_s']:,.0f} | tflops/dev {r['tflops_per_device']:.2f} | "
+              f"mfu {mfu} | mem {r['memory_gib']:.2f} GiB | {r['step_time_s']:.2f}s", flush=True)
         if self.jsonl:
             self.jsonl.write(json.dumps(json_safe(r), allow_nan=False) + "\n")
         if self.tb:
             for key, value in r.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, r["step"])
+        for sink in self.sinks:
+            sink.log(r)
 
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+        for sink in self.sinks:
+            sink.close()
         sys.stdout.flush()

@@ -24,6 +24,7 @@ from runtime.train.config.schema import (
     ModelSection,
     OptimizerSection,
     ParallelismSection,
+    ProfilingSection,
     QuantizeSection,
     TrainingSection,
     validate_config,
@@ -32,7 +33,7 @@ from runtime.train.config.schema import (
 __all__ = [
     "SECTIONS", "ActivationCheckpointSection", "CheckpointSection", "CompileSection",
     "ConfigError", "DataSection", "JobConfig", "JobSection", "LRSchedulerSection",
-    "MetricsSection", "ModelSection", "OptimizerSection", "ParallelismSection",
+    "MetricsSection", "ModelSection", "OptimizerSection", "ParallelismSection", "ProfilingSection",
     "QuantizeSection", "TrainingSection", "build_parser", "config_from_dict", "load_config",
     "parallel_dims", "parse_args", "validate_config", "validate_job",
 ]

@@ -274,6 +274,27 @@ class MetricsSection:
     enable_jsonl: bool = _opt(True, help="write metrics.jsonl in dump_folder")
     enable_tensorboard: bool = _opt(False)
     save_tb_folder: str = _opt("tb", check=_non_empty, help="relative to job.dump_folder")
+    enable_wandb: bool = _opt(False, help="log to Weights & Biases (pip install '.[wandb]')")
+    wandb_project: str = _opt("", help="'' = $WANDB_PROJECT, else 'gptoss-runtime'")
+    wandb_run_name: str = _opt("", help="'' = $WANDB_NAME, else the Slurm job name-id, "
+                                        "else the dump folder's name")
+    wandb_mode: str = _opt("", choices=("", "online", "offline", "disabled"),
+                           help="'' = $WANDB_MODE (wandb's default: online)")
+
+
+@dataclass
+class ProfilingSection:
+    enable_profiling: bool = _opt(False, help="torch.profiler traces, every rank")
+    save_traces_folder: str = _opt("profile_traces", check=_non_empty,
+                                   help="relative to job.dump_folder")
+    profile_freq: int = _opt(10, check=_positive,
+                             help="steps per profiling cycle (traces, memory snapshots)")
+    profiler_warmup: int = _opt(3, check=_non_negative,
+                                help="steps traced but discarded before the active ones")
+    profiler_active: int = _opt(1, check=_positive, help="steps recorded per cycle")
+    enable_memory_snapshot: bool = _opt(False, help="CUDA allocator snapshots (and on OOM)")
+    save_memory_snapshot_folder: str = _opt("memory_snapshot", check=_non_empty,
+                                            help="relative to job.dump_folder")
 
 
 @dataclass
@@ -308,6 +329,7 @@ class JobConfig:
     compile: CompileSection = field(default_factory=CompileSection)
     quantize: QuantizeSection = field(default_factory=QuantizeSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    profiling: ProfilingSection = field(default_factory=ProfilingSection)
 
     def validate(self) -> None:
         """Re-check every value (for configs built or edited in Python)."""
@@ -488,6 +510,12 @@ def _cross_check(cfg: JobConfig, o: Origins) -> None:
         raise o.error("parallelism", "enable_async_tensor_parallel",
                       f"needs {o.name('compile', 'enable')} = true with 'model' in "
                       f"{o.name('compile', 'components')} (async TP is a compiler pass)")
+    pr = cfg.profiling
+    if pr.enable_profiling and pr.profile_freq < pr.profiler_warmup + pr.profiler_active:
+        raise o.error("profiling", "profile_freq",
+                      f"({pr.profile_freq}) must be >= {o.name('profiling', 'profiler_warmup')} + "
+                      f"{o.name('profiling', 'profiler_active')} "
+                      f"({pr.profiler_warmup} + {pr.profiler_active})")
     if c.initial_load_hf and c.initial_load_path:
         raise o.error("checkpoint", "initial_load_hf",
                       f"and {o.name('checkpoint', 'initial_load_path')} are mutually exclusive")

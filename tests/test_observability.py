@@ -1,0 +1,125 @@
+"""Observability: Weights & Biases (a fake `wandb` module, never the network), torch.profiler
+traces per rank, memory snapshots, and the trainer's log lines (tiny model, CPU)."""
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.train.config import load_config
+from runtime.train.profiling import StepProfiler
+from runtime.train.trainer import main
+from runtime.train.wandb_logger import RUN_ID_FILE, WandbLogger, run_name
+
+TINY = ["--model.flavor=tiny", "--training.seq_len=32", "--training.local_batch_size=2",
+        "--training.device=cpu", "--lr_scheduler.warmup_steps=1", "--metrics.log_freq=1",
+        "--checkpoint.enable=false"]
+WANDB_ENV = ("WANDB_MODE", "WANDB_NAME", "WANDB_PROJECT", "WANDB_RUN_ID", "SLURM_JOB_ID",
+             "SLURM_JOB_NAME")
+
+
+class FakeWandb(types.ModuleType):
+    """Records init/log/finish calls as wandb's module-level API would receive them."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.calls = []
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        return types.SimpleNamespace(id=kwargs.get("id"))
+
+    def log(self, data, step=None):
+        self.calls.append(("log", dict(data), step))
+
+    def finish(self, **kwargs):
+        self.calls.append(("finish", kwargs))
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    for name in WANDB_ENV:
+        monkeypatch.delenv(name, raising=False)
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    return fake
+
+
+def job(tmp_path: Path, *extra: str):
+    return load_config(None, TINY + [f"--job.dump_folder={tmp_path}", *extra])
+
+
+# --------------------------------------------------------------------------- W&B
+
+def test_wandb_names_and_mode_resolution(tmp_path, fake_wandb, monkeypatch):
+    cfg = job(tmp_path / "my-run")
+    assert run_name(cfg.metrics, str(tmp_path / "my-run")) == "my-run"
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    assert run_name(cfg.metrics, str(tmp_path / "my-run")) == "job-7"
+    monkeypatch.setenv("WANDB_NAME", "from-env")
+    assert run_name(cfg.metrics, "x") == "from-env"
+    named = job(tmp_path, "--metrics.wandb_run_name=explicit")
+    assert run_name(named.metrics, "x") == "explicit"
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "proj-env")
+    first = WandbLogger(fake_wandb, cfg, str(tmp_path / "run"))
+    again = WandbLogger(fake_wandb, job(tmp_path, "--metrics.wandb_project=proj",
+                                        "--metrics.wandb_mode=online"), str(tmp_path / "run"))
+    a, b = fake_wandb.calls[0][1], fake_wandb.calls[1][1]
+    assert a["mode"] == "offline" and a["project"] == "proj-env"  # the environment honoured
+    assert b["mode"] == "online" and b["project"] == "proj"  # the config wins over it
+    assert a["id"] == b["id"] and a["resume"] == "allow"  # one dump folder, one W&B run
+    first.log({"step": 5, "loss": 1.5, "mfu": None, "flag": True})
+    assert fake_wandb.calls[-1] == ("log", {"loss": 1.5}, 5)
+    again.close()
+    assert fake_wandb.calls[-1][0] == "finish"
+
+
+# --------------------------------------------------------------------------- profiling
+
+PROFILE_3 = ["--profiling.enable_profiling", "--profiling.profile_freq=3",
+             "--profiling.profiler_warmup=1", "--profiling.profiler_active=1"]
+
+
+def _work():
+    torch.randn(16, 16) @ torch.randn(16, 16)
+
+
+@pytest.mark.parametrize("start, expected", [(0, ["iteration_3", "iteration_6"]),
+                                             (4, ["iteration_6", "iteration_9"])])
+def test_trace_cycles_follow_the_global_step(tmp_path, start, expected):
+    """Resumed at `start`, cycles still end on multiples of profile_freq; the cycle cut short
+    by the end of the run writes nothing."""
+    cfg = job(tmp_path, *PROFILE_3).profiling
+    written = []
+    with StepProfiler(cfg, str(tmp_path), 0, torch.device("cpu"), start, log=lambda m: None) as p:
+        for _ in range(7):
+            _work()
+            written.append(p.step())
+    assert sorted(d.name for d in (tmp_path / "profile_traces").iterdir()) == expected
+    assert sum(written) == 2  # step() says when it wrote (the trainer resets its timer then)
+
+
+def test_profile_freq_shorter_than_a_cycle_is_a_config_error(tmp_path, capsys):
+    assert main([*TINY, "--profiling.enable_profiling", "--profiling.profile_freq=2"]) == 2
+    assert "profiling.profile_freq" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_memory_snapshots_every_freq_and_on_oom(tmp_path):
+    cfg = job(tmp_path, "--profiling.enable_memory_snapshot", "--profiling.profile_freq=2")
+    keep = []
+    with pytest.raises(torch.OutOfMemoryError):
+        with StepProfiler(cfg.profiling, str(tmp_path), 0, torch.device("cuda"), 0) as p:
+            for _ in range(3):
+                keep.append(torch.empty(1 << 20, device="cuda"))
+                p.step()
+            torch.empty(1 << 50, device="cuda")  # 4 PiB: out of memory in step 4
+    folder = tmp_path / "memory_snapshot"
+    assert sorted(d.name for d in folder.iterdir()) == ["iteration_2", "iteration_4_oom"]
+    for name in ("iteration_2", "iteration_4_oom"):
+        assert (folder / name / "rank0_memory_snapshot.pickle").stat().st_size > 0
