@@ -255,7 +255,8 @@ def summary(records: list[dict], correctness_failed: bool, total_s: float) -> st
 
 # ----------------------------------------------------------------------------- main
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None):
+    """The arguments, validated before anything is written; --budget as {step name: seconds}."""
     p = argparse.ArgumentParser(prog="gpu_check.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (what CI runs)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
@@ -263,31 +264,63 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"cap on the whole run (default {GPU_TOTAL_S} GPU, {CPU_TOTAL_S} CPU smoke)")
     p.add_argument("--budget", action="append", default=[], metavar="STEP=S",
                    help="override a step's budget in seconds; STEP is a part (all its steps) or "
-                        "part/step, e.g. --budget reference=200 --budget 'correctness/pytest -m gpu=90'")
+                        "part/step, e.g. --budget reference=200 --budget correctness/pytest=90")
     p.add_argument("--results-dir", default=os.environ.get("RESULTS_DIR") or str(REPO / "benchmarks" / "results"))
     a = p.parse_args(argv)
-    parts = [x.strip() for x in a.parts.split(",") if x.strip()]
-    if not parts or any(x not in PARTS for x in parts):
+    a.parts = [x.strip() for x in a.parts.split(",") if x.strip()]
+    if not a.parts or any(x not in PARTS for x in a.parts):
         p.error(f"--parts takes a comma list of {', '.join(PARTS)}")
-    smoke = a.cpu_smoke
-    names = {n for s in plan_steps(sys.executable, "", smoke, "") for n in (s.part, f"{s.part}/{s.name}")}
-    budget_overrides = {}
+    names = {n for s in plan_steps(sys.executable, "", a.cpu_smoke, "") for n in (s.part, f"{s.part}/{s.name}")}
+    a.budgets = {}
     for item in a.budget:
         name, _, seconds = item.rpartition("=")
         try:
-            budget_overrides[name] = int(float(seconds))
+            a.budgets[name] = int(float(seconds))
         except ValueError:
             name = None
         if name not in names:
             p.error(f"--budget {item!r}: expected STEP=SECONDS, STEP one of {', '.join(sorted(names))}")
-    total_budget = a.total_budget or (CPU_TOTAL_S if smoke else GPU_TOTAL_S)
+    a.total_budget = a.total_budget or (CPU_TOTAL_S if a.cpu_smoke else GPU_TOTAL_S)
+    return a
+
+
+def run_steps(steps: list[Step], a, env: dict, jsonl: str, run_env: dict, log: Log) -> None:
+    """Each step in its own process within min(its budget, the run's time left); one record each."""
+    start = time.perf_counter()
+    for step in steps:
+        own = step.budget_cpu if a.cpu_smoke else step.budget_gpu
+        budget = min(own, a.total_budget - (time.perf_counter() - start))
+        base = {"kind": "gpu_check", "part": step.part, "check": f"(process) {step.name}",
+                "gpu": run_env["gpu"], "torch": run_env["torch"],
+                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "budget_s": round(budget, 1), "command": " ".join(step.argv[1:])}
+        if budget < min(10, own):
+            append_jsonl(jsonl, {**base, "passed": False, "error": "not run: the run's total budget is spent"})
+            log.say(f"{step.part} / {step.name}: NOT RUN (total budget spent)")
+            continue
+        log.say(f"{step.part} / {step.name} (budget {budget:.0f} s)")
+        res = run_step(step, budget, env, log)
+        passed = res["exit_code"] == 0 and not res["timed_out"]
+        counts = junit_counts(step.junit)
+        if step.junit:  # exit 5: nothing collected (no test carries the gpu mark)
+            passed = (res["exit_code"] in (0, 5) and not res["timed_out"]
+                      and not counts.get("tests_failures") and not counts.get("tests_errors"))
+        append_jsonl(jsonl, {**base, "passed": passed, **counts, **{k: v for k, v in res.items() if k != "tail"}})
+        state = "ok" if passed else ("TIMED OUT" if res["timed_out"] else f"FAILED (exit {res['exit_code']})")
+        log.say(f"{step.part} / {step.name}: {state} in {res['seconds']:.0f} s")
+        if not passed:
+            log.write("".join(f"    | {line}" for line in res["tail"]), echo=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    smoke = a.cpu_smoke
     if not smoke:
         import torch
 
         if not torch.cuda.is_available():
             print("gpu_check: no CUDA device visible (--cpu-smoke runs the CPU version)", file=sys.stderr)
             return 2
-
     results = Path(a.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
@@ -301,60 +334,27 @@ def main(argv: list[str] | None = None) -> int:
            "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
            "TRITON_CACHE_DIR": str(cache / "triton")}
     scratch = tempfile.mkdtemp(prefix="gpu-check-")
-    steps = [s for s in plan_steps(sys.executable, jsonl, smoke, scratch) if s.part in parts]
+    steps = [s for s in plan_steps(sys.executable, jsonl, smoke, scratch) if s.part in a.parts]
     for s in steps:
         for name in (s.part, f"{s.part}/{s.name}"):  # the more specific one last: it wins
-            if name in budget_overrides:
-                s.budget_gpu = s.budget_cpu = budget_overrides[name]
-    budgets = {f"{s.part}/{s.name}": (s.budget_cpu if smoke else s.budget_gpu) for s in steps}
-    append_jsonl(jsonl, environment(smoke, cache, cache_was_empty, budgets))
-    log.say(f"{'CPU smoke' if smoke else 'GPU'} run: {len(steps)} steps, budget {total_budget:.0f} s; "
+            if name in a.budgets:
+                s.budget_gpu = s.budget_cpu = a.budgets[name]
+    run_env = environment(smoke, cache, cache_was_empty,
+                          {f"{s.part}/{s.name}": (s.budget_cpu if smoke else s.budget_gpu) for s in steps})
+    append_jsonl(jsonl, run_env)
+    log.say(f"{'CPU smoke' if smoke else 'GPU'} run: {len(steps)} steps, budget {a.total_budget:.0f} s; "
             f"results {prefix}.{{jsonl,md,log}}")
-
     start = time.perf_counter()
     try:
-        for step in steps:
-            left = total_budget - (time.perf_counter() - start)
-            own = step.budget_cpu if smoke else step.budget_gpu
-            budget = min(own, left)
-            base = {"kind": "gpu_check", "part": step.part, "check": f"(process) {step.name}",
-                    "gpu": None, "torch": None, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    "budget_s": round(budget, 1), "command": " ".join(step.argv[1:])}
-            if budget < min(10, own):
-                append_jsonl(jsonl, {**base, "passed": False, "error": "not run: the run's total budget is spent"})
-                log.say(f"{step.part} / {step.name}: NOT RUN (total budget spent)")
-                continue
-            log.say(f"{step.part} / {step.name} (budget {budget:.0f} s)")
-            res = run_step(step, budget, env, log)
-            passed = res["exit_code"] == 0 and not res["timed_out"]
-            extra = junit_counts(step.junit)
-            if step.junit:  # exit 5: nothing collected (no test carries the gpu mark)
-                passed = (res["exit_code"] in (0, 5) and not res["timed_out"]
-                          and not extra.get("tests_failures") and not extra.get("tests_errors"))
-            env_fields = {k: read_env(jsonl).get(k) for k in ("gpu", "torch")}
-            append_jsonl(jsonl, {**base, **env_fields, "passed": passed, **extra,
-                                 **{k: v for k, v in res.items() if k != "tail"}})
-            state = "ok" if passed else ("TIMED OUT" if res["timed_out"] else f"FAILED (exit {res['exit_code']})")
-            log.say(f"{step.part} / {step.name}: {state} in {res['seconds']:.0f} s")
-            if not passed:
-                log.write("".join(f"    | {line}" for line in res["tail"]), echo=True)
+        run_steps(steps, a, env, jsonl, run_env, log)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
     records = read_jsonl(jsonl)
     correctness_failed = any(r.get("part") == "correctness" and not r.get("passed") for r in records)
     text = summary(records, correctness_failed, time.perf_counter() - start)
     Path(md).write_text(text)
     log.write("\n" + text, echo=True)
     return 1 if correctness_failed else 0
-
-
-def read_env(jsonl: str) -> dict:
-    """The run's environment record (gpu, torch) for the process records."""
-    for r in read_jsonl(jsonl):
-        if r.get("part") == "run":
-            return r
-    return {}
 
 
 if __name__ == "__main__":
