@@ -25,6 +25,7 @@ import argparse
 import collections
 import contextlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -295,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     total = 1 + a.warmup + 3
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
+    dump = tempfile.mkdtemp(prefix="gpu-check-profile-")  # the trainer's dump folder: nothing kept
     try:
-        cfg = load_config(str(REPO / config), BENCH_DEFAULTS + [f"--training.steps={total}"] + overrides)
+        cfg = load_config(str(REPO / config), BENCH_DEFAULTS + [f"--training.steps={total}",
+                                                                f"--job.dump_folder={dump}"] + overrides)
         trainer = Trainer(cfg)
         data = iter(trainer.dataloader)
         batches = [next(data) for _ in range(total)]
@@ -319,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         common = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"}
         ok = False
+    shutil.rmtree(dump, ignore_errors=True)
     for check in ("phases", "host-sync audit"):
         rec = check_record(PART, check, ok and check in results, device,
                            seconds=round(time.perf_counter() - t0, 3), **common, **results.get(check, {}))

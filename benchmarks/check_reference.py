@@ -11,7 +11,9 @@ One gpu_check record (part "reference") holding bench_train.py's numbers and the
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -69,14 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import bench_train
 
     record = None
+    dump = tempfile.mkdtemp(prefix="gpu-check-reference-")  # the trainer's dump folder: nothing kept
     try:
         record = bench_train.run(bench_args + ["--warmup", str(a.warmup), "--steps", str(a.steps),
-                                               "--label", "gpu_check reference"])
+                                               "--label", "gpu_check reference", f"--job.dump_folder={dump}"])
     except SystemExit:  # bench_train recorded an error (OOM, compile) and printed it
         pass
     except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
         numbers["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    shutil.rmtree(dump, ignore_errors=True)
     if record is None and bench_train.LAST_RECORD is not None:
         record = bench_train.LAST_RECORD
     if record is not None:

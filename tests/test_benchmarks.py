@@ -411,3 +411,14 @@ def test_gpu_check_sync_audit_lists_repository_sites():
     site = r["sites"][0]
     assert site["count"] == 2 and site["site"].startswith("tests/test_benchmarks.py:")
     assert "optimizer_step: warnings.warn(" in site["site"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA refusal")
+def test_gpu_check_without_cuda_refuses_in_one_line(tmp_path, capsys):
+    from benchmarks import check_correctness, gpu_check
+
+    assert gpu_check.main(["--results-dir", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()
+    assert check_correctness.main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("--cpu-smoke" in e or "--smoke" in e for e in err)
