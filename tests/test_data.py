@@ -466,3 +466,93 @@ def test_show_command_prints_what_the_trainer_gets(tmp_path):
     r = subprocess.run(cmd[:5] + ["--data.dataset=path", f"--data.dataset_path={tmp_path}/no.jsonl",
                                   "--show", "1"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no.jsonl does not exist" in r.stderr
+
+
+# ------------------------------------------------------------------------- prepared data
+def _mixed_files(tmp_path) -> list[Path]:
+    """Several shards with blank lines, blank texts, a JSON array and a text file."""
+    files = [write_jsonl(tmp_path / f"s{i}.jsonl", random_docs(5 + i, seed=i)) for i in range(3)]
+    (tmp_path / "s1.jsonl").write_text((tmp_path / "s1.jsonl").read_text() + '\n{"text": " "}\n')
+    (tmp_path / "t.json").write_text(json.dumps([{"text": "array one"}, {"text": ""},
+                                                 {"text": "array three"}]))
+    (tmp_path / "u.txt").write_text("a whole text file\n")
+    return files + [tmp_path / "t.json", tmp_path / "u.txt"]
+
+
+def _assert_same_batches(a, b, steps: int) -> None:
+    for step in range(steps):
+        x, y = next(a), next(b)
+        for k in x:
+            assert torch.equal(x[k], y[k]), (step, k)
+        assert a.state_dict() == b.state_dict(), step
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_prepared_data_equals_the_streamed_stream(tmp_path, shuffle):
+    from runtime.data.prepared import PreparedDataset, prepare
+
+    files = _mixed_files(tmp_path)
+    source = FileSource(files, shuffle=shuffle, seed=11)
+    meta = prepare(FileSource(files), TextEncoderOf(CharTokenizer()), tmp_path / "prep",
+                   CharTokenizer(), batch_docs=3, file_tokens=50)  # several token files
+    assert len(meta["token_files"]) > 2 and meta["dtype"] == "uint32" and not meta["masked"]
+    prepared = PreparedDataset(tmp_path / "prep", shuffle=shuffle, seed=11)
+    for dp in (1, 4):
+        streamed = [loader(source, 6, 8, r, dp) for r in range(dp)]
+        read = [loader(prepared, 6, 8, r, dp) for r in range(dp)]
+        for s, p in zip(streamed, read):
+            _assert_same_batches(s, p, 25)  # ~1000 tokens per epoch: several epochs
+    # the state is the same cursor: either path resumes the other's checkpoint exactly
+    for k in (0, 7, 19):
+        _resume_check(lambda: loader(source, 6, 8), k, 5, lambda: loader(prepared, 6, 8))
+        _resume_check(lambda: loader(prepared, 6, 8), k, 5, lambda: loader(source, 6, 8))
+
+
+def TextEncoderOf(tokenizer):
+    from runtime.data import TextEncoder
+
+    return TextEncoder(tokenizer)
+
+
+def test_prepared_data_keeps_loss_masks(tmp_path):
+    from runtime.data.prepared import PreparedDataset, prepare
+
+    path = write_jsonl(tmp_path / "c.jsonl", ["*ab", "cd", "**efg"])
+    src = MaskedSource([path])
+    meta = prepare(src, src.encoder(None), tmp_path / "prep", CharTokenizer())
+    assert meta["masked"]
+    _assert_same_batches(loader(MaskedSource([path]), 5, 3),
+                         loader(PreparedDataset(tmp_path / "prep"), 5, 3), 12)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_embedded_default_is_prepared_and_unchanged(tmp_path, monkeypatch, shuffle):
+    from runtime.data import Tokenizer
+    from runtime.data.prepared import PreparedDataset
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    tok = Tokenizer.load()
+    cfg = DataConfig(shuffle=shuffle, shuffle_seed=3)
+    fast = build_dataloader(cfg, tok, 1024, 128, 1, 2, prefetch=0)
+    assert isinstance(fast.source, PreparedDataset)
+    assert list((tmp_path / "gptoss-runtime" / "data").iterdir())  # prepared into the cache
+    slow = ParallelAwareDataLoader(EmbeddedSource(shuffle, 3), tok, 1024, 128, 1, 2)
+    _assert_same_batches(slow, fast, 7)  # 917k tokens: crosses into the second epoch
+    assert fast.epoch == 1
+
+
+def test_prefetch_thread_gives_the_same_batches_and_state(tmp_path):
+    files = _mixed_files(tmp_path)
+    ahead = loader(FileSource(files, shuffle=True), 6, 4, prefetch=3)
+    plain = loader(FileSource(files, shuffle=True), 6, 4)
+    _assert_same_batches(plain, ahead, 10)
+    sd = ahead.state_dict()  # the state of the batches handed out, not of those produced
+    ahead.load_state_dict(sd)
+    _assert_same_batches(plain, ahead, 5)
+    ahead.close()
+    _assert_same_batches(plain, ahead, 3)  # closing rewinds to the handed-out position
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{oops\n')
+    failing = loader(FileSource([broken]), 64, 2, prefetch=2)
+    with pytest.raises(ValueError, match=r"broken\.jsonl:2: invalid JSON"):
+        next(failing)

@@ -21,10 +21,18 @@ import warnings
 from typing import Callable
 
 from runtime.data.errors import DataError
-from runtime.data.packing import Document, window_batch
-from runtime.data.schema import DataConfig, ValidationConfig, data_option, validation_option
 from runtime.data.chat_source import build_chat_source
-from runtime.data.sources import DocumentSource, build_source, source_kind
+from runtime.data.packing import Document, window_batch
+from runtime.data.prefetch import Prefetcher
+from runtime.data.prepared import PreparedDataset, PreparedStream, cached_prepared
+from runtime.data.schema import DataConfig, ValidationConfig, data_option, validation_option
+from runtime.data.sources import (
+    EMBEDDED_CORPUS,
+    DocumentSource,
+    EmbeddedSource,
+    build_source,
+    source_kind,
+)
 from runtime.data.split import HeldOutSplit
 
 STATE_VERSION = 1
@@ -33,15 +41,20 @@ STATE_VERSION = 1
 class ParallelAwareDataLoader:
     """Iterator of this rank's slice of the global step batch.
 
-    Every step consumes `global_batch_size` windows from one global `PackedStream`; rank
-    r receives rows [r*B/dp, (r+1)*B/dp) as a dict of int64 tensors [B/dp, seq_len]
-    (`tokens`, `labels`, `positions`, `document_ids`). `encoder` (default: the source's,
-    built from `tokenizer`) turns a batch of source items into Documents.
+    Every step consumes `global_batch_size` windows from one global stream; rank r receives
+    rows [r*B/dp, (r+1)*B/dp) as a dict of int64 tensors [B/dp, seq_len] (`tokens`, `labels`,
+    `positions`, `document_ids`).
+
+    `source`: a DocumentSource (streamed: every rank encodes the global stream; `encoder`,
+    default the source's built from `tokenizer`, turns a batch of items into Documents) or a
+    PreparedDataset (read by offset: a rank gathers only its rows). `prefetch` > 0 produces
+    that many batches ahead on a background thread; the state stays that of the batches
+    handed out.
     """
 
     def __init__(
         self,
-        source: DocumentSource,
+        source: DocumentSource | PreparedDataset,
         tokenizer,
         seq_len: int,
         global_batch_size: int,
@@ -51,6 +64,7 @@ class ParallelAwareDataLoader:
         document_masking: bool = True,
         tokenize_batch_docs: int = 64,
         encoder: Callable[[list], list[Document]] | None = None,
+        prefetch: int = 0,
     ):
         if global_batch_size < 1:
             raise DataError(f"data: global_batch_size must be >= 1, got {global_batch_size}")
@@ -68,24 +82,43 @@ class ParallelAwareDataLoader:
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
         self.local_batch_size = global_batch_size // dp_world_size
         self.document_masking = document_masking
-        encode = encoder or source.encoder(tokenizer)
-        self.stream = source.packer(tokenizer, encode, seq_len, tokenize_batch_docs)
-        self.step = 0  # batches drawn (informational; resumption uses the stream cursor)
+        if isinstance(source, PreparedDataset):
+            self.stream = PreparedStream(source, seq_len)
+        else:
+            encode = encoder or source.encoder(tokenizer)
+            self.stream = source.packer(tokenizer, encode, seq_len, tokenize_batch_docs)
+        self.step = 0  # batches handed out (informational; resumption uses the stream cursor)
+        self._prefetcher = Prefetcher(self._produce, prefetch) if prefetch > 0 else None
+        self._handed_state: dict | None = None  # stream state after the last batch handed out
+
+    def _produce(self) -> tuple[dict, dict]:
+        """The next batch of this rank and the stream state right after it."""
+        b = self.local_batch_size
+        rows = slice(self.dp_rank * b, (self.dp_rank + 1) * b)
+        windows, serials, trained = self.stream.next_windows(self.global_batch_size, rows)
+        batch = window_batch(windows, serials, self.document_masking, trained)  # [b, S] each
+        return batch, (self.stream.state_dict() if self._prefetcher else None)
 
     def __iter__(self) -> "ParallelAwareDataLoader":
         return self
 
     def __next__(self) -> dict:
-        b = self.local_batch_size
-        rows = slice(self.dp_rank * b, (self.dp_rank + 1) * b)
-        windows, serials, trained = self.stream.next_windows(self.global_batch_size, rows)
+        if self._prefetcher is None:
+            batch, _ = self._produce()
+        else:
+            batch, self._handed_state = self._prefetcher.get()
         self.step += 1
-        return window_batch(windows, serials, self.document_masking, trained)  # [b, S] each
+        return batch
+
+    def _stream_state(self) -> dict:
+        if self._handed_state is not None:
+            return self._handed_state  # the producer thread owns the stream
+        return self.stream.state_dict()
 
     @property
     def epoch(self) -> int:
         """Epoch of the next token to be read."""
-        return self.stream.state_dict()["epoch"]
+        return self._stream_state()["epoch"]
 
     def state_dict(self) -> dict:
         """JSON-serializable and identical on every rank."""
@@ -93,7 +126,7 @@ class ParallelAwareDataLoader:
             "version": STATE_VERSION,
             "source": self.source.name,
             "step": self.step,
-            **self.stream.state_dict(),
+            **self._stream_state(),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -103,8 +136,47 @@ class ParallelAwareDataLoader:
             warnings.warn(
                 f"data: resuming a {sd['source']!r} position on {self.source.name!r}", stacklevel=2
             )
+        self.close()
         self.stream.load_state_dict(sd)
         self.step = int(sd.get("step", 0))
+
+    def close(self) -> None:
+        """Stop prefetching (drops batches produced ahead; the state is unaffected)."""
+        if self._prefetcher is not None:
+            self._prefetcher.stop()
+            if self._handed_state is not None:
+                self.stream.load_state_dict(self._handed_state)
+            self._handed_state = None
+
+
+def open_source(data_cfg, tokenizer, split: str = "train",
+                streamed: bool = False) -> DocumentSource | PreparedDataset:
+    """What a [data] config reads: prepared data (data.dataset = 'prepared', and the embedded
+    corpus, prepared into the cache on first use unless `streamed`) or a streamed
+    DocumentSource. `split` picks the embedded chat sample's split when chat data names no
+    files."""
+    kind = source_kind(data_cfg)
+    if kind == "chat":
+        return build_chat_source(data_cfg, split)
+    shuffle = bool(data_option(data_cfg, "shuffle"))
+    seed = int(data_option(data_cfg, "shuffle_seed"))
+    if kind == "prepared":
+        if streamed:
+            raise DataError("validation.split_fraction needs a streamed source, not prepared "
+                            "data: prepare a held-out validation set and name it in [validation]")
+        path = data_option(data_cfg, "dataset_path")
+        if not path or not isinstance(path, str):
+            raise DataError("data.dataset is 'prepared' but data.dataset_path is not one folder")
+        dataset = PreparedDataset(path, shuffle, seed)
+    elif kind == "embedded" and not streamed and getattr(tokenizer, "fingerprint", None):
+        source = EmbeddedSource()
+        folder = cached_prepared(source, EMBEDDED_CORPUS, tokenizer, source.encoder(tokenizer),
+                                 data_option(data_cfg, "cache_dir"))
+        dataset = PreparedDataset(folder, shuffle, seed, name=source.name)
+    else:
+        return build_source(data_cfg)
+    dataset.check_tokenizer(tokenizer)
+    return dataset
 
 
 def build_dataloader(
@@ -118,16 +190,21 @@ def build_dataloader(
     document_masking: bool | None = None,
     split: str = "train",
     holdout: float = 0.0,
+    prefetch: int | None = None,
 ) -> ParallelAwareDataLoader:
     """The loader a [data] config describes (`data_cfg`: DataConfig, dict, any object, or None).
     `split` ("train" | "validation") picks the embedded chat sample's split when chat data
-    names no files, and the side of a content-hash split when `holdout` (a fraction) > 0."""
+    names no files, and the side of a content-hash split when `holdout` (a fraction) > 0.
+    `prefetch` (default data.prefetch) batches are produced ahead on a background thread."""
     if document_masking is None:
         document_masking = bool(data_option(data_cfg, "document_mask"))
-    chat = source_kind(data_cfg) == "chat"
-    source = build_chat_source(data_cfg, "train" if holdout else split) if chat else build_source(data_cfg)
-    if holdout:
-        source = HeldOutSplit(source, holdout, split)
+    if prefetch is None:
+        prefetch = int(data_option(data_cfg, "prefetch"))
+    if holdout:  # a content-hash split filters documents: streamed
+        source = HeldOutSplit(open_source(data_cfg, tokenizer, "train", streamed=True),
+                              holdout, split)
+    else:
+        source = open_source(data_cfg, tokenizer, split)
     return ParallelAwareDataLoader(
         source,
         tokenizer,
@@ -137,6 +214,7 @@ def build_dataloader(
         dp_world_size,
         document_masking=document_masking,
         tokenize_batch_docs=int(data_option(data_cfg, "tokenize_batch_docs")),
+        prefetch=prefetch,
     )
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 @dataclass
 class DataConfig:
-    dataset: str = ""  # "embedded" | "path" | "hf" | "chat"; "" = hf if hf_dataset, path if dataset_path
+    dataset: str = ""  # embedded | path | hf | chat | prepared; "" = hf if hf_dataset, path if dataset_path
     dataset_path: str | list[str] = ""  # file, directory or glob (or a list of them)
     text_key: str = "text"  # JSON key / parquet column / HF field holding the text
     hf_dataset: str = ""  # HF datasets name or local path; needs `datasets`
@@ -20,6 +20,8 @@ class DataConfig:
     shuffle_seed: int = 0
     shuffle_buffer: int = 10000  # HF streaming shuffle buffer (documents)
     tokenize_batch_docs: int = 64  # documents per encode_batch call
+    prefetch: int = 2  # batches produced ahead on a background thread; 0 = on the caller's
+    cache_dir: str = ""  # where the embedded corpus is prepared; "" = $XDG_CACHE_HOME/...
     # chat data (dataset = "chat"; runtime.data.chat_source)
     loss_on: str = "last_assistant"  # | "all_assistant" | "all"
     chat_overflow: str = "truncate"  # | "drop": conversations longer than seq_len

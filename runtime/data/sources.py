@@ -61,6 +61,14 @@ class DocumentSource:
         """Whether an item is a document (blank texts are not)."""
         return bool(item) and not item.isspace()
 
+    def num_shards(self) -> int:
+        """Shards in their natural (unshuffled) order; `prepare` reads them one by one."""
+        raise NotImplementedError
+
+    def shard_items(self, shard: int) -> Iterator[tuple[int, object]]:
+        """(index, item) of every record of natural shard `shard`, blank ones included."""
+        raise NotImplementedError
+
     def encoder(self, tokenizer) -> Callable[[list], list[Document]]:
         """Items -> Documents (batched): text is [BOS] tokens [EOS], every token trained."""
         return TextEncoder(tokenizer)
@@ -116,7 +124,13 @@ class FileSource(DocumentSource):
         """(index, item) of one file from `start` (a chat source reads conversations)."""
         return read_docs(path, self.text_key, start)
 
-    def documents(self, epoch: int, shard: int, index: int) -> Iterator[tuple[int, int, str]]:
+    def num_shards(self) -> int:
+        return len(self.files)
+
+    def shard_items(self, shard: int) -> Iterator[tuple[int, object]]:
+        return self.read(self.files[shard])
+
+    def documents(self, epoch: int, shard: int, index: int) -> Iterator[tuple[int, int, object]]:
         order = self.shard_order(epoch)
         for s in range(shard, len(order)):
             start = index if s == shard else 0
@@ -173,12 +187,26 @@ class HFSource(DocumentSource):
         self.shuffle_buffer = shuffle_buffer
         self.name = f"hf:{dataset}" + (f"/{config}" if config else "") + f"[{split}]"
 
-    def documents(self, epoch: int, shard: int, index: int) -> Iterator[tuple[int, int, str]]:
+    def _load(self):
         import datasets  # optional dependency, imported only for HF data
 
-        ds = datasets.load_dataset(
-            self.dataset, self.config or None, split=self.split, streaming=self.streaming
-        )
+        try:
+            return datasets.load_dataset(
+                self.dataset, self.config or None, split=self.split, streaming=self.streaming
+            )
+        except Exception as e:  # datasets raises many types (FileNotFound, ValueError, hub errors)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"data.hf_dataset={self.dataset!r}: cannot load: {first}") from None
+
+    def num_shards(self) -> int:
+        return 1
+
+    def shard_items(self, shard: int) -> Iterator[tuple[int, object]]:
+        for i, example in enumerate(self._load()):
+            yield i, self.item_of(example, f"{self.name} example {i}")
+
+    def documents(self, epoch: int, shard: int, index: int) -> Iterator[tuple[int, int, object]]:
+        ds = self._load()
         if self.streaming:
             if self.shuffle:
                 ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
@@ -197,7 +225,7 @@ class HFSource(DocumentSource):
 
 
 def source_kind(data_cfg) -> str:
-    """'embedded' | 'path' | 'hf' (an empty data.dataset is inferred from the paths given)."""
+    """'embedded' | 'path' | 'hf' | 'chat' | 'prepared' (an empty data.dataset is inferred)."""
     kind, path, hf = (data_option(data_cfg, k) for k in ("dataset", "dataset_path", "hf_dataset"))
     if kind:
         return kind

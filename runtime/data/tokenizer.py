@@ -15,6 +15,7 @@ The data pipeline separates packed documents with `eos_id`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -62,9 +63,11 @@ class Tokenizer:
     inject a document boundary.
     """
 
-    def __init__(self, tok, *, bos: str | int, eos: str | int, pad: str | int | None, source: str):
+    def __init__(self, tok, *, bos: str | int, eos: str | int, pad: str | int | None, source: str,
+                 file_sha256: str = ""):
         self._tok = tok
         self.source = source
+        self._file_sha256 = file_sha256
         self.directory = ""  # the checkpoint directory it came from (chat template, configs)
         self.bos_id = self._resolve(bos, "bos")
         self.eos_id = self._resolve(eos, "eos")
@@ -104,14 +107,17 @@ class Tokenizer:
             else:
                 raise DataFileNotFoundError(f"tokenizer: path does not exist: {p}")
         try:
-            tok = HFTokenizer.from_file(str(file))
+            raw = file.read_bytes()
+            tok = HFTokenizer.from_str(raw.decode("utf-8"))
         except Exception as e:  # the Rust error type is not importable by name
-            raise DataError(f"tokenizer: cannot load {file}: {e}") from None
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise DataError(f"tokenizer: cannot load {file}: {reason}") from None
         found = cls._special_names(meta_dir, tok)
         bos, eos, pad = (
             o if o is not None else f for o, f in zip((bos, eos, pad), found, strict=True)
         )
-        loaded = cls(tok, bos=bos, eos=eos, pad=pad, source=str(file))
+        loaded = cls(tok, bos=bos, eos=eos, pad=pad, source=str(file),
+                     file_sha256=hashlib.sha256(raw).hexdigest())
         loaded.directory = str(meta_dir) if meta_dir is not None else ""
         return loaded
 
@@ -158,6 +164,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids, added tokens included; the model's vocab must be >= this."""
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the token ids this tokenizer produces (file hash + BOS/EOS ids): prepared
+        data records it and refuses a run whose tokenizer differs."""
+        sha = self._file_sha256 or hashlib.sha256(self._tok.to_str().encode()).hexdigest()
+        return f"{sha[:16]}-bos{self.bos_id}-eos{self.eos_id}"
 
     @property
     def backend(self):
