@@ -532,7 +532,7 @@ def test_embedded_default_is_prepared_and_unchanged(tmp_path, monkeypatch, shuff
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     tok = Tokenizer.load()
-    cfg = DataConfig(shuffle=shuffle, shuffle_seed=3)
+    cfg = DataConfig(shuffle=shuffle, shuffle_seed=3 if shuffle else 0)
     fast = build_dataloader(cfg, tok, 1024, 128, 1, 2, prefetch=0)
     assert isinstance(fast.source, PreparedDataset)
     assert list((tmp_path / "gptoss-runtime" / "data").iterdir())  # prepared into the cache
@@ -556,3 +556,142 @@ def test_prefetch_thread_gives_the_same_batches_and_state(tmp_path):
     failing = loader(FileSource([broken]), 64, 2, prefetch=2)
     with pytest.raises(ValueError, match=r"broken\.jsonl:2: invalid JSON"):
         next(failing)
+
+
+# ------------------------------------------------------------------ one [data] schema
+def test_data_section_is_the_data_schema_and_shuffle_seed_works(tmp_path):
+    from runtime.train.config import JobConfig, load_config
+
+    assert JobConfig().data.__class__ is DataConfig  # one schema for the [data] keys
+    files = [write_jsonl(tmp_path / f"s{i}.jsonl", [f"f{i} d{j}" for j in range(6)])
+             for i in range(3)]
+    glob = str(tmp_path / "*.jsonl")
+
+    def run(*overrides, steps=8, resume_at=None):
+        cfg = load_config(None, [f"--data.dataset=path", f"--data.dataset_path={glob}",
+                                 *overrides])
+        it = build_dataloader(cfg.data, CharTokenizer(), 8, 2, prefetch=cfg.data.prefetch)
+        out = []
+        for step in range(steps):
+            if step == resume_at:  # a fresh loader from the saved state: exact resume
+                sd = json.loads(json.dumps(it.state_dict()))
+                it.close()
+                it = build_dataloader(cfg.data, CharTokenizer(), 8, 2)
+                it.load_state_dict(sd)
+            out.append(next(it)["tokens"].tolist())
+        return out
+
+    plain = run()
+    assert run("--data.shuffle=true", "--data.shuffle_seed=1") == run(
+        "--data.shuffle=true", "--data.shuffle_seed=1")
+    assert run("--data.shuffle=true", "--data.shuffle_seed=1") != run(
+        "--data.shuffle=true", "--data.shuffle_seed=2")
+    assert run("--data.shuffle=true", "--data.shuffle_seed=1") != plain
+    for at in (1, 5):
+        assert run("--data.shuffle=true", "--data.shuffle_seed=3", resume_at=at) == run(
+            "--data.shuffle=true", "--data.shuffle_seed=3")
+    from runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--data.shuffle_seed has no effect unless data.shuffle"):
+        load_config(None, ["--data.shuffle_seed=4"])
+    with pytest.raises(ConfigError, match="--data.dataset_path is set but data.dataset = 'embedded' never reads"):
+        load_config(None, [f"--data.dataset_path={glob}"])
+
+
+# ------------------------------------------- bad data / tokenizer: one line, exit 2, nothing built
+BAD_INPUTS = ["missing dataset_path", "invalid JSONL line", "wrong text key", "empty file",
+              "binary data", "missing tokenizer", "invalid tokenizer", "not prepared data"]
+
+
+def _bad_inputs(tmp: Path) -> dict:
+    (tmp / "bad_line.jsonl").write_text('{"text": "ok"}\n{"text": "fine"}\n{oops\n')
+    (tmp / "wrong_key.jsonl").write_text('{"body": "x"}\n')
+    (tmp / "empty.jsonl").write_text("")
+    (tmp / "binary.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\xfa" * 50)
+    (tmp / "tokenizer.json").write_text("{not json")
+    path = ["--data.dataset=path", "--data.dataset_path"]
+    return {
+        "missing dataset_path": ([f"{path[0]}", f"{path[1]}={tmp}/nope.jsonl"],
+                                 f"{tmp}/nope.jsonl does not exist"),
+        "invalid JSONL line": ([path[0], f"{path[1]}={tmp}/bad_line.jsonl"],
+                               f"{tmp}/bad_line.jsonl:3: invalid JSON"),
+        "wrong text key": ([path[0], f"{path[1]}={tmp}/wrong_key.jsonl"],
+                           f"{tmp}/wrong_key.jsonl:1: no 'text' key (keys: body)"),
+        "empty file": ([path[0], f"{path[1]}={tmp}/empty.jsonl"], f"{tmp}/empty.jsonl: empty file"),
+        "binary data": ([path[0], f"{path[1]}={tmp}/binary.jsonl"],
+                        f"{tmp}/binary.jsonl: not UTF-8 text (binary data?)"),
+        "missing tokenizer": ([f"--model.tokenizer_path={tmp}/none"],
+                              f"tokenizer: path does not exist: {tmp}/none"),
+        "invalid tokenizer": ([f"--model.tokenizer_path={tmp}/tokenizer.json"],
+                              f"tokenizer: cannot load {tmp}/tokenizer.json"),
+        "not prepared data": (["--data.dataset=prepared", f"--data.dataset_path={tmp}"],
+                              f"{tmp}/meta.json: missing; {tmp} is not prepared data"),
+    }
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_data_or_tokenizer_is_one_line_exit_2_before_the_model(tmp_path, case):
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    overrides, message = _bad_inputs(tmp_path)[case]
+    r = subprocess.run(
+        [sys.executable, "-m", "runtime.train", "--config", str(root / "configs/debugmodel.toml"),
+         f"--job.dump_folder={tmp_path}/out", "--checkpoint.enable=false", *overrides],
+        capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+             "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    assert message in r.stderr, r.stderr
+    assert "parameters" not in r.stdout and "Traceback" not in r.stderr  # no model was built
+
+
+def test_prepare_and_bench_commands(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    write_jsonl(tmp_path / "a.jsonl", random_docs(40, seed=1))
+    write_jsonl(tmp_path / "b.jsonl", random_docs(30, seed=2))
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    base = [sys.executable, "-m", "runtime.data"]
+    cfg = ["--config", str(root / "configs/debugmodel.toml"), "--training.seq_len=16",
+           "--data.shuffle=true", "--data.shuffle_seed=9"]
+    files = ["--data.dataset=path", f"--data.dataset_path={tmp_path}/*.jsonl"]
+    prep = ["--data.dataset=prepared", f"--data.dataset_path={tmp_path}/prep"]
+
+    def run(*args):
+        r = subprocess.run([*base, *args], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert "prepared 70 documents" in run("prepare", *cfg, *files, "--out", f"{tmp_path}/prep")
+    meta = json.loads((tmp_path / "prep" / "meta.json").read_text())
+    assert meta["source"] == "2 files" and meta["dtype"] == "uint16"
+    assert not any(p.suffix == ".pkl" for p in (tmp_path / "prep").iterdir())
+    # the prepared copy gives the trainer exactly the streamed samples (shuffled too)
+    assert run(*cfg, *prep, "--show", "12", "--json") == run(*cfg, *files, "--show", "12", "--json")
+    out = run(*cfg, *prep, "--bench", "5", "--dp-degree", "4", "--dp-rank", "3")
+    assert "rank 3 of 4" in out and float(out.strip().splitlines()[-1].split()[1]) > 0
+    assert out.strip().splitlines()[-1].startswith("ms/step ")
+    r = subprocess.run([*base, "prepare", *cfg, *files, "--out", f"{tmp_path}/prep"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "prep: already exists" in r.stderr
+
+
+def test_prepared_data_refuses_another_tokenizer(tmp_path):
+    from runtime.data import Tokenizer
+    from runtime.data.errors import DataError
+    from runtime.data.prepared import PreparedDataset, prepare
+
+    tok = Tokenizer.load()
+    path = write_jsonl(tmp_path / "c.jsonl", ["some text", "more text"])
+    prepare(FileSource([path]), TextEncoderOf(tok), tmp_path / "prep", tok)
+    PreparedDataset(tmp_path / "prep").check_tokenizer(tok)
+    other = Tokenizer.load(eos="<|pad|>")  # other ids for the same text
+    with pytest.raises(DataError, match=r"prep: prepared with tokenizer .* this run's is"):
+        PreparedDataset(tmp_path / "prep").check_tokenizer(other)
+    (tmp_path / "prep" / "doc_offsets.npy").write_bytes(b"\x80\x04garbage")  # a planted pickle
+    with pytest.raises(DataError, match=r"doc_offsets\.npy: unreadable"):
+        PreparedDataset(tmp_path / "prep")

@@ -1,42 +1,44 @@
 """Data: sources -> documents -> packed windows -> this rank's rows of the global batch.
 
-  schema.py    the [data] keys (DataConfig)
-  errors.py    DataError: bad data / tokenizer input, one line naming the file or key
+  schema.py    the [data] keys (DataConfig: the job config's [data] section)
+  errors.py    DataError (a ConfigError): bad data / tokenizer input, one line, exit 2
   tokenizer.py Tokenizer (HF `tokenizers`), embedded or from a file / HF checkpoint dir
   readers.py   local files (.jsonl/.json/.parquet/.txt) -> records, file:line in errors
   sources.py   DocumentSource: embedded corpus, local files, HF datasets; shuffling
   packing.py   Document (tokens + optional loss mask), PackedStream, window_batch
+  prepared.py  prepare(): tokenized once into memory-mapped token files + a document
+               index; PreparedStream reads a rank's windows by offset
+  prefetch.py  a background thread producing batches ahead of the training thread
   loader.py    ParallelAwareDataLoader: same global batch on any dp degree, resumable
-  __main__.py  `python -m runtime.data --config C --show N [--json]`
+  validate.py  check_data(): the source and tokenizer spot-checked before the model is built
+  __main__.py  `python -m runtime.data` --show / prepare / --bench
 
-Only runtime.model (IGNORE_INDEX) is imported from the rest of the runtime: ranks and
-degrees arrive as plain ints.
+Only runtime.model (IGNORE_INDEX) and the leaf runtime.errors are imported from the rest of
+the runtime: ranks and degrees arrive as plain ints. The names below load on first use, so
+`runtime.data.schema` (read by the config on login nodes) never imports torch.
 """
 
-from runtime.data.errors import DataError, DataFileNotFoundError
-from runtime.data.loader import STATE_VERSION, ParallelAwareDataLoader, build_dataloader
-from runtime.data.packing import (
-    Document,
-    PackedStream,
-    TextEncoder,
-    split_microbatches,
-    window_batch,
-)
-from runtime.data.readers import read_docs, read_json_docs, read_parquet_docs, resolve_files
-from runtime.data.schema import DataConfig
-from runtime.data.sources import (
-    DocumentSource,
-    EmbeddedSource,
-    FileSource,
-    HFSource,
-    build_source,
-)
-from runtime.data.tokenizer import Tokenizer
+_EXPORTS = {
+    "runtime.data.errors": ("DataError", "DataFileNotFoundError"),
+    "runtime.data.loader": ("STATE_VERSION", "ParallelAwareDataLoader", "build_dataloader"),
+    "runtime.data.packing": ("Document", "PackedStream", "TextEncoder", "split_microbatches",
+                             "window_batch"),
+    "runtime.data.prepared": ("PreparedDataset", "PreparedStream", "prepare"),
+    "runtime.data.readers": ("read_docs", "read_json_docs", "read_parquet_docs",
+                             "resolve_files"),
+    "runtime.data.schema": ("DataConfig",),
+    "runtime.data.sources": ("DocumentSource", "EmbeddedSource", "FileSource", "HFSource",
+                             "build_source"),
+    "runtime.data.tokenizer": ("Tokenizer",),
+    "runtime.data.validate": ("check_data",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
 
-__all__ = [
-    "STATE_VERSION", "DataConfig", "DataError", "DataFileNotFoundError", "Document",
-    "DocumentSource", "EmbeddedSource", "FileSource", "HFSource", "PackedStream",
-    "ParallelAwareDataLoader", "TextEncoder", "Tokenizer", "build_dataloader", "build_source",
-    "read_docs", "read_json_docs", "read_parquet_docs", "resolve_files", "split_microbatches",
-    "window_batch",
-]
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        import importlib  # lazy exports: the package's torch-using modules load on first use
+
+        return getattr(importlib.import_module(_MODULE_OF[name]), name)
+    raise AttributeError(f"module 'runtime.data' has no attribute {name!r}")

@@ -141,7 +141,7 @@ def run_bench(cfg, steps: int, dp_degree: int, dp_rank: int) -> int:
     global_batch = bench_global_batch(cfg, dp_degree)
     start = time.perf_counter()
     loader = build_dataloader(cfg.data, tokenizer, cfg.training.seq_len, global_batch,
-                              dp_rank, dp_degree)
+                              dp_rank, dp_degree, prefetch=data_option(cfg.data, "prefetch"))
     next(loader)  # startup: preparing the embedded corpus on first use, the prefetch thread
     startup = time.perf_counter() - start
     kind = "prepared, read by offset" if isinstance(loader.source, PreparedDataset) else \

@@ -1,11 +1,13 @@
 """Data errors: a user's bad input (a missing file, a broken record, a wrong key, an unusable
-tokenizer). The message is one line naming the file (file:line for a record) or the key;
-entry points print it and exit 2."""
+tokenizer). The message is one line naming the file (file:line for a record) or the key.
+A DataError is a `runtime.errors.ConfigError`: every entry point prints it and exits 2."""
 
 from __future__ import annotations
 
+from runtime.errors import ConfigError
 
-class DataError(ValueError):
+
+class DataError(ConfigError):
     """Bad data or tokenizer input; one line naming the file / record / key."""
 
 

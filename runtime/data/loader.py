@@ -190,16 +190,15 @@ def build_dataloader(
     document_masking: bool | None = None,
     split: str = "train",
     holdout: float = 0.0,
-    prefetch: int | None = None,
+    prefetch: int = 0,
 ) -> ParallelAwareDataLoader:
     """The loader a [data] config describes (`data_cfg`: DataConfig, dict, any object, or None).
     `split` ("train" | "validation") picks the embedded chat sample's split when chat data
     names no files, and the side of a content-hash split when `holdout` (a fraction) > 0.
-    `prefetch` (default data.prefetch) batches are produced ahead on a background thread."""
+    `prefetch` batches are produced ahead on a background thread (the trainer passes
+    data.prefetch; 0, the default, produces on the caller's thread)."""
     if document_masking is None:
         document_masking = bool(data_option(data_cfg, "document_mask"))
-    if prefetch is None:
-        prefetch = int(data_option(data_cfg, "prefetch"))
     if holdout:  # a content-hash split filters documents: streamed
         source = HeldOutSplit(open_source(data_cfg, tokenizer, "train", streamed=True),
                               holdout, split)

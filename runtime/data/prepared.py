@@ -333,21 +333,27 @@ class PreparedStream:
         """tokens, document serials, trained at stream positions starts[:, None] + arange."""
         T = self.ds.num_tokens
         q = starts[:, None] + np.arange(length, dtype=np.int64)[None, :]  # [r, L]
-        epochs = q // T
-        within = q - epochs * T
-        offsets = np.empty_like(q)
-        serials = np.empty_like(q)
-        for e in np.unique(epochs):
-            m = epochs == e
-            order = self._order(int(e))
-            k = np.searchsorted(order.ends, within[m], side="right")  # position in the epoch
-            doc = order.docs[k]
-            offsets[m] = self.ds.offsets[doc] + within[m] - (order.ends[k] - self.ds.lengths[doc])
-            serials[m] = e * self.ds.num_docs + k
+        first, last = int(q.min()) // T, int(q.max()) // T
+        if first == last:  # the common case: every window inside one epoch
+            offsets, serials = self._locate(first, q - first * T)
+        else:
+            epochs = q // T
+            offsets, serials = np.empty_like(q), np.empty_like(q)
+            for e in range(first, last + 1):
+                m = epochs == e
+                offsets[m], serials[m] = self._locate(e, q[m] - e * T)
         trained = self.ds.trained_at(offsets)
         if trained is None:
             trained = np.ones(q.shape, dtype=bool)
         return self.ds.tokens_at(offsets), serials, trained
+
+    def _locate(self, epoch: int, within: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(global token offsets, document serials) of positions `within` epoch `epoch`."""
+        order = self._order(epoch)
+        k = np.searchsorted(order.ends, within, side="right")  # position in the epoch's order
+        doc = order.docs[k]
+        offsets = self.ds.offsets[doc] + within - (order.ends[k] - self.ds.lengths[doc])
+        return offsets, epoch * self.ds.num_docs + k
 
     def next_windows(self, n: int, rows: slice | None = None) -> tuple[np.ndarray, ...]:
         """The next `n` windows (only `rows` of them gathered); advances n * seq_len tokens."""

@@ -1,37 +1,106 @@
-"""The [data] keys: `DataConfig`. Any object with these attribute names (or a dict) is
-accepted by the data package; a missing name takes the default here."""
+"""The [data] keys, one schema: `DataConfig` IS the job config's [data] section.
+
+The trainer's config (runtime/train/config/schema.py) lists `DataConfig` as its `data` section:
+each field's `choices` / `check` / `help` metadata is what the config loader validates and
+prints in --help, and `problems()` holds the rules that involve several [data] keys. The data
+package reads the same names from a DataConfig, a dict or any object (`data_option`), so
+library callers and tests need no config. Pure Python: importing it never imports torch.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+DATASETS = ("embedded", "path", "hf", "chat", "prepared")
+LOSS_ON = ("last_assistant", "all_assistant", "all")
+CHAT_OVERFLOW = ("truncate", "drop")
+
+
+def _key(default, *, choices=None, check: Callable | None = None, help: str = ""):
+    """A [data] key: the config schema's field convention (allowed values or a check that
+    returns None when fine, else a phrase such as "must be > 0")."""
+    return field(default=default, metadata={"choices": choices, "check": check, "help": help})
+
+
+def _non_empty(v):
+    return None if v else "must not be empty"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _date_or_empty(v):
+    return None if not v or re.fullmatch(r"\d{4}-\d{2}-\d{2}", v) else "must be YYYY-MM-DD or ''"
 
 
 @dataclass
 class DataConfig:
-    dataset: str = ""  # embedded | path | hf | chat | prepared; "" = hf if hf_dataset, path if dataset_path
-    dataset_path: str | list[str] = ""  # file, directory or glob (or a list of them)
-    text_key: str = "text"  # JSON key / parquet column / HF field holding the text
-    hf_dataset: str = ""  # HF datasets name or local path; needs `datasets`
-    hf_config: str = ""  # HF dataset config name ("" = default)
-    hf_split: str = "train"
-    hf_streaming: bool = True  # False: download/prepare the split, then read it by index
-    document_mask: bool = True  # per-document positions and ids (else one long context)
-    shuffle: bool = False  # a new seeded order each epoch
-    shuffle_seed: int = 0
-    shuffle_buffer: int = 10000  # HF streaming shuffle buffer (documents)
-    tokenize_batch_docs: int = 64  # documents per encode_batch call
-    prefetch: int = 2  # batches produced ahead on a background thread; 0 = on the caller's
-    cache_dir: str = ""  # where the embedded corpus is prepared; "" = $XDG_CACHE_HOME/...
+    dataset: str = _key("embedded", choices=DATASETS,
+                        help="embedded sample text | local files | HF datasets | chat JSONL "
+                             "(dataset_path / hf_dataset; neither: the embedded chat sample) | "
+                             "prepared (dataset_path: a folder of `python -m runtime.data "
+                             "prepare`)")
+    dataset_path: str = _key("", help="file, directory or glob of .jsonl/.json/.parquet/.txt "
+                                      "(a prepared folder for dataset = 'prepared')")
+    text_key: str = _key("text", check=_non_empty, help="field holding the text in records")
+    hf_dataset: str = _key("", help="HF datasets name or local path (data.dataset = 'hf')")
+    hf_config: str = _key("", help="HF dataset config name ('' = its default)")
+    hf_split: str = _key("train", check=_non_empty, help="HF split")
+    hf_streaming: bool = _key(True, help="stream instead of downloading the whole dataset")
+    document_mask: bool = _key(True, help="packed documents do not attend to each other")
+    shuffle: bool = _key(False, help="a new document order each epoch, seeded by shuffle_seed: "
+                                     "shards (files) permuted, then the records inside each")
+    shuffle_seed: int = _key(0, check=_non_negative,
+                             help="seed of data.shuffle (same seed: same order, exact resume)")
+    shuffle_buffer: int = _key(10000, check=_positive,
+                               help="HF streaming: documents in the shuffle buffer")
+    tokenize_batch_docs: int = _key(64, check=_positive,
+                                    help="streamed sources: documents per tokenizer call")
+    prefetch: int = _key(2, check=_non_negative,
+                         help="batches prepared ahead on a background thread; 0 = on the "
+                              "training thread")
+    cache_dir: str = _key("", help="where the embedded corpus is prepared on first use; '' = "
+                                   "$XDG_CACHE_HOME/gptoss-runtime/data (~/.cache/...)")
     # chat data (dataset = "chat"; runtime.data.chat_source)
-    loss_on: str = "last_assistant"  # | "all_assistant" | "all"
-    chat_overflow: str = "truncate"  # | "drop": conversations longer than seq_len
-    chat_template: str = ""  # a .jinja file; "" = the tokenizer dir's template, else built-in
-    chat_date: str = ""  # YYYY-MM-DD shown as the system message's date; "" = today
+    loss_on: str = _key("last_assistant", choices=LOSS_ON,
+                        help="chat: which tokens are trained (the rest are IGNORE_INDEX)")
+    chat_overflow: str = _key("truncate", choices=CHAT_OVERFLOW,
+                              help="chat: a conversation longer than training.seq_len")
+    chat_template: str = _key("", help="chat: a .jinja template file; '' = the tokenizer dir's "
+                                       "chat template, else the built-in harmony renderer")
+    chat_date: str = _key("", check=_date_or_empty,
+                          help="chat: YYYY-MM-DD shown as the system message's date; '' = today")
+
+    def problems(self, name: Callable[[str], str] = lambda k: f"data.{k}") -> Iterator[tuple[str, str]]:
+        """(key, problem) for each rule involving several [data] keys; `name(key)` spells
+        another key in the message (the config passes `--data.key` for command-line values)."""
+        if self.dataset in ("path", "prepared") and not self.dataset_path:
+            yield "dataset", f"is '{self.dataset}' but {name('dataset_path')} is empty"
+        if self.dataset == "hf" and not self.hf_dataset:
+            yield "dataset", f"is 'hf' but {name('hf_dataset')} is empty"
+        if self.dataset == "chat" and self.dataset_path and self.hf_dataset:
+            yield "dataset_path", (f"and {name('hf_dataset')} are both set for chat data: "
+                                   "choose one")
+        unused = {"embedded": ("dataset_path", "hf_dataset"), "path": ("hf_dataset",),
+                  "hf": ("dataset_path",), "prepared": ("hf_dataset",)}.get(self.dataset, ())
+        for key in unused:
+            if getattr(self, key):
+                yield key, (f"is set but {name('dataset')} = {self.dataset!r} never reads it "
+                            "(set data.dataset to the source you mean)")
+        if self.shuffle_seed and not self.shuffle:
+            yield "shuffle_seed", f"has no effect unless {name('shuffle')} = true"
 
 
 def data_option(cfg, name: str):
     """`cfg.name` for a DataConfig-like object, dict or None (the default when absent)."""
-    default = getattr(DataConfig, name)
+    default = DataConfig.__dataclass_fields__[name].default
     if cfg is None:
         return default
     if isinstance(cfg, dict):

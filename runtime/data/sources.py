@@ -27,7 +27,7 @@ import numpy as np
 from runtime.data.errors import DataDependencyError, DataError, DataFileNotFoundError
 from runtime.data.packing import Document, PackedStream, TextEncoder
 from runtime.data.readers import read_docs, resolve_files, text_of
-from runtime.data.schema import data_option
+from runtime.data.schema import DataConfig, data_option
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_CORPUS = ASSETS_DIR / "corpus.jsonl.gz"
@@ -225,10 +225,16 @@ class HFSource(DocumentSource):
 
 
 def source_kind(data_cfg) -> str:
-    """'embedded' | 'path' | 'hf' | 'chat' | 'prepared' (an empty data.dataset is inferred)."""
-    kind, path, hf = (data_option(data_cfg, k) for k in ("dataset", "dataset_path", "hf_dataset"))
+    """'embedded' | 'path' | 'hf' | 'chat' | 'prepared'. A dict (or None) without `dataset`
+    infers it from the paths given; a DataConfig must pass its own cross-key rules."""
+    if isinstance(data_cfg, DataConfig):
+        for key, problem in data_cfg.problems():
+            raise DataError(f"data.{key} {problem}")
+    kind = "" if data_cfg is None else data_option(data_cfg, "dataset") if not isinstance(
+        data_cfg, dict) else data_cfg.get("dataset", "")
     if kind:
         return kind
+    path, hf = data_option(data_cfg, "dataset_path"), data_option(data_cfg, "hf_dataset")
     if hf and path:
         raise DataError("data: both dataset_path and hf_dataset are set; choose data.dataset")
     return "hf" if hf else "path" if path else "embedded"

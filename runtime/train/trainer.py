@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from runtime.data import Tokenizer, build_dataloader, split_microbatches
+from runtime.data.validate import check_data
 from runtime.errors import EXIT_CONFIG_ERROR, EXIT_REQUEUE, ConfigError
 from runtime.model import GptOssModel
 from runtime.model.moe import moe_layers, update_expert_bias
@@ -69,6 +70,7 @@ class Trainer:
             raise ConfigError(
                 f"model.tokenizer_path: tokenizer has {self.tokenizer.vocab_size} tokens but "
                 f"model.flavor={cfg.model.flavor!r} has vocab_size {self.model_args.vocab_size}")
+        check_data(cfg.data, self.tokenizer)  # bad data is one line (exit 2) before any weight
         self.grad_accum = cfg.training.gradient_accumulation_steps(self.dims.dp)
         self.global_batch = cfg.training.local_batch_size * self.dims.dp * self.grad_accum
         self._build_model()
@@ -147,7 +149,8 @@ class Trainer:
         dp_rank = self._dp_rank()
         self.dataloader = build_dataloader(
             cfg.data, self.tokenizer, cfg.training.seq_len, self.global_batch,
-            dp_rank=dp_rank, dp_world_size=self.dims.dp, document_masking=cfg.data.document_mask)
+            dp_rank=dp_rank, dp_world_size=self.dims.dp, document_masking=cfg.data.document_mask,
+            prefetch=cfg.data.prefetch)
         # Aux-loss gradients average over every forward of a step (pipeline microbatches too).
         forwards = self.grad_accum * (self.pipeline.microbatches if self.pipeline else 1)
         for moe in moe_layers(self._all_parts):

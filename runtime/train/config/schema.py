@@ -12,10 +12,10 @@ import dataclasses
 import functools
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from runtime.data.schema import DataConfig
 from runtime.errors import ConfigError
 from runtime.model.args import ATTN_BACKENDS, COMPUTE_DTYPES, FLAVORS, MOE_IMPLS, ModelArgs
 
@@ -76,10 +76,6 @@ def _selective_ac(v):
     return None if ok else "must be 'op' or a positive integer N (checkpoint every N-th layer)"
 
 
-def _date_or_empty(v):
-    return None if not v or re.fullmatch(r"\d{4}-\d{2}-\d{2}", v) else "must be YYYY-MM-DD or ''"
-
-
 def _subset(allowed: tuple[str, ...]):
     def check(v):
         bad = [x for x in v if x not in allowed]
@@ -118,26 +114,8 @@ class ModelSection:
     tokenizer_path: str = _opt("", help="'' = embedded; a tokenizer.json or an HF checkpoint dir")
 
 
-@dataclass
-class DataSection:
-    dataset: str = _opt("embedded", choices=("embedded", "path", "hf", "chat"),
-                        help="embedded sample text | local files | HF datasets | chat JSONL "
-                             "(dataset_path / hf_dataset; neither: the embedded chat sample)")
-    dataset_path: str = _opt("", help="file, directory or glob of .jsonl/.json/.parquet/.txt")
-    text_key: str = _opt("text", check=_non_empty, help="field holding the text in records")
-    hf_dataset: str = _opt("", help="HF datasets name (data.dataset = 'hf')")
-    hf_split: str = _opt("train", check=_non_empty, help="HF split")
-    hf_streaming: bool = _opt(True, help="stream instead of downloading the whole dataset")
-    document_mask: bool = _opt(True, help="packed documents do not attend to each other")
-    shuffle_seed: int = _opt(0, check=_non_negative, help="file/sample shuffle seed")
-    loss_on: str = _opt("last_assistant", choices=("last_assistant", "all_assistant", "all"),
-                        help="chat: which tokens are trained (the rest are IGNORE_INDEX)")
-    chat_overflow: str = _opt("truncate", choices=("truncate", "drop"),
-                              help="chat: a conversation longer than training.seq_len")
-    chat_template: str = _opt("", help="chat: a .jinja template file; '' = the tokenizer "
-                                       "dir's chat template, else the built-in harmony renderer")
-    chat_date: str = _opt("", check=_date_or_empty,
-                          help="chat: YYYY-MM-DD shown as the system message's date; '' = today")
+# The [data] section is the data package's own schema (one owner for the data keys).
+DataSection = DataConfig
 
 
 @dataclass
@@ -317,7 +295,7 @@ class ValidationSection:
 class JobConfig:
     job: JobSection = field(default_factory=JobSection)
     model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
+    data: DataConfig = field(default_factory=DataConfig)
     training: TrainingSection = field(default_factory=TrainingSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     lr_scheduler: LRSchedulerSection = field(default_factory=LRSchedulerSection)
@@ -477,20 +455,9 @@ def _check_validation(cfg: JobConfig, o: Origins) -> None:
 
 def _cross_check(cfg: JobConfig, o: Origins) -> None:
     """Rules that involve more than one key. The first key named is the one blamed."""
-    d, t, p, c, q = cfg.data, cfg.training, cfg.parallelism, cfg.checkpoint, cfg.quantize
-    if d.dataset == "path" and not d.dataset_path:
-        raise o.error("data", "dataset", f"is 'path' but {o.name('data', 'dataset_path')} is empty")
-    if d.dataset == "hf" and not d.hf_dataset:
-        raise o.error("data", "dataset", f"is 'hf' but {o.name('data', 'hf_dataset')} is empty")
-    if d.dataset == "chat" and d.dataset_path and d.hf_dataset:
-        raise o.error("data", "dataset_path", f"and {o.name('data', 'hf_dataset')} are both set "
-                      "for chat data: choose one")
-    unused = {"embedded": ("dataset_path", "hf_dataset"), "path": ("hf_dataset",),
-              "hf": ("dataset_path",)}.get(d.dataset, ())
-    for key in unused:
-        if getattr(d, key):
-            raise o.error("data", key, f"is set but {o.name('data', 'dataset')} = {d.dataset!r} "
-                          "never reads it (set data.dataset to the source you mean)")
+    t, p, c, q = cfg.training, cfg.parallelism, cfg.checkpoint, cfg.quantize
+    for key, problem in cfg.data.problems(lambda k: o.name("data", k)):
+        raise o.error("data", key, problem)
     _check_validation(cfg, o)
     if t.global_batch_size > 0 and t.global_batch_size % t.local_batch_size:
         raise o.error("training", "global_batch_size",
