@@ -174,12 +174,18 @@ def env_info(device: torch.device) -> dict:
 
 
 def append_jsonl(path: str | os.PathLike | None, record: dict) -> None:
+    """One line, appended with a single write() on an O_APPEND descriptor, so processes writing
+    to the same file at once (gpu_check's concurrent steps) never interleave within a line."""
     if not path:
         return
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
+    data = (json.dumps(record, default=str) + "\n").encode()
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -7,20 +7,25 @@ minutes on one H200, written as one JSONL + one markdown summary (+ one log).
     bash benchmarks/gpu_check.sh --parts correctness,block --budget reference=200
 
 Parts, in this order, each step its own subprocess with its own time budget (seconds, GPU /
-CPU smoke); a step that fails or runs out of time is recorded and the rest still run:
-  correctness  checks     check_correctness.py: flex vs math, grouped vs loop, compiled block,
-                          eager + compiled training step vs the CPU fp32 step, float8   125 / 120
+CPU smoke); a step that fails or runs out of time is recorded and the rest still run. Part 1's
+steps run side by side (their time is mostly compiling, which is CPU-bound: 16 cores; their GPU
+loads are tiny), the measuring parts alone, one after the other:
+  correctness  flex       check_correctness.py --only flex: compiled flex vs math attention,
+                          bf16 + fp32 x sliding/full x with/without document ids          150 / 150
+               model      check_correctness.py --only experts,block,train,float8: grouped vs
+                          loop experts, compiled block (graph breaks, recompiles), eager +
+                          compiled training step vs the CPU fp32 step, float8              170 / 170
                torchrun   check_fsdp_step.py under torchrun --nproc-per-node 1 (NCCL,
-                          FSDP2 bf16, full AC)                                           40 /  60
-               pytest     pytest -m gpu tests (the GPU test set)                          60 /  90
+                          FSDP2 bf16, full AC)                                            90 / 150
+               pytest     pytest -m gpu tests (the GPU test set)                         120 / 170
   reference    train      check_reference.py: the reference config's tokens/s, first step,
-                          peak memory, runtime.plan's estimate                          110 /  60
-  profile      phases     check_profile.py: one step in phases, idle gaps, host-sync audit 60 /  60
+                          peak memory, runtime.plan's estimate                           130 /  90
+  profile      phases     check_profile.py: one step in phases, idle gaps, host-sync audit 70 /  90
   block        block      check_block.py: bench_block.py, 20b block sliding vs full
-                          + the attention core alone                                     75 /  60
-               (GPU sum: 470 s, + start-up = 8 minutes; not measured yet: first-guess budgets)
---budget STEP=S overrides a budget (STEP: a part, or part/step). The whole run is also capped (--total-budget, default 470 s on a GPU): a step gets at most the
-time left. All steps share one inductor/triton cache ($GPU_CHECK_CACHE, default
+                          + the attention core alone                                      90 /  90
+               (GPU: 170 + 130 + 70 + 90 = 460 s, + start-up = 8 minutes; not measured yet)
+--budget STEP=S overrides a budget (STEP: a part, or part/step). The whole run is also capped
+(--total-budget, default 465 s on a GPU): a step gets at most the time left. All steps share one inductor/triton cache ($GPU_CHECK_CACHE, default
 $TMPDIR/gptoss-gpu-check-cache): later parts reuse what earlier ones compiled, and a second run
 on the same machine is warm (the run record says whether the cache started empty).
 
@@ -43,7 +48,7 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -52,7 +57,7 @@ if __package__ in (None, ""):
 from benchmarks.common import REPO, append_jsonl, read_jsonl
 
 PARTS = ("correctness", "reference", "profile", "block")
-GPU_TOTAL_S, CPU_TOTAL_S = 470, 360  # + ~10 s of this process's own: <= 8 minutes
+GPU_TOTAL_S, CPU_TOTAL_S = 465, 360  # + ~10 s of this process's own: <= 8 minutes
 
 
 @dataclass
@@ -63,21 +68,25 @@ class Step:
     budget_gpu: int
     budget_cpu: int
     junit: str | None = None  # pytest's report, read for the counts
-    env: dict = field(default_factory=dict)
+    wave: int = 0  # consecutive steps of one wave run at the same time (compiles are CPU-bound)
 
 
 def plan_steps(py: str, jsonl: str, smoke: bool, scratch: str) -> list[Step]:
+    """Part 1's four steps run side by side (their work is mostly compiling: 16 CPU cores, and
+    tiny GPU loads); the measuring parts run alone, one after the other."""
     flag = ["--smoke"] if smoke else []
     junit = os.path.join(scratch, "pytest-gpu.xml")
+    checks = [py, "benchmarks/check_correctness.py", "--out", jsonl, *flag, "--only"]
     return [
-        Step("correctness", "checks", [py, "benchmarks/check_correctness.py", "--out", jsonl] + flag, 125, 120),
+        Step("correctness", "flex", checks + ["flex"], 150, 150, wave=1),
+        Step("correctness", "model", checks + ["experts,block,train,float8"], 170, 170, wave=1),
         Step("correctness", "torchrun", [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-                                         "benchmarks/check_fsdp_step.py", "--out", jsonl] + flag, 40, 60),
+                                         "benchmarks/check_fsdp_step.py", "--out", jsonl] + flag, 90, 150, wave=1),
         Step("correctness", "pytest", [py, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
-                                              "--junitxml", junit, "tests"], 60, 90, junit=junit),
-        Step("reference", "train", [py, "benchmarks/check_reference.py", "--out", jsonl] + flag, 110, 60),
-        Step("profile", "phases", [py, "benchmarks/check_profile.py", "--out", jsonl] + flag, 60, 60),
-        Step("block", "block", [py, "benchmarks/check_block.py", "--out", jsonl] + flag, 75, 60),
+                                       "--junitxml", junit, "tests"], 120, 170, junit=junit, wave=1),
+        Step("reference", "train", [py, "benchmarks/check_reference.py", "--out", jsonl] + flag, 130, 90, wave=2),
+        Step("profile", "phases", [py, "benchmarks/check_profile.py", "--out", jsonl] + flag, 70, 90, wave=3),
+        Step("block", "block", [py, "benchmarks/check_block.py", "--out", jsonl] + flag, 90, 90, wave=4),
     ]
 
 
@@ -90,9 +99,10 @@ class Log:
         self.file = open(path, "a", buffering=1)
         self.lock = threading.Lock()
 
-    def write(self, text: str, echo: bool = False) -> None:
+    def write(self, text: str, echo: bool = False, to_file: bool = True) -> None:
         with self.lock:
-            self.file.write(text)
+            if to_file:
+                self.file.write(text)
             if echo:
                 sys.stdout.write(text)
                 sys.stdout.flush()
@@ -101,33 +111,46 @@ class Log:
         self.write(f"[gpu_check {dt.datetime.now(dt.timezone.utc):%H:%M:%S}] {text}\n", echo=True)
 
 
-def run_step(step: Step, budget: float, env: dict, log: Log) -> dict:
-    """The step's process (its own session, so a timeout ends all of its children), its output
-    pumped to the log; returns exit code, seconds, timed_out and the output's last lines."""
-    log.write(f"\n===== {step.part} / {step.name}: {' '.join(step.argv)} (budget {budget:.0f} s)\n")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(step.argv, cwd=REPO, env={**env, **step.env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
-    tail: list[str] = []
+class Running:
+    """One step's process (its own session, so a timeout ends all of its children) with its
+    output pumped to the log, each line tagged with the step (steps of a wave interleave)."""
 
-    def pump():
-        for line in proc.stdout:
-            log.write(line, echo=line.startswith("["))
-            tail.append(line)
-            del tail[:-15]
+    def __init__(self, step: Step, budget: float, env: dict, log: Log):
+        self.step, self.budget = step, budget
+        tag = f"{step.part}/{step.name} | "
+        log.write(f"{tag}===== {' '.join(step.argv)} (budget {budget:.0f} s)\n")
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(step.argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, errors="replace",
+                                     start_new_session=True)
+        self.tail: list[str] = []
+        self.ended: float | None = None
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    timed_out = False
-    try:
-        code = proc.wait(timeout=budget)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _end_process_group(proc)
-        code = proc.returncode
-    reader.join(timeout=10)
-    return {"exit_code": code, "timed_out": timed_out, "seconds": round(time.perf_counter() - t0, 1),
-            "tail": tail}
+        def pump():
+            for line in self.proc.stdout:
+                log.write(tag + line)
+                if line.startswith("["):  # the workers' one-line results
+                    log.write(line, echo=True, to_file=False)
+                self.tail.append(line)
+                del self.tail[:-15]
+            self.ended = time.perf_counter()  # end of output: the process has exited (or closed it)
+
+        self.reader = threading.Thread(target=pump, daemon=True)
+        self.reader.start()
+
+    def finish(self) -> dict:
+        """Wait until the step ends or its budget (counted from its start) is spent; then
+        exit code, seconds, timed_out and the output's last lines."""
+        timed_out = False
+        try:
+            code = self.proc.wait(timeout=max(0.0, self.t0 + self.budget - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _end_process_group(self.proc)
+            code = self.proc.returncode
+        self.reader.join(timeout=10)
+        end = self.ended if self.ended is not None and not timed_out else time.perf_counter()
+        return {"exit_code": code, "timed_out": timed_out, "seconds": round(end - self.t0, 1), "tail": self.tail}
 
 
 def _end_process_group(proc: subprocess.Popen) -> None:
@@ -284,32 +307,49 @@ def parse(argv: list[str] | None):
     return a
 
 
-def run_steps(steps: list[Step], a, env: dict, jsonl: str, run_env: dict, log: Log) -> None:
-    """Each step in its own process within min(its budget, the run's time left); one record each."""
-    start = time.perf_counter()
+def waves(steps: list[Step]) -> list[list[Step]]:
+    """Consecutive steps of the same wave, together."""
+    out: list[list[Step]] = []
     for step in steps:
-        own = step.budget_cpu if a.cpu_smoke else step.budget_gpu
-        budget = min(own, a.total_budget - (time.perf_counter() - start))
-        base = {"kind": "gpu_check", "part": step.part, "check": f"(process) {step.name}",
-                "gpu": run_env["gpu"], "torch": run_env["torch"],
-                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "budget_s": round(budget, 1), "command": " ".join(step.argv[1:])}
-        if budget < min(10, own):
-            append_jsonl(jsonl, {**base, "passed": False, "error": "not run: the run's total budget is spent"})
-            log.say(f"{step.part} / {step.name}: NOT RUN (total budget spent)")
-            continue
-        log.say(f"{step.part} / {step.name} (budget {budget:.0f} s)")
-        res = run_step(step, budget, env, log)
-        passed = res["exit_code"] == 0 and not res["timed_out"]
-        counts = junit_counts(step.junit)
-        if step.junit:  # exit 5: nothing collected (no test carries the gpu mark)
-            passed = (res["exit_code"] in (0, 5) and not res["timed_out"]
-                      and not counts.get("tests_failures") and not counts.get("tests_errors"))
-        append_jsonl(jsonl, {**base, "passed": passed, **counts, **{k: v for k, v in res.items() if k != "tail"}})
-        state = "ok" if passed else ("TIMED OUT" if res["timed_out"] else f"FAILED (exit {res['exit_code']})")
-        log.say(f"{step.part} / {step.name}: {state} in {res['seconds']:.0f} s")
-        if not passed:
-            log.write("".join(f"    | {line}" for line in res["tail"]), echo=True)
+        if out and out[-1][0].wave == step.wave:
+            out[-1].append(step)
+        else:
+            out.append([step])
+    return out
+
+
+def run_steps(steps: list[Step], a, env: dict, jsonl: str, run_env: dict, log: Log) -> None:
+    """Wave by wave, each step in its own process within min(its budget, the run's time left at
+    the wave's start); one record per step."""
+    start = time.perf_counter()
+    for wave in waves(steps):
+        left = a.total_budget - (time.perf_counter() - start)
+        running = []
+        for step in wave:
+            own = step.budget_cpu if a.cpu_smoke else step.budget_gpu
+            budget = min(own, left)
+            base = {"kind": "gpu_check", "part": step.part, "check": f"(process) {step.name}",
+                    "gpu": run_env["gpu"], "torch": run_env["torch"],
+                    "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "budget_s": round(budget, 1), "command": " ".join(step.argv[1:])}
+            if budget < min(10, own):
+                append_jsonl(jsonl, {**base, "passed": False, "error": "not run: the run's total budget is spent"})
+                log.say(f"{step.part} / {step.name}: NOT RUN (total budget spent)")
+                continue
+            log.say(f"{step.part} / {step.name} (budget {budget:.0f} s)")
+            running.append((Running(step, budget, env, log), base))
+        for run, base in running:
+            step, res = run.step, run.finish()
+            passed = res["exit_code"] == 0 and not res["timed_out"]
+            counts = junit_counts(step.junit)
+            if step.junit:  # exit 5: nothing collected (no test carries the gpu mark)
+                passed = (res["exit_code"] in (0, 5) and not res["timed_out"]
+                          and not counts.get("tests_failures") and not counts.get("tests_errors"))
+            append_jsonl(jsonl, {**base, "passed": passed, **counts, **{k: v for k, v in res.items() if k != "tail"}})
+            state = "ok" if passed else ("TIMED OUT" if res["timed_out"] else f"FAILED (exit {res['exit_code']})")
+            log.say(f"{step.part} / {step.name}: {state} in {res['seconds']:.0f} s")
+            if not passed:
+                log.write("".join(f"    | {line}" for line in res["tail"]), echo=True)
 
 
 def main(argv: list[str] | None = None) -> int:

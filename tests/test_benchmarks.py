@@ -344,9 +344,10 @@ def test_gpu_check_reports_a_failing_part_and_runs_the_rest(tmp_path, monkeypatc
     from benchmarks import gpu_check
 
     def steps(py, jsonl, smoke, scratch):
-        return [gpu_check.Step("correctness", "fails", [py, "-c", "raise SystemExit(3)"], 5, 5),
-                gpu_check.Step("reference", "hangs", [py, "-c", "import time; time.sleep(60)"], 5, 50),
-                gpu_check.Step("block", "works", [py, "-c", "print('[block] fine')"], 5, 20)]
+        return [gpu_check.Step("correctness", "fails", [py, "-c", "raise SystemExit(3)"], 5, 5, wave=1),
+                gpu_check.Step("correctness", "also runs", [py, "-c", "print('[c] side by side')"], 5, 5, wave=1),
+                gpu_check.Step("reference", "hangs", [py, "-c", "import time; time.sleep(60)"], 5, 50, wave=2),
+                gpu_check.Step("block", "works", [py, "-c", "print('[block] fine')"], 5, 20, wave=3)]
 
     monkeypatch.setattr(gpu_check, "plan_steps", steps)
     monkeypatch.setenv("GPU_CHECK_CACHE", str(tmp_path / "cache"))
@@ -357,11 +358,12 @@ def test_gpu_check_reports_a_failing_part_and_runs_the_rest(tmp_path, monkeypatc
     assert by["(process) fails"]["exit_code"] == 3 and not by["(process) fails"]["passed"]
     assert by["(process) hangs"]["timed_out"] and by["(process) hangs"]["budget_s"] == 2
     assert by["(process) hangs"]["seconds"] < 30
-    assert by["(process) works"]["passed"]
+    assert by["(process) works"]["passed"] and by["(process) also runs"]["passed"]
+    assert [w[0].name for w in gpu_check.waves(steps(*"abcd"))] == ["fails", "hangs", "works"]
     out = capsys.readouterr().out
     assert "[block] fine" in out and "**Correctness: FAILED**" in out
     # a measuring part's failure alone does not fail the run
-    monkeypatch.setattr(gpu_check, "plan_steps", lambda *a: steps(*a)[1:])
+    monkeypatch.setattr(gpu_check, "plan_steps", lambda *a: steps(*a)[2:])
     assert gpu_check.main(argv + ["--results-dir", str(tmp_path / "2")]) == 0
     with pytest.raises(SystemExit):  # a step that does not exist: a usage error, nothing written
         gpu_check.main(["--cpu-smoke", "--budget", "nope=3", "--results-dir", str(tmp_path / "3")])
