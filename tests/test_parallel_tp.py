@@ -111,9 +111,9 @@ def router_grad_not_reduced(rank: int, world_size: int) -> None:
     """Hook (negative control, the peer's bug): each TP rank keeps its partial router
     gradient (no all-reduce over TP), so the replicated router weights diverge."""
     record_first_grads(rank, world_size)
-    from runtime.parallel import tensor_parallel as tp
+    from runtime.parallel import dtensor_utils
 
-    original = tp._SumGradOverMesh
+    original = dtensor_utils.SumGradOverMesh
 
     class NoReduce(original):  # same forward; backward keeps the local (partial) gradient
         @staticmethod
@@ -124,23 +124,23 @@ def router_grad_not_reduced(rank: int, world_size: int) -> None:
             return DTensor.from_local((grad * ctx.scale).contiguous(), mesh, placements,
                                       run_check=False, shape=shape, stride=stride), None, None
 
-    tp._SumGradOverMesh = NoReduce
+    dtensor_utils.SumGradOverMesh = NoReduce
 
 
 def expert_bias_on_every_rank(rank: int, world_size: int) -> None:
     """Hook (negative control): the whole mlp2_bias added by every TP rank (not 1/tp of it),
     so the reduce-scatter of the partial expert outputs counts it tp times."""
     record_first_grads(rank, world_size)
-    from runtime.parallel import tensor_parallel as tp
+    from runtime.parallel import dtensor_utils
 
-    original = tp._SumGradOverMesh
+    original = dtensor_utils.SumGradOverMesh
 
     class EveryRank(original):
         @staticmethod
         def forward(ctx, param, count_once, dim=None):
             return original.forward(ctx, param, False, dim)
 
-    tp._SumGradOverMesh = EveryRank
+    dtensor_utils.SumGradOverMesh = EveryRank
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -83,7 +83,7 @@ def build(*overrides: str, device: str = "cpu"):
     cfg = cfg_of(*overrides)
     with torch.device("meta"):
         model = GptOssModel(cfg.model_args())
-    return parallelize(model, parallel_dims(cfg, 1), None, cfg,
+    return parallelize(model, parallel_dims(cfg, 1), cfg,
                        torch.device(device))
 
 
@@ -399,7 +399,7 @@ def test_async_tp_without_cuda_is_refused():
 
 
 def test_async_tp_without_compile_is_refused():
-    from runtime.parallel.quantize import check_async_tp
+    from runtime.parallel.tensor_parallel import check_async_tp
 
     # The TOML loader refuses it already; a config edited in Python reaches parallelize().
     with pytest.raises(ConfigError, match=re.escape("compile.enable")):
@@ -419,7 +419,7 @@ def test_enable_async_tp_sets_the_inductor_pass(monkeypatch):
     import torch._inductor.config as inductor_config
     import torch.distributed._symmetric_memory as symm
 
-    from runtime.parallel.quantize import enable_async_tp
+    from runtime.parallel.tensor_parallel import enable_async_tp
 
     class Mesh:
         def get_group(self):

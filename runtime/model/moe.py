@@ -62,7 +62,7 @@ class GroupedExperts(nn.Module):
         self.num_experts = args.num_experts
         self.alpha, self.limit = args.swiglu_alpha, args.swiglu_limit
         self.impl = args.moe_impl
-        # Multiplies the weights' gradients (expert parallelism sets 1/ep, see expert_parallel.py).
+        # Multiplies the weights' gradients (expert parallelism sets 1/ep, see moe_parallel.py).
         self.grad_scale = 1.0
         self._compiled_grouped = None  # set by compile_math
         E, D, F_ = args.num_experts, args.dim, args.moe_inter_dim
@@ -184,7 +184,7 @@ class MoE(nn.Module):
         # Set by the trainer to 1/number-of-microbatches so accumulated aux gradients average.
         self.aux_loss_scale = 1.0
         self.last_aux_loss: torch.Tensor | None = None  # detached, for metrics
-        # Set by runtime.parallel.expert_parallel.apply_ep: rows then go to their expert's rank.
+        # Set by runtime.parallel.moe_parallel under EP: rows then go to their expert's rank.
         self.expert_parallel = None
         self.register_buffer("tokens_per_expert", torch.zeros(args.num_experts), persistent=False)
         if args.load_balance_coeff is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
 
 def local_sequence_indices(seq_len: int, cp: int, rank: int, load_balancer: str) -> torch.Tensor:
@@ -54,8 +55,6 @@ class ContextParallel:
 
     def gather_sequence(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """All-gather along `dim` (differentiable: the backward reduce-scatters)."""
-        from torch.distributed._functional_collectives import all_gather_tensor_autograd
-
         return all_gather_tensor_autograd(t.contiguous(), gather_dim=dim, group=self.group)
 
     def gather_ids(self, t: torch.Tensor) -> torch.Tensor:

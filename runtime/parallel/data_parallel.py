@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from runtime.model.model import resolve_compute_dtype
 
@@ -21,8 +22,6 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def mixed_precision_policy(training_cfg, model_compute_dtype: str, device: torch.device):
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
     # An fp32 model (CPU default, parity tests) must not be silently run in bf16 by FSDP.
     compute = resolve_compute_dtype(model_compute_dtype, device)
     param_dtype = torch.float32 if compute == torch.float32 else _DTYPES[training_cfg.mixed_precision_param]
@@ -44,8 +43,6 @@ def apply_fsdp(model: nn.Module, dp_mesh, mp_policy, reshard: bool, *,
                experts_mesh=None) -> nn.Module:
     """`experts_mesh`: with expert parallelism, experts are their own FSDP unit over the
     data-parallel ranks left after EP (their DTensors already live on the ep mesh)."""
-    from torch.distributed.fsdp import fully_shard
-
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's weights are needed again right away by backward: keep them.

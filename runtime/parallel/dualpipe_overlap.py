@@ -57,6 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.pipelining.schedules import _ComputationType, _wait_batch_p2p
 
 from runtime.model.moe import moe_layers
 
@@ -193,8 +194,6 @@ class EPOverlap:
     # The preparation (waiting for received inputs, loss lookup, backward counting) runs in
     # the schedule thread before either role starts, exactly as torch's own OVERLAP_F_B path.
     def _prepare_forward(self, schedule, stages, action, ctx) -> Callable[[], None]:
-        from torch.distributed.pipelining.schedules import _wait_batch_p2p
-
         index, mb = action.stage_index, action.microbatch_index
         stage = stages[index]
         schedule._assert_unsharded(stage)
@@ -211,8 +210,6 @@ class EPOverlap:
         return run
 
     def _prepare_backward(self, schedule, stages, action) -> Callable[[], None]:
-        from torch.distributed.pipelining.schedules import _wait_batch_p2p
-
         index, mb = action.stage_index, action.microbatch_index
         stage = stages[index]
         schedule._assert_unsharded(stage)
@@ -268,8 +265,6 @@ class EPOverlap:
 
 def _split(action):
     """(FORWARD, FULL_BACKWARD) sub-actions of an OVERLAP_F_B action (as DualPipeV builds it)."""
-    from torch.distributed.pipelining.schedules import _ComputationType
-
     subs = action.sub_actions or ()
     kinds = tuple(sub.computation_type for sub in subs)
     if kinds != (_ComputationType.FORWARD, _ComputationType.FULL_BACKWARD):
@@ -334,8 +329,6 @@ def enable_ep_overlap(schedule, model_parts, device: torch.device,
                       save_forward_output: bool = True) -> EPOverlap:
     """Register the overlap on a DualPipeV schedule and put the sync points into every
     expert-parallel MoE layer of the rank's stages."""
-    from torch.distributed.pipelining.schedules import _ComputationType
-
     overlap = EPOverlap(device, save_forward_output)
     schedule.register_custom_function(_ComputationType.OVERLAP_F_B, overlap)
     for part in model_parts:

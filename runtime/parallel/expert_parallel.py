@@ -1,5 +1,7 @@
-"""Expert parallelism: each rank of the `ep` mesh owns num_experts/ep whole experts, and the
-routed token rows travel to their expert's rank and back by all-to-all with uneven splits.
+"""The expert-parallel token transport: each rank of the `ep` mesh owns num_experts/ep whole
+experts, and the routed token rows travel to their expert's rank and back by all-to-all with
+uneven splits. moe_parallel.py decides when and over which ranks (and installs one
+`ExpertParallel` as `MoE.expert_parallel` on every MoE layer); the MoE's forward calls `run`.
 
 Per MoE layer, on every EP rank (its own tokens, routed locally):
     rows [N, D] sorted by global expert id, counts [E]
@@ -9,16 +11,8 @@ Per MoE layer, on every EP rank (its own tokens, routed locally):
       -> regroup by local expert, grouped GEMM on the local experts, undo the regrouping
       -> all-to-all back             [N, D] in the original order
 The row all-to-alls are autograd functions (their backward is the reverse all-to-all), so
-each expert's gradient sums the contributions of every rank's tokens.
-
-Gradient scale: every rank's loss carries the factor (dp x cp) / global_tokens, and data-
-parallel reductions average over dp x cp ranks. Expert gradients already sum every EP rank's
-contribution through the all-to-all, and FSDP then averages them only over the remaining
-`dp_shard_mod_ep` (x replicate) ranks = dp x cp / ep, so the experts' weight gradients are
-multiplied by 1/ep (`GroupedExperts.grad_scale`; FSDP's own divide factor would need
-PREMUL_SUM, which gloo lacks), making the expert update equal the single-process one.
-When EP borrows the TP ranks, ep = dp_shard_in_ep x cp x tp but the tp ranks of one sample
-hold disjoint tokens of one loss (replicated over tp), so they count once: scale tp / ep.
+each expert's gradient sums the contributions of every rank's tokens (the gradient scale
+that makes this equal the single-process update: moe_parallel.py).
 """
 
 from __future__ import annotations
@@ -29,6 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._functional_collectives import (
+    all_to_all_single,
+    all_to_all_single_autograd,
+)
 
 
 @dataclass
@@ -40,8 +38,6 @@ class ExpertParallel:
     sync_point: Callable[[torch.Tensor, str], torch.Tensor] | None = None
 
     def _all_to_all(self, x: torch.Tensor, output_splits, input_splits) -> torch.Tensor:
-        from torch.distributed._functional_collectives import all_to_all_single_autograd
-
         if self.sync_point is not None:  # overlap: the backward all-to-all is not waited for
             return _all_to_all_lazy_grad(x, output_splits, input_splits, self.group)
         return all_to_all_single_autograd(x, output_splits, input_splits, self.group)
@@ -81,15 +77,11 @@ class _AllToAllLazyGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, output_splits, input_splits, group):
-        from torch.distributed._functional_collectives import all_to_all_single
-
         ctx.splits, ctx.group = (input_splits, output_splits), group
         return all_to_all_single(x, output_splits, input_splits, group)
 
     @staticmethod
     def backward(ctx, grad):
-        from torch.distributed._functional_collectives import all_to_all_single
-
         input_splits, output_splits = ctx.splits
         return all_to_all_single(grad.contiguous(), input_splits, output_splits, ctx.group), \
             None, None, None
@@ -98,39 +90,3 @@ class _AllToAllLazyGrad(torch.autograd.Function):
 @torch.compiler.disable  # a collective between two hand-over points: always eager
 def _all_to_all_lazy_grad(x, output_splits, input_splits, group) -> torch.Tensor:
     return _AllToAllLazyGrad.apply(x, output_splits, input_splits, group)
-
-
-def apply_ep(model: nn.Module, ep_mesh, *, etp_mesh=None, tp_in_ep: int = 1) -> None:
-    """Shard every MoE layer's experts on dim 0 over `ep_mesh` and route rows by all-to-all.
-
-    etp_mesh: the 2-D (ep, tp) mesh for expert tensor parallelism (ETP): experts are then also
-        sharded along their hidden dim F over tp (mlp1 [E, 2F, D] Shard(1), mlp2 [E, D, F]
-        Shard(2)); mlp2_bias is added as mlp2_bias/tp by every TP rank, since the MoE output
-        is a partial sum over tp (runtime/parallel/tensor_parallel.py). The all-to-all runs over `ep_mesh`.
-    tp_in_ep: how many TP ranks `ep_mesh` includes (EP borrowing TP ranks, etp == 1). Those
-        ranks hold different tokens of the same samples, so they count as one data-parallel
-        rank in the gradient scale below.
-    """
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-
-    ep = ExpertParallel(group=ep_mesh.get_group(), size=ep_mesh.size())
-    mesh, placements = ep_mesh, {name: [Shard(0)] for name in _EXPERT_PARAMS}
-    if etp_mesh is not None:
-        mesh = etp_mesh
-        placements = {"mlp1_weight": [Shard(0), Shard(1)], "mlp1_bias": [Shard(0), Shard(1)],
-                      "mlp2_weight": [Shard(0), Shard(2)], "mlp2_bias": [Shard(0), Replicate()]}
-    for block in model.layers.values():
-        experts = block.moe.experts
-        for name, param in list(experts.named_parameters(recurse=False)):
-            sharded = distribute_tensor(param.data, mesh, placements[name], src_data_rank=None)
-            experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-        if etp_mesh is not None:
-            from runtime.parallel.tensor_parallel import _swap_parameters, sum_grad_over
-
-            tp_dim = etp_mesh.mesh_dim_names[1]
-            _swap_parameters(experts, experts, {"mlp2_bias": sum_grad_over(tp_dim, count_once=True)})
-        block.moe.expert_parallel = ep
-        experts.grad_scale = tp_in_ep / ep.size
-
-
-_EXPERT_PARAMS = ("mlp1_weight", "mlp1_bias", "mlp2_weight", "mlp2_bias")

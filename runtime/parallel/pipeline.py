@@ -58,7 +58,6 @@ import contextlib
 import copy
 import functools
 import inspect
-import math
 from collections.abc import Callable
 
 import torch
@@ -73,6 +72,7 @@ from runtime.parallel.dims import (
     ParallelismError,
     pipeline_num_stages,
 )
+from runtime.parallel.gradients import clip_grad_norm_over_stages_
 
 _SCHEDULE_CLASSES = {
     "GPipe": "ScheduleGPipe",
@@ -346,18 +346,7 @@ class PipelineParallel:
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Total gradient 2-norm over every stage (and every shard), clipped to max_norm."""
-        from runtime.parallel.parallelize import clip_grad_norm_
-
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        # The local (this rank's stages, all shards) norm, not clipped yet.
-        local = clip_grad_norm_(self.parameters(), float("inf"))
-        total_sq = torch.tensor(local * local, dtype=torch.float64, device=self.device)
-        dist.all_reduce(total_sq, group=self.pp_group)
-        total = math.sqrt(total_sq.item())
-        if grads and math.isfinite(max_norm):
-            torch.nn.utils.clip_grads_with_norm_(
-                grads, max_norm, torch.tensor(total, device=self.device), foreach=True)
-        return total
+        return clip_grad_norm_over_stages_(self.parameters(), max_norm, self.pp_group, self.device)
 
 
 def _allow_split_backward_of_compiled_blocks() -> None:

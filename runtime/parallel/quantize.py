@@ -1,4 +1,4 @@
-"""Low-precision training (torchao Float8 / MXFP8) and the async-TP switch.
+"""Low-precision training (torchao Float8 / MXFP8).
 
 Float8 (`quantize.mode = "float8"`, torchao >= 0.18):
     linears   `torchao.float8.convert_to_float8_training` with
@@ -42,31 +42,30 @@ checkpoints stay interchangeable with unquantized runs. (CPU quirk: a compiled f
 runs its experts through GroupedExperts' loop path, which reads plain weight slices, so the
 experts are not quantized there; GPU runs compute in bf16 and take the grouped path.)
 
-Async TP (`parallelism.enable_async_tensor_parallel`): inductor's micro-pipelined TP over
-symmetric memory. `check_async_tp` refuses it without CUDA or without compile before any
-weight is allocated; `enable_async_tp` switches it on after TP is applied (with
-tensor_parallel_degree 1 there is nothing to pipeline and it does nothing).
-
 Every refusal is a one-line `ConfigError` naming the config keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import sys
 import warnings
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Shard, _dispatch, _ops
+from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
 from runtime.errors import ConfigError
+from runtime.model.model import resolve_compute_dtype
+from runtime.model.moe import GroupedExperts
 
 __all__ = [
     "MXFP8Linear",
     "after_optimizer_step",
     "apply_quantization",
-    "check_async_tp",
     "check_quantization",
-    "enable_async_tp",
     "tensor_parallel_styles",
 ]
 
@@ -99,15 +98,13 @@ def _where(device: torch.device, cap) -> str:
 
 
 def _torchao_version() -> str:
-    import logging
-
     # torchao's wheel tries to load its CUDA kernels at import and logs a warning per library
     # on a CPU-only torch build: noise there, so quiet for that one import.
     log = logging.getLogger("torchao")
     level = log.level
     if torch.version.cuda is None:
         log.setLevel(logging.ERROR)
-    try:
+    try:  # optional dependency: imported only when quantize.mode asks for it
         import torchao
     except ImportError as e:
         raise ConfigError(
@@ -116,38 +113,6 @@ def _torchao_version() -> str:
     finally:
         log.setLevel(level)
     return getattr(torchao, "__version__", "unknown")
-
-
-def check_async_tp(cfg, device: torch.device) -> None:
-    """Refuse parallelism.enable_async_tensor_parallel where it cannot work (before any weight
-    is allocated). Async TP is an inductor pass (micro-pipelined all-gather/reduce-scatter
-    matmuls over CUDA symmetric memory): it needs CUDA and the compiled model."""
-    if not cfg.parallelism.enable_async_tensor_parallel:
-        return
-    if device.type != "cuda":
-        raise ConfigError(
-            f"parallelism.enable_async_tensor_parallel=true needs CUDA ({_where(device, None)}): "
-            "async TP is an inductor pass over CUDA symmetric memory; set it to false")
-    if not (cfg.compile.enable and "model" in cfg.compile.components):
-        raise ConfigError(
-            "parallelism.enable_async_tensor_parallel=true needs compile.enable=true with "
-            "'model' in compile.components (async TP is a compiler pass)")
-
-
-def enable_async_tp(tp_mesh) -> None:
-    """Turn on inductor's micro-pipelined TP for the (compiled) blocks sharded over tp_mesh."""
-    import torch._inductor.config as inductor_config
-
-    if not torch.cuda.is_available():  # runtime.plan's dry run of a GPU job (fake process group)
-        return
-    inductor_config._micro_pipeline_tp = True
-    try:  # needed on torch 2.11; deprecated (a no-op) from torch 2.13
-        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
-    except ImportError:
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        enable_symm_mem_for_group(tp_mesh.get_group().group_name)
 
 
 def check_quantization(cfg, device: torch.device) -> None:
@@ -161,8 +126,6 @@ def check_quantization(cfg, device: torch.device) -> None:
         return
     _torchao_version()
     if q.mode == "mxfp8":
-        from torch.distributed.tensor import _dispatch, _ops
-
         # torchao's own precondition for its MXFP8 training tensors (checked by an assert).
         if not (hasattr(_ops, "scaled_mm_single_dim_strategy")
                 and hasattr(_dispatch, "is_pinned_handler")):
@@ -221,8 +184,6 @@ def _linear_filter(cfg, dims, align: int):
 def _experts(model: nn.Module, filter_fqns, align: int, tp: int) -> list[tuple[str, nn.Module]]:
     """GroupedExperts to convert: not filtered, dim and (per TP rank) hidden size multiples
     of `align`; the others are left in high precision with a warning."""
-    from runtime.model.moe import GroupedExperts
-
     out = []
     for fqn, module in model.named_modules():
         if not isinstance(module, GroupedExperts) or _filtered(fqn, filter_fqns):
@@ -257,8 +218,6 @@ def _plain_state_dict(module, state_dict, prefix, local_metadata) -> None:
     """State dicts hold plain tensors (DTensors of plain tensors), never torchao's weight
     wrappers: checkpoints and HF exports stay interchangeable with unquantized runs. The
     plain tensors alias the wrappers' storage, so an in-place (DCP) load still lands."""
-    from torch.distributed.tensor import DTensor
-
     for key, value in state_dict.items():
         local = value._local_tensor if isinstance(value, DTensor) else value
         inner = _unwrapped(local)
@@ -275,6 +234,7 @@ def _unwrapped(t):
     float8 FSDP all-gather weight); `t` itself otherwise."""
     if type(t) is torch.Tensor:
         return t
+    # optional dependency (torchao): imported only when quantizing
     from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
     from torchao.prototype.moe_training.tensor import TrainingWeightWrapperBaseTensor
 
@@ -286,6 +246,7 @@ def _unwrapped(t):
 
 
 def _apply_float8(model, cfg, device, dims) -> dict:
+    # optional dependency (torchao): imported only when quantizing
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     q = cfg.quantize
@@ -304,6 +265,7 @@ def _apply_float8(model, cfg, device, dims) -> dict:
             "linears run emulated float8", stacklevel=3)
         experts = []
     if experts:
+        # optional dependency (torchao): imported only when quantizing
         from torchao.prototype.moe_training.config import Float8TrainingOpConfig
         from torchao.prototype.moe_training.tensor import Float8TrainingWeightWrapperTensor
 
@@ -321,6 +283,7 @@ def _apply_float8(model, cfg, device, dims) -> dict:
 
 
 def _apply_mxfp8(model, cfg, device, dims) -> dict:
+    # optional dependency (torchao): imported only when quantizing
     from torchao.prototype.moe_training.config import MXFP8TrainingOpConfig, MXFP8TrainingRecipe
     from torchao.prototype.moe_training.tensor import MXFP8TrainingWeightWrapperTensor
 
@@ -349,8 +312,6 @@ def _apply_mxfp8(model, cfg, device, dims) -> dict:
 
 
 def _compute_dtype(cfg, device: torch.device) -> torch.dtype:
-    from runtime.model.model import resolve_compute_dtype
-
     return resolve_compute_dtype(cfg.model.compute_dtype, device)
 
 
@@ -412,7 +373,7 @@ class MXFP8Linear(nn.Linear):
         return f"{super().extra_repr()}, mxfp8={self.op_config.kernel_preference.value}"
 
     def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        try:
+        try:  # optional dependency (torchao): imported only when quantizing
             from torchao.prototype.moe_training.mxfp8_linear import _to_mxfp8_then_scaled_mm
         except ImportError:  # torchao 0.17 kept it with the MX formats
             from torchao.prototype.mx_formats.mx_linear import _to_mxfp8_then_scaled_mm
@@ -422,8 +383,6 @@ class MXFP8Linear(nn.Linear):
         return out.view(*x.shape[:-1], w.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.tensor import DTensor, Partial, Shard
-
         weight, bias, device_type = self.weight, self.bias, x.device.type
         tp = isinstance(weight, DTensor)
         if tp:  # ColwiseParallel: weight Shard(0), x Replicate; RowwiseParallel: Shard(1), Shard(-1)
@@ -452,13 +411,8 @@ def tensor_parallel_styles(*linears: nn.Module | None):
     linears: torchao's float8 styles (float8 all-gathers / reduce-scatters of activations)
     when every one of them is a Float8Linear with dynamic (tensorwise) scaling, torch's
     otherwise (unquantized, rowwise float8, MXFP8)."""
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        PrepareModuleInput,
-        RowwiseParallel,
-    )
-
     if linears and all(_float8_tensorwise(m) for m in linears):
+        # optional dependency (torchao): imported only when quantizing
         from torchao.float8.float8_tensor_parallel import (
             Float8ColwiseParallel,
             Float8RowwiseParallel,
@@ -470,10 +424,9 @@ def tensor_parallel_styles(*linears: nn.Module | None):
 
 
 def _float8_tensorwise(module) -> bool:
-    import sys
-
     if module is None or "torchao.float8" not in sys.modules:
         return False
+    # optional dependency (torchao): imported only when quantizing
     from torchao.float8.config import ScalingGranularity, ScalingType
     from torchao.float8.float8_linear import Float8Linear
 
@@ -491,6 +444,7 @@ def after_optimizer_step(model_parts) -> None:
     weight inside the next forward's all-gathers). A no-op otherwise."""
     for part in model_parts:
         if getattr(part, "float8_precompute_scales", False):
+            # optional dependency (torchao): imported only when quantizing
             from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 
             precompute_float8_dynamic_scale_for_fsdp(part)

@@ -108,12 +108,12 @@ class Trainer:
 
             self.pipeline = PipelineParallel(
                 model, self.dims, cfg, self.device,
-                lambda part: parallelize(part, self.dims, self.mesh, cfg, self.device),
+                lambda part: parallelize(part, self.dims, cfg, self.device),
                 cross_entropy_sum)
             self.model_parts = self.pipeline.model_parts
             model = self.model_parts[0]
         else:
-            model = parallelize(model, self.dims, self.mesh, cfg, self.device)
+            model = parallelize(model, self.dims, cfg, self.device)
             model.to_empty(device=self.device)
             model.init_weights(seed=cfg.training.seed)
             model.train()
@@ -244,14 +244,14 @@ class Trainer:
 
     @contextlib.contextmanager
     def _no_grad_sync(self, skip: bool):
-        from runtime.parallel.parallelize import no_gradient_sync
+        from runtime.parallel.gradients import no_gradient_sync
 
         # Pipeline schedules reduce gradients themselves after their last microbatch.
         with no_gradient_sync(self.model, skip and self.pipeline is None):
             yield
 
     def _clip_grad_norm(self) -> float:
-        from runtime.parallel.parallelize import clip_grad_norm_
+        from runtime.parallel.gradients import clip_grad_norm_
 
         max_norm = self.cfg.training.max_norm
         if self.pipeline is not None:  # the norm over every stage (all-reduced over pp)
