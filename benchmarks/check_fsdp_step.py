@@ -66,7 +66,7 @@ def build_model(model_args, cfg, device, mesh=None):
 
 
 def run_steps(model, cfg, batches, device) -> dict:
-    from runtime.parallel.parallelize import clip_grad_norm_
+    from runtime.parallel.gradients import clip_grad_norm_
     from runtime.train.optim import build_optimizer
 
     optimizer = build_optimizer(model, cfg.optimizer, device)

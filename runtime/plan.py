@@ -92,115 +92,6 @@ def _layer_of(name: str) -> int | None:
 # --------------------------------------------------------------------------- the applied plan
 
 @dataclass
-<<<<<<< HEAD
-=======
-class Applied:
-    """What `parallelize` did on the fake mesh."""
-
-    full_shapes: dict[str, tuple[int, ...]]  # every parameter's global shape
-    local_numel: dict[str, int]  # rank 0's local elements per parameter as sharded
-    fsdp: bool  # fully_shard was applied (all-gather buffers exist)
-    mesh: str  # the device mesh parallelize() ran on
-
-
-def _fake_world(world_size: int):
-    import torch.distributed as dist
-
-    try:  # registers the "fake" backend (torch >= 2.1)
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-    except ImportError as e:  # pragma: no cover - torch without testing internals
-        raise RuntimeError(f"this torch build has no fake process group ({e})") from None
-    if dist.is_initialized():
-        raise RuntimeError("runtime.plan needs its own process: a process group already exists")
-    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
-
-
-def _target_device(cfg: JobConfig):
-    import torch
-
-    # Plans are for the job's accelerator: "auto" means CUDA there (bf16 compute).
-    return torch.device("cpu" if cfg.training.device == "cpu" else "cuda")
-
-
-def apply_plan(cfg: JobConfig, dims: ParallelDims, model_args: ModelArgs) -> Applied:
-    """Build the model on meta under a fake process group and apply `parallelize`."""
-    import torch
-    import torch.distributed as dist
-
-    from runtime.model import GptOssModel
-    from runtime.parallel.parallelize import parallelize
-
-    _fake_world(dims.world_size)
-    try:
-        mesh = dims.build_mesh("cpu") if dims.world_size > 1 else None
-        with torch.device("meta"):
-            model = GptOssModel(model_args)
-        model = parallelize(model, dims, cfg, _target_device(cfg))
-        return Applied(
-            full_shapes={n: tuple(p.shape) for n, p in model.named_parameters()},
-            local_numel={n: (p.to_local() if hasattr(p, "to_local") else p).numel()
-                         for n, p in model.named_parameters()},
-            fsdp=_is_fsdp(model),
-            mesh=_describe_mesh(mesh),
-        )
-    finally:
-        dist.destroy_process_group()
-
-
-def _is_fsdp(model) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def _describe_mesh(mesh) -> str:
-    if mesh is None:
-        return "none (1 rank)"
-    names = mesh.mesh_dim_names or tuple(f"dim{i}" for i in range(mesh.ndim))
-    return " x ".join(f"{n} {s}" for n, s in zip(names, mesh.mesh.shape))
-
-
-# --------------------------------------------------------------------------- per-rank accounting
-
-def _stage_layers(n_layers: int, stages: int, layers_per_stage: int) -> list[list[int]]:
-    """Layers of each pipeline stage: the trainer's split (runtime.parallel.pipeline) when
-    that module is present, else an even split (earlier stages take the remainder)."""
-    try:
-        from runtime.parallel.pipeline import stage_layer_ids
-    except ImportError:
-        stage_layer_ids = None
-    if stage_layer_ids is not None:
-        return stage_layer_ids(n_layers, stages, layers_per_stage)
-    if layers_per_stage > 0:
-        return [list(range(s * layers_per_stage, min(n_layers, (s + 1) * layers_per_stage)))
-                for s in range(stages)]
-    base, extra = divmod(n_layers, stages)
-    out, start = [], 0
-    for s in range(stages):
-        size = base + (1 if s < extra else 0)
-        out.append(list(range(start, start + size)))
-        start += size
-    return out
-
-
-def _rank_stages(rank: int, pp: int, stages: int, schedule: str) -> list[int]:
-    try:
-        from runtime.parallel.pipeline import stage_ids_this_rank
-    except ImportError:
-        stage_ids_this_rank = None
-    if stage_ids_this_rank is not None:
-        return list(stage_ids_this_rank(rank, pp, stages, schedule))
-    if schedule in SINGLE_STAGE_SCHEDULES:
-        return [rank]
-    if schedule in V_SCHEDULES:
-        return [rank, 2 * pp - 1 - rank]
-    return list(range(rank, stages, pp))  # looped (interleaved) schedules
-
-
-@dataclass
->>>>>>> 346daba (MoE parallelism has one owner (moe_parallel.py: modes, one expert placement table, router replication, token flow, grad scale); apply_tp is dense-only and owns async TP; dtensor_utils.py (public swap_parameters/distributed_parameter/sum_grad_over); gradients.py (no-sync, clip grad norm, over pipeline stages); parallelize() drops its redundant mesh argument; the 'sequence' MoE mode is now 'ep_over_tp'; in-function imports in runtime/parallel kept only for optional/heavy ones)
 class RankShare:
     """Which parameters one pipeline rank holds (all of them without PP)."""
 
@@ -251,7 +142,7 @@ def apply_plan(cfg: JobConfig, dims: ParallelDims, model_args: ModelArgs) -> App
             model = GptOssModel(model_args)
         # Plans are for the job's accelerator: "auto" means CUDA there (bf16 compute).
         device = torch.device("cpu" if cfg.training.device == "cpu" else "cuda")
-        model = parallelize(model, dims, mesh, cfg, device)
+        model = parallelize(model, dims, cfg, device)
         shares = [RankShare("every rank", list(range(model_args.n_layers)), True, True)]
         if dims.pp > 1:
             p = cfg.parallelism

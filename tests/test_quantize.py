@@ -1,4 +1,5 @@
-"""Float8 / MXFP8 training (torchao) and the async-TP switch (runtime/parallel/quantize.py).
+"""Float8 / MXFP8 training (torchao, runtime/parallel/quantize.py) and the async-TP switch
+(runtime/parallel/tensor_parallel.py).
 
 Training runs (tiny flavor: dim 64, heads 4 x 16, kv 2 x 16, experts 4 x hidden 64, so every
 GEMM dimension is a multiple of 16 and 32; seq_len 32, fp32 master weights and compute,

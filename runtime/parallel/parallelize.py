@@ -45,7 +45,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, device: torch.device)
     # Float8 / MXFP8 module swaps on the meta model, before TP/EP/FSDP (quantize.py).
     apply_quantization(model, cfg, device, dims)
     if dims.tp > 1:
-        apply_tp(model, dims.get_mesh("tp"), loss_parallel=not cfg.parallelism.disable_loss_parallel)
+        apply_tp(model, dims.get_mesh("tp"),
+                 loss_parallel=not cfg.parallelism.disable_loss_parallel)
         if cfg.parallelism.enable_async_tensor_parallel:  # CUDA + compile: check_async_tp
             enable_async_tp(dims.get_mesh("tp"))
     apply_moe_parallel(model, dims)
