@@ -212,10 +212,15 @@ def grouped_vs_loop(device, dtype, dims, counts, seed=0) -> dict:
 
     ref = fwd_bwd(ref_mod, x.double(), counts_t, probe.double())
     got = fwd_bwd(mod, x.to(device), counts_t.to(device), probe.to(device))
+    loop = copy.deepcopy(mod)  # the loop in the same dtype on the device: the error to expect
+    loop.impl = "loop"
+    loop.zero_grad(set_to_none=True)
+    loop_got = fwd_bwd(loop, x.to(device), counts_t.to(device), probe.to(device))
     names = ("out", "dx", "dw1", "db1", "dw2", "db2")
     tol = TOL[dtype]
     errors = {nm: rel_error(a, b) for nm, a, b in zip(names, got, ref)}
     result = _verdict(errors, {nm: tol["out"] if nm == "out" else tol["grad"] for nm in names})
+    result["loop_same_dtype_errors"] = {nm: rel_error(a, b) for nm, a, b in zip(names, loop_got, ref)}
     idle = [e for e, c in enumerate(counts) if c == 0]
     idle_grad = max(float(t[idle].abs().max()) for t in got[2:]) if idle else 0.0
     result.update(counts=list(counts), idle_experts=idle, idle_expert_max_grad=idle_grad,
