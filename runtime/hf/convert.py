@@ -109,13 +109,18 @@ def _args_from_config_json(path: str | Path) -> ModelArgs:
 
 def dcp_to_hf(src: str | Path, dst: str | Path, *, dtype: torch.dtype = torch.bfloat16,
               flavor: str | None = None, config_json: str | Path | None = None,
-              max_shard_size: int | str = "5GB", progress: bool = True) -> ModelArgs:
+              max_shard_size: int | str = "5GB", progress: bool = True,
+              args: ModelArgs | None = None, experts_format: str = "dense") -> ModelArgs:
+    """Write the model of a DCP checkpoint as an HF checkpoint. The architecture comes from
+    `args` (the trainer's), `config_json`, `flavor`, or else the tensor shapes."""
     import torch.distributed.checkpoint as dcp
 
     from runtime.hf.save import exported_shapes, write_hf_checkpoint
 
     entries = read_dcp_model_entries(src)
-    if config_json is not None:
+    if args is not None:
+        pass
+    elif config_json is not None:
         args = _args_from_config_json(config_json)
     elif flavor is not None:
         if flavor not in FLAVORS:
@@ -138,7 +143,9 @@ def dcp_to_hf(src: str | Path, dst: str | Path, *, dtype: torch.dtype = torch.bf
         for key in keys:
             yield key, model.pop(entries[key].name)
 
-    write_hf_checkpoint(shapes, fetch, args, dst, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
+    # A conversion is one process's job, also when called by rank 0 of a training job.
+    write_hf_checkpoint(shapes, fetch, args, dst, dtype=dtype, max_shard_size=max_shard_size,
+                        experts_format=experts_format, progress=progress, collective=False)
     return args
 
 

@@ -92,13 +92,15 @@ def exported_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 def write_hf_checkpoint(shapes: dict[str, tuple[int, ...]], fetch: Fetch, args: ModelArgs,
                         out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
                         max_shard_size: int | str = "5GB", experts_format: str = "dense",
-                        progress: bool = True) -> None:
+                        progress: bool = True, collective: bool = True) -> None:
     """Shard plan from the shapes alone, then fetch and write one shard at a time.
-    `fetch` runs on every rank (it may be collective); only rank 0 writes."""
+    `fetch` runs on every rank (it may be collective); only rank 0 writes.
+    collective=False: one process writes alone (a conversion), even inside a process group:
+    no rank test, no barrier."""
     from safetensors.torch import save_file
 
     mxfp4 = _check_experts_format(experts_format, shapes)
-    writer = _is_rank0()
+    writer = _is_rank0() if collective else True
     out = Path(out_dir)
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = {key: _stored_bytes(key, shape, itemsize, mxfp4) for key, shape in shapes.items()}
@@ -121,7 +123,8 @@ def write_hf_checkpoint(shapes: dict[str, tuple[int, ...]], fetch: Fetch, args: 
             config["quantization_config"] = {"quant_method": "mxfp4",
                                              "modules_to_not_convert": _MXFP4_NOT_CONVERTED}
         (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    _barrier()
+    if collective:
+        _barrier()
 
 
 def _collect_shard(fetched: Iterable[tuple[str, torch.Tensor]], shapes: dict[str, tuple[int, ...]],

@@ -187,7 +187,8 @@ class MetricsLogger:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {r['step']:>6} | "
               f"loss {r['loss']:.4f} | grad_norm {r['grad_norm']:.3f} | lr {r['lr']:.2e} | "
               f"tok/s {r['tokens_per_s']:,.0f} | tflops/dev {r['tflops_per_device']:.2f} | "
-              f"mfu {mfu} | mem {r['memory_gib']:.2f} GiB | {r['step_time_s']:.2f}s", flush=True)
+              f"mfu {mfu} | mem {r['memory_gib']:.2f} GiB | {r['step_time_s']:.2f}s"
+              f"{_data_suffix(r, self.tokens_per_step)}", flush=True)
         if self.jsonl:
             self.jsonl.write(json.dumps(json_safe(r), allow_nan=False) + "\n")
         if self.tb:
@@ -205,3 +206,18 @@ class MetricsLogger:
         for sink in self.sinks:
             sink.close()
         sys.stdout.flush()
+
+
+def _data_suffix(r: dict, tokens_per_step: int) -> str:
+    """Step-line tail for loss-masked data: trained tokens (when not every token is), chat
+    conversations cut or dropped, validation loss."""
+    out = ""
+    if r.get("trained_tokens") is not None and r["trained_tokens"] != tokens_per_step:
+        out += f" | trained {r['trained_tokens']:,}"
+    cut = r.get("chat_truncated", 0) + r.get("chat_dropped", 0)
+    if cut:
+        out += f" | chats cut {r.get('chat_truncated', 0)} dropped {r.get('chat_dropped', 0)}"
+    if "validation_loss" in r:
+        out += f" | val_loss {r['validation_loss']:.4f} ({r['validation_tokens']:,} tok)"
+    return out
+

@@ -29,7 +29,9 @@ from runtime.train.config import JobConfig, build_parser, parse_args, validate_j
 from runtime.train.faults import StopSignal, check_finite
 from runtime.train.metrics import MetricsLogger
 from runtime.train.optim import build_lr_scheduler, build_optimizer
+from runtime.train.handback import save_last_in_hf
 from runtime.train.slurm_env import setup_distributed_env
+from runtime.train.validate import Validator
 
 IGNORE_INDEX = -100
 
@@ -62,6 +64,7 @@ class Trainer:
         self.cfg = cfg
         self.step = 0
         self.tokens_seen = 0
+        self.last_trained_tokens = 0
         self._init_distributed()
         self.model_args = cfg.model_args()
         self.dims = validate_job(cfg, self.world_size, self.model_args)
@@ -147,10 +150,12 @@ class Trainer:
         self.optimizer = build_optimizer(self._all_parts, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
         dp_rank = self._dp_rank()
+        v = cfg.validation  # with split_fraction, the held-out conversations are never trained on
         self.dataloader = build_dataloader(
             cfg.data, self.tokenizer, cfg.training.seq_len, self.global_batch,
             dp_rank=dp_rank, dp_world_size=self.dims.dp, document_masking=cfg.data.document_mask,
-            prefetch=cfg.data.prefetch)
+            prefetch=cfg.data.prefetch, holdout=v.split_fraction if v.enable else 0.0)
+        self.validator = Validator(self) if v.enable else None
         # Aux-loss gradients average over every forward of a step (pipeline microbatches too).
         forwards = self.grad_accum * (self.pipeline.microbatches if self.pipeline else 1)
         for moe in moe_layers(self._all_parts):
@@ -214,6 +219,32 @@ class Trainer:
             loss_sum = loss_sum.full_tensor()
         return loss_sum.detach()
 
+    def eval_loss_sum(self, micro: dict) -> torch.Tensor:
+        """Summed token loss of a micro-batch without training on it (validation). A pipeline
+        schedule always runs the backward: the caller drops those gradients."""
+        if self.pipeline is not None:
+            return self.pipeline.forward_backward(micro, 1.0)
+        tokens, labels, positions = (micro[k].to(self.device, non_blocking=True)
+                                     for k in ("tokens", "labels", "positions"))
+        doc_ids = micro.get("document_ids")
+        doc_ids = doc_ids.to(self.device, non_blocking=True) if doc_ids is not None else None
+        chunk = self.cfg.training.loss_chunk_size
+        with torch.no_grad():
+            if chunk > 0 and self.dims.tp == 1:
+                return self.model(tokens, positions=positions, document_ids=doc_ids,
+                                  labels=labels, loss_chunk_size=chunk)
+            logits = self.model(tokens, positions=positions, document_ids=doc_ids)
+            vocab_sharded = hasattr(logits, "placements")
+            with _loss_parallel_context(vocab_sharded):
+                loss_sum = cross_entropy_sum(logits, labels)
+            return loss_sum.full_tensor() if vocab_sharded else loss_sum
+
+    def share_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """The loss summed where it was computed (pipeline: the last stage) on every rank."""
+        if self.pipeline is not None:
+            self.pipeline.share_loss(loss_sum)
+        return loss_sum
+
     def train_step(self, batch: dict) -> tuple[float, float]:
         """One optimizer step on this rank's slice of the global batch; returns (loss, grad_norm)
         where loss is the mean token loss over the whole global batch."""
@@ -228,7 +259,8 @@ class Trainer:
         global_tokens = local_tokens.clone()
         if self._token_group() is not None:
             dist.all_reduce(global_tokens, group=self._token_group())
-        loss_scale = self.dims.dp * self.dims.cp / global_tokens.item()
+        # max(., 1): a step whose every label is masked trains nothing instead of dividing by 0.
+        loss_scale = self.dims.dp * self.dims.cp / max(global_tokens.item(), 1.0)
         loss_sum = torch.zeros((), device=self.device)
         for i, micro in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
@@ -238,7 +270,8 @@ class Trainer:
             self.pipeline.share_loss(loss_sum)
         if self._token_group() is not None:
             dist.all_reduce(loss_sum, group=self._token_group())
-        loss = (loss_sum / global_tokens).item()
+        loss = (loss_sum / global_tokens.clamp(min=1)).item()
+        self.last_trained_tokens = int(global_tokens.item())
         grad_norm = self._clip_grad_norm()
         return loss, grad_norm
 
@@ -291,8 +324,14 @@ class Trainer:
             while self.step < last_step:
                 self.step += 1
                 loss, grad_norm, lr = self.optimizer_step(next(data))
-                self.metrics.log(self.step, loss, grad_norm, lr, self._moe_extras(),
-                                 force=self.step == last_step)
+                extras = {**self._moe_extras(), **self._data_extras()}
+                validate = self.validator is not None and self.validator.due(self.step, last_step)
+                if validate:
+                    extras.update(self.validator.evaluate(self))
+                self.metrics.log(self.step, loss, grad_norm, lr, extras,
+                                 force=self.step == last_step or validate)
+                if validate:
+                    self.metrics.reset_timer()  # keep evaluation time out of tokens/s
                 stopping = stop.should_stop(self.device)
                 if self.checkpointer.should_save(self.step, last_step) or (stopping and cfg.checkpoint.enable):
                     self.checkpointer.save(self.step, force_sync=stopping or self.step == last_step)
@@ -301,11 +340,22 @@ class Trainer:
                     code = stop.exit_code(checkpoint_saved=cfg.checkpoint.enable)
                     self.log(stop.describe(self.step, code, cfg.checkpoint.enable))
                     return code
+            if cfg.checkpoint.last_save_in_hf:
+                self.log(f"HF checkpoint (weights, config, tokenizer, chat template): "
+                         f"{save_last_in_hf(self)}")
             return 0
         finally:
             stop.uninstall()
             self.checkpointer.close()
             self.metrics.close()
+
+    def _data_extras(self) -> dict:
+        """Trained tokens of the step (loss-masked data) and chat conversations cut or dropped."""
+        out = {"trained_tokens": self.last_trained_tokens}
+        counts = getattr(self.dataloader.stream, "overflow_counts", None)
+        if counts is not None:
+            out.update({f"chat_{k}": v for k, v in counts.items()})
+        return out
 
     def _moe_extras(self) -> dict:
         aux = [m.last_aux_loss for m in moe_layers(self._all_parts) if m.last_aux_loss is not None]

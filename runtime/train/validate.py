@@ -1,0 +1,82 @@
+"""`[validation]`: the mean token loss on held-out data, every `freq` steps and after the last.
+
+The held-out loader is rebuilt for every evaluation, so each evaluation sees the same
+`steps` global batches (runtime.data.loader.validation_data_config says where they come
+from). Each batch is split like a training batch (context-parallel shard, micro-batches) and
+its loss summed over the trained tokens (labels != IGNORE_INDEX); the validation loss is
+that sum over every rank with different tokens divided by their count, the same
+normalisation as training, so it does not depend on the mesh.
+
+Forward only, without gradients, on every runner but the pipeline one: a pipeline schedule
+always runs its stages' backward, so there the gradients it leaves are dropped afterwards
+(validation runs between optimizer steps, when no training gradient is pending). MoE routing statistics collected by these forwards are
+restored, so the expert-bias update never sees validation tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from runtime.data import build_dataloader, split_microbatches
+from runtime.data.loader import validation_data_config
+from runtime.model.loss import IGNORE_INDEX
+from runtime.model.moe import moe_layers
+
+
+class Validator:
+    def __init__(self, trainer):
+        cfg = trainer.cfg
+        self.cfg = cfg.validation
+        data_cfg, holdout = validation_data_config(cfg.validation, cfg.data)
+
+        def make_loader():
+            return build_dataloader(
+                data_cfg, trainer.tokenizer, cfg.training.seq_len, trainer.global_batch,
+                dp_rank=trainer._dp_rank(), dp_world_size=trainer.dims.dp,
+                document_masking=cfg.data.document_mask, split="validation", holdout=holdout)
+
+        self._make_loader = make_loader
+        self.source_name = make_loader().source.name  # bad input fails before training
+
+    def due(self, step: int, last_step: int) -> bool:
+        return step % self.cfg.freq == 0 or step == last_step
+
+    def evaluate(self, trainer) -> dict:
+        """{"validation_loss", "validation_tokens"}, identical on every rank."""
+        loader = self._make_loader()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)
+        tokens = torch.zeros((), dtype=torch.float64, device=trainer.device)
+        batches = 0
+        with _moe_statistics_restored(trainer.model):
+            while self.cfg.steps < 0 and loader.epoch == 0 or batches < self.cfg.steps:
+                batch = next(loader)
+                batches += 1
+                if trainer.dims.cp > 1:
+                    cp = trainer.model_parts[0].context_parallel
+                    batch = {k: cp.shard(v, trainer.cfg.training.seq_len) for k, v in batch.items()}
+                tokens += float((batch["labels"] != IGNORE_INDEX).sum())
+                batch_loss = torch.zeros((), device=trainer.device)
+                for micro in split_microbatches(batch, trainer.grad_accum):
+                    batch_loss += trainer.eval_loss_sum(micro)
+                loss_sum += trainer.share_loss(batch_loss).double()
+        trainer.optimizer.zero_grad(set_to_none=True)  # the pipeline's zero-scaled backward
+        group = trainer._token_group()
+        if group is not None:
+            dist.all_reduce(loss_sum, group=group)
+            dist.all_reduce(tokens, group=group)
+        return {"validation_loss": (loss_sum / tokens.clamp(min=1)).item(),
+                "validation_tokens": int(tokens.item())}
+
+
+@contextlib.contextmanager
+def _moe_statistics_restored(model):
+    layers = list(moe_layers(model))
+    saved = [m.tokens_per_expert.clone() for m in layers]
+    try:
+        yield
+    finally:
+        for m, counts in zip(layers, saved, strict=True):
+            m.tokens_per_expert.copy_(counts)

@@ -1,0 +1,86 @@
+"""Chat fine-tuning end to end on CPU: configs/debugmodel_sft.toml (tiny model, few steps)
+trains on the masked tokens, validation_loss is logged and falls, the last step is handed
+back as an HF checkpoint; validation and the hand-back give the same numbers on one process,
+FSDP and a pipeline (gloo)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from parallel_harness import BASE, global_batch_overrides, run_distributed, run_single, seeded
+
+ROOT = Path(__file__).resolve().parent.parent
+SFT = str(ROOT / "configs" / "debugmodel_sft.toml")
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_debugmodel_sft_trains_validates_and_hands_back(tmp_path):
+    from runtime.train.config import load_config
+    from runtime.train.trainer import Trainer
+
+    cfg = load_config(SFT, ["--model.flavor=tiny", "--training.steps=16", "--training.device=cpu",
+                            "--validation.freq=8", "--validation.steps=2", "--metrics.log_freq=1",
+                            "--checkpoint.interval=1000", "--data.chat_date=2026-01-15",
+                            f"--job.dump_folder={tmp_path}"])
+    trainer = Trainer(cfg)
+    assert trainer.run() == 0
+    records = _records(tmp_path / "metrics.jsonl")
+    losses = [r["loss"] for r in records]
+    trained = [r["trained_tokens"] for r in records]
+    assert len(losses) == 16 and losses[-1] < losses[0] - 1.0, losses
+    # Only assistant tokens are trained: well under the 4 x 512 tokens of a step, and uneven.
+    assert all(0 < t < 4 * 512 / 2 for t in trained) and len(set(trained)) > 1
+    val = [(r["step"], r["validation_loss"]) for r in records if "validation_loss" in r]
+    assert [s for s, _ in val] == [8, 16] and val[1][1] < val[0][1], val
+    assert all(r["chat_truncated"] == 0 for r in records)
+    hf = tmp_path / "hf"
+    assert {"config.json", "tokenizer.json", "chat_template.jinja",
+            "generation_config.json"} <= {p.name for p in hf.iterdir()}
+    exported = load_file(next(hf.glob("*.safetensors")))
+    ours = dict(trainer.model.named_parameters())
+    assert torch.equal(exported["model.embed_tokens.weight"], ours["tok_embeddings.weight"])
+
+
+CHAT = BASE + ["--data.dataset=chat", "--data.chat_date=2026-01-15", "--training.seq_len=384",
+               "--validation.enable", "--validation.freq=1", "--validation.steps=2",
+               "--metrics.enable_jsonl=true", "--checkpoint.last_save_in_hf",
+               "--checkpoint.last_save_hf_dtype=float32"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    common = seeded(CHAT, tmp_path_factory.mktemp("chat_train_seed"))
+    out = tmp_path_factory.mktemp("single")
+    run_single(common + global_batch_overrides(4, 1), 2, out_dir=out)
+    return common, out
+
+
+@pytest.mark.parametrize("name, world, extra, dp", [
+    ("FSDP2", 2, ["--parallelism.data_parallel_shard_degree=2"], 2),
+    ("PP2", 2, ["--parallelism.data_parallel_shard_degree=1",
+                "--parallelism.pipeline_parallel_degree=2",
+                "--parallelism.pipeline_parallel_schedule=1F1B",
+                "--parallelism.pipeline_parallel_microbatch_size=1",
+                "--checkpoint.enable=true"], 1),
+])
+def test_validation_and_hand_back_equal_one_process(reference, tmp_path, name, world, extra, dp):
+    common, ref_dir = reference
+    run_distributed(world, common + extra + global_batch_overrides(4, dp), 2, out_dir=tmp_path)
+    want = [r["validation_loss"] for r in _records(ref_dir / "job" / "metrics.jsonl")]
+    got = [r["validation_loss"] for r in _records(tmp_path / "job" / "metrics.jsonl")]
+    assert len(want) == 2 and len(got) == 2
+    for a, b in zip(want, got, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a), (name, want, got)
+    ref_hf = load_file(next((ref_dir / "job" / "hf").glob("*.safetensors")))
+    got_hf = load_file(next((tmp_path / "job" / "hf").glob("*.safetensors")))
+    assert ref_hf.keys() == got_hf.keys()
+    for key, tensor in ref_hf.items():
+        assert (got_hf[key] - tensor).abs().max() <= 1e-6 + 1e-5 * tensor.abs().max(), key
