@@ -350,11 +350,12 @@ class Trainer:
             self.metrics.close()
 
     def _data_extras(self) -> dict:
-        """Trained tokens of the step (loss-masked data) and chat conversations cut or dropped."""
+        """Trained tokens of the step (loss-masked data) and chat conversations cut or dropped
+        so far (from the loader state: right also when batches are prefetched)."""
         out = {"trained_tokens": self.last_trained_tokens}
-        counts = getattr(self.dataloader.stream, "overflow_counts", None)
-        if counts is not None:
-            out.update({f"chat_{k}": v for k, v in counts.items()})
+        if self.cfg.data.dataset == "chat":
+            state = self.dataloader.state_dict()
+            out.update({k: state[k] for k in ("chat_truncated", "chat_dropped") if k in state})
         return out
 
     def _moe_extras(self) -> dict:
