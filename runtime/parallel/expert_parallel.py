@@ -51,8 +51,9 @@ class ExpertParallel:
         send_counts = counts.view(self.size, -1)  # [ep, E_local]
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.group)
-        input_splits = send_counts.sum(1).tolist()  # host sync: split sizes must be known
-        output_splits = recv_counts.sum(1).tolist()
+        # The one host sync of the layer: the row all-to-alls need their split sizes on the
+        # host. Both directions in one transfer; the backward all-to-alls reuse them.
+        input_splits, output_splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()
         received = self._all_to_all(rows.contiguous(), output_splits, input_splits)  # [M, D]
         received = self._sync(received, "after_dispatch")
 
