@@ -39,6 +39,7 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks.common import REPO, append_jsonl, check_record, max_abs_error, rel_error
+from benchmarks.step_compare import flat_grads, step_errors
 
 PART = "correctness"
 CHECKS = ("flex", "experts", "block", "train", "float8")
@@ -49,7 +50,6 @@ TOL = {
     torch.float32: {"out": 2e-3, "grad": 2e-3, "sinks": 2e-3},
     torch.bfloat16: {"out": 2e-2, "grad": 3e-2, "sinks": 5e-2},
 }
-TRAIN_TOL = {"loss": 1e-2, "grad_norm": 5e-2, "grads": 5e-2}  # bf16 autocast vs fp32, relative
 
 
 class Runner:
@@ -307,7 +307,6 @@ def _trainer(overrides: list[str], dump: str):
 def _steps(trainer, batches) -> dict:
     """Trainer.optimizer_step per batch; the first step's clipped gradients are taken on their
     way into the optimizer."""
-    from benchmarks.check_fsdp_step import flat_grads
 
     losses, norms, grads = [], [], []
     step = trainer.optimizer.step  # (the lr scheduler's wrapper, if any: keep it in the chain)
@@ -337,7 +336,6 @@ def cpu_reference(shape_overrides: list[str], dump: str) -> tuple[dict, list, di
 
 
 def train_step_vs_cpu(device, reference, shape_overrides, compile_on, dump, backend=None) -> dict:
-    from benchmarks.check_fsdp_step import step_errors
 
     state, batches, ref = reference
     extra = ["--compile.enable=true"] if compile_on else ["--compile.enable=false"]

@@ -26,8 +26,9 @@ if __package__ in (None, ""):
 import torch
 import torch.distributed as dist
 
-from benchmarks.check_correctness import PART, TRAIN_TOL
+from benchmarks.check_correctness import PART
 from benchmarks.common import REPO, append_jsonl, check_record
+from benchmarks.step_compare import flat_grads, step_errors
 
 CHECK = "torchrun fsdp2 bf16 + full AC step vs cpu fp32"
 
@@ -84,30 +85,6 @@ def run_steps(model, cfg, batches, device) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss_sum.item() / n_tokens)
     return {"losses": losses, "grad_norms": norms, "grads": grads}
-
-
-def flat_grads(model) -> torch.Tensor:
-    """Every parameter's gradient (one rank holds all of it) as one fp64 CPU vector, by name."""
-    parts = []
-    for _, p in sorted(model.named_parameters()):
-        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-        parts.append(g.detach().double().cpu().flatten())
-    return torch.cat(parts)
-
-
-def step_errors(got: dict, ref: dict) -> tuple[dict, dict]:
-    """Relative errors of the losses, the first grad norm and the first step's (clipped)
-    gradients -- the last is the sensitive one: the loss of a fresh model is ~ln(vocab)."""
-    from benchmarks.common import rel_error
-
-    errors = {"loss_step1": abs(got["losses"][0] - ref["losses"][0]) / abs(ref["losses"][0]),
-              "grad_norm_step1": abs(got["grad_norms"][0] - ref["grad_norms"][0]) / abs(ref["grad_norms"][0]),
-              "grads_step1": rel_error(got["grads"], ref["grads"]),
-              "loss_step2": abs(got["losses"][1] - ref["losses"][1]) / abs(ref["losses"][1])}
-    tols = {"loss_step1": TRAIN_TOL["loss"], "grad_norm_step1": TRAIN_TOL["grad_norm"],
-            "grads_step1": TRAIN_TOL["grads"], "loss_step2": TRAIN_TOL["loss"]}
-    got.pop("grads"), ref.pop("grads")
-    return errors, tols
 
 
 def check(smoke: bool, compile_on: bool) -> dict:
