@@ -301,6 +301,16 @@ gptoss_env_snapshot() {
     | grep -viE 'TOKEN|KEY|SECRET|PASSWORD' | sort
 }
 
+# Interactive Ctrl-C -> SIGINT to the job's steps (see gptoss_main).
+gptoss_forward_ctrl_c() {
+  local now
+  now=$(date +%s%3N)
+  (( now - GPTOSS_LAST_INT_MS >= 700 )) || return 0
+  GPTOSS_LAST_INT_MS=$now
+  gptoss_log "Ctrl-C: the ranks finish their step, save and stop (Ctrl-C again: at once)"
+  scancel --signal=INT "$SLURM_JOB_ID" 2>/dev/null || true
+}
+
 # The job: gptoss_main [--section.key=value ...]
 gptoss_main() {
   set -uo pipefail
@@ -387,13 +397,18 @@ gptoss_main() {
   local term_seen=0 rc srun_rc exit_dir="$job_dir/exit" outcome bad_rank
   rm -rf "$exit_dir"; mkdir -p "$exit_dir"
   trap 'term_seen=1; gptoss_log "batch shell got SIGTERM: waiting for the ranks to checkpoint"' TERM
+  # Interactive Ctrl-C: srun runs in the background (SIGINT ignored), so pass it to the ranks
+  # ourselves; they finish the step, save and exit 130, a second Ctrl-C stops them at once.
+  # The time guard drops the copy that comes back to us when we run inside a step ourselves.
+  GPTOSS_LAST_INT_MS=0
+  if [[ "${GPTOSS_INTERACTIVE:-0}" == 1 ]]; then trap gptoss_forward_ctrl_c INT; fi
   srun "${srun_args[@]}" "${GPTOSS_EXEC_PREFIX[@]}" bash "$RUNTIME_ROOT/slurm/rank_exec.sh" "${train[@]}" &
   local srun_pid=$!
   while true; do
     wait "$srun_pid"; srun_rc=$?
     kill -0 "$srun_pid" 2>/dev/null || break   # wait returned because of a trapped signal
   done
-  trap - TERM
+  trap - TERM INT
   outcome=$(gptoss_step_outcome "$exit_dir" "$tasks" "$srun_rc")
   rc=${outcome% *}; bad_rank=${outcome#* }
   echo "attempt ${attempt} exit ${rc} $(date -Is)" >> "$job_dir/attempts.log"

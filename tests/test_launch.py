@@ -1297,3 +1297,47 @@ def test_slurm_submit_py_scancel_ends_the_job(slurm_cluster, tmp_path):
     assert "trainer stopped on SIGTERM (exit 143): not requeueing" in log, log
     last = lh.read_metrics(dump / "metrics.jsonl")[-1]["step"]
     assert (dump / "checkpoints" / "latest").read_text().strip() == f"step-{last}", log
+
+
+@pytest.mark.slurm
+@needs_trainer
+def test_slurm_interactive_ctrl_c_saves_and_stops(slurm_cluster, tmp_path):
+    """Issue 13 item 10 on the interactive path: Ctrl-C on `bash slurm/interactive.sh` in an
+    allocation reaches every rank as SIGINT: they finish the step, save and exit 130."""
+    import signal as sig
+
+    out = lh.run(["salloc", "--no-shell", "-N", "2", "--ntasks-per-node=1", "--time=10",
+                  "-J", "gptoss-interactive"], timeout=60)
+    m = re.search(r"Granted job allocation (\d+)", out.stderr)
+    assert m, out.stderr
+    jid = m.group(1)
+    dump = tmp_path / "dump"
+    env = lh.python_env(
+        OMP_NUM_THREADS="1", LOG_DIR=str(tmp_path / "logs"), RANK_LOGS="1", SLURM_JOB_ID=jid,
+        SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_JOB_NUM_NODES="2",
+        SLURM_JOB_NODELIST=lh.job_field(jid, "NodeList"), SLURM_JOB_NAME="interactive",
+    )
+    proc = subprocess.Popen(
+        ["bash", "slurm/interactive.sh", "configs/debugmodel.toml", *TINY,
+         "--training.steps=100000", "--checkpoint.enable=true", "--checkpoint.interval=100000",
+         f"--job.dump_folder={dump}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        lh.wait_for(lambda: len(lh.read_metrics(dump / "metrics.jsonl")) >= 3 or proc.poll() is not None,
+                    240, "3 logged steps")
+        proc.send_signal(sig.SIGINT)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        lh.run(["scancel", jid])
+    log = text + "\n" + lh.dump_job_logs(tmp_path / "logs")
+    assert proc.returncode == 130, log
+    assert "ranks stopped on SIGINT (exit 130)" in text, log
+    last = lh.read_metrics(dump / "metrics.jsonl")[-1]["step"]
+    rank_logs = [(tmp_path / "logs" / f"interactive-{jid}" / f"rank-{r}.log").read_text()
+                 for r in (0, 1)]
+    assert all("Ctrl-C: finishing this step, saving" in text for text in rank_logs), rank_logs
+    assert f"SIGINT: stopped after step {last}, checkpoint saved; exit 130" in rank_logs[0], log
+    assert (dump / "checkpoints" / "latest").read_text().strip() == f"step-{last}", log
