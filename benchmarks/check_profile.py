@@ -125,7 +125,7 @@ def instrumented(trainer, marks: Marks):
     mask_owner = (model, "_attention_masks") if hasattr(model, "_attention_masks") else \
         (model_module, "build_attention_masks")
     targets = [(*mask_owner, "mask build", "embedding + rope"),
-               (trainer, "_clip_grad_norm", "grad clip", "after grad clip"),
+               (trainer, "clip_grad_norm_", "grad clip", "after grad clip"),
                (trainer.optimizer, "step", "optimizer", "zero_grad + lr + expert bias")]
     patched = []
     for owner, name, label, after in targets:

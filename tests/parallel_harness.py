@@ -45,7 +45,9 @@ A result is a dict:
 
 `hook="module:function"` (or a module-level function) runs in every rank before the trainer
 is built, with (rank, world_size): use it to patch something for a negative control (prove
-that a test can fail) or to select a test-only backend. The environment variable
+that a test can fail) or to select a test-only backend. A hook may return a function: it is
+called with the built trainer (e.g. to wrap `trainer.clip_grad_norm_`, which sees the step's
+gradients after backward and before clipping, or to add module hooks to `trainer.model`). The environment variable
 PARALLEL_HARNESS_HOOK=module:function adds a hook to every multi-process run (world > 1)
 only, leaving single-process references untouched: a whole parity suite can be rerun with a
 deliberately broken parallel path to see each test fail, e.g.
@@ -343,7 +345,8 @@ def _launch(world_size: int, overrides: list[str], steps: int, out_dir: Path, ho
                    f"overrides {overrides}\n" + ("\n".join(errors) or "(no traceback written)"))
 
 
-def _setup_rank(rank: int, world_size: int, port: int, hook: str | None) -> None:
+def _setup_rank(rank: int, world_size: int, port: int, hook: str | None) -> list[Callable]:
+    """Environment, process group and hooks of one rank; returns the hooks' trainer callbacks."""
     import sys
 
     if str(REPO) not in sys.path:  # `import runtime` from a checkout that is not installed
@@ -365,12 +368,16 @@ def _setup_rank(rank: int, world_size: int, port: int, hook: str | None) -> None
     hooks = [hook]
     if world_size > 1:
         hooks.append(os.environ.get("PARALLEL_HARNESS_HOOK"))
+    on_trainer = []
     for spec in filter(None, hooks):
         module, _, name = spec.partition(":")
         fn: Any = importlib.import_module(module)
         for part in name.split("."):
             fn = getattr(fn, part)
-        fn(rank, world_size)
+        callback = fn(rank, world_size)
+        if callable(callback):
+            on_trainer.append(callback)
+    return on_trainer
 
 
 def _finish(rank: int, out_dir: str, error: BaseException | None) -> None:
@@ -397,7 +404,7 @@ def _config(overrides: list[str], steps: int, out_dir: str):
 
 def _model_parts(trainer) -> list:
     """The rank's model parts: [model], or its pipeline stages."""
-    return list(getattr(trainer, "model_parts", None) or [trainer.model])
+    return list(trainer.model_parts)
 
 
 def _blocks(trainer) -> dict[str, Any]:
@@ -431,8 +438,8 @@ def _describe(trainer, block_calls: dict[str, int]) -> dict[str, Any]:
 
 
 def _describe_pipeline(trainer) -> dict[str, Any]:
-    pipe = getattr(trainer, "pipeline", None)
-    if pipe is None:
+    pipe = trainer.runner
+    if not hasattr(pipe, "schedule"):  # not the pipeline runner
         return {}
     overlap = getattr(pipe, "ep_overlap", None)
     return {"schedule": type(pipe.schedule).__name__, "stage_ids": pipe.stage_ids,
@@ -481,12 +488,14 @@ def _seed_worker(rank, world_size, port, overrides, steps, out_dir, hook, option
 def _train_worker(rank, world_size, port, overrides, steps, out_dir, hook, options) -> None:
     error = None
     try:
-        _setup_rank(rank, world_size, port, hook)
+        on_trainer = _setup_rank(rank, world_size, port, hook)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         from runtime.train.trainer import Trainer
 
         trainer = Trainer(_config(overrides, steps, out_dir))
+        for callback in on_trainer:
+            callback(trainer)
         torch.set_num_threads(1)  # the trainer picks cores/ranks; keep runs comparable
         losses, grad_norms = [], []
         train_step = trainer.train_step

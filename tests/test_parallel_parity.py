@@ -164,24 +164,25 @@ def test_per_block_compile_inductor_matches_eager(common, eager_loop):
 
 # --------------------------------------------------------------------------- the check can fail
 
-def _scale_gradients(rank: int, world_size: int) -> None:
+def _scale_gradients(rank: int, world_size: int):
     """Hook: a 1% gradient-scale error after clipping (what a wrong data-parallel average
     or accumulation factor looks like); the losses of later steps barely move."""
     import torch
 
-    from runtime.train.trainer import Trainer
+    def on_trainer(trainer):
+        clip = trainer.clip_grad_norm_
 
-    clip = Trainer._clip_grad_norm
+        def scaled():
+            norm = clip()
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(1.01)
+            return norm
 
-    def scaled(self):
-        norm = clip(self)
-        with torch.no_grad():
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(1.01)
-        return norm
+        trainer.clip_grad_norm_ = scaled
 
-    Trainer._clip_grad_norm = scaled
+    return on_trainer
 
 
 def test_parity_check_detects_a_small_gradient_scale_error(common, reference):

@@ -69,48 +69,48 @@ AUX = ["--model.aux_loss_coeff=0.01"]
 
 # --------------------------------------------------------------------------- hooks (in ranks)
 
-def record_first_grads(rank: int, world_size: int) -> None:
+def record_first_grads(rank: int, world_size: int):
     """Hook: rank 0 saves the full (unsharded) gradient of every parameter after the first
     backward, before clipping, and whether the loss saw vocab-sharded (DTensor) logits."""
-    import runtime.train.trainer as trainer_mod
-
     out = Path(os.environ[GRAD_DUMP_ENV])
-    seen = {"dtensor_logits": []}
-    ce = trainer_mod.cross_entropy_sum
 
-    def recording_ce(logits, labels):
-        seen["dtensor_logits"].append(hasattr(logits, "placements"))
-        return ce(logits, labels)
+    def on_trainer(trainer):
+        seen = {"dtensor_logits": []}
 
-    trainer_mod.cross_entropy_sum = recording_ce
-    clip = trainer_mod.Trainer._clip_grad_norm
+        def record_logits(module, args, logits):
+            seen["dtensor_logits"].append(hasattr(logits, "placements"))
 
-    def clip_and_record(self):
-        if self.step == 1:
-            grads = {}
-            for name, p in self.model.named_parameters():
-                g = p.grad
-                if g is not None and hasattr(g, "full_tensor"):
-                    g = g.full_tensor()  # collective: every rank takes part
-                grads[name] = None if g is None else g.detach().to(torch.float32).clone()
-            if rank == 0:
-                torch.save({"grads": grads, **seen}, out)
-        return clip(self)
+        trainer.model.output.register_forward_hook(record_logits)
+        clip = trainer.clip_grad_norm_
 
-    trainer_mod.Trainer._clip_grad_norm = clip_and_record
+        def clip_and_record():
+            if trainer.step == 1:
+                grads = {}
+                for name, p in trainer.model.named_parameters():
+                    g = p.grad
+                    if g is not None and hasattr(g, "full_tensor"):
+                        g = g.full_tensor()  # collective: every rank takes part
+                    grads[name] = None if g is None else g.detach().to(torch.float32).clone()
+                if rank == 0:
+                    torch.save({"grads": grads, **seen}, out)
+            return clip()
+
+        trainer.clip_grad_norm_ = clip_and_record
+
+    return on_trainer
 
 
-def compiled_record_first_grads(rank: int, world_size: int) -> None:
+def compiled_record_first_grads(rank: int, world_size: int):
     """Hook: per-block torch.compile with the aot_eager backend (parallel_harness) and
     record_first_grads."""
     compile_with_aot_eager(rank, world_size)
-    record_first_grads(rank, world_size)
+    return record_first_grads(rank, world_size)
 
 
-def router_grad_not_reduced(rank: int, world_size: int) -> None:
+def router_grad_not_reduced(rank: int, world_size: int):
     """Hook (negative control, the peer's bug): each TP rank keeps its partial router
     gradient (no all-reduce over TP), so the replicated router weights diverge."""
-    record_first_grads(rank, world_size)
+    on_trainer = record_first_grads(rank, world_size)
     from runtime.parallel import dtensor_utils
 
     original = dtensor_utils.SumGradOverMesh
@@ -125,12 +125,13 @@ def router_grad_not_reduced(rank: int, world_size: int) -> None:
                                       run_check=False, shape=shape, stride=stride), None, None
 
     dtensor_utils.SumGradOverMesh = NoReduce
+    return on_trainer
 
 
-def expert_bias_on_every_rank(rank: int, world_size: int) -> None:
+def expert_bias_on_every_rank(rank: int, world_size: int):
     """Hook (negative control): the whole mlp2_bias added by every TP rank (not 1/tp of it),
     so the reduce-scatter of the partial expert outputs counts it tp times."""
-    record_first_grads(rank, world_size)
+    on_trainer = record_first_grads(rank, world_size)
     from runtime.parallel import dtensor_utils
 
     original = dtensor_utils.SumGradOverMesh
@@ -141,6 +142,7 @@ def expert_bias_on_every_rank(rank: int, world_size: int) -> None:
             return original.forward(ctx, param, False, dim)
 
     dtensor_utils.SumGradOverMesh = EveryRank
+    return on_trainer
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -1,5 +1,8 @@
-"""Fused output projection + cross entropy, chunked over tokens, never materialising the
-full [tokens, vocab] logits.
+"""The training loss: token cross entropy, summed (the trainer normalises it), with labels
+equal to IGNORE_INDEX skipped. Two forms: `cross_entropy_sum` over logits (also vocab-sharded
+DTensor logits under TP loss parallel, inside `loss_parallel_context`), and the fused output
+projection + cross entropy below, chunked over tokens, never materialising the full
+[tokens, vocab] logits.
 
 With gpt-oss's 201,088-token vocabulary, 8,192 tokens of fp32 logits (plus their softmax and
 gradient) take ~20 GiB. Here the forward walks the tokens in chunks; for each chunk it forms
@@ -11,11 +14,30 @@ path, peak extra memory one chunk of logits instead of all of them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
+import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of a position that is not trained (padding, prompt tokens)
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed token loss in fp32: logits [B, S, V], labels [B, S] (IGNORE_INDEX skipped)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def loss_parallel_context(enabled: bool):
+    """TP loss parallel: with the logits a vocab-sharded DTensor, the cross entropy AND its
+    backward must both run inside this context (the summed loss is then a Replicate DTensor)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    # In-function: torch.distributed.tensor.parallel is only needed (and imported) under TP.
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:

@@ -1,6 +1,9 @@
 """Pipeline parallelism with `torch.distributed.pipelining`: stage splitting, stage -> rank
 placement, the schedules, and the pieces of a training step that must span every stage
 (loss, gradient-norm clipping, one optimizer over a rank's several stages).
+`PipelineParallel` is the pipeline runner: it offers the trainer the same calls as
+`runtime.train.runner.LocalRunner` (model_parts, model, microbatches, forward_backward,
+eval_loss_sum, share_loss, clip_grad_norm_).
 
 Splitting (`stage_layer_ids`). The model is cut between transformer blocks; every stage
 gets at least one block.
@@ -23,8 +26,9 @@ Stage modules (`build_stage_module`) are deep copies of the meta model with the 
 other stages deleted and `tok_embeddings` / `norm` / `output` set to None where not owned;
 parameter names stay those of the full model, so checkpoints load on any mesh and the
 model-only seed checkpoint of a single process initialises every stage. Each part is then
-parallelised (TP / AC / compile / FSDP) exactly like a whole model. `StagesView` shows a
-rank's stages as one module (full-model names) for the optimizer and its checkpoints.
+parallelised (TP / AC / compile / FSDP) exactly like a whole model and materialised by the
+trainer's `materialize`. `StagesView` (the runner's `model`) shows a rank's stages as one
+module (full-model names) for the optimizer and its checkpoints.
 
 The loss (`PipelineParallel.forward_backward`): the schedule calls our loss function on the
 last stage for every pipeline microbatch with the summed token cross entropy times the
@@ -64,6 +68,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from runtime.model.loss import cross_entropy_sum, loss_parallel_context
 from runtime.model.moe import moe_layers
 from runtime.parallel.dims import (
     SINGLE_STAGE_SCHEDULES,
@@ -222,13 +227,16 @@ def _protect_moe_statistics(stage) -> None:
 # --------------------------------------------------------------------------- the pipeline
 
 class PipelineParallel:
-    """This rank's stages of the pipeline, their model parts and the schedule."""
+    """The pipeline runner: this rank's stages of the pipeline, their model parts and the
+    schedule."""
 
     def __init__(self, model: nn.Module, dims: ParallelDims, cfg, device: torch.device,
                  parallelize_fn: Callable[[nn.Module], nn.Module],
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+                 materialize_fn: Callable[[list[nn.Module]], None],
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum):
         """model: the whole model on the meta device; parallelize_fn(part) applies the other
-        parallelisms to one (meta) part; loss_fn(logits, labels) -> summed token loss."""
+        parallelisms to one (meta) part; materialize_fn(parts) allocates and initialises
+        them; loss_fn(logits, labels) -> summed token loss."""
         from torch.distributed.pipelining import PipelineStage
 
         p = cfg.parallelism
@@ -257,11 +265,8 @@ class PipelineParallel:
         for stage_id in self.stage_ids:
             part = build_stage_module(model, stage_id, self.num_stages, self.layer_ids[stage_id])
             self.model_parts.append(parallelize_fn(part))
-        for part in self.model_parts:
-            part.to_empty(device=device)
-            part.init_weights(seed=cfg.training.seed)  # keyed by parameter name: any split alike
-            part.train()
-        self.view = StagesView(self.model_parts)  # optimizer, checkpoints, MoE bookkeeping
+        materialize_fn(self.model_parts)
+        self.model = StagesView(self.model_parts)  # optimizer, checkpoints, MoE bookkeeping
 
         self.stages = []
         for stage_id, part in zip(self.stage_ids, self.model_parts):
@@ -307,10 +312,12 @@ class PipelineParallel:
     def _scaled_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._loss_fn(output, target) * self._loss_scale
 
-    def forward_backward(self, micro: dict, loss_scale: float) -> torch.Tensor:
+    def forward_backward(self, micro: dict, loss_scale: float, sync_grads: bool = True) -> torch.Tensor:
         """One pipelined forward + backward over the rank's micro-step `micro` (rows are cut
         into `self.microbatches` pipeline microbatches). Returns the summed (unscaled) token
-        loss on ranks with the last stage, 0 elsewhere (`share_loss` spreads it)."""
+        loss on ranks with the last stage, 0 elsewhere (`share_loss` spreads it).
+        `sync_grads` is not needed: the schedule reduces data-parallel gradients itself after
+        its last microbatch, and FSDP accumulates across micro-steps."""
         device = self.device
         args = (micro["tokens"].to(device, non_blocking=True),) if self.has_first else ()
         kwargs = {"positions": micro["positions"].to(device, non_blocking=True)}
@@ -323,7 +330,7 @@ class PipelineParallel:
         if self._step_accepts_return_outputs:
             extra["return_outputs"] = False  # the loss is all we need: don't merge logits
         self._loss_scale = loss_scale
-        with _loss_parallel_context(self._loss_parallel):
+        with loss_parallel_context(self._loss_parallel):
             self.schedule.step(*args, losses=losses, **extra, **kwargs)
         if not self.has_last:
             return torch.zeros((), device=device)
@@ -335,18 +342,20 @@ class PipelineParallel:
             total += loss.float()
         return total / loss_scale
 
+    def eval_loss_sum(self, micro: dict) -> torch.Tensor:
+        """The summed token loss of `micro` for validation. A schedule always runs its
+        stages' backward: the caller drops the gradients this leaves."""
+        return self.forward_backward(micro, 1.0)
+
     def share_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """Every pp rank gets the last stage's loss (the others hold 0): sum over pp."""
         dist.all_reduce(loss_sum, group=self.pp_group)
         return loss_sum
 
-    def parameters(self):
-        for part in self.model_parts:
-            yield from part.parameters()
-
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Total gradient 2-norm over every stage (and every shard), clipped to max_norm."""
-        return clip_grad_norm_over_stages_(self.parameters(), max_norm, self.pp_group, self.device)
+        return clip_grad_norm_over_stages_(self.model.parameters(), max_norm, self.pp_group,
+                                           self.device)
 
 
 def _allow_split_backward_of_compiled_blocks() -> None:
@@ -358,14 +367,6 @@ def _allow_split_backward_of_compiled_blocks() -> None:
 
     if hasattr(functorch_config, "donated_buffer"):
         functorch_config.donated_buffer = False
-
-
-def _loss_parallel_context(enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    from torch.distributed.tensor.parallel import loss_parallel
-
-    return loss_parallel()
 
 
 # --------------------------------------------------------------------------- all stages as one

@@ -2,27 +2,31 @@
 
 One Trainer owns the pieces, each from its own module:
   config (config.py) -> mesh (parallel/dims.py) -> model (model/) -> parallel passes
-  (parallel/parallelize.py) -> optimizer + lr (optim.py) -> data (runtime/data/) ->
-  checkpoints (checkpoint.py) -> metrics (metrics.py) -> signals/NaNs (faults.py).
+  (parallel/parallelize.py) -> runner (runner.py: the local one, or parallel/pipeline.py's) ->
+  optimizer + lr (optim.py) -> data (runtime/data/) -> checkpoints (checkpoint.py) ->
+  metrics (metrics.py) -> signals/NaNs (faults.py).
+The trainer decides what a step is (batch split, loss normalisation, clipping, optimizer);
+the runner how this rank executes it; the trainer never asks which runner it has.
 Exit codes: 0 done, 2 config error, 75 stopped by SIGUSR1/SIGTERM after saving (requeue me).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from runtime.data import Tokenizer, build_dataloader, split_microbatches
 from runtime.data.validate import check_data
-from runtime.errors import EXIT_CONFIG_ERROR, EXIT_REQUEUE, ConfigError
+from runtime.errors import EXIT_CONFIG_ERROR, ConfigError
 from runtime.model import GptOssModel
+from runtime.model.loss import IGNORE_INDEX
 from runtime.model.moe import moe_layers, update_expert_bias
+from runtime.parallel.parallelize import parallelize
+from runtime.parallel.pipeline import PipelineParallel
 from runtime.parallel.quantize import after_optimizer_step
 from runtime.train.checkpoint import CheckpointManager, ModelState, OptimizerState, TrainState
 from runtime.train.config import JobConfig, build_parser, parse_args, validate_job
@@ -30,10 +34,9 @@ from runtime.train.faults import StopSignal, check_finite
 from runtime.train.metrics import MetricsLogger
 from runtime.train.optim import build_lr_scheduler, build_optimizer
 from runtime.train.handback import save_last_in_hf
+from runtime.train.runner import LocalRunner, materialize
 from runtime.train.slurm_env import setup_distributed_env
 from runtime.train.validate import Validator
-
-IGNORE_INDEX = -100
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -43,20 +46,6 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
-
-
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed token loss in fp32: logits [B, S, V], labels [B, S] (IGNORE_INDEX skipped)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def _loss_parallel_context(enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    from torch.distributed.tensor.parallel import loss_parallel
-
-    return loss_parallel()
 
 
 class Trainer:
@@ -95,8 +84,6 @@ class Trainer:
             print(msg, flush=True)
 
     def _build_model(self) -> None:
-        from runtime.parallel.parallelize import parallelize
-
         cfg = self.cfg
         torch.manual_seed(cfg.training.seed)
         if cfg.training.deterministic:
@@ -104,31 +91,30 @@ class Trainer:
         with torch.device("meta"):
             model = GptOssModel(self.model_args)
         self.mesh = self.dims.build_mesh(self.device.type) if self.world_size > 1 else None
-        self.pipeline = None
-        if self.dims.pp > 1:
-            # This rank's pipeline stages, each a part of the model parallelised on its own.
-            from runtime.parallel.pipeline import PipelineParallel
 
-            self.pipeline = PipelineParallel(
-                model, self.dims, cfg, self.device,
-                lambda part: parallelize(part, self.dims, cfg, self.device),
-                cross_entropy_sum)
-            self.model_parts = self.pipeline.model_parts
-            model = self.model_parts[0]
+        def parallelize_part(part):
+            return parallelize(part, self.dims, cfg, self.device)
+
+        def materialize_parts(parts):
+            materialize(parts, self.device, cfg.training.seed)
+
+        if self.dims.pp > 1:  # this rank's pipeline stages, each parallelised on its own
+            self.runner = PipelineParallel(model, self.dims, cfg, self.device,
+                                           parallelize_part, materialize_parts)
         else:
-            model = parallelize(model, self.dims, cfg, self.device)
-            model.to_empty(device=self.device)
-            model.init_weights(seed=cfg.training.seed)
-            model.train()
-            self.model_parts = [model]
-        self.model = model  # with pp: this rank's first stage (self.model_parts: all of them)
-        # All of this rank's parameters under the full model's names (with pp: a view of
-        # every local stage): optimizer, optimizer checkpoints, MoE bookkeeping.
-        self._all_parts = self.pipeline.view if self.pipeline else model
+            model = parallelize_part(model)
+            materialize_parts([model])
+            # The fused head + loss needs the whole vocabulary (TP shards it: loss parallel).
+            fused = cfg.training.loss_chunk_size if self.dims.tp == 1 else 0
+            self.runner = LocalRunner(model, self.device, fused_loss_chunk=fused)
+        self.model_parts = self.runner.model_parts  # the model, or this rank's stages
+        # Every local parameter under the full model's names (with pp: a view of all local
+        # stages): optimizer, optimizer checkpoints, MoE bookkeeping.
+        self.model = self.runner.model
         self._load_initial_weights()
         # DTensor.numel() is the global size: count the shard this rank actually holds
         n_params = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
-                       for p in self._all_parts.parameters())
+                       for p in self.model.parameters())
         self.log(f"model {cfg.model.flavor}: {self.model_args.n_layers} layers, "
                  f"{n_params / 1e6:.1f}M parameters on this rank, mesh {self.dims.describe()}, "
                  f"device {self.device}, grad accumulation {self.grad_accum}")
@@ -147,7 +133,7 @@ class Trainer:
 
     def _build_training_state(self) -> None:
         cfg = self.cfg
-        self.optimizer = build_optimizer(self._all_parts, cfg.optimizer, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
         dp_rank = self._dp_rank()
         v = cfg.validation  # with split_fraction, the held-out conversations are never trained on
@@ -157,13 +143,13 @@ class Trainer:
             prefetch=cfg.data.prefetch, holdout=v.split_fraction if v.enable else 0.0)
         self.validator = Validator(self) if v.enable else None
         # Aux-loss gradients average over every forward of a step (pipeline microbatches too).
-        forwards = self.grad_accum * (self.pipeline.microbatches if self.pipeline else 1)
-        for moe in moe_layers(self._all_parts):
+        forwards = self.grad_accum * self.runner.microbatches
+        for moe in moe_layers(self.model):
             moe.aux_loss_scale = 1.0 / forwards
         self.checkpointer = CheckpointManager(
             cfg.checkpoint, cfg.job.dump_folder,
             {"model": ModelState(self.model_parts),
-             "optimizer": OptimizerState([self._all_parts], [self.optimizer]),
+             "optimizer": OptimizerState([self.model], [self.optimizer]),
              "train": TrainState(self)},
             log=self.log)
         resumed = self.checkpointer.load_latest() if cfg.checkpoint.enable else None
@@ -194,102 +180,51 @@ class Trainer:
         return self._token_group()
 
     # ------------------------------------------------------------------ one step
-    def _forward_backward(self, micro: dict, loss_scale: float) -> torch.Tensor:
-        if self.pipeline is not None:  # the schedule runs every stage's forward and backward
-            return self.pipeline.forward_backward(micro, loss_scale)
-        tokens = micro["tokens"].to(self.device, non_blocking=True)
-        labels = micro["labels"].to(self.device, non_blocking=True)
-        positions = micro["positions"].to(self.device, non_blocking=True)
-        doc_ids = micro.get("document_ids")
-        doc_ids = doc_ids.to(self.device, non_blocking=True) if doc_ids is not None else None
-        chunk = self.cfg.training.loss_chunk_size
-        if chunk > 0 and self.dims.tp == 1:  # fused head + loss: no [tokens, vocab] logits kept
-            loss_sum = self.model(tokens, positions=positions, document_ids=doc_ids,
-                                  labels=labels, loss_chunk_size=chunk)
-            (loss_sum * loss_scale).backward()
-            return loss_sum.detach()
-        logits = self.model(tokens, positions=positions, document_ids=doc_ids)
-        # Loss parallel (TP): logits arrive as a vocab-sharded DTensor; cross entropy and its
-        # backward must both run under loss_parallel(), and the summed loss is a Replicate DTensor.
-        vocab_sharded = hasattr(logits, "placements")
-        with _loss_parallel_context(vocab_sharded):
-            loss_sum = cross_entropy_sum(logits, labels)
-            (loss_sum * loss_scale).backward()
-        if vocab_sharded:
-            loss_sum = loss_sum.full_tensor()
-        return loss_sum.detach()
-
     def eval_loss_sum(self, micro: dict) -> torch.Tensor:
-        """Summed token loss of a micro-batch without training on it (validation). A pipeline
-        schedule always runs the backward: the caller drops those gradients."""
-        if self.pipeline is not None:
-            return self.pipeline.forward_backward(micro, 1.0)
-        tokens, labels, positions = (micro[k].to(self.device, non_blocking=True)
-                                     for k in ("tokens", "labels", "positions"))
-        doc_ids = micro.get("document_ids")
-        doc_ids = doc_ids.to(self.device, non_blocking=True) if doc_ids is not None else None
-        chunk = self.cfg.training.loss_chunk_size
-        with torch.no_grad():
-            if chunk > 0 and self.dims.tp == 1:
-                return self.model(tokens, positions=positions, document_ids=doc_ids,
-                                  labels=labels, loss_chunk_size=chunk)
-            logits = self.model(tokens, positions=positions, document_ids=doc_ids)
-            vocab_sharded = hasattr(logits, "placements")
-            with _loss_parallel_context(vocab_sharded):
-                loss_sum = cross_entropy_sum(logits, labels)
-            return loss_sum.full_tensor() if vocab_sharded else loss_sum
+        """Summed token loss of a micro-batch without training on it (validation.py)."""
+        return self.runner.eval_loss_sum(micro)
 
     def share_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """The loss summed where it was computed (pipeline: the last stage) on every rank."""
-        if self.pipeline is not None:
-            self.pipeline.share_loss(loss_sum)
-        return loss_sum
+        return self.runner.share_loss(loss_sum)
 
     def train_step(self, batch: dict) -> tuple[float, float]:
-        """One optimizer step on this rank's slice of the global batch; returns (loss, grad_norm)
-        where loss is the mean token loss over the whole global batch."""
+        """One optimizer step's forward/backward on this rank's slice of the global batch, then
+        clipping; returns (loss, grad_norm) where loss is the mean token loss over the whole
+        global batch."""
         if self.dims.cp > 1:  # this rank's share of every sequence (positions travel along)
-            cp = self.model.context_parallel
+            cp = self.model_parts[0].context_parallel
             batch = {k: cp.shard(v, self.cfg.training.seq_len) for k, v in batch.items()}
-        micro_batches = split_microbatches(batch, self.grad_accum)
-        # Normalise by the global number of predicted tokens so that any mesh and any
-        # accumulation split give the same gradient. Gradient reduction averages over the
-        # ranks that saw different tokens (dp x cp), hence that factor.
-        local_tokens = torch.tensor(float((batch["labels"] != IGNORE_INDEX).sum()), device=self.device)
-        global_tokens = local_tokens.clone()
-        if self._token_group() is not None:
-            dist.all_reduce(global_tokens, group=self._token_group())
+        global_tokens = self._global_trained_tokens(batch)
+        # Gradient reduction averages over the ranks that saw different tokens (dp x cp),
+        # hence that factor: any mesh and any accumulation split give the same gradient.
         # max(., 1): a step whose every label is masked trains nothing instead of dividing by 0.
         loss_scale = self.dims.dp * self.dims.cp / max(global_tokens.item(), 1.0)
+        micro_batches = split_microbatches(batch, self.grad_accum)
         loss_sum = torch.zeros((), device=self.device)
         for i, micro in enumerate(micro_batches):
-            sync = i == len(micro_batches) - 1
-            with self._no_grad_sync(not sync):
-                loss_sum += self._forward_backward(micro, loss_scale)
-        if self.pipeline is not None:  # only the last stage computed the loss
-            self.pipeline.share_loss(loss_sum)
+            last = i == len(micro_batches) - 1
+            loss_sum += self.runner.forward_backward(micro, loss_scale, sync_grads=last)
+        loss_sum = self.runner.share_loss(loss_sum)
         if self._token_group() is not None:
             dist.all_reduce(loss_sum, group=self._token_group())
         loss = (loss_sum / global_tokens.clamp(min=1)).item()
         self.last_trained_tokens = int(global_tokens.item())
-        grad_norm = self._clip_grad_norm()
-        return loss, grad_norm
+        return loss, self.clip_grad_norm_()
 
-    @contextlib.contextmanager
-    def _no_grad_sync(self, skip: bool):
-        from runtime.parallel.gradients import no_gradient_sync
+    def _global_trained_tokens(self, batch: dict) -> torch.Tensor:
+        """The step's normaliser: labels that are not IGNORE_INDEX, over all micro-batches
+        and all ranks with different tokens (one all-reduce)."""
+        count = torch.tensor(float((batch["labels"] != IGNORE_INDEX).sum()), device=self.device)
+        if self._token_group() is not None:
+            dist.all_reduce(count, group=self._token_group())
+        return count
 
-        # Pipeline schedules reduce gradients themselves after their last microbatch.
-        with no_gradient_sync(self.model, skip and self.pipeline is None):
-            yield
-
-    def _clip_grad_norm(self) -> float:
-        from runtime.parallel.gradients import clip_grad_norm_
-
+    def clip_grad_norm_(self) -> float:
+        """Total gradient norm of the step (every shard and stage), clipped to
+        training.max_norm (0: not clipped). Tests wrap it to see the step's gradients."""
         max_norm = self.cfg.training.max_norm
-        if self.pipeline is not None:  # the norm over every stage (all-reduced over pp)
-            return self.pipeline.clip_grad_norm_(max_norm if max_norm > 0 else float("inf"))
-        return clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else float("inf"))
+        return self.runner.clip_grad_norm_(max_norm if max_norm > 0 else float("inf"))
 
     def optimizer_step(self, batch: dict) -> tuple[float, float, float]:
         """Everything of one training step but logging and checkpointing (also used by the
@@ -305,7 +240,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
-        update_expert_bias(self._all_parts, self._routing_group())  # every stage's layers
+        update_expert_bias(self.model, self._routing_group())  # every stage's layers
         self.tokens_seen += self.global_batch * self.cfg.training.seq_len
         return loss, grad_norm, lr
 
@@ -359,7 +294,7 @@ class Trainer:
         return out
 
     def _moe_extras(self) -> dict:
-        aux = [m.last_aux_loss for m in moe_layers(self._all_parts) if m.last_aux_loss is not None]
+        aux = [m.last_aux_loss for m in moe_layers(self.model) if m.last_aux_loss is not None]
         return {"aux_loss": float(torch.stack(aux).mean())} if aux else {}
 
 
