@@ -695,3 +695,19 @@ def test_prepared_data_refuses_another_tokenizer(tmp_path):
     (tmp_path / "prep" / "doc_offsets.npy").write_bytes(b"\x80\x04garbage")  # a planted pickle
     with pytest.raises(DataError, match=r"doc_offsets\.npy: unreadable"):
         PreparedDataset(tmp_path / "prep")
+
+
+def test_embedded_cache_unwritable(tmp_path, monkeypatch):
+    from runtime.data import Tokenizer
+    from runtime.data.errors import DataError
+
+    blocked = tmp_path / "a_file"
+    blocked.write_text("folders cannot be made under a file, even by root")
+    tok = Tokenizer.load()
+    with pytest.raises(DataError, match=r"data.cache_dir .*a_file/c: cannot write"):
+        build_dataloader({"cache_dir": str(blocked / "c")}, tok, 16, 1)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # default cache unwritable: tmp instead
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert next(build_dataloader(None, tok, 16, 1))["tokens"].shape == (1, 16)
+    assert list((tmp_path / "tmp" / "gptoss-runtime-data").iterdir())

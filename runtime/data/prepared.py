@@ -8,17 +8,20 @@ so that any rank reads exactly its own windows by offset.
                      uint32), [BOS] ... [EOS] included; a document never spans two files
   trained.bin        uint8 per token, 1 = a loss target (only when a source masks tokens)
   doc_offsets.npy    int64 [docs + 1]  global token offset of each document (+ the end)
-  doc_shard.npy      int64 [docs]      the source shard (file) of each document
-  doc_record.npy     int64 [docs]      its ordinal among the shard's records
+  doc_record.npy     int64 [docs]      its ordinal among its shard's records
   doc_index.npy      int64 [docs]      its record index (the cursor index when not shuffled)
-  shard_records.npy  int64 [shards]    records per shard, blank ones included
+  shard_records.npy  int64 [shards]    records per shard (file), blank ones included
+  shard_docs.npy     int64 [shards]    documents per shard (documents are stored shard by shard)
 
 `PreparedStream` serves exactly the stream `PackedStream` builds from the same source (same
 documents, same order, same shuffles, blank documents skipped, cursor-compatible state),
-but by arithmetic: the stream of epoch e is the epoch's document order laid end to end, so
-window w starts at token w * seq_len of that endless stream and a rank gathers only its rows
-(a searchsorted over the epoch's cumulative lengths, then one fancy index into the memory map).
-The per-rank cost of a step depends on the local batch only, never on the dp degree.
+but by arithmetic: the stream of epoch e is the epoch's shard order laid end to end, each
+shard its documents in the epoch's order, so window w starts at token w * seq_len of that
+endless stream and a rank gathers only its rows (a searchsorted over the epoch's shard ends,
+one over the shard's document ends, then one fancy index into the memory map). The index
+arrays are memory-mapped too, and a shard's shuffled order is built only when the stream
+reaches it: memory is O(shards + one shard's records), the per-rank cost of a step depends
+on the local batch only, never on the dp degree.
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ from runtime.data.packing import Document
 from runtime.data.sources import DocumentSource, permutation
 
 FORMAT = "gptoss-runtime-prepared"
-VERSION = 1
+VERSION = 2  # 2: shard_docs.npy replaces doc_shard.npy; index memory-mapped
 DEFAULT_FILE_TOKENS = 1 << 31  # ~4 GiB of uint16 per token file
-INDEX_ARRAYS = ("doc_offsets", "doc_shard", "doc_record", "doc_index", "shard_records")
+INDEX_ARRAYS = ("doc_offsets", "doc_record", "doc_index", "shard_records", "shard_docs")
 
 
 def tokenizer_info(tokenizer) -> dict:
@@ -62,7 +65,8 @@ class _Writer:
         self._fh = None
         self._trained = open(out / "trained.bin", "wb")
         self.masked = False
-        self.offsets, self.shard, self.record, self.index = [0], [], [], []
+        self.offsets, self.record, self.index = [0], [], []
+        self.shard_docs: list[int] = []
         self.max_id = -1
 
     def _open_next(self) -> None:
@@ -87,7 +91,8 @@ class _Writer:
         self._trained.write(trained.tobytes())
         self.files[-1]["tokens"] += n
         self.offsets.append(self.offsets[-1] + n)
-        self.shard.append(shard)
+        self.shard_docs.extend([0] * (shard + 1 - len(self.shard_docs)))
+        self.shard_docs[shard] += 1
         self.record.append(record)
         self.index.append(index)
 
@@ -154,7 +159,7 @@ def _write(source, encode, tmp: Path, tokenizer, batch_docs, file_tokens, log) -
             shard_records.append(record)
             if log:
                 log(f"prepared shard {shard + 1}/{source.num_shards()}: "
-                    f"{len(writer.shard) + len(pending)} documents so far")
+                    f"{len(writer.record) + len(pending)} documents so far")
             continue
         pending.append((shard, record, index, item))
         if len(pending) >= batch_docs:
@@ -162,16 +167,17 @@ def _write(source, encode, tmp: Path, tokenizer, batch_docs, file_tokens, log) -
     if pending:
         flush()
     writer.close()
-    if not writer.shard:
+    if not writer.record:
         raise DataError(f"data: no non-empty documents in {source.name}")
-    arrays = {"doc_offsets": writer.offsets, "doc_shard": writer.shard,
-              "doc_record": writer.record, "doc_index": writer.index,
-              "shard_records": shard_records}
+    shard_docs = writer.shard_docs + [0] * (len(shard_records) - len(writer.shard_docs))
+    arrays = {"doc_offsets": writer.offsets, "doc_record": writer.record,
+              "doc_index": writer.index, "shard_records": shard_records,
+              "shard_docs": shard_docs}
     for name, values in arrays.items():
         np.save(tmp / f"{name}.npy", np.asarray(values, dtype=np.int64), allow_pickle=False)
     meta = {
         "format": FORMAT, "version": VERSION, "source": source.name, "dtype": dtype.name,
-        "num_tokens": writer.offsets[-1], "num_docs": len(writer.shard),
+        "num_tokens": writer.offsets[-1], "num_docs": len(writer.record),
         "max_token_id": writer.max_id, "masked": writer.masked, "token_files": writer.files,
         "tokenizer": tokenizer_info(tokenizer),
     }
@@ -181,7 +187,7 @@ def _write(source, encode, tmp: Path, tokenizer, batch_docs, file_tokens, log) -
 
 # ============================================================================ reading
 class PreparedDataset:
-    """A prepared folder opened read-only: memory-mapped tokens and the document index."""
+    """A prepared folder opened read-only: memory-mapped tokens and document index."""
 
     def __init__(self, path: str | os.PathLike, shuffle: bool = False, seed: int = 0,
                  name: str | None = None):
@@ -190,21 +196,28 @@ class PreparedDataset:
         self.shuffle, self.seed = shuffle, seed
         # The original source's name: a streamed run's checkpoint resumes here without a warning.
         self.name = name or str(self.meta["source"])
-        idx = {n: _load_index(self.path, n) for n in INDEX_ARRAYS}
-        self.offsets, self.shard, self.index = idx["doc_offsets"], idx["doc_shard"], idx["doc_index"]
-        self.shard_records = idx["shard_records"]
         self.num_docs, self.num_tokens = int(self.meta["num_docs"]), int(self.meta["num_tokens"])
-        if len(self.offsets) != self.num_docs + 1 or int(self.offsets[-1]) != self.num_tokens:
-            raise DataError(f"{self.path}: doc_offsets.npy does not match meta.json (damaged?)")
-        self.lengths = np.diff(self.offsets)  # [docs]
-        # ordinal -> document id (-1: a blank record), shard by shard, for shuffled epochs
-        self.record_start = np.concatenate([[0], np.cumsum(self.shard_records)])
-        self.doc_of_record = np.full(int(self.record_start[-1]), -1, dtype=np.int64)
-        self.doc_of_record[self.record_start[self.shard] + idx["doc_record"]] = np.arange(
-            self.num_docs)
+        idx = {n: _load_index(self.path, n) for n in INDEX_ARRAYS}
+        self.offsets, self.record, self.index = idx["doc_offsets"], idx["doc_record"], idx["doc_index"]
+        self.shard_records = np.asarray(idx["shard_records"])  # [shards], small
+        shard_docs = np.asarray(idx["shard_docs"])
+        if (len(self.offsets) != self.num_docs + 1 or int(self.offsets[-1]) != self.num_tokens
+                or len(self.record) != self.num_docs or len(self.index) != self.num_docs
+                or len(shard_docs) != len(self.shard_records)
+                or int(shard_docs.sum()) != self.num_docs):
+            raise DataError(f"{self.path}: the document index does not match meta.json (damaged?)")
+        self.first_doc = np.concatenate([[0], np.cumsum(shard_docs)])  # [shards + 1]
+        self.shard_tokens = np.diff(np.asarray(self.offsets[self.first_doc]))  # [shards]
         self._tokens = self._map_tokens()
         self._trained = self._map("trained.bin", np.uint8, self.num_tokens) if self.meta[
             "masked"] else None
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_records)
+
+    def lengths(self, docs: np.ndarray) -> np.ndarray:
+        return self.offsets[docs + 1] - self.offsets[docs]
 
     def _map(self, name: str, dtype, count: int) -> np.ndarray:
         path = self.path / name
@@ -237,10 +250,11 @@ class PreparedDataset:
 
     def tokens_at(self, offsets: np.ndarray) -> np.ndarray:
         """int64 tokens at global token offsets (any shape)."""
-        if len(self._tokens) == 1:
-            return self._tokens[0][offsets].astype(np.int64)
-        out = np.empty(offsets.shape, dtype=np.int64)
         which = np.searchsorted(self.file_starts, offsets, side="right") - 1
+        lo, hi = int(which.min()), int(which.max())
+        if lo == hi:
+            return self._tokens[lo][offsets - self.file_starts[lo]].astype(np.int64)
+        out = np.empty(offsets.shape, dtype=np.int64)
         for f in np.unique(which):
             m = which == f
             out[m] = self._tokens[f][offsets[m] - self.file_starts[f]]
@@ -272,8 +286,8 @@ def _read_meta(path: Path) -> dict:
 
 def _load_index(path: Path, name: str) -> np.ndarray:
     file = path / f"{name}.npy"
-    try:
-        arr = np.load(file, allow_pickle=False)  # never unpickle a user-replaceable file
+    try:  # memory-mapped; never unpickle a user-replaceable file
+        arr = np.load(file, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
         raise DataError(f"{file}: unreadable: {' '.join(str(e).split())}") from None
     if arr.dtype != np.int64 or arr.ndim != 1:
@@ -281,33 +295,58 @@ def _load_index(path: Path, name: str) -> np.ndarray:
     return arr
 
 
+class _ShardOrder:
+    """One shard's documents in one epoch's order: ids, cursor indices, cumulative ends."""
+
+    def __init__(self, ds: PreparedDataset, shard: int, perm: np.ndarray | None):
+        lo, hi = int(ds.first_doc[shard]), int(ds.first_doc[shard + 1])
+        if perm is None:  # natural order: the cursor index is the record index
+            self.docs = np.arange(lo, hi, dtype=np.int64)
+            self.cursor_index = np.asarray(ds.index[lo:hi])
+            self.ends = np.asarray(ds.offsets[lo + 1:hi + 1]) - int(ds.offsets[lo])
+        else:  # FileSource's order: the shard's records permuted, blank ones skipped
+            doc_of_record = np.full(len(perm), -1, dtype=np.int64)
+            doc_of_record[np.asarray(ds.record[lo:hi])] = np.arange(lo, hi)
+            picked = doc_of_record[perm]  # [records], -1 = blank
+            self.cursor_index = np.flatnonzero(picked >= 0)  # position in the permutation
+            self.docs = picked[self.cursor_index]
+            self.ends = np.cumsum(ds.lengths(self.docs))
+        # global offset of a token = base[k] + its offset in the shard's stream (k: its doc)
+        self.base = np.asarray(ds.offsets[self.docs]) - (self.ends - ds.lengths(self.docs))
+
+    def find(self, index: int) -> int | None:
+        k = int(np.searchsorted(self.cursor_index, index))
+        return k if k < len(self.docs) and int(self.cursor_index[k]) == index else None
+
+
 class _EpochOrder:
-    """The documents of one epoch in stream order, with their cursors and cumulative ends."""
+    """One epoch: the shard order and where each shard's tokens start; shard orders on demand."""
 
     def __init__(self, ds: PreparedDataset, epoch: int):
-        if not ds.shuffle:
-            self.docs = np.arange(ds.num_docs)
-            self.cursor_shard, self.cursor_index = ds.shard, ds.index
-        else:  # FileSource's order: shards permuted, then the records inside each shard
-            n_shards = len(ds.shard_records)
-            docs, shards, index = [], [], []
-            for s, f in enumerate(permutation(n_shards, ds.seed, epoch)):
-                n = int(ds.shard_records[f])
-                in_shard = ds.doc_of_record[ds.record_start[f]: ds.record_start[f] + n]
-                picked = in_shard[permutation(n, ds.seed, epoch, s + 1)]  # [n], -1 = blank
-                kept = np.flatnonzero(picked >= 0)
-                docs.append(picked[kept])
-                index.append(kept)
-                shards.append(np.full(len(kept), s, dtype=np.int64))
-            self.docs = np.concatenate(docs)
-            self.cursor_shard, self.cursor_index = np.concatenate(shards), np.concatenate(index)
-        self.ends = np.cumsum(ds.lengths[self.docs])  # [docs] end offset inside the epoch
+        self.ds, self.epoch = ds, epoch
+        n = ds.num_shards
+        self.files = permutation(n, ds.seed, epoch) if ds.shuffle else np.arange(n)  # [shards]
+        self.ends = np.cumsum(ds.shard_tokens[self.files])  # [shards] end token in the epoch
+        docs = np.asarray(ds.first_doc[1:] - ds.first_doc[:-1])[self.files]
+        self.docs_before = np.concatenate([[0], np.cumsum(docs)[:-1]])  # [shards]
+        self._shards: dict[int, _ShardOrder] = {}
 
-    def find(self, shard: int, index: int) -> int | None:
-        """Position in this epoch of the document with cursor (shard, index), or None."""
-        lo, hi = np.searchsorted(self.cursor_shard, [shard, shard + 1])
-        k = lo + int(np.searchsorted(self.cursor_index[lo:hi], index))
-        return k if k < hi and int(self.cursor_index[k]) == index else None
+    def shard(self, position: int) -> _ShardOrder:
+        """The documents of the shard at `position` of this epoch's order (a few cached)."""
+        if position not in self._shards:
+            if len(self._shards) >= 8:
+                self._shards.pop(next(iter(self._shards)))
+            f = int(self.files[position])
+            perm = None
+            if self.ds.shuffle:  # FileSource seeds a shard by its position in the epoch
+                perm = permutation(int(self.ds.shard_records[f]), self.ds.seed, self.epoch,
+                                   position + 1)
+            self._shards[position] = _ShardOrder(self.ds, f, perm)
+        return self._shards[position]
+
+    def start(self, position: int) -> int:
+        """Token offset in the epoch where the shard at `position` starts."""
+        return int(self.ends[position] - self.ds.shard_tokens[self.files[position]])
 
 
 class PreparedStream:
@@ -322,7 +361,7 @@ class PreparedStream:
 
     def _order(self, epoch: int) -> _EpochOrder:
         if not self.ds.shuffle:
-            epoch = 0  # every epoch has the same order
+            epoch = 0  # every epoch has the same order: built once
         if epoch not in self._orders:
             if len(self._orders) >= 2:  # a step spans at most a few epochs: keep the last ones
                 self._orders.pop(min(self._orders))
@@ -350,10 +389,23 @@ class PreparedStream:
     def _locate(self, epoch: int, within: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(global token offsets, document serials) of positions `within` epoch `epoch`."""
         order = self._order(epoch)
-        k = np.searchsorted(order.ends, within, side="right")  # position in the epoch's order
-        doc = order.docs[k]
-        offsets = self.ds.offsets[doc] + within - (order.ends[k] - self.ds.lengths[doc])
-        return offsets, epoch * self.ds.num_docs + k
+        pos = np.searchsorted(order.ends, within, side="right")  # shard position of each token
+        lo, hi = int(pos.min()), int(pos.max())
+        if lo == hi:
+            offsets, k = self._locate_in_shard(order, lo, within)
+        else:
+            offsets, k = np.empty_like(within), np.empty_like(within)
+            for p in np.unique(pos):
+                m = pos == p
+                offsets[m], k[m] = self._locate_in_shard(order, int(p), within[m])
+        return offsets, epoch * self.ds.num_docs + order.docs_before[pos] + k  # serials
+
+    def _locate_in_shard(self, order: _EpochOrder, position: int, within: np.ndarray):
+        """(global token offsets, index in the shard's order) of tokens in one shard."""
+        shard = order.shard(position)
+        w = within - order.start(position)  # token offset inside the shard's stream
+        k = np.searchsorted(shard.ends, w, side="right")  # the document of each token
+        return shard.base[k] + w, k
 
     def next_windows(self, n: int, rows: slice | None = None) -> tuple[np.ndarray, ...]:
         """The next `n` windows (only `rows` of them gathered); advances n * seq_len tokens."""
@@ -368,25 +420,30 @@ class PreparedStream:
         """The cursor `PackedStream` would report at this position (same keys, same values)."""
         epoch, within = divmod(self.position, self.ds.num_tokens)
         order = self._order(epoch)
-        k = int(np.searchsorted(order.ends, within, side="right"))
-        start = int(order.ends[k] - self.ds.lengths[order.docs[k]])
-        return {"epoch": int(epoch), "shard": int(order.cursor_shard[k]),
-                "index": int(order.cursor_index[k]), "offset": int(within - start)}
+        position = int(np.searchsorted(order.ends, within, side="right"))
+        shard = order.shard(position)
+        w = within - order.start(position)
+        k = int(np.searchsorted(shard.ends, w, side="right"))
+        length = int(self.ds.lengths(shard.docs[k]))
+        return {"epoch": int(epoch), "shard": position, "index": int(shard.cursor_index[k]),
+                "offset": int(w - (shard.ends[k] - length))}
 
     def load_state_dict(self, sd: dict) -> None:
-        epoch, shard, index = int(sd["epoch"]), int(sd["shard"]), int(sd["index"])
+        epoch, position, index = int(sd["epoch"]), int(sd["shard"]), int(sd["index"])
         offset = int(sd["offset"])
         order = self._order(epoch)
-        k = order.find(shard, index)
+        k = order.shard(position).find(index) if 0 <= position < self.ds.num_shards else None
         if k is None:
-            raise DataError(f"data: resume cursor (epoch {epoch}, shard {shard}, index {index}) "
-                            f"names no document of {self.ds.name}: was the data changed?")
-        length = int(self.ds.lengths[order.docs[k]])
+            raise DataError(f"data: resume cursor (epoch {epoch}, shard {position}, index "
+                            f"{index}) names no document of {self.ds.name}: was the data changed?")
+        shard = order.shard(position)
+        length = int(self.ds.lengths(shard.docs[k]))
         if offset >= length:
             raise DataError(f"data: resume offset {offset} is past the end of document "
-                            f"{(epoch, shard, index)} ({length} tokens): was the data or the "
-                            f"tokenizer changed?")
-        self.position = epoch * self.ds.num_tokens + int(order.ends[k]) - length + offset
+                            f"{(epoch, position, index)} ({length} tokens): was the data or "
+                            f"the tokenizer changed?")
+        self.position = (epoch * self.ds.num_tokens + order.start(position)
+                         + int(shard.ends[k]) - length + offset)
 
 
 # ============================================================================ the embedded corpus
@@ -399,18 +456,27 @@ def cached_prepared(source: DocumentSource, source_file: Path, tokenizer, encode
                     cache_dir: str | os.PathLike = "") -> Path:
     """`source` (one file, e.g. the embedded corpus) prepared for `tokenizer` in the cache,
     keyed by the file's and the tokenizer's hashes; prepared on first use. Several ranks
-    may race: each writes its own temporary folder and the first rename wins."""
+    may race: each writes its own temporary folder and the first rename wins. An unwritable
+    default cache falls back to the temporary directory; an unwritable data.cache_dir is an
+    error naming it."""
     digest = hashlib.sha256(source_file.read_bytes()).hexdigest()[:16]
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    out = root / f"{source_file.name.split('.')[0]}-{digest}-{tokenizer.fingerprint}"
-    if (out / "meta.json").is_file():
-        return out
-    try:
-        prepare(source, encode, out, tokenizer)
-    except OSError:
-        if not (out / "meta.json").is_file():  # not "another rank finished first"
+    name = f"{source_file.name.split('.')[0]}-{digest}-{tokenizer.fingerprint}-v{VERSION}"
+    roots = [Path(cache_dir).expanduser()] if cache_dir else [
+        default_cache_dir(), Path(tempfile.gettempdir()) / "gptoss-runtime-data"]
+    error: OSError | None = None
+    for root in roots:
+        out = root / name
+        try:
+            if not (out / "meta.json").is_file():
+                prepare(source, encode, out, tokenizer)
+            return out
+        except OSError as e:  # unwritable, or another rank renamed its copy first
+            if (out / "meta.json").is_file():
+                return out
+            error = e
+        except DataError:  # "already exists": another rank finished first
+            if (out / "meta.json").is_file():
+                return out
             raise
-    except DataError:
-        if not (out / "meta.json").is_file():
-            raise
-    return out
+    key = "data.cache_dir" if cache_dir else "the data cache"
+    raise DataError(f"{key} {roots[-1]}: cannot write: {' '.join(str(error).split())}")
