@@ -6,7 +6,7 @@ replace it atomically; a branch from an older step refuses to mix histories."""
 import shutil
 
 import pytest
-from checkpoint_helpers import error_lines, make_trainer, run_job
+from checkpoint_helpers import error_lines, make_trainer, metrics_steps, run_job
 
 from runtime.train import manifest
 from runtime.train.checkpoint import CheckpointError, find_latest_checkpoint
@@ -112,4 +112,5 @@ def test_requeued_job_survives_a_corrupt_latest(saved, tmp_path):
     assert not error_lines(proc)
     assert "step-4 is damaged or incomplete (__0_0.distcp fails its checksum): skipped" in proc.stdout
     assert "resumed at step 2" in proc.stdout
+    assert metrics_steps(folder) == [1, 2, 3, 4, 5, 6]  # the old 3 and 4 were moved aside
     assert find_latest_checkpoint(folder / "checkpoints").name == "step-6"

@@ -286,11 +286,13 @@ _RESUME_RULES = [
     ("optimizer.eps", "optimizer", "the restored optimizer state keeps {old}", False),
     ("optimizer.weight_decay", "optimizer", "the restored optimizer state keeps {old}", False),
     ("training.seed", None, "weights and RNG state come from the checkpoint", False),
+    ("checkpoint.initial_load_", None, "the weights come from the checkpoint", False),
     ("data.", "dataloader", "the data loader resumes at the checkpoint's position "
                             "(a position in the old data)", False),
 ]
 # Differences not worth reporting on a resume.
-_QUIET_KEYS = {"checkpoint.load_step", "checkpoint.exclude_from_loading", "job.description"}
+_QUIET_KEYS = {"checkpoint.load_step", "checkpoint.exclude_from_loading", "job.description",
+               "job.dump_folder"}
 
 
 def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:

@@ -12,6 +12,7 @@ Exit codes: 0 done, 2 config error, 75 stopped by SIGUSR1/SIGTERM after saving (
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -28,9 +29,10 @@ from runtime.model.moe import moe_layers, update_expert_bias
 from runtime.parallel.parallelize import parallelize
 from runtime.parallel.pipeline import PipelineParallel
 from runtime.parallel.quantize import after_optimizer_step
-from runtime.train.checkpoint import CheckpointManager, ModelState, OptimizerState, TrainState
+from runtime.train.checkpoint import (CheckpointManager, ModelState, OptimizerState, TrainState,
+                                      lock_dump_folder)
 from runtime.train.config import JobConfig, build_parser, parse_args, validate_job
-from runtime.train.faults import StopSignal, check_finite
+from runtime.train.faults import NonFiniteLossError, StopSignal, check_finite, count_skipped_step
 from runtime.train.metrics import MetricsLogger
 from runtime.train.optim import build_lr_scheduler, build_optimizer
 from runtime.train.handback import save_last_in_hf
@@ -54,7 +56,10 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.last_trained_tokens = 0
+        self.skipped_steps = 0  # non-finite steps skipped over the run (checkpointed)
         self._init_distributed()
+        # One job per dump folder (dump_lock.py), before anything is read, built or written.
+        self.dump_lock = lock_dump_folder(cfg.job.dump_folder, self.log)
         self.model_args = cfg.model_args()
         self.dims = validate_job(cfg, self.world_size, self.model_args)
         self.tokenizer = Tokenizer.load(cfg.model.tokenizer_path)
@@ -158,7 +163,7 @@ class Trainer:
         self.metrics = MetricsLogger(
             cfg.metrics, cfg.job.dump_folder, self.model_args, cfg.training.seq_len,
             self.global_batch * cfg.training.seq_len, self.world_size, self.device,
-            is_writer=self.rank == 0)
+            is_writer=self.rank == 0, start_step=self.step)
 
     def _dp_rank(self) -> int:
         if self.mesh is None or self.dims.dp == 1:
@@ -232,11 +237,15 @@ class Trainer:
         Returns (loss, grad_norm, lr used)."""
         policy = self.cfg.training.on_nonfinite
         loss, grad_norm = self.train_step(batch)
-        if check_finite(loss, self.step, policy) and check_finite(grad_norm, self.step, policy):
+        if check_finite(loss, self.step, policy, "loss") and \
+                check_finite(grad_norm, self.step, policy, "grad norm"):
             self.optimizer.step()
             after_optimizer_step(self.model_parts)  # float8: FSDP all-gather scales (quantize.py)
         else:
-            self.log(f"step {self.step}: non-finite loss/grad norm, step skipped")
+            self.skipped_steps += 1
+            quantity, value = ("loss", loss) if not math.isfinite(loss) else ("grad norm", grad_norm)
+            self.log(count_skipped_step(self.skipped_steps, self.cfg.training.max_skipped_steps,
+                                        self.step, quantity, value))
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
@@ -283,6 +292,8 @@ class Trainer:
             stop.uninstall()
             self.checkpointer.close()
             self.metrics.close()
+            if self.dump_lock is not None:
+                self.dump_lock.release()
 
     def _data_extras(self) -> dict:
         """Trained tokens of the step (loss-masked data) and chat conversations cut or dropped
@@ -314,7 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     start = time.perf_counter()
-    code = trainer.run()
+    try:
+        code = trainer.run()
+    except NonFiniteLossError as e:  # the user's data or settings, not a bug: one line
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     trainer.log(f"finished at step {trainer.step} in {time.perf_counter() - start:.1f}s (exit {code})")
     if dist.is_initialized():
         dist.barrier()

@@ -1,0 +1,172 @@
+"""What a resume may and may not change (issue 13, items 1, 6, 7, 11): another model is
+refused before anything is loaded or pruned; changed config keys are listed, and those a
+resume cannot honour are an error or a named warning; metrics.jsonl holds every step once
+and no NaN; non-finite steps are named and capped by training.max_skipped_steps."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from checkpoint_helpers import error_lines, make_trainer, metrics_steps, run_job
+
+from runtime.train.checkpoint import CheckpointError
+from runtime.train.faults import NonFiniteLossError
+from runtime.train.metrics import truncate_metrics
+from runtime.train.optim import lr_factor
+from runtime.train.trainer import Trainer, main
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A finished 4-step run of the 2-layer tiny model: checkpoints step-2 and step-4."""
+    folder = tmp_path_factory.mktemp("saved")
+    assert make_trainer(folder).run() == 0
+    return folder
+
+
+def _copy(saved, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(saved, folder)
+    (folder / ".lock").unlink(missing_ok=True)
+    return folder
+
+
+def _step_dirs(folder):
+    return sorted(p.name for p in (folder / "checkpoints").glob("step-*"))
+
+
+# ----------------------------------------------------------------------------- item 1
+@pytest.mark.parametrize("change, named", [
+    ("--model.n_layers=1", "n_layers 2 here 1"),  # a smaller model: DCP would load a subset
+    ("--model.flavor=debugmodel", "flavor 'tiny' here 'debugmodel'"),
+])
+def test_another_model_is_refused_and_nothing_is_pruned(saved, tmp_path, change, named):
+    folder = _copy(saved, tmp_path)
+    with pytest.raises(CheckpointError, match="holds another model than this run") as err:
+        make_trainer(folder, change, "--checkpoint.keep_latest_k=1", "--training.steps=8")
+    assert named in str(err.value)
+    assert "new job.dump_folder" in str(err.value) and "model.flavor='tiny'" in str(err.value)
+    assert _step_dirs(folder) == ["step-2", "step-4"]
+
+
+def test_another_model_exits_2_with_one_line(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    proc = run_job(folder, "--model.n_layers=1", "--checkpoint.keep_latest_k=1", "--training.steps=8")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "n_layers 2 here 1" in lines[0] and "Traceback" not in proc.stderr
+    assert _step_dirs(folder) == ["step-2", "step-4"]
+
+
+def test_shapes_are_compared_without_the_identity_record(saved, tmp_path):
+    """A model-only DCP directory (hf-to-dcp output) has no runtime.json: the tensor names
+    and shapes of its index still have to match."""
+    weights = tmp_path / "weights"
+    shutil.copytree(saved / "checkpoints" / "step-4", weights)
+    with pytest.raises(CheckpointError, match="initial_load_path: .* holds another model .*"
+                                              "not in this model"):
+        make_trainer(tmp_path / "run", "--model.n_layers=1", f"--checkpoint.initial_load_path={weights}")
+
+
+# ----------------------------------------------------------------------------- item 6
+def test_changed_keys_are_listed(saved, tmp_path, capsys):
+    folder = _copy(saved, tmp_path)
+    make_trainer(folder, "--training.steps=6", "--metrics.log_freq=2")
+    out = capsys.readouterr().out
+    assert "resuming step-4 with config changes: training.steps 4 -> 6; metrics.log_freq 1 -> 2" in out
+    assert "warning" not in out
+
+
+def test_changed_lr_needs_the_scheduler_reset(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    with pytest.raises(CheckpointError, match=r"optimizer.lr = 0.001 cannot take effect .* restored "
+                                              r"lr scheduler keeps 0.003.*exclude_from_loading"):
+        make_trainer(folder, "--optimizer.lr=1e-3", "--training.steps=6")
+    trainer = make_trainer(folder, "--optimizer.lr=1e-3", "--training.steps=6",
+                           '--checkpoint.exclude_from_loading=["lr_scheduler"]')
+    assert trainer.step == 4
+    _, _, lr = trainer.optimizer_step(next(iter(trainer.dataloader)))
+    assert lr == pytest.approx(1e-3 * lr_factor(5, 6, 1, "cosine", 0.2, 0.1), rel=1e-12)
+
+
+def test_ignored_optimizer_setting_is_a_named_warning(saved, tmp_path, capsys):
+    folder = _copy(saved, tmp_path)
+    trainer = make_trainer(folder, "--optimizer.weight_decay=0.0", "--training.steps=6")
+    warnings = [l for l in capsys.readouterr().out.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1
+    assert "optimizer.weight_decay = 0.0 cannot take effect" in warnings[0]
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.1  # what the warning says
+    fresh = make_trainer(folder, "--optimizer.weight_decay=0.0", "--training.steps=6",
+                         '--checkpoint.exclude_from_loading=["optimizer"]')
+    assert fresh.optimizer.param_groups[0]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["--data.dataset_path=corpus.jsonl"], "--data.dataset_path"),
+    (["--data.dataset=path", "--data.dataset_path=a.jsonl", "--data.hf_dataset=org/x"],
+     "--data.hf_dataset"),
+])
+def test_data_keys_the_source_ignores_are_config_errors(overrides, key):
+    from runtime.errors import ConfigError
+    from runtime.train.config import load_config
+
+    with pytest.raises(ConfigError, match=rf"command line: {key} is set but (--)?data.dataset = "
+                                          r"'\w+' never reads it"):
+        load_config(None, overrides)
+
+
+# ----------------------------------------------------------------------------- item 7
+def test_truncate_metrics_keeps_each_step_once(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3, 4)]
+    path.write_text("\n".join(rows) + '\n{"step": 5, "lo')  # killed mid-line
+    assert truncate_metrics(path, 2) == 3
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
+    assert len((tmp_path / "metrics.dropped.jsonl").read_text().splitlines()) == 3
+
+
+def test_resume_after_kill_logs_every_step_once(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    shutil.rmtree(folder / "checkpoints" / "step-4")  # as if killed -9 after logging step 4
+    assert make_trainer(folder, "--training.steps=5").run() == 0
+    assert metrics_steps(folder) == [1, 2, 3, 4, 5]
+
+
+# ----------------------------------------------------------------------------- item 11
+def _poison(monkeypatch, loss=1.0, grad_norm=1.0):
+    real = Trainer.train_step
+
+    def step(self, batch):
+        real(self, batch)
+        return loss, grad_norm
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+
+
+def test_nonfinite_grad_norm_is_named(tmp_path, monkeypatch):
+    _poison(monkeypatch, grad_norm=float("inf"))
+    with pytest.raises(NonFiniteLossError, match="non-finite grad norm inf at step 1"):
+        make_trainer(tmp_path, "--checkpoint.enable=false").run()
+
+
+def test_skipped_steps_are_capped_and_logged_as_null(tmp_path, monkeypatch, capsys):
+    _poison(monkeypatch, loss=float("nan"), grad_norm=float("nan"))
+    trainer = make_trainer(tmp_path, "--training.on_nonfinite=skip", "--training.max_skipped_steps=2",
+                           "--training.steps=8")
+    with pytest.raises(NonFiniteLossError, match="training.max_skipped_steps"):
+        trainer.run()
+    assert trainer.step == 3
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] is None  # strict JSON
+    assert "step 1: non-finite loss nan, step skipped (1 of at most 2)" in capsys.readouterr().out
+
+
+def test_too_many_skipped_steps_exit_2(tmp_path, monkeypatch, capsys):
+    _poison(monkeypatch, grad_norm=float("nan"))
+    code = main(["--model.flavor=tiny", "--training.seq_len=32", "--training.local_batch_size=2",
+                 "--training.steps=8", "--training.on_nonfinite=skip", f"--job.dump_folder={tmp_path}"])
+    assert code == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "grad norm" in err[0] and "max_skipped_steps (3)" in err[0]
+    torch.set_num_threads(torch.get_num_threads())
