@@ -91,14 +91,17 @@ def test_branching_from_an_older_step_refuses_to_mix_histories(saved, tmp_path):
     assert make_trainer(folder, "--checkpoint.load_step=2").step == 2
 
 
-def test_save_over_a_damaged_step_replaces_it(saved, tmp_path):
+def test_save_over_a_damaged_step_takes_its_name_and_keeps_it_aside(saved, tmp_path, capsys):
     folder = _copy(saved, tmp_path)
     ckpt = folder / "checkpoints" / "step-4"
     _zero_range(_distcp(ckpt))
     trainer = make_trainer(folder)
     assert trainer.step == 2 and trainer.run() == 0
+    assert "the previous step-4 was kept as step-4.replaced-" in capsys.readouterr().out
     assert find_latest_checkpoint(folder / "checkpoints") == ckpt
     assert make_trainer(folder, "--training.steps=6").step == 4  # the new step-4 is intact
+    (aside,) = (folder / "checkpoints").glob("step-4.replaced-*")
+    assert manifest.check_checksums(aside, manifest.read_manifest(aside)[0], ["__0_0.distcp"])
     assert not list((folder / "checkpoints").glob(".step-*"))
 
 

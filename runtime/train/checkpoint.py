@@ -26,10 +26,11 @@ are printed; keys a resume cannot honour are an error or a named warning (see
 `_RESUME_RULES`). `checkpoint.exclude_from_loading` (torchtitan's name) takes parts from
 the config instead of the checkpoint.
 
-History: a save over an existing `step-N` replaces it atomically (it is only ever a damaged
-checkpoint this run fell back past, or a re-save of this run's own step), and a run started
-with `checkpoint.load_step=N` refuses to start while intact checkpoints after step N exist,
-since it would mix its new steps with the old run's.
+History: a save over an existing `step-N` (only ever a damaged or manifest-less checkpoint
+this run fell back past) publishes the new one under that name and keeps the old directory
+as `step-N.replaced-<time>` (never deleted unverified); a run started with
+`checkpoint.load_step=N` refuses to start while intact checkpoints after step N exist, since
+it would mix its new steps with the old run's.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,6 @@ from runtime.train.dump_lock import DumpFolderLocked, DumpLock
 from runtime.train.safe_dcp import UnsafeCheckpointError, dcp_load, read_metadata_file
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_REPLACED_DIR = re.compile(r"^\.step-(\d+)\.old$")
 LATEST = "latest"
 RUNTIME_JSON = "runtime.json"
 RUNTIME_FORMAT = 1
@@ -385,13 +386,6 @@ class CheckpointManager:
     def _clean_interrupted(self) -> None:
         for stale in self.folder.glob(".step-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-        for old in self.folder.glob(".step-*.old"):  # killed in the middle of a replace
-            match = _REPLACED_DIR.match(old.name)
-            final = self.folder / f"step-{match.group(1)}" if match else None
-            if final is not None and not final.exists():
-                os.rename(old, final)
-            else:
-                shutil.rmtree(old, ignore_errors=True)
 
     def _warn(self, msg: str) -> None:
         self.log(f"warning: {msg}")
@@ -599,13 +593,16 @@ class CheckpointManager:
 
     def _publish(self, step: int, tmp: Path) -> None:
         final = self.folder / f"step-{step}"
-        if final.exists():  # a damaged checkpoint this run fell back past: replace it
-            old = self.folder / f".step-{step}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
+        if final.exists():
+            # Only a checkpoint this run fell back past (damaged, or without a manifest: an
+            # older version's) can be here. It is renamed aside, never deleted: no data this
+            # run could not verify as garbage is lost. A kill between the renames leaves it
+            # aside and the older checkpoints in place.
+            aside = self.folder / f"step-{step}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
+            os.rename(final, aside)
             os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-            self.log(f"checkpoint step {step}: replaced the previous {final.name}")
+            self._warn(f"checkpoint step {step}: the previous {final.name} was kept as "
+                       f"{aside.name} (delete it once you do not need it)")
         else:
             os.rename(tmp, final)
         pointer_tmp = self.folder / f".{LATEST}.tmp"
