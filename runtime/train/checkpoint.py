@@ -223,6 +223,8 @@ def _plain(obj: Any) -> Any:
         return [_plain(v) for v in obj]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
+    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():  # numpy scalars
+        return obj.item()
     raise TypeError(f"checkpoint train state: cannot store {type(obj).__name__} as JSON")
 
 
