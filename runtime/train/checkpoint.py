@@ -23,7 +23,7 @@ Load (resume): the newest `step-N` whose files match its manifest; a damaged or 
 one is skipped with a one-line warning. Before anything is loaded: the checkpoint's model
 (ModelArgs and every tensor shape) must equal this run's, and the config keys that differ
 are printed; keys a resume cannot honour are an error or a named warning (see
-`_RESUME_RULES`). `checkpoint.exclude_from_loading` (torchtitan's name) takes parts from
+resume_checks.py). `checkpoint.exclude_from_loading` (torchtitan's name) takes parts from
 the config instead of the checkpoint.
 
 History: a save over an existing `step-N` (only ever a damaged or manifest-less checkpoint
@@ -47,7 +47,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -60,18 +59,15 @@ from torch.distributed.checkpoint.stateful import Stateful
 from runtime.errors import ConfigError
 from runtime.train import manifest
 from runtime.train.dump_lock import DumpFolderLocked, DumpLock
+from runtime.train.resume_checks import (config_differences, describe_changes, model_identity,
+                                         model_mismatch, shape_differences, stored_model_shapes,
+                                         unhonoured_changes)
 from runtime.train.safe_dcp import UnsafeCheckpointError, dcp_load, read_metadata_file
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 LATEST = "latest"
 RUNTIME_JSON = "runtime.json"
 RUNTIME_FORMAT = 1
-EXCLUDABLE = ("optimizer", "lr_scheduler", "dataloader")
-
-# ModelArgs fields that do not change the weights' meaning: may differ on resume.
-_NOT_IDENTITY = {"attn_backend", "moe_impl", "compute_dtype", "init_std", "load_balance_coeff",
-                 "aux_loss_coeff", "max_seq_len"}
-
 
 class CheckpointError(ConfigError):
     """A checkpoint cannot be used as asked; one line, exit code 2 (like any ConfigError)."""
@@ -239,80 +235,6 @@ def _restart_schedule_at(scheduler, step: int) -> None:
     scheduler._last_lr = lrs
 
 
-def model_identity(flavor: str, args) -> dict[str, Any]:
-    fields = {k: v for k, v in args.to_dict().items() if k not in _NOT_IDENTITY}
-    return {"flavor": flavor, "args": _plain(fields)}
-
-
-# ------------------------------------------------------------------------- comparisons
-
-def _identity_differences(saved: dict, current: dict) -> list[str]:
-    old, new = saved.get("args", {}), current["args"]
-    out = [f"{k} {old.get(k)!r} here {new.get(k)!r}" for k in sorted(set(old) | set(new))
-           if old.get(k) != new.get(k)]
-    if out and saved.get("flavor") != current["flavor"]:
-        out.insert(0, f"flavor {saved.get('flavor')!r} here {current['flavor']!r}")
-    return out
-
-
-def _shape_differences(stored: dict[str, tuple], run: dict[str, tuple]) -> list[str]:
-    missing = sorted(set(run) - set(stored))
-    extra = sorted(set(stored) - set(run))
-    differ = sorted(k for k in set(run) & set(stored) if tuple(run[k]) != tuple(stored[k]))
-    out = []
-    if missing:
-        out.append(f"{len(missing)} tensors of this model are not in it (e.g. {missing[0]})")
-    if extra:
-        out.append(f"{len(extra)} of its tensors are not in this model (e.g. {extra[0]})")
-    for k in differ[:2]:
-        out.append(f"{k} is {list(stored[k])} there, {list(run[k])} here")
-    if len(differ) > 2:
-        out.append(f"{len(differ) - 2} more shapes differ")
-    return out
-
-
-def stored_model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """name -> shape of every tensor under the checkpoint's "model" key (safe metadata read)."""
-    metadata = read_metadata_file(path / ".metadata")
-    return {key[len("model."):]: tuple(meta.size)
-            for key, meta in metadata.state_dict_metadata.items()
-            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
-
-
-# What a resume does with a config key whose value differs from the checkpoint's:
-# (key prefix, the exclude_from_loading part that lets it apply, why it cannot apply otherwise,
-#  error?). Keys not listed take effect.
-_RESUME_RULES = [
-    ("optimizer.lr", "lr_scheduler", "the restored lr scheduler keeps {old}", True),
-    ("optimizer.beta1", "optimizer", "the restored optimizer state keeps {old}", False),
-    ("optimizer.beta2", "optimizer", "the restored optimizer state keeps {old}", False),
-    ("optimizer.eps", "optimizer", "the restored optimizer state keeps {old}", False),
-    ("optimizer.weight_decay", "optimizer", "the restored optimizer state keeps {old}", False),
-    ("training.seed", None, "weights and RNG state come from the checkpoint", False),
-    ("checkpoint.initial_load_", None, "the weights come from the checkpoint", False),
-    ("data.", "dataloader", "the data loader resumes at the checkpoint's position "
-                            "(a position in the old data)", False),
-]
-# Differences not worth reporting on a resume.
-_QUIET_KEYS = {"checkpoint.load_step", "checkpoint.exclude_from_loading", "job.description",
-               "job.dump_folder"}
-
-
-def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
-    out = []
-    for section, values in current.items():
-        for key, value in values.items():
-            name = f"{section}.{key}"
-            old = saved.get(section, {}).get(key, value)
-            if old != value and name not in _QUIET_KEYS:
-                out.append((name, old, value))
-    return out
-
-
-def _fmt(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (str, list)) else repr(value)
-
-
 # ------------------------------------------------------------------------- folder scanning
 
 def step_dirs(folder: Path) -> list[tuple[int, Path]]:
@@ -456,23 +378,14 @@ class CheckpointManager:
     def _check_model(self, path: Path, saved_identity: dict | None) -> None:
         """Same ModelArgs and the same tensor names and shapes, before anything is loaded."""
         train: TrainState = self.states["train"]
-        current = train.model_identity()
-        details = _identity_differences(saved_identity, current) if saved_identity else []
         try:
             stored = stored_model_shapes(path)
         except UnsafeCheckpointError as e:
             raise CheckpointError(str(e)) from None
-        details = details or _shape_differences(stored, self.states["model"].global_shapes())
-        if details:
-            saved = (saved_identity or {}).get("args", {})
-            hint = f"model.flavor={saved_identity['flavor']!r}" if saved_identity else "its model settings"
-            if saved.get("n_layers") is not None:
-                hint += f" model.n_layers={saved['n_layers']}"
-            raise CheckpointError(
-                f"checkpoint {path} holds another model than this run ({'; '.join(details)}); "
-                f"nothing was loaded or deleted. To start this model fresh, use a new "
-                f"job.dump_folder (or checkpoint.folder); to continue the checkpoint, run with "
-                f"{hint}")
+        problem = model_mismatch(path, saved_identity, train.model_identity(), stored,
+                                 self.states["model"].global_shapes())
+        if problem:
+            raise CheckpointError(problem)
 
     def _check_history(self, path: Path) -> None:
         """checkpoint.load_step=N with intact-looking checkpoints after N: refuse rather than
@@ -490,22 +403,13 @@ class CheckpointManager:
     def _check_config(self, path: Path, saved_config: dict) -> None:
         train: TrainState = self.states["train"]
         diffs = config_differences(saved_config, train.config())
-        if not diffs:
-            return
-        self.log(f"resuming {path.name} with config changes: "
-                 + "; ".join(f"{k} {_fmt(a)} -> {_fmt(b)}" for k, a, b in diffs))
-        for key, old, new in diffs:
-            for prefix, part, why, is_error in _RESUME_RULES:
-                if not key.startswith(prefix) or (part is not None and part in self.exclude):
-                    continue
-                remedy = (f"add \"{part}\" to checkpoint.exclude_from_loading to take it from "
-                          f"this config" if part else "it only applies to a fresh run")
-                text = f"{key} = {_fmt(new)} cannot take effect on this resume: " \
-                       f"{why.format(old=_fmt(old))}; {remedy}"
-                if is_error:
-                    raise CheckpointError(f"{text}, or set it back to {_fmt(old)}")
-                self._warn(text)
-                break
+        if diffs:
+            self.log(f"resuming {path.name} with config changes: {describe_changes(diffs)}")
+        warnings, error = unhonoured_changes(diffs, self.exclude)
+        if error:
+            raise CheckpointError(error)
+        for text in warnings:
+            self._warn(text)
 
     @staticmethod
     def load_model_only(model_state: ModelState, path: str) -> None:
@@ -519,7 +423,7 @@ class CheckpointManager:
             if problem:
                 raise CheckpointError(f"checkpoint.initial_load_path: {path} is damaged ({problem})")
         try:
-            details = _shape_differences(stored_model_shapes(folder), model_state.global_shapes())
+            details = shape_differences(stored_model_shapes(folder), model_state.global_shapes())
             if details:
                 raise CheckpointError(f"checkpoint.initial_load_path: {path} holds another model "
                                       f"than this run ({'; '.join(details)}); nothing was loaded")

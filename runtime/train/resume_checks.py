@@ -1,0 +1,138 @@
+"""What a resume compares before it loads anything: the model and the config.
+
+- The model: the checkpoint's runtime.json names the flavor and the ModelArgs that shape the
+  weights, and its DCP index holds every tensor's name and full shape. Both must equal this
+  run's; DCP alone would happily load the subset a smaller model asks for.
+- The config: the keys that differ from the checkpoint's are listed; the few a resume cannot
+  honour (the restored optimizer / lr scheduler / data position win) are an error or a named
+  warning, each with the `checkpoint.exclude_from_loading` part that lets the config win.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from runtime.train.safe_dcp import read_metadata_file
+
+# ModelArgs fields that do not change the weights' meaning: may differ on resume.
+NOT_IDENTITY = {"attn_backend", "moe_impl", "compute_dtype", "init_std", "load_balance_coeff",
+                "aux_loss_coeff", "max_seq_len"}
+
+
+def model_identity(flavor: str, args) -> dict[str, Any]:
+    """JSON-ready {"flavor", "args"} of the fields that define the weights."""
+    fields = {k: list(v) if isinstance(v, tuple) else v
+              for k, v in args.to_dict().items() if k not in NOT_IDENTITY}
+    return {"flavor": flavor, "args": fields}
+
+
+def identity_differences(saved: dict, current: dict) -> list[str]:
+    old, new = saved.get("args", {}), current["args"]
+    out = [f"{k} {old.get(k)!r} here {new.get(k)!r}" for k in sorted(set(old) | set(new))
+           if old.get(k) != new.get(k)]
+    if out and saved.get("flavor") != current["flavor"]:
+        out.insert(0, f"flavor {saved.get('flavor')!r} here {current['flavor']!r}")
+    return out
+
+
+def shape_differences(stored: dict[str, tuple], run: dict[str, tuple]) -> list[str]:
+    missing = sorted(set(run) - set(stored))
+    extra = sorted(set(stored) - set(run))
+    differ = sorted(k for k in set(run) & set(stored) if tuple(run[k]) != tuple(stored[k]))
+    out = []
+    if missing:
+        out.append(f"{len(missing)} tensors of this model are not in it (e.g. {missing[0]})")
+    if extra:
+        out.append(f"{len(extra)} of its tensors are not in this model (e.g. {extra[0]})")
+    for k in differ[:2]:
+        out.append(f"{k} is {list(stored[k])} there, {list(run[k])} here")
+    if len(differ) > 2:
+        out.append(f"{len(differ) - 2} more shapes differ")
+    return out
+
+
+def stored_model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor under the checkpoint's "model" key (safe metadata read)."""
+    metadata = read_metadata_file(path / ".metadata")
+    return {key[len("model."):]: tuple(meta.size)
+            for key, meta in metadata.state_dict_metadata.items()
+            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+
+
+def model_mismatch(path: Path, saved_identity: dict | None, current_identity: dict,
+                   stored_shapes: dict, run_shapes: dict) -> str | None:
+    """One line saying how the checkpoint's model differs from this run's, or None."""
+    details = identity_differences(saved_identity, current_identity) if saved_identity else []
+    details = details or shape_differences(stored_shapes, run_shapes)
+    if not details:
+        return None
+    hint = "its model settings"
+    if saved_identity:
+        hint = f"model.flavor={saved_identity['flavor']!r}"
+        n_layers = saved_identity.get("args", {}).get("n_layers")
+        hint += f" model.n_layers={n_layers}" if n_layers is not None else ""
+    return (f"checkpoint {path} holds another model than this run ({'; '.join(details)}); "
+            f"nothing was loaded or deleted. To start this model fresh, use a new "
+            f"job.dump_folder (or checkpoint.folder); to continue the checkpoint, run with {hint}")
+
+
+# What a resume does with a config key whose value differs from the checkpoint's:
+# (key prefix, the exclude_from_loading part that lets it apply, why it cannot apply otherwise,
+#  error?). Keys not listed take effect.
+RESUME_RULES = [
+    ("optimizer.lr", "lr_scheduler", "the restored lr scheduler keeps {old}", True),
+    ("optimizer.beta1", "optimizer", "the restored optimizer state keeps {old}", False),
+    ("optimizer.beta2", "optimizer", "the restored optimizer state keeps {old}", False),
+    ("optimizer.eps", "optimizer", "the restored optimizer state keeps {old}", False),
+    ("optimizer.weight_decay", "optimizer", "the restored optimizer state keeps {old}", False),
+    ("training.seed", None, "weights and RNG state come from the checkpoint", False),
+    ("checkpoint.initial_load_", None, "the weights come from the checkpoint", False),
+    ("data.", "dataloader", "the data loader resumes at the checkpoint's position "
+                            "(a position in the old data)", False),
+]
+# Differences not worth reporting on a resume.
+QUIET_KEYS = {"checkpoint.load_step", "checkpoint.exclude_from_loading", "job.description",
+              "job.dump_folder"}
+
+
+def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """(section.key, checkpoint's value, this run's value) of every reportable difference."""
+    out = []
+    for section, values in current.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            old = saved.get(section, {}).get(key, value)
+            if old != value and name not in QUIET_KEYS:
+                out.append((name, old, value))
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (str, list)) else repr(value)
+
+
+def describe_changes(diffs: list[tuple[str, Any, Any]]) -> str:
+    return "; ".join(f"{k} {_fmt(a)} -> {_fmt(b)}" for k, a, b in diffs)
+
+
+def unhonoured_changes(diffs: list[tuple[str, Any, Any]],
+                       exclude: list[str]) -> tuple[list[str], str | None]:
+    """(warnings, error) for the differences this resume cannot apply."""
+    warnings = []
+    for key, old, new in diffs:
+        rule = next((r for r in RESUME_RULES if key.startswith(r[0])), None)
+        if rule is None or (rule[1] is not None and rule[1] in exclude):
+            continue
+        _, part, why, is_error = rule
+        remedy = (f"add \"{part}\" to checkpoint.exclude_from_loading to take it from this "
+                  f"config" if part else "it only applies to a fresh run")
+        text = (f"{key} = {_fmt(new)} cannot take effect on this resume: "
+                f"{why.format(old=_fmt(old))}; {remedy}")
+        if is_error:
+            return warnings, f"{text}, or set it back to {_fmt(old)}"
+        warnings.append(text)
+    return warnings, None
