@@ -30,14 +30,17 @@ def make_trainer(folder: Path, *extra: str) -> Trainer:
     return Trainer(load_config(None, BASE + [f"--job.dump_folder={folder}", *extra]))
 
 
-def run_job(folder: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """The real entry point in a fresh process (what Slurm runs)."""
+def job_command(folder: Path, *extra: str) -> tuple[list[str], dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return subprocess.run(
-        [sys.executable, "-m", "runtime.train", *BASE, f"--job.dump_folder={folder}", *extra],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return [sys.executable, "-m", "runtime.train", *BASE, f"--job.dump_folder={folder}", *extra], env
+
+
+def run_job(folder: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real entry point in a fresh process (what Slurm runs)."""
+    cmd, env = job_command(folder, *extra)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:

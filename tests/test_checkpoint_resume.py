@@ -5,12 +5,15 @@ and no NaN; non-finite steps are named and capped by training.max_skipped_steps.
 
 import json
 import shutil
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
-from checkpoint_helpers import error_lines, make_trainer, metrics_steps, run_job
+from checkpoint_helpers import ROOT, error_lines, job_command, make_trainer, metrics_steps, run_job
 
-from runtime.train.checkpoint import CheckpointError
+from runtime.train.checkpoint import CheckpointError, find_latest_checkpoint
 from runtime.train.faults import NonFiniteLossError
 from runtime.train.metrics import truncate_metrics
 from runtime.train.optim import lr_factor
@@ -124,6 +127,31 @@ def test_truncate_metrics_keeps_each_step_once(tmp_path):
     assert truncate_metrics(path, 2) == 3
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
     assert len((tmp_path / "metrics.dropped.jsonl").read_text().splitlines()) == 3
+
+
+def test_kill_9_then_resume_logs_every_step_once(tmp_path):
+    """A job killed -9 mid-run (after logging steps its last checkpoint does not hold, maybe
+    mid-save, leaving its lock behind) is rerun: every step appears once in metrics.jsonl."""
+    cmd, env = job_command(tmp_path, "--training.steps=100000", "--metrics.log_freq=1")
+    job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and job.poll() is None:
+            path = tmp_path / "metrics.jsonl"
+            if path.exists() and path.read_text().count("\n") >= 7:
+                break
+            time.sleep(0.02)
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    assert job.returncode == -signal.SIGKILL
+    resume_at = int(find_latest_checkpoint(tmp_path / "checkpoints").name.split("-")[1])
+    logged = metrics_steps(tmp_path)
+    assert len(logged) >= 7 and max(logged) >= resume_at
+    proc = run_job(tmp_path, f"--training.steps={resume_at + 3}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert metrics_steps(tmp_path) == list(range(1, resume_at + 4))
 
 
 def test_resume_after_kill_logs_every_step_once(saved, tmp_path):
