@@ -1,6 +1,8 @@
 """Observability: Weights & Biases (a fake `wandb` module, never the network), torch.profiler
 traces per rank, memory snapshots, and the trainer's log lines (tiny model, CPU)."""
 
+import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -8,9 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from parallel_harness import BASE as PARITY_BASE
+from parallel_harness import run_distributed
+from runtime.train import trainer as trainer_module
 from runtime.train.config import load_config
 from runtime.train.profiling import StepProfiler
-from runtime.train.trainer import main
+from runtime.train.trainer import Trainer, main
 from runtime.train.wandb_logger import RUN_ID_FILE, WandbLogger, run_name
 
 TINY = ["--model.flavor=tiny", "--training.seq_len=32", "--training.local_batch_size=2",
@@ -53,6 +58,29 @@ def job(tmp_path: Path, *extra: str):
 
 # --------------------------------------------------------------------------- W&B
 
+def test_wandb_gets_config_once_every_step_and_finish(tmp_path, fake_wandb, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NAME", "gptoss-debug")
+    cfg = job(tmp_path, "--training.steps=3", "--metrics.enable_wandb",
+              "--metrics.wandb_mode=offline")
+    assert Trainer(cfg).run() == 0
+
+    kinds = [c[0] for c in fake_wandb.calls]
+    assert kinds == ["init", "log", "log", "log", "finish"], kinds
+    init = fake_wandb.calls[0][1]
+    assert init["config"] == cfg.to_dict()  # the resolved config, logged once at init
+    assert init["mode"] == "offline" and init["dir"] == str(tmp_path)
+    assert init["project"] == "gptoss-runtime" and init["name"] == "gptoss-debug-4242"
+    assert init["id"] == (tmp_path / RUN_ID_FILE).read_text().strip()
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [(c[2], c[1]) for c in fake_wandb.calls if c[0] == "log"]
+    assert [step for step, _ in logged] == [1, 2, 3]
+    for (step, values), row in zip(logged, rows):
+        assert values["loss"] == row["loss"] and values["grad_norm"] == row["grad_norm"]
+        assert "step" not in values and "mfu" not in values  # mfu is None on CPU
+
+
 def test_wandb_names_and_mode_resolution(tmp_path, fake_wandb, monkeypatch):
     cfg = job(tmp_path / "my-run")
     assert run_name(cfg.metrics, str(tmp_path / "my-run")) == "my-run"
@@ -78,10 +106,36 @@ def test_wandb_names_and_mode_resolution(tmp_path, fake_wandb, monkeypatch):
     assert fake_wandb.calls[-1][0] == "finish"
 
 
+def test_wandb_not_installed_is_a_config_error_before_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+
+    def never(*args, **kwargs):
+        raise AssertionError("the distributed environment was set up")
+
+    monkeypatch.setattr(trainer_module, "setup_distributed_env", never)
+    out = tmp_path / "out"
+    code = main([*TINY, f"--job.dump_folder={out}", "--metrics.enable_wandb"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "metrics.enable_wandb" in err and "pip install" in err
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- profiling
 
 PROFILE_3 = ["--profiling.enable_profiling", "--profiling.profile_freq=3",
              "--profiling.profiler_warmup=1", "--profiling.profiler_active=1"]
+
+
+def test_profiled_3_step_run_writes_a_trace_per_rank(tmp_path):
+    overrides = PARITY_BASE + ["--training.local_batch_size=2", *PROFILE_3]
+    run_distributed(2, overrides, steps=3, out_dir=tmp_path)
+    traces = tmp_path / "job" / "profile_traces"
+    assert sorted(p.name for p in traces.iterdir()) == ["iteration_3"]
+    for rank in range(2):
+        events = json.loads((traces / "iteration_3" / f"rank{rank}_trace.json").read_text())
+        names = {e.get("name", "") for e in events["traceEvents"]}
+        assert any(n.startswith("aten::") for n in names), rank  # the step's ops were recorded
 
 
 def _work():
@@ -123,3 +177,26 @@ def test_memory_snapshots_every_freq_and_on_oom(tmp_path):
     assert sorted(d.name for d in folder.iterdir()) == ["iteration_2", "iteration_4_oom"]
     for name in ("iteration_2", "iteration_4_oom"):
         assert (folder / name / "rank0_memory_snapshot.pickle").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- log lines
+
+def test_log_lines_timestamps_folders_parameter_counts(tmp_path, capsys):
+    cfg = job(tmp_path, "--training.steps=2", "--checkpoint.enable=true",
+              "--checkpoint.interval=5", "--profiling.enable_memory_snapshot")
+    assert Trainer(cfg).run() == 0
+    out = capsys.readouterr().out.splitlines()
+
+    steps = [line for line in out if re.search(r"\bstep +\d+ \|", line)]
+    assert len(steps) == 2
+    for line in steps:
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step +\d+ \| loss ", line), line
+    assert f"dump folder {tmp_path} | checkpoint folder {tmp_path / 'checkpoints'} " \
+           f"(every 5 steps)" in out
+    params = next(line for line in out if "parameters (model total)" in line)
+    total, per_rank = re.search(r"([\d.]+)M parameters \(model total\), ([\d.]+)M on rank 0 "
+                                r"\(per rank\)", params).groups()
+    assert total == per_rank  # one process holds the whole model
+    assert any(line.startswith("warning: profiling.enable_memory_snapshot: memory snapshots "
+                               "need CUDA") for line in out)
+    assert not (tmp_path / "memory_snapshot").exists()

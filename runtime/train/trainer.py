@@ -36,9 +36,11 @@ from runtime.train.faults import NonFiniteLossError, StopSignal, check_finite, c
 from runtime.train.metrics import MetricsLogger
 from runtime.train.optim import build_lr_scheduler, build_optimizer
 from runtime.train.handback import save_last_in_hf
+from runtime.train.profiling import StepProfiler
 from runtime.train.runner import LocalRunner, materialize
 from runtime.train.slurm_env import setup_distributed_env
 from runtime.train.validate import Validator
+from runtime.train.wandb_logger import WandbLogger, require_wandb
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -56,10 +58,12 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.last_trained_tokens = 0
+        self._wandb = require_wandb(cfg.metrics)  # not installed: a config error, nothing built
         self.skipped_steps = 0  # non-finite steps skipped over the run (checkpointed)
         self._init_distributed()
         # One job per dump folder (dump_lock.py), before anything is read, built or written.
         self.dump_lock = lock_dump_folder(cfg.job.dump_folder, self.log)
+        self._log_folders()
         self.model_args = cfg.model_args()
         self.dims = validate_job(cfg, self.world_size, self.model_args)
         self.tokenizer = Tokenizer.load(cfg.model.tokenizer_path)
@@ -88,6 +92,13 @@ class Trainer:
         if self.rank == 0:
             print(msg, flush=True)
 
+    def _log_folders(self) -> None:
+        dump = os.path.abspath(self.cfg.job.dump_folder)
+        ckpt = self.cfg.checkpoint
+        state = f"every {ckpt.interval} steps" if ckpt.enable else "disabled"
+        self.log(f"dump folder {dump} | checkpoint folder {os.path.join(dump, ckpt.folder)} "
+                 f"({state})")
+
     def _build_model(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.training.seed)
@@ -95,6 +106,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         with torch.device("meta"):
             model = GptOssModel(self.model_args)
+        total_params = sum(p.numel() for p in model.parameters())
         self.mesh = self.dims.build_mesh(self.device.type) if self.world_size > 1 else None
 
         def parallelize_part(part):
@@ -121,8 +133,10 @@ class Trainer:
         n_params = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
                        for p in self.model.parameters())
         self.log(f"model {cfg.model.flavor}: {self.model_args.n_layers} layers, "
-                 f"{n_params / 1e6:.1f}M parameters on this rank, mesh {self.dims.describe()}, "
-                 f"device {self.device}, grad accumulation {self.grad_accum}")
+                 f"{total_params / 1e6:.1f}M parameters (model total), "
+                 f"{n_params / 1e6:.1f}M on rank {self.rank} (per rank), "
+                 f"mesh {self.dims.describe()}, device {self.device}, "
+                 f"grad accumulation {self.grad_accum}")
 
     def _load_initial_weights(self) -> None:
         ckpt = self.cfg.checkpoint
@@ -163,7 +177,9 @@ class Trainer:
         self.metrics = MetricsLogger(
             cfg.metrics, cfg.job.dump_folder, self.model_args, cfg.training.seq_len,
             self.global_batch * cfg.training.seq_len, self.world_size, self.device,
-            is_writer=self.rank == 0, start_step=self.step)
+            is_writer=self.rank == 0, start_step=self.step,
+            sinks=[WandbLogger(self._wandb, cfg, cfg.job.dump_folder)]
+            if self._wandb is not None and self.rank == 0 else [])
 
     def _dp_rank(self) -> int:
         if self.mesh is None or self.dims.dp == 1:
@@ -264,6 +280,8 @@ class Trainer:
             self.log("compiling the transformer blocks during the first step (can take minutes)")
         self.metrics.reset_timer()
         data = iter(self.dataloader)
+        profiler = StepProfiler(cfg.profiling, cfg.job.dump_folder, self.rank, self.device,
+                                self.step, self.log).start()
         try:
             while self.step < last_step:
                 self.step += 1
@@ -276,6 +294,8 @@ class Trainer:
                                  force=self.step == last_step or validate)
                 if validate:
                     self.metrics.reset_timer()  # keep evaluation time out of tokens/s
+                if profiler.step():
+                    self.metrics.reset_timer()  # keep trace/snapshot writing out of tokens/s
                 stopping = stop.should_stop(self.device)
                 if self.checkpointer.should_save(self.step, last_step) or (stopping and cfg.checkpoint.enable):
                     self.checkpointer.save(self.step, force_sync=stopping or self.step == last_step)
@@ -288,7 +308,11 @@ class Trainer:
                 self.log(f"HF checkpoint (weights, config, tokenizer, chat template): "
                          f"{save_last_in_hf(self)}")
             return 0
+        except torch.OutOfMemoryError:
+            profiler.dump_oom_snapshot(self.step)  # with enable_memory_snapshot, on CUDA
+            raise
         finally:
+            profiler.close()
             stop.uninstall()
             self.checkpointer.close()
             self.metrics.close()
