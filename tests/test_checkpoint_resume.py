@@ -119,6 +119,15 @@ def test_data_keys_the_source_ignores_are_config_errors(overrides, key):
         load_config(None, overrides)
 
 
+def test_excluded_dataloader_starts_the_data_over(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    resumed = make_trainer(folder, "--training.steps=6")
+    fresh = make_trainer(folder, "--training.steps=6", '--checkpoint.exclude_from_loading=["dataloader"]')
+    assert resumed.step == fresh.step == 4
+    assert resumed.dataloader.state_dict() != fresh.dataloader.state_dict()
+    assert fresh.dataloader.state_dict() == make_trainer(tmp_path / "new").dataloader.state_dict()
+
+
 # ----------------------------------------------------------------------------- item 7
 def test_truncate_metrics_keeps_each_step_once(tmp_path):
     path = tmp_path / "metrics.jsonl"
@@ -188,6 +197,15 @@ def test_skipped_steps_are_capped_and_logged_as_null(tmp_path, monkeypatch, caps
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] is None  # strict JSON
     assert "step 1: non-finite loss nan, step skipped (1 of at most 2)" in capsys.readouterr().out
+
+
+def test_skipped_steps_count_across_resumes(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    trainer = make_trainer(folder, "--training.steps=6")
+    trainer.step, trainer.skipped_steps = 5, 2
+    trainer.checkpointer.save(5, force_sync=True)
+    resumed = make_trainer(folder, "--training.steps=6")
+    assert (resumed.step, resumed.skipped_steps) == (5, 2)
 
 
 def test_too_many_skipped_steps_exit_2(tmp_path, monkeypatch, capsys):
