@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from runtime.train import manifest
 from runtime.train.config import load_config
-from runtime.train.safe_dcp import read_metadata_file
+from runtime.safe_dcp import read_metadata_file
 from runtime.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent

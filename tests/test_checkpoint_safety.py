@@ -10,7 +10,7 @@ from checkpoint_helpers import (Payload, error_lines, make_trainer, plant_item, 
                                 run_job)
 
 from runtime.train.checkpoint import CheckpointError
-from runtime.train.safe_dcp import UnsafeCheckpointError, read_metadata_file
+from runtime.safe_dcp import UnsafeCheckpointError, read_metadata_file
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +105,15 @@ def test_metadata_reader_refuses_foreign_objects(tmp_path):
     path.write_bytes(b"\x80\x04garbage")
     with pytest.raises(UnsafeCheckpointError, match="not a readable DCP metadata file"):
         read_metadata_file(path)
+
+
+def test_planted_metadata_refused_by_dcp_to_hf(saved, tmp_path, capsys):
+    from runtime.hf.convert import main as convert_main
+
+    ckpt = _copy(saved / "checkpoints" / "step-2", tmp_path / "weights")
+    marker = tmp_path / "ran"
+    plant_metadata(ckpt, marker)
+    assert convert_main(["dcp-to-hf", str(ckpt), str(tmp_path / "hf"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "weights/.metadata: refused to load" in err[0]
+    assert not marker.exists()

@@ -59,12 +59,13 @@ class _Stored:
 
 def read_dcp_model_entries(src: str | Path) -> dict[str, _Stored]:
     """runtime key -> how it is stored, for every tensor under the top-level "model" key."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from runtime.safe_dcp import read_metadata_file
 
     if not (Path(src) / ".metadata").is_file():
         raise FileNotFoundError(f"{src}: not a DCP checkpoint (no .metadata file)")
-    metadata = FileSystemReader(str(src)).read_metadata()
+    metadata = read_metadata_file(Path(src) / ".metadata")  # never unpickles foreign objects
     prefix = MODEL_KEY + "."
     entries: dict[str, _Stored] = {}
     for fqn, meta in metadata.state_dict_metadata.items():
@@ -113,9 +114,8 @@ def dcp_to_hf(src: str | Path, dst: str | Path, *, dtype: torch.dtype = torch.bf
               args: ModelArgs | None = None, experts_format: str = "dense") -> ModelArgs:
     """Write the model of a DCP checkpoint as an HF checkpoint. The architecture comes from
     `args` (the trainer's), `config_json`, `flavor`, or else the tensor shapes."""
-    import torch.distributed.checkpoint as dcp
-
     from runtime.hf.save import exported_shapes, write_hf_checkpoint
+    from runtime.safe_dcp import dcp_load  # torch.distributed.checkpoint: only when converting
 
     entries = read_dcp_model_entries(src)
     if args is not None:
@@ -139,7 +139,7 @@ def dcp_to_hf(src: str | Path, dst: str | Path, *, dtype: torch.dtype = torch.bf
         model = {entries[k].name: torch.empty(entries[k].shape, dtype=entries[k].dtype) for k in keys}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.load({MODEL_KEY: model}, checkpoint_id=str(src), no_dist=True)
+            dcp_load({MODEL_KEY: model}, src, no_dist=True)
         for key in keys:
             yield key, model.pop(entries[key].name)
 

@@ -62,7 +62,7 @@ from runtime.train.dump_lock import DumpFolderLocked, DumpLock
 from runtime.train.resume_checks import (config_differences, describe_changes, model_identity,
                                          model_mismatch, shape_differences, stored_model_shapes,
                                          unhonoured_changes)
-from runtime.train.safe_dcp import UnsafeCheckpointError, dcp_load, read_metadata_file
+from runtime.safe_dcp import UnsafeCheckpointError, dcp_load, read_metadata_file
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 LATEST = "latest"

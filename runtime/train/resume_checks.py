@@ -16,7 +16,7 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from runtime.train.safe_dcp import read_metadata_file
+from runtime.safe_dcp import read_metadata_file
 
 # ModelArgs fields that do not change the weights' meaning: may differ on resume.
 NOT_IDENTITY = {"attn_backend", "moe_impl", "compute_dtype", "init_std", "load_balance_coeff",

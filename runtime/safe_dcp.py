@@ -11,8 +11,9 @@ storage, so this module replaces both readers:
 - non-tensor items go through `torch.load(weights_only=True)` (torch's own allow-list:
   containers, numbers, strings, tensors).
 
-`dcp_load(state, path)` is `dcp.load` with both in place; every checkpoint read in the
-trainer goes through it (resume and `checkpoint.initial_load_path`).
+`dcp_load(state, path)` is `dcp.load` with both in place; every checkpoint read goes through
+it or `read_metadata_file` (the trainer's resume and `checkpoint.initial_load_path`, the
+HF converter's dcp-to-hf). A leaf like errors.py (torch only), so every layer may use it.
 """
 
 from __future__ import annotations
@@ -122,13 +123,14 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, buffer)
 
 
-def dcp_load(state: dict[str, Any], path: str | Path) -> None:
-    """`dcp.load(state, checkpoint_id=path)` that never unpickles anything but plain data.
-    Raises UnsafeCheckpointError (one line) for a refused file."""
+def dcp_load(state: dict[str, Any], path: str | Path, *, no_dist: bool = False) -> None:
+    """`dcp.load(state, checkpoint_id=path)` that never unpickles anything but plain data
+    (no_dist: this process alone, even inside a process group). Raises UnsafeCheckpointError
+    (one line) for a refused file."""
     read_metadata_file(Path(path) / ".metadata")  # refuse early, outside DCP's error wrapping
     try:
         dcp.load(state, storage_reader=SafeFileSystemReader(str(path)),
-                 planner=SafeLoadPlanner(str(path)))
+                 planner=SafeLoadPlanner(str(path)), no_dist=no_dist)
     except CheckpointException as e:  # DCP gathers every rank's failure: surface ours as is
         for exc, _trace in e.failures.values():
             if isinstance(exc, UnsafeCheckpointError):
