@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 
@@ -78,7 +79,9 @@ def highlighted(tokens: list[int], labels: list[int], tokenizer: Tokenizer, colo
             text = tokenizer.decode(tokens[start:j])
             out.append(f"{on}{text}{off}" if trained[start] else text)
             start = j
-    return "".join(out)
+    pad = re.escape(tokenizer.decode([tokenizer.pad_id]))
+    return re.sub(f"(?:{pad}){{4,}}", lambda m: f"{tokenizer.decode([tokenizer.pad_id])} x "
+                  f"{len(m.group(0)) // len(tokenizer.decode([tokenizer.pad_id]))}", "".join(out))
 
 
 def show(batch: dict, tokenizer: Tokenizer, as_json: bool, out=sys.stdout,
