@@ -29,6 +29,7 @@ def test_debugmodel_sft_trains_validates_and_hands_back(tmp_path):
     cfg = load_config(SFT, ["--model.flavor=tiny", "--training.steps=16", "--training.device=cpu",
                             "--validation.freq=8", "--validation.steps=2", "--metrics.log_freq=1",
                             "--checkpoint.interval=1000", "--data.chat_date=2026-01-15",
+                            "--optimizer.lr=3e-3", "--lr_scheduler.warmup_steps=2",
                             f"--job.dump_folder={tmp_path}"])
     trainer = Trainer(cfg)
     assert trainer.run() == 0
