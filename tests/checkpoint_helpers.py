@@ -34,7 +34,8 @@ def job_command(folder: Path, *extra: str) -> tuple[list[str], dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return [sys.executable, "-m", "runtime.train", *BASE, f"--job.dump_folder={folder}", *extra], env
+    cmd = [sys.executable, "-m", "runtime.train", *BASE, f"--job.dump_folder={folder}", *extra]
+    return cmd, env
 
 
 def run_job(folder: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -48,7 +49,8 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 
 
 def metrics_steps(folder: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
 
 
 class Payload:
@@ -63,9 +65,8 @@ class Payload:
 
 def rewrite_manifest(ckpt: Path) -> None:
     """What an attacker with write access would also do: make the manifest match again."""
-    names = [n for n in manifest.data_files(ckpt)]
-    files = manifest.describe_files(ckpt, names)
-    manifest.write_manifest(ckpt, files, step=int(ckpt.name.split("-")[1]) if "-" in ckpt.name else 0)
+    files = manifest.describe_files(ckpt, manifest.data_files(ckpt))
+    manifest.write_manifest(ckpt, files, step=0)
 
 
 def plant_metadata(ckpt: Path, marker: Path) -> None:

@@ -113,7 +113,8 @@ def test_requeued_job_survives_a_corrupt_latest(saved, tmp_path):
     proc = run_job(folder, "--training.steps=6")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not error_lines(proc)
-    assert "step-4 is damaged or incomplete (__0_0.distcp fails its checksum): skipped" in proc.stdout
+    assert ("step-4 is damaged or incomplete (__0_0.distcp fails its checksum): skipped"
+            in proc.stdout)
     assert "resumed at step 2" in proc.stdout
     assert metrics_steps(folder) == [1, 2, 3, 4, 5, 6]  # the old 3 and 4 were moved aside
     assert find_latest_checkpoint(folder / "checkpoints").name == "step-6"

@@ -10,7 +10,6 @@ import subprocess
 import time
 
 import pytest
-import torch
 from checkpoint_helpers import ROOT, error_lines, job_command, make_trainer, metrics_steps, run_job
 
 from runtime.train.checkpoint import CheckpointError, find_latest_checkpoint
@@ -55,7 +54,8 @@ def test_another_model_is_refused_and_nothing_is_pruned(saved, tmp_path, change,
 
 def test_another_model_exits_2_with_one_line(saved, tmp_path):
     folder = _copy(saved, tmp_path)
-    proc = run_job(folder, "--model.n_layers=1", "--checkpoint.keep_latest_k=1", "--training.steps=8")
+    proc = run_job(folder, "--model.n_layers=1", "--checkpoint.keep_latest_k=1",
+                   "--training.steps=8")
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = error_lines(proc)
     assert len(lines) == 1 and "n_layers 2 here 1" in lines[0] and "Traceback" not in proc.stderr
@@ -69,7 +69,8 @@ def test_shapes_are_compared_without_the_identity_record(saved, tmp_path):
     shutil.copytree(saved / "checkpoints" / "step-4", weights)
     with pytest.raises(CheckpointError, match="initial_load_path: .* holds another model .*"
                                               "not in this model"):
-        make_trainer(tmp_path / "run", "--model.n_layers=1", f"--checkpoint.initial_load_path={weights}")
+        make_trainer(tmp_path / "run", "--model.n_layers=1",
+                     f"--checkpoint.initial_load_path={weights}")
 
 
 # ----------------------------------------------------------------------------- item 6
@@ -77,14 +78,16 @@ def test_changed_keys_are_listed(saved, tmp_path, capsys):
     folder = _copy(saved, tmp_path)
     make_trainer(folder, "--training.steps=6", "--metrics.log_freq=2")
     out = capsys.readouterr().out
-    assert "resuming step-4 with config changes: training.steps 4 -> 6; metrics.log_freq 1 -> 2" in out
+    assert ("resuming step-4 with config changes: training.steps 4 -> 6; "
+            "metrics.log_freq 1 -> 2") in out
     assert "warning" not in out
 
 
 def test_changed_lr_needs_the_scheduler_reset(saved, tmp_path):
     folder = _copy(saved, tmp_path)
-    with pytest.raises(CheckpointError, match=r"optimizer.lr = 0.001 cannot take effect .* restored "
-                                              r"lr scheduler keeps 0.003.*exclude_from_loading"):
+    with pytest.raises(CheckpointError, match=r"optimizer.lr = 0.001 cannot take effect .* "
+                                              r"restored lr scheduler keeps 0.003"
+                                              r".*exclude_from_loading"):
         make_trainer(folder, "--optimizer.lr=1e-3", "--training.steps=6")
     trainer = make_trainer(folder, "--optimizer.lr=1e-3", "--training.steps=6",
                            '--checkpoint.exclude_from_loading=["lr_scheduler"]')
@@ -122,7 +125,8 @@ def test_data_keys_the_source_ignores_are_config_errors(overrides, key):
 def test_excluded_dataloader_starts_the_data_over(saved, tmp_path):
     folder = _copy(saved, tmp_path)
     resumed = make_trainer(folder, "--training.steps=6")
-    fresh = make_trainer(folder, "--training.steps=6", '--checkpoint.exclude_from_loading=["dataloader"]')
+    fresh = make_trainer(folder, "--training.steps=6",
+                         '--checkpoint.exclude_from_loading=["dataloader"]')
     assert resumed.step == fresh.step == 4
     assert resumed.dataloader.state_dict() != fresh.dataloader.state_dict()
     assert fresh.dataloader.state_dict() == make_trainer(tmp_path / "new").dataloader.state_dict()
@@ -189,8 +193,8 @@ def test_nonfinite_grad_norm_is_named(tmp_path, monkeypatch):
 
 def test_skipped_steps_are_capped_and_logged_as_null(tmp_path, monkeypatch, capsys):
     _poison(monkeypatch, loss=float("nan"), grad_norm=float("nan"))
-    trainer = make_trainer(tmp_path, "--training.on_nonfinite=skip", "--training.max_skipped_steps=2",
-                           "--training.steps=8")
+    trainer = make_trainer(tmp_path, "--training.on_nonfinite=skip",
+                           "--training.max_skipped_steps=2", "--training.steps=8")
     with pytest.raises(NonFiniteLossError, match="training.max_skipped_steps"):
         trainer.run()
     assert trainer.step == 3
@@ -211,8 +215,8 @@ def test_skipped_steps_count_across_resumes(saved, tmp_path):
 def test_too_many_skipped_steps_exit_2(tmp_path, monkeypatch, capsys):
     _poison(monkeypatch, grad_norm=float("nan"))
     code = main(["--model.flavor=tiny", "--training.seq_len=32", "--training.local_batch_size=2",
-                 "--training.steps=8", "--training.on_nonfinite=skip", f"--job.dump_folder={tmp_path}"])
+                 "--training.steps=8", "--training.on_nonfinite=skip",
+                 f"--job.dump_folder={tmp_path}"])
     assert code == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and "grad norm" in err[0] and "max_skipped_steps (3)" in err[0]
-    torch.set_num_threads(torch.get_num_threads())

@@ -272,7 +272,8 @@ def read_pointer(folder: Path) -> tuple[str | None, str | None]:
     return name, None
 
 
-def verify_checkpoint(path: Path, required: tuple[str, ...] = (".metadata", RUNTIME_JSON)) -> str | None:
+def verify_checkpoint(path: Path,
+                      required: tuple[str, ...] = (".metadata", RUNTIME_JSON)) -> str | None:
     """None if every file of `path` matches its manifest, else why not. A collective: the
     files' checksums are split over the ranks."""
     files, problem = manifest.read_manifest(path)
@@ -300,7 +301,8 @@ class CheckpointManager:
         self.exclude = list(getattr(cfg, "exclude_from_loading", []) or [])
         self._pending: tuple[Any, int, Path, str] | None = None  # async save in flight
         self._async_group = None
-        self._saved_steps: set[int] = set()  # this run's saves (a stop right after an interval save)
+        # This run's saves (a stop signal right after an interval save saves nothing new).
+        self._saved_steps: set[int] = set()
         self._damaged: set[Path] = set()
         if _rank() == 0 and cfg.enable:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -340,7 +342,8 @@ class CheckpointManager:
         explicit = self.cfg.load_step >= 0
         for path in self._candidates():
             if explicit and not path.is_dir():
-                raise CheckpointError(f"checkpoint.load_step={self.cfg.load_step}: no checkpoint at {path}")
+                raise CheckpointError(
+                    f"checkpoint.load_step={self.cfg.load_step}: no checkpoint at {path}")
             problem = verify_checkpoint(path)
             if problem is None:
                 try:
@@ -392,7 +395,8 @@ class CheckpointManager:
         interleave a new run's steps with the old run's."""
         if self.cfg.load_step < 0:
             return
-        later = [p.name for s, p in list_complete_checkpoints(self.folder) if s > self.cfg.load_step]
+        later = [p.name for s, p in list_complete_checkpoints(self.folder)
+                 if s > self.cfg.load_step]
         if later:
             raise CheckpointError(
                 f"checkpoint.load_step={self.cfg.load_step}: {self.folder} also holds the later "
@@ -421,7 +425,8 @@ class CheckpointManager:
         if (folder / manifest.MANIFEST).is_file():
             problem = verify_checkpoint(folder, required=(".metadata",))
             if problem:
-                raise CheckpointError(f"checkpoint.initial_load_path: {path} is damaged ({problem})")
+                raise CheckpointError(
+                    f"checkpoint.initial_load_path: {path} is damaged ({problem})")
         try:
             details = shape_differences(stored_model_shapes(folder), model_state.global_shapes())
             if details:
@@ -523,7 +528,8 @@ class CheckpointManager:
             return
         older = [p for s, p in list_complete_checkpoints(self.folder) if s < saved_step]
         intact = [p for p in older if p not in self._damaged]
-        doomed = [p for p in older if p in self._damaged] + intact[:max(0, len(intact) - (keep - 1))]
+        doomed = [p for p in older if p in self._damaged]
+        doomed += intact[:max(0, len(intact) - (keep - 1))]
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
 

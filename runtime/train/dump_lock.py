@@ -85,7 +85,8 @@ def stale_reason(holder: dict, me: dict) -> str | None:
             _process_start(pid) not in ("", holder["pid_start"])):
         return f"pid {pid} now belongs to another process"
     job = holder.get("slurm_job_id")
-    if job and job == me["slurm_job_id"] and holder.get("slurm_restart_count") != me["slurm_restart_count"]:
+    restarted = holder.get("slurm_restart_count") != me["slurm_restart_count"]
+    if job and job == me["slurm_job_id"] and restarted:
         return f"Slurm job {job} was requeued"
     return None
 
@@ -122,7 +123,8 @@ class DumpLock:
                         f"job.dump_folder {folder} is in use by {describe(holder)} (lock file "
                         f"{path}); if that job is gone, remove it: rm {path}") from None
                 if _take_over(path, holder):
-                    log(f"dump folder {folder}: took over a stale lock ({describe(holder)}: {reason})")
+                    log(f"dump folder {folder}: took over a stale lock "
+                        f"({describe(holder)}: {reason})")
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)

@@ -131,4 +131,5 @@ def count_skipped_step(skipped: int, limit: int, step: int, quantity: str, value
         raise NonFiniteLossError(
             f"non-finite {quantity} {value} at step {step}: {skipped} steps skipped, more than "
             f"training.max_skipped_steps ({limit}); the run stops (the last checkpoint is intact)")
-    return f"step {step}: non-finite {quantity} {value}, step skipped ({skipped} of at most {limit})"
+    return (f"step {step}: non-finite {quantity} {value}, step skipped "
+            f"({skipped} of at most {limit})")

@@ -63,7 +63,8 @@ def read_manifest(folder: Path) -> tuple[dict[str, dict] | None, str | None]:
         data = json.loads(path.read_bytes())
         files = data["files"]
         ok = isinstance(files, dict) and all(
-            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("crc32"), str)
+            isinstance(v, dict) and isinstance(v.get("size"), int)
+            and isinstance(v.get("crc32"), str)
             for v in files.values())
     except (ValueError, KeyError, TypeError):
         ok = False
