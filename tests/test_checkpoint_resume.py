@@ -52,6 +52,15 @@ def test_another_model_is_refused_and_nothing_is_pruned(saved, tmp_path, change,
     assert _step_dirs(folder) == ["step-2", "step-4"]
 
 
+def test_another_model_is_refused_before_the_model_is_built(saved, tmp_path, monkeypatch):
+    def build(self):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(Trainer, "_build_model", build)
+    with pytest.raises(CheckpointError, match="n_layers 2 here 1"):
+        make_trainer(_copy(saved, tmp_path), "--model.n_layers=1")
+
+
 def test_another_model_exits_2_with_one_line(saved, tmp_path):
     folder = _copy(saved, tmp_path)
     proc = run_job(folder, "--model.n_layers=1", "--checkpoint.keep_latest_k=1",

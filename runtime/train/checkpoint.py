@@ -59,8 +59,9 @@ from torch.distributed.checkpoint.stateful import Stateful
 from runtime.errors import ConfigError
 from runtime.train import manifest
 from runtime.train.dump_lock import DumpFolderLocked, DumpLock
-from runtime.train.resume_checks import (config_differences, describe_changes, model_identity,
-                                         model_mismatch, shape_differences, stored_model_shapes,
+from runtime.train.resume_checks import (config_differences, describe_changes,
+                                         identity_differences, model_identity, model_mismatch,
+                                         shape_differences, stored_model_shapes,
                                          unhonoured_changes)
 from runtime.safe_dcp import UnsafeCheckpointError, dcp_load, read_metadata_file
 
@@ -286,6 +287,26 @@ def verify_checkpoint(path: Path,
             manifest.check_checksums(path, files, mine)
     problems = [p for p in _all_gather(problem) if p]
     return problems[0] if problems else None
+
+
+def check_model_early(cfg, model_args) -> None:
+    """Before the model is built (a 120b build takes minutes): the checkpoint a resume would
+    try first must record this run's model, else the one-line CheckpointError. Cheap and
+    unverified (the full check of names and shapes follows at load time)."""
+    ckpt = cfg.checkpoint
+    if not ckpt.enable:
+        return
+    folder = Path(cfg.job.dump_folder) / ckpt.folder
+    found = ([folder / f"step-{ckpt.load_step}"] if ckpt.load_step >= 0
+             else [p for _, p in reversed(list_complete_checkpoints(folder))])
+    for path in found[:1]:
+        try:
+            saved = json.loads((path / RUNTIME_JSON).read_text()).get("model")
+        except (OSError, ValueError, AttributeError):
+            return  # unreadable: the load decides (damaged -> skipped)
+        current = model_identity(cfg.model.flavor, model_args)
+        if isinstance(saved, dict) and identity_differences(saved, current):
+            raise CheckpointError(model_mismatch(path, saved, current, {}, {}))
 
 
 # ------------------------------------------------------------------------- the manager

@@ -30,7 +30,7 @@ from runtime.parallel.parallelize import parallelize
 from runtime.parallel.pipeline import PipelineParallel
 from runtime.parallel.quantize import after_optimizer_step
 from runtime.train.checkpoint import (CheckpointManager, ModelState, OptimizerState, TrainState,
-                                      lock_dump_folder)
+                                      check_model_early, lock_dump_folder)
 from runtime.train.config import JobConfig, build_parser, parse_args, validate_job
 from runtime.train.faults import NonFiniteLossError, StopSignal, check_finite, count_skipped_step
 from runtime.train.metrics import MetricsLogger
@@ -74,6 +74,7 @@ class Trainer:
         check_data(cfg.data, self.tokenizer)  # bad data is one line (exit 2) before any weight
         self.grad_accum = cfg.training.gradient_accumulation_steps(self.dims.dp)
         self.global_batch = cfg.training.local_batch_size * self.dims.dp * self.grad_accum
+        check_model_early(cfg, self.model_args)  # a resume into another model: exit 2 now
         self._build_model()
         self._build_training_state()
 
