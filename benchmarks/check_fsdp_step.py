@@ -78,7 +78,7 @@ def run_steps(model, cfg, batches, device) -> dict:
                          labels=b["labels"], loss_chunk_size=cfg.training.loss_chunk_size)
         n_tokens = b["labels"].numel()
         (loss_sum / n_tokens).backward()
-        norms.append(clip_grad_norm_(model.parameters(), cfg.training.max_norm))
+        norms.append(float(clip_grad_norm_(model.parameters(), cfg.training.max_norm)))
         if grads is None:
             grads = flat_grads(model)
         optimizer.step()

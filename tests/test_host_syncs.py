@@ -57,3 +57,27 @@ def test_expert_parallel_dispatch_reads_split_sizes_once(one_rank_group, monkeyp
     out.sum().backward()
     assert syncs.calls == ["tolist"]
     torch.testing.assert_close(out, experts(rows, counts))  # one rank: plain experts
+
+
+def test_one_training_step_reads_the_device_once(tmp_path, monkeypatch):
+    """A whole optimizer step on one process (fused loss, clipping on, logging on): the loss
+    and the grad norm come back in one transfer (before: two `.item()`s of the token count,
+    one of the loss, one of the grad norm = 4). The trained-token count is taken from the
+    batch on the host. With data-parallel ranks one more read remains (the all-reduced count:
+    the backward needs the normaliser as a number), and the stop-signal agreement."""
+    from runtime.train.config import load_config
+    from runtime.train.trainer import Trainer
+
+    trainer = Trainer(load_config(None, [
+        "--model.flavor=tiny", "--training.seq_len=32", "--training.device=cpu",
+        "--training.local_batch_size=2", "--training.max_norm=1.0", "--training.steps=3",
+        # fused AdamW as on CUDA (the CPU foreach path reads its step counters with .item())
+        "--optimizer.implementation=fused",
+        "--checkpoint.enable=false", "--metrics.log_freq=1", f"--job.dump_folder={tmp_path}"]))
+    batches = iter(trainer.dataloader)
+    trainer.optimizer_step(next(batches))  # warm-up step (lazy state)
+    syncs = SyncCounter(monkeypatch)
+    trainer.step += 1
+    loss, grad_norm, lr = trainer.optimizer_step(next(batches))
+    trainer.metrics.log(trainer.step, loss, grad_norm, lr)
+    assert syncs.calls == ["tolist"]

@@ -29,7 +29,7 @@ def no_gradient_sync(model: nn.Module, skip: bool):
             model.set_requires_gradient_sync(True)
 
 
-def clip_grad_norm_(parameters, max_norm: float) -> float:
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     """Total gradient 2-norm over every rank's shards (DTensor-aware), clipped to max_norm
     (inf: no clipping).
 
@@ -38,7 +38,7 @@ def clip_grad_norm_(parameters, max_norm: float) -> float:
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     by_mesh: dict = {}
     for g in grads:
         by_mesh.setdefault(getattr(g, "device_mesh", None), []).append(g)
@@ -52,21 +52,20 @@ def clip_grad_norm_(parameters, max_norm: float) -> float:
     if math.isfinite(max_norm):
         for group in by_mesh.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
-    return total.item()
+    return total  # a device scalar: reading it is the caller's (one) host sync
 
 
 def clip_grad_norm_over_stages_(parameters, max_norm: float, pp_group,
-                                device: torch.device) -> float:
+                                device: torch.device) -> torch.Tensor:
     """`clip_grad_norm_` over every pipeline stage: this rank's stages' norm combined with
     those of the other `pp_group` ranks (each holds different stages), then clipped."""
     parameters = list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
     # This rank's norm (its stages, all shards), not clipped yet.
-    local = clip_grad_norm_(parameters, float("inf"))
-    total_sq = torch.tensor(local * local, dtype=torch.float64, device=device)
+    local = clip_grad_norm_(parameters, float("inf")).to(device, torch.float64)
+    total_sq = local * local
     dist.all_reduce(total_sq, group=pp_group)
-    total = math.sqrt(total_sq.item())
+    total = total_sq.sqrt()  # stays on the device: no host sync here
     if grads and math.isfinite(max_norm):
-        torch.nn.utils.clip_grads_with_norm_(
-            grads, max_norm, torch.tensor(total, device=device), foreach=True)
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
     return total

@@ -352,7 +352,7 @@ class PipelineParallel:
         dist.all_reduce(loss_sum, group=self.pp_group)
         return loss_sum
 
-    def clip_grad_norm_(self, max_norm: float) -> float:
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Total gradient 2-norm over every stage (and every shard), clipped to max_norm."""
         return clip_grad_norm_over_stages_(self.model.parameters(), max_norm, self.pp_group,
                                            self.device)

@@ -103,5 +103,5 @@ class LocalRunner:
     def share_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
         return loss_sum  # computed here in full
 
-    def clip_grad_norm_(self, max_norm: float) -> float:
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm_(self.model.parameters(), max_norm)

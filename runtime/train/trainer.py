@@ -213,7 +213,8 @@ class Trainer:
     def train_step(self, batch: dict) -> tuple[float, float]:
         """One optimizer step's forward/backward on this rank's slice of the global batch, then
         clipping; returns (loss, grad_norm) where loss is the mean token loss over the whole
-        global batch."""
+        global batch. Both are read in one transfer, the step's one host sync on one GPU: the
+        non-finite policy must see them before the optimizer steps."""
         if self.dims.cp > 1:  # this rank's share of every sequence (positions travel along)
             cp = self.model_parts[0].context_parallel
             batch = {k: cp.shard(v, self.cfg.training.seq_len) for k, v in batch.items()}
@@ -221,7 +222,7 @@ class Trainer:
         # Gradient reduction averages over the ranks that saw different tokens (dp x cp),
         # hence that factor: any mesh and any accumulation split give the same gradient.
         # max(., 1): a step whose every label is masked trains nothing instead of dividing by 0.
-        loss_scale = self.dims.dp * self.dims.cp / max(global_tokens.item(), 1.0)
+        loss_scale = self.dims.dp * self.dims.cp / max(global_tokens, 1)
         micro_batches = split_microbatches(batch, self.grad_accum)
         loss_sum = torch.zeros((), device=self.device)
         for i, micro in enumerate(micro_batches):
@@ -230,21 +231,27 @@ class Trainer:
         loss_sum = self.runner.share_loss(loss_sum)
         if self._token_group() is not None:
             dist.all_reduce(loss_sum, group=self._token_group())
-        loss = (loss_sum / global_tokens.clamp(min=1)).item()
-        self.last_trained_tokens = int(global_tokens.item())
-        return loss, self.clip_grad_norm_()
+        self.last_trained_tokens = global_tokens
+        loss, grad_norm = read_scalars(loss_sum / max(global_tokens, 1), self.clip_grad_norm_(),
+                                       device=self.device)
+        return loss, grad_norm
 
-    def _global_trained_tokens(self, batch: dict) -> torch.Tensor:
+    def _global_trained_tokens(self, batch: dict) -> int:
         """The step's normaliser: labels that are not IGNORE_INDEX, over all micro-batches
-        and all ranks with different tokens (one all-reduce)."""
-        count = torch.tensor(float((batch["labels"] != IGNORE_INDEX).sum()), device=self.device)
-        if self._token_group() is not None:
-            dist.all_reduce(count, group=self._token_group())
-        return count
+        and all ranks with different tokens. Counted on the host (the batch is still on the
+        CPU); with data-parallel ranks one all-reduce, whose read is a host sync: the backward
+        needs the normaliser as a number."""
+        count = int((batch["labels"] != IGNORE_INDEX).sum())
+        if self._token_group() is None:
+            return count
+        total = torch.tensor(float(count), device=self.device)
+        dist.all_reduce(total, group=self._token_group())
+        return int(total.item())
 
-    def clip_grad_norm_(self) -> float:
+    def clip_grad_norm_(self) -> torch.Tensor:
         """Total gradient norm of the step (every shard and stage), clipped to
-        training.max_norm (0: not clipped). Tests wrap it to see the step's gradients."""
+        training.max_norm (0: not clipped), as a device scalar. Tests wrap it to see the
+        step's gradients."""
         max_norm = self.cfg.training.max_norm
         return self.runner.clip_grad_norm_(max_norm if max_norm > 0 else float("inf"))
 
@@ -333,6 +340,11 @@ class Trainer:
         aux = [m.last_aux_loss for m in moe_layers(self.model) if m.last_aux_loss is not None]
         return {"aux_loss": float(torch.stack(aux).mean())} if aux else {}
 
+
+def read_scalars(*values: torch.Tensor | float, device: torch.device) -> list[float]:
+    """Device scalars as Python floats in ONE device-to-host transfer: each separate `.item()`
+    is a host sync on a GPU (the CPU waits for every queued kernel)."""
+    return torch.stack([torch.as_tensor(v, device=device).float() for v in values]).tolist()
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser("python -m runtime.train")
