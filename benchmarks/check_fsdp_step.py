@@ -74,7 +74,7 @@ def run_steps(model, cfg, batches, device) -> dict:
     losses, norms, grads = [], [], None
     for batch in batches:
         b = {k: v.to(device) for k, v in batch.items()}
-        loss_sum = model(b["tokens"], positions=b["positions"], document_ids=b["document_ids"],
+        loss_sum = model(b["tokens"], positions=b["positions"], document_ids=b.get("document_ids"),
                          labels=b["labels"], loss_chunk_size=cfg.training.loss_chunk_size)
         n_tokens = b["labels"].numel()
         (loss_sum / n_tokens).backward()

@@ -113,7 +113,7 @@ def test_document_masking_off(tmp_path):
     src = FileSource([write_jsonl(tmp_path / "c.jsonl", ["abc", "defgh", "ij"])])
     b = next(loader(src, seq_len=8, batch=2, document_masking=False))
     assert b["positions"].tolist() == [list(range(8))] * 2
-    assert b["document_ids"].tolist() == [[0] * 8] * 2
+    assert "document_ids" not in b  # masking off: no document ids anywhere (one cached mask)
     assert b["tokens"][0].tolist() == ids("^abc$^de")
 
 
@@ -645,6 +645,29 @@ def test_bad_data_or_tokenizer_is_one_line_exit_2_before_the_model(tmp_path, cas
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
     assert message in r.stderr, r.stderr
     assert "parameters" not in r.stdout and "Traceback" not in r.stderr  # no model was built
+
+
+def test_bad_record_met_mid_run_is_one_line_exit_2(tmp_path):
+    """The pre-flight check reads the head of each file; a bad record further on is met while
+    training (by the prefetch thread): still one line naming file:line, exit 2."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    lines = [json.dumps({"text": f"document {i} with a few words"}) for i in range(150)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines + ["{not json"]) + "\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "runtime.train", "--config", str(root / "configs/debugmodel.toml"),
+         f"--job.dump_folder={tmp_path}/out", "--checkpoint.enable=false", "--data.dataset=path",
+         f"--data.dataset_path={tmp_path}/d.jsonl", "--training.steps=40",
+         "--training.seq_len=64", "--training.local_batch_size=2"],
+        capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+             "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr == f"error: {tmp_path}/d.jsonl:151: invalid JSON: " + r.stderr.split(
+        "invalid JSON: ", 1)[1], r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "step      1" in r.stdout  # it was met mid-run, after training started
 
 
 def test_prepare_and_bench_commands(tmp_path):

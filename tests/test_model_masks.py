@@ -67,3 +67,18 @@ def test_no_document_ids_equals_all_zero_ids(model):
         without = model(tokens)
         zeros = model(tokens, document_ids=torch.zeros(2, 24, dtype=torch.long))
     assert torch.equal(without, zeros)
+
+
+def test_trainer_with_masking_off_builds_one_mask_for_the_run(tmp_path, builds):
+    """data.document_mask = false: the loader hands out no document ids, so every step reuses
+    the masks built at the first one (before: batch-sized document masks every step)."""
+    from runtime.train.config import load_config
+    from runtime.train.trainer import Trainer
+
+    trainer = Trainer(load_config(None, [
+        "--model.flavor=tiny", "--training.seq_len=32", "--training.device=cpu",
+        "--training.local_batch_size=2", "--training.steps=3", "--data.document_mask=false",
+        "--checkpoint.enable=false", "--metrics.enable_jsonl=false",
+        f"--job.dump_folder={tmp_path}"]))
+    assert trainer.run() == 0
+    assert builds == ["math"]

@@ -92,14 +92,16 @@ def show(batch: dict, tokenizer: Tokenizer, as_json: bool, out=sys.stdout,
         sample = {
             "input_ids": batch["tokens"][i].tolist(),
             "labels": batch["labels"][i].tolist(),
-            "document_ids": batch["document_ids"][i].tolist(),
+            # null with data.document_mask = false: the trainer gets no document ids then
+            "document_ids": (batch["document_ids"][i].tolist() if "document_ids" in batch
+                             else None),
             "positions": batch["positions"][i].tolist(),
         }
         if as_json:
             print(json.dumps(sample), file=out)
             continue
         trained = sum(label != IGNORE_INDEX for label in sample["labels"])
-        docs = max(sample["document_ids"]) + 1
+        docs = max(sample["document_ids"]) + 1 if sample["document_ids"] else 1
         print(f"=== sample {i}: {len(sample['input_ids'])} tokens, {docs} document(s), "
               f"{trained} trained labels", file=out)
         if trained < len(sample["labels"]):  # a loss mask: mark what is trained

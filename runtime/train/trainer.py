@@ -364,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         code = trainer.run()
-    except NonFiniteLossError as e:  # the user's data or settings, not a bug: one line
+    except (NonFiniteLossError, ConfigError) as e:
+        # the user's data or settings, not a bug: one line (e.g. a bad record deep in a file,
+        # met mid-run: the pre-flight check reads only the head of each file)
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     trainer.log(f"finished at step {trainer.step} in {time.perf_counter() - start:.1f}s (exit {code})")
