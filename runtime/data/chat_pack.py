@@ -10,7 +10,8 @@ is padding, so a document's last token predicts nothing.
 
 A Document longer than seq_len is cut to its first seq_len tokens
 (`data.chat_overflow = "truncate"`) or skipped ("drop"); both are counted
-(`overflow_counts`, in the loader state and the step log). Windows never share a
+(`overflow_counts`, in the loader state and the step log; a resume that starts at a cut
+conversation counts it once more). Windows never share a
 document, so the state is the cursor of the next document to place: a resumed stream
 re-encodes from there and yields exactly the windows it would have.
 """
