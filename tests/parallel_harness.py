@@ -89,6 +89,11 @@ BASE = [
     "--metrics.enable_jsonl=false",
 ]
 
+# The parity suites' defaults: optimizer steps per run, and sequences per optimizer step
+# whatever the mesh (local batch = GLOBAL_BATCH / dp / accumulation).
+STEPS = 3
+GLOBAL_BATCH = 4
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TIMEOUT_S = 180.0
 _RESULT = "result.pt"

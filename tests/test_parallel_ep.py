@@ -20,23 +20,13 @@ top-2 routing of 64-128 tokens over 4 experts never splits evenly.
 from __future__ import annotations
 
 import pytest
-from parallel_harness import (
-    BASE,
-    assert_parity,
-    global_batch_overrides,
-    run_distributed,
-    run_single,
-    seeded,
-    summarize,
-)
-
-STEPS = 3
+from parallel_harness import STEPS, assert_parity, global_batch_overrides, run_distributed, summarize
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    common = seeded(BASE, tmp_path_factory.mktemp("ep_seed"))
-    return common, run_single(common + global_batch_overrides(4, 1), steps=STEPS)
+def reference(seeded_overrides, reference_run):
+    """(seeded overrides, the single-process run on the global batch of 4) from conftest."""
+    return seeded_overrides(), reference_run()
 
 
 @pytest.mark.parametrize("world, extra, dp", [

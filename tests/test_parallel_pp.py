@@ -56,7 +56,8 @@ from pathlib import Path
 import pytest
 import torch
 from parallel_harness import (
-    BASE,
+    GLOBAL_BATCH,
+    STEPS,
     RunError,
     assert_parity,
     compile_with_aot_eager,
@@ -64,14 +65,10 @@ from parallel_harness import (
     max_param_diff,
     run_distributed,
     run_single,
-    seeded,
     summarize,
 )
 
 from runtime.parallel.dims import ParallelismError
-
-STEPS = 3
-GLOBAL_BATCH = 4
 
 
 # =========================================================================== unit tests
@@ -212,24 +209,15 @@ def _pp(degree: int, schedule: str, dp_shard: int = 1) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def seeds(tmp_path_factory) -> dict[int, list[str]]:
-    """n_layers -> common overrides with that model's seed checkpoint."""
-    root = tmp_path_factory.mktemp("pp-seed")
-    out = {}
-    for n in (4, 8):
-        model = BASE + [f"--model.n_layers={n}"]
-        out[n] = seeded(model, root / f"seed{n}")
-    return out
+def seeds(seeded_overrides) -> dict[int, list[str]]:
+    """n_layers -> common overrides with that model's seed checkpoint (conftest)."""
+    return {n: seeded_overrides(n) for n in (4, 8)}
 
 
 @pytest.fixture(scope="module")
-def references(seeds) -> dict:
-    refs = {}
-    for n in (4, 8):
-        ref = run_single(seeds[n] + global_batch_overrides(GLOBAL_BATCH, 1), STEPS)
-        assert len(set(ref["losses"])) == STEPS, ref["losses"]  # training moves
-        refs[n] = ref
-    return refs
+def references(reference_run) -> dict:
+    """n_layers -> the single-process run on the global batch (conftest: training moves)."""
+    return {n: reference_run(n) for n in (4, 8)}
 
 
 def _check_run(name, ref, got, *, schedule, stages_per_rank, pp, n_layers, microbatches,
