@@ -22,7 +22,7 @@ __all__ = ["dequantize_mxfp4", "load_hf", "load_hf_into", "quantize_mxfp4", "sav
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        import importlib
+        import importlib  # lazy exports: runtime.hf.config/.keymap load without the model
 
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'runtime.hf' has no attribute {name!r}")

@@ -26,10 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from runtime.hf.config import hf_config_to_model_args
 from runtime.hf.keymap import RUNTIME_ONLY, canonical_runtime_key
+from runtime.hf.load import load_hf
+from runtime.hf.save import exported_shapes, write_hf_checkpoint
 from runtime.model import FLAVORS, ModelArgs
+from runtime.safe_dcp import dcp_load, read_metadata_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_KEY = "model"
@@ -38,10 +43,6 @@ MODEL_KEY = "model"
 # ---------------------------------------------------------------------------- HF -> DCP
 def hf_to_dcp(src: str, dst: str | Path, *, dtype: torch.dtype = torch.float32,
               allow_download: bool = False, progress: bool = True) -> None:
-    import torch.distributed.checkpoint as dcp
-
-    from runtime.hf.load import load_hf
-
     model = load_hf(src, dtype=dtype, allow_download=allow_download, progress=progress)
     # Includes the (zeroed) expert_bias buffers, so a trainer with load balancing finds them.
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
@@ -59,10 +60,6 @@ class _Stored:
 
 def read_dcp_model_entries(src: str | Path) -> dict[str, _Stored]:
     """runtime key -> how it is stored, for every tensor under the top-level "model" key."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from runtime.safe_dcp import read_metadata_file
-
     if not (Path(src) / ".metadata").is_file():
         raise FileNotFoundError(f"{src}: not a DCP checkpoint (no .metadata file)")
     metadata = read_metadata_file(Path(src) / ".metadata")  # never unpickles foreign objects
@@ -114,9 +111,6 @@ def dcp_to_hf(src: str | Path, dst: str | Path, *, dtype: torch.dtype = torch.bf
               args: ModelArgs | None = None, experts_format: str = "dense") -> ModelArgs:
     """Write the model of a DCP checkpoint as an HF checkpoint. The architecture comes from
     `args` (the trainer's), `config_json`, `flavor`, or else the tensor shapes."""
-    from runtime.hf.save import exported_shapes, write_hf_checkpoint
-    from runtime.safe_dcp import dcp_load  # torch.distributed.checkpoint: only when converting
-
     entries = read_dcp_model_entries(src)
     if args is not None:
         pass

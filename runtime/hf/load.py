@@ -17,12 +17,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from runtime.hf.config import hf_config_to_model_args
 from runtime.hf.keymap import canonical_runtime_key, is_transposed, runtime_to_hf_key
 from runtime.hf.progress import Progress
 from runtime.hf.reader import HFCheckpoint, Region, Source
 from runtime.model import GptOssModel, ModelArgs
+from runtime.model.moe import MoE
+from runtime.model.rope import RotaryEmbedding
 
 # Read big tensors in dim-0 chunks of at most this many values: bounds the temporaries
 # (a bf16 read plus its fp32 copy, or MXFP4 dequantization) independently of the tensor size.
@@ -149,12 +153,8 @@ def local_region(param: torch.Tensor) -> tuple[torch.Tensor, Region]:
 
     For a DTensor this is DCP's description of the shard (Shard / _StridedShard / Replicate,
     uneven FSDP2 shards included: the local tensor is the unpadded shard)."""
-    from torch.distributed.tensor import DTensor
-
     if not isinstance(param, DTensor):
         return param, tuple((0, size) for size in param.shape)
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     if any(p.is_partial() for p in param.placements):
         raise ValueError(f"cannot load into a Partial DTensor (placements {param.placements})")
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
@@ -182,9 +182,6 @@ def _load_parameter(ckpt: HFCheckpoint, source: Source, param: torch.Tensor) -> 
 
 def _reset_buffers(model: nn.Module) -> None:
     """HF has no expert bias (start balancing from zero); `to_empty` left RoPE and counters garbage."""
-    from runtime.model.moe import MoE
-    from runtime.model.rope import RotaryEmbedding
-
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.init_weights()

@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 import time
 
+import torch.distributed as dist
+
 
 def _is_rank0() -> bool:
-    import torch.distributed as dist
-
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
@@ -30,7 +30,7 @@ class Progress:
         if not sys.stderr.isatty():
             return None
         try:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # optional (not a declared dependency): a bar only on a tty
         except ImportError:
             return None
         return tqdm(total=self.total, desc=self.desc, unit=self.unit, dynamic_ncols=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from runtime.hf.keymap import is_transposed, parse_hf_key
 from runtime.hf.mxfp4 import BLOCK, BYTES_PER_BLOCK, dequantize_mxfp4
@@ -53,7 +54,7 @@ def resolve_checkpoint_dir(path_or_repo_id: str | os.PathLike, *, allow_download
         raise FileNotFoundError(f"{text}: is a file; expected an HF checkpoint directory or repo id")
     if not _REPO_ID.match(text):
         raise FileNotFoundError(f"{text}: no such checkpoint directory")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # ~0.3 s import: only repo ids need the hub client
 
     try:
         return Path(snapshot_download(text, revision=revision, allow_patterns=SNAPSHOT_PATTERNS,
@@ -175,8 +176,6 @@ class HFCheckpoint:
 
     def _handle(self, name: str):
         if name not in self._handles:
-            from safetensors import safe_open
-
             path = self.directory / name
             try:
                 self._handles[name] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))

@@ -20,7 +20,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from runtime.hf.config import model_args_to_hf_config
 from runtime.hf.keymap import (
@@ -30,6 +33,7 @@ from runtime.hf.keymap import (
     runtime_to_hf_key,
     runtime_to_hf_tensor,
 )
+from runtime.hf.load import expected_parameter_shapes
 from runtime.hf.mxfp4 import BLOCK, BYTES_PER_BLOCK, quantize_mxfp4
 from runtime.hf.progress import Progress, _is_rank0
 from runtime.hf.reader import CONFIG_NAME, INDEX_NAME
@@ -84,8 +88,6 @@ def save_hf(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype 
 
 
 def exported_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    from runtime.hf.load import expected_parameter_shapes
-
     return {k: s for k, s in expected_parameter_shapes(args).items() if not RUNTIME_ONLY.match(k)}
 
 
@@ -97,8 +99,6 @@ def write_hf_checkpoint(shapes: dict[str, tuple[int, ...]], fetch: Fetch, args: 
     `fetch` runs on every rank (it may be collective); only rank 0 writes.
     collective=False: one process writes alone (a conversion), even inside a process group:
     no rank test, no barrier."""
-    from safetensors.torch import save_file
-
     mxfp4 = _check_experts_format(experts_format, shapes)
     writer = _is_rank0() if collective else True
     out = Path(out_dir)
@@ -192,8 +192,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
@@ -207,7 +205,5 @@ def _warn_nonzero_expert_bias(model: nn.Module) -> None:
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

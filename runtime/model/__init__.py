@@ -11,7 +11,7 @@ __all__ = ["FLAVORS", "GptOssModel", "ModelArgs", "count_parameters"]
 
 def __getattr__(name: str):
     if name in ("GptOssModel", "count_parameters"):
-        from runtime.model import model
+        from runtime.model import model  # lazy: ModelArgs/FLAVORS must import without torch
 
         return getattr(model, name)
     raise AttributeError(f"module 'runtime.model' has no attribute {name!r}")

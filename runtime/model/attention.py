@@ -16,6 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
 from runtime.model import init
 from runtime.model.args import ModelArgs
@@ -49,20 +50,14 @@ def math_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks
 
 @functools.cache
 def _compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
-
     return torch.compile(flex_attention, dynamic=False)
 
 
 def flex_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
                         block_mask, scale: float) -> torch.Tensor:
     """Same contract as `math_sink_attention`, with a BlockMask."""
-    from torch.nn.attention.flex_attention import AuxRequest
-
-    if q.device.type == "cuda":
-        flex = _compiled_flex_attention()
-    else:  # eager flex on CPU: forward only (torch refuses its backward on CPU)
-        from torch.nn.attention.flex_attention import flex_attention as flex
+    # eager flex on CPU: forward only (torch refuses its backward on CPU)
+    flex = _compiled_flex_attention() if q.device.type == "cuda" else flex_attention
     out, aux = flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True,
                     return_aux=AuxRequest(lse=True))  # (return_lse is deprecated)
     lse = aux.lse

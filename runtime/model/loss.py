@@ -19,6 +19,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor.parallel import loss_parallel
 
 IGNORE_INDEX = -100  # label of a position that is not trained (padding, prompt tokens)
 
@@ -34,9 +35,6 @@ def loss_parallel_context(enabled: bool):
     backward must both run inside this context (the summed loss is then a Replicate DTensor)."""
     if not enabled:
         return contextlib.nullcontext()
-    # In-function: torch.distributed.tensor.parallel is only needed (and imported) under TP.
-    from torch.distributed.tensor.parallel import loss_parallel
-
     return loss_parallel()
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask
 
 
 def mask_predicate(q_idx, kv_idx, window: int | None, doc_q=None, doc_kv=None):
@@ -61,8 +62,6 @@ def dense_mask(m: MaskInputs, window: int | None) -> torch.Tensor:
 
 
 def flex_block_mask(m: MaskInputs, window: int | None):
-    from torch.nn.attention.flex_attention import create_block_mask
-
     q_index, kv_index, doc_q, doc_kv = m.q_index, m.kv_index, m.doc_q, m.doc_kv
     if doc_q is None:
         def mask_mod(b, h, q_idx, kv_idx):

@@ -21,6 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                  create_selective_checkpoint_contexts)
 
 from runtime.model import init
 from runtime.model.args import ModelArgs
@@ -61,8 +63,6 @@ class RMSNorm(nn.Module):
 def _selective_checkpoint_context():
     """Op-level AC: keep matmul outputs (expensive to recompute), recompute the rest
     (norms, RoPE, activations, routing arithmetic: cheap and memory-hungry)."""
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
     aten = torch.ops.aten
     save = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.matmul.default,
             aten.linear.default}
@@ -97,8 +97,6 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope, masks, backend: str) -> torch.Tensor:
         if self.activation_checkpoint == "none" or not torch.is_grad_enabled():
             return self._forward(x, rope, masks, backend)
-        from torch.utils.checkpoint import checkpoint
-
         # Recomputation re-runs the MoE forward and so counts its tokens twice; the expert
         # bias update only uses sign(mean - load), which a uniform factor leaves unchanged.
         extra = {"context_fn": _selective_checkpoint_context} if self.activation_checkpoint == "op" else {}

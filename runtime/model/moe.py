@@ -11,8 +11,10 @@ Expert parallelism (runtime/parallel) swaps the permute/combine steps for all-to
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from runtime.model import init
 from runtime.model.args import ModelArgs
@@ -144,8 +146,6 @@ class _ScaleGrad(torch.autograd.Function):
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The rank-local tensor of a DTensor parameter (expert/tensor parallel); identity otherwise."""
-    from torch.distributed.tensor import DTensor
-
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -246,8 +246,6 @@ def update_expert_bias(model: nn.Module, process_group=None) -> None:
         return
     counts = torch.stack([m.tokens_per_expert for m in layers])  # [L, E]
     if process_group is not None:
-        import torch.distributed as dist
-
         dist.all_reduce(counts, group=process_group)
     for m, load in zip(layers, counts):
         bias = m.expert_bias

@@ -65,6 +65,7 @@ import inspect
 from collections.abc import Callable
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.distributed as dist
 from torch import nn
 
@@ -155,7 +156,7 @@ def build_stage_module(model: nn.Module, stage_id: int, num_stages: int,
 
 def schedule_class(name: str):
     """The torch schedule class for a config name; a clear error where this torch lacks it."""
-    from torch.distributed import pipelining
+    from torch.distributed import pipelining  # ~1.4 s import: pipeline runs only
 
     if name not in _SCHEDULE_CLASSES:
         raise ParallelismError(f"{_KEY} must be one of {tuple(_SCHEDULE_CLASSES)}, got {name!r}")
@@ -173,8 +174,6 @@ def schedule_class(name: str):
 def _refuse_v_schedule_on_old_gloo(name: str) -> None:
     """torch < 2.13 on gloo cannot run the V schedules: their shape inference sends between
     the two stages of one rank ("Pair is not connected"); seen on 2.11, fixed by 2.13."""
-    import torch.distributed as dist
-
     old_torch = torch.torch_version.TorchVersion(torch.__version__) < "2.13"
     if name in V_SCHEDULES and old_torch and dist.is_initialized() and dist.get_backend() == "gloo":
         raise ParallelismError(
@@ -237,7 +236,7 @@ class PipelineParallel:
         """model: the whole model on the meta device; parallelize_fn(part) applies the other
         parallelisms to one (meta) part; materialize_fn(parts) allocates and initialises
         them; loss_fn(logits, labels) -> summed token loss."""
-        from torch.distributed.pipelining import PipelineStage
+        from torch.distributed.pipelining import PipelineStage  # ~1.4 s import: pipeline runs only
 
         p = cfg.parallelism
         self.schedule_name = p.pipeline_parallel_schedule
@@ -298,7 +297,7 @@ class PipelineParallel:
         """DualPipeV x EP: run OVERLAP_F_B actions with the all-to-all overlap (module doc)."""
         if not (enabled and self.schedule_name == "DualPipeV" and dims.ep > 1):
             return None
-        from runtime.parallel import dualpipe_overlap
+        from runtime.parallel import dualpipe_overlap  # loads torch.distributed.pipelining
 
         if not dualpipe_overlap.supports_custom_overlap(self.schedule):
             raise ParallelismError(
@@ -363,8 +362,6 @@ def _allow_split_backward_of_compiled_blocks() -> None:
     (weight-gradient) backward pass of the zero-bubble schedules over the same graph
     ("compiled with non-empty donated buffers which requires ... retain_graph=False").
     Turn donation off (process-wide; it only saves memory)."""
-    import torch._functorch.config as functorch_config
-
     if hasattr(functorch_config, "donated_buffer"):
         functorch_config.donated_buffer = False
 

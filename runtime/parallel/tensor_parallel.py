@@ -41,14 +41,20 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import nn
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import RowwiseParallel, SequenceParallel, parallelize_module
 
+from runtime.errors import ConfigError
 from runtime.parallel.dtensor_utils import distributed_parameter, swap_parameters, to_local
 from runtime.parallel.quantize import tensor_parallel_styles
-from runtime.errors import ConfigError
+
+try:  # needed on torch 2.11; deprecated (a no-op) from torch 2.13, so it may disappear
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+except ImportError:
+    enable_symm_mem_for_group = None
 
 __all__ = ["apply_tp", "check_async_tp", "enable_async_tp"]
 
@@ -147,14 +153,10 @@ def check_async_tp(cfg, device: torch.device) -> None:
 
 def enable_async_tp(tp_mesh) -> None:
     """Turn on inductor's micro-pipelined TP for the (compiled) blocks sharded over tp_mesh."""
-    import torch._inductor.config as inductor_config  # heavy (inductor): only when switched on
-
     if not torch.cuda.is_available():  # runtime.plan's dry run of a GPU job (fake process group)
         return
     inductor_config._micro_pipeline_tp = True
-    try:  # needed on torch 2.11; deprecated (a no-op) from torch 2.13
-        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
-    except ImportError:
+    if enable_symm_mem_for_group is None:
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from runtime.hf import save_hf
+from runtime.hf.convert import dcp_to_hf
 from runtime.hf.handback import write_tokenizer_files
 
 EXPORT_DIR = "hf"
@@ -32,8 +33,6 @@ def save_last_in_hf(trainer) -> Path:
     out = export_dir(cfg.job.dump_folder)
     dtype = getattr(torch, ck.last_save_hf_dtype)
     if trainer.dims.pp > 1:
-        from runtime.hf.convert import dcp_to_hf  # only pipeline runs convert a DCP checkpoint
-
         trainer.checkpointer.wait()  # the final save must be complete on disk
         step_dir = trainer.checkpointer.folder / f"step-{trainer.step}"
         if trainer.rank == 0:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from runtime.data import Tokenizer, build_dataloader, split_microbatches
 from runtime.data.validate import check_data
 from runtime.errors import EXIT_CONFIG_ERROR, ConfigError
+from runtime.hf import load_hf_into
 from runtime.model import GptOssModel
 from runtime.model.loss import IGNORE_INDEX
 from runtime.model.moe import moe_layers, update_expert_bias
@@ -145,8 +146,6 @@ class Trainer:
             CheckpointManager.load_model_only(ModelState(self.model_parts), ckpt.initial_load_path)
             self.log(f"initial weights from {ckpt.initial_load_path}")
         elif ckpt.initial_load_hf:
-            from runtime.hf import load_hf_into
-
             for part in self.model_parts:
                 load_hf_into(part, ckpt.initial_load_hf)
             self.log(f"initial weights from HF checkpoint {ckpt.initial_load_hf}")

@@ -1,0 +1,192 @@
+"""The data command: inspect, prepare and time a job's data path.
+
+  python -m runtime.data --config C [--section.key=value ...] --show N [--json]
+      the first N packed samples exactly as the trainer receives them: as text, or with
+      --json one line per sample {"input_ids", "labels", "document_ids", "positions"}
+      (labels -100 on untrained tokens)
+  python -m runtime.data prepare --config C [overrides] --out DIR
+      tokenize the config's [data] source once into memory-mapped token files + a document
+      index (runtime/data/prepared.py); train on it with
+      --data.dataset=prepared --data.dataset_path=DIR
+  python -m runtime.data --config C [overrides] --bench N [--dp-degree D] [--dp-rank R]
+      ms per step of data-parallel rank R of D for the config's local batch (the global
+      batch grows with D); the last line is `ms/step <number>`
+
+Bad input: `error: <one line naming the file or key>`, exit 2.
+This module sits in the top layer with runtime/plan.py: it reads the job's TOML through the
+trainer's config loader (runtime/train/config), which the data package itself never imports.
+runtime/data/__main__.py only forwards `python -m runtime.data` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+from runtime.data.errors import DataError
+from runtime.data.loader import build_dataloader
+from runtime.data.prepared import PreparedDataset, prepare
+from runtime.data.schema import data_option
+from runtime.data.sources import build_source
+from runtime.data.tokenizer import Tokenizer
+from runtime.errors import ConfigError, report_config_error
+from runtime.model.loss import IGNORE_INDEX
+from runtime.train.config import build_parser, parse_args
+
+
+def _parser(prepare_command: bool) -> argparse.ArgumentParser:
+    parser = build_parser("python -m runtime.data" + (" prepare" if prepare_command else ""))
+    if prepare_command:
+        parser.add_argument("--out", required=True, metavar="DIR",
+                            help="folder to write (must not exist)")
+        return parser
+    parser.add_argument("--show", type=int, metavar="N", default=None,
+                        help="print the first N packed samples as the trainer receives them")
+    parser.add_argument("--json", action="store_true",
+                        help="--show: one JSON line per sample (input_ids, labels, ...)")
+    parser.add_argument("--bench", type=int, metavar="N", default=None,
+                        help="time N steps of one data-parallel rank's loader")
+    parser.add_argument("--dp-degree", type=int, default=1, metavar="D")
+    parser.add_argument("--dp-rank", type=int, default=0, metavar="R")
+    return parser
+
+
+# ------------------------------------------------------------------------------- --show
+def first_samples(cfg, n: int) -> tuple[dict, Tokenizer]:
+    """The first n packed windows of the job's data stream: dict of int64 tensors [n, S]."""
+    tokenizer = Tokenizer.load(cfg.model.tokenizer_path)
+    v = cfg.validation  # a held-out fraction never reaches the trainer: show what it sees
+    holdout = v.split_fraction if v.enable else 0.0
+    loader = build_dataloader(cfg.data, tokenizer, cfg.training.seq_len, n, holdout=holdout)
+    return next(loader), tokenizer
+
+
+TRAINED_ON, TRAINED_OFF = "\033[1;32m", "\033[0m"  # bold green on a terminal
+PLAIN_ON, PLAIN_OFF = "[[", "]]"  # in a file or pipe
+
+
+def highlighted(tokens: list[int], labels: list[int], tokenizer: Tokenizer, color: bool) -> str:
+    """The decoded sample with every trained token (a label != IGNORE_INDEX predicts it)
+    between markers: token j is trained when labels[j - 1] holds it."""
+    on, off = (TRAINED_ON, TRAINED_OFF) if color else (PLAIN_ON, PLAIN_OFF)
+    trained = [False] + [label != IGNORE_INDEX for label in labels[:-1]]
+    out, start = [], 0
+    for j in range(1, len(tokens) + 1):  # cut where trained flips
+        if j == len(tokens) or trained[j] != trained[start]:
+            text = tokenizer.decode(tokens[start:j])
+            out.append(f"{on}{text}{off}" if trained[start] else text)
+            start = j
+    pad = re.escape(tokenizer.decode([tokenizer.pad_id]))
+    return re.sub(f"(?:{pad}){{4,}}", lambda m: f"{tokenizer.decode([tokenizer.pad_id])} x "
+                  f"{len(m.group(0)) // len(tokenizer.decode([tokenizer.pad_id]))}", "".join(out))
+
+
+def show(batch: dict, tokenizer: Tokenizer, as_json: bool, out=sys.stdout,
+         color: bool | None = None) -> None:
+    if color is None:
+        color = out.isatty()
+    for i in range(batch["tokens"].shape[0]):
+        sample = {
+            "input_ids": batch["tokens"][i].tolist(),
+            "labels": batch["labels"][i].tolist(),
+            # null with data.document_mask = false: the trainer gets no document ids then
+            "document_ids": (batch["document_ids"][i].tolist() if "document_ids" in batch
+                             else None),
+            "positions": batch["positions"][i].tolist(),
+        }
+        if as_json:
+            print(json.dumps(sample), file=out)
+            continue
+        trained = sum(label != IGNORE_INDEX for label in sample["labels"])
+        docs = max(sample["document_ids"]) + 1 if sample["document_ids"] else 1
+        print(f"=== sample {i}: {len(sample['input_ids'])} tokens, {docs} document(s), "
+              f"{trained} trained labels", file=out)
+        if trained < len(sample["labels"]):  # a loss mask: mark what is trained
+            print(f"(trained tokens {'in bold green' if color else 'between [[ ]]'})", file=out)
+            print(highlighted(sample["input_ids"], sample["labels"], tokenizer, color), file=out)
+        else:
+            print(tokenizer.decode(sample["input_ids"]), file=out)
+
+
+# ------------------------------------------------------------------------------- prepare
+def run_prepare(cfg, out: str) -> int:
+    tokenizer = Tokenizer.load(cfg.model.tokenizer_path)
+    source = build_source(cfg.data)
+    if getattr(source, "shuffle", False):
+        source.shuffle = False  # stored in natural order; data.shuffle applies when reading
+    start = time.perf_counter()
+    meta = prepare(source, source.encoder(tokenizer), out, tokenizer,
+                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(f"prepared {meta['num_docs']} documents, {meta['num_tokens']} tokens "
+          f"({meta['dtype']}) of {meta['source']} into {out} in "
+          f"{time.perf_counter() - start:.1f}s; train with --data.dataset=prepared "
+          f"--data.dataset_path={out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- --bench
+def bench_global_batch(cfg, dp_degree: int) -> int:
+    """The global batch of the config at this dp degree (the local batch stays fixed)."""
+    t = cfg.training
+    if t.global_batch_size == -1:
+        return t.local_batch_size * dp_degree
+    if t.global_batch_size % (t.local_batch_size * dp_degree):
+        raise DataError(f"training.global_batch_size ({t.global_batch_size}) is not a multiple "
+                        f"of local_batch_size x --dp-degree ({t.local_batch_size * dp_degree})")
+    return t.global_batch_size
+
+
+def run_bench(cfg, steps: int, dp_degree: int, dp_rank: int) -> int:
+    if steps < 1:
+        raise DataError(f"--bench must be >= 1, got {steps}")
+    tokenizer = Tokenizer.load(cfg.model.tokenizer_path)
+    global_batch = bench_global_batch(cfg, dp_degree)
+    start = time.perf_counter()
+    loader = build_dataloader(cfg.data, tokenizer, cfg.training.seq_len, global_batch,
+                              dp_rank, dp_degree, prefetch=data_option(cfg.data, "prefetch"))
+    next(loader)  # startup: preparing the embedded corpus on first use, the prefetch thread
+    startup = time.perf_counter() - start
+    kind = "prepared, read by offset" if isinstance(loader.source, PreparedDataset) else \
+        "streamed, every rank encodes the global batch"
+    print(f"data: {loader.source.name} ({kind}), prefetch {data_option(cfg.data, 'prefetch')}")
+    print(f"rank {dp_rank} of {dp_degree}: {loader.local_batch_size} x {cfg.training.seq_len} "
+          f"tokens per step of a global {global_batch}; first batch {startup * 1e3:.0f} ms")
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        next(loader)
+    per_step = (time.perf_counter() - start) / steps
+    cpu_per_step = (time.process_time() - cpu_start) / steps  # every thread of the process
+    loader.close()
+    print(f"cpu ms/step {cpu_per_step * 1e3:.3f} (all threads; robust on a busy machine)")
+    print(f"ms/step {per_step * 1e3:.3f}")  # the training thread's wait for a batch
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prepare_command = bool(argv) and argv[0] == "prepare"
+    parser = _parser(prepare_command)
+    try:
+        cfg, ns = parse_args(argv[1:] if prepare_command else argv, parser)
+        if prepare_command:
+            return run_prepare(cfg, ns.out)
+        if ns.bench is not None:
+            if not 0 <= ns.dp_rank < ns.dp_degree:
+                raise DataError(f"--dp-rank {ns.dp_rank} is not in [0, --dp-degree {ns.dp_degree})")
+            return run_bench(cfg, ns.bench, ns.dp_degree, ns.dp_rank)
+        if ns.show is None:
+            parser.error("nothing to do: give --show N, --bench N, or the prepare command")
+        if ns.show < 1:
+            raise DataError(f"--show must be >= 1, got {ns.show}")
+        batch, tokenizer = first_samples(cfg, ns.show)
+    except ConfigError as e:  # DataError included
+        return report_config_error(e)
+    show(batch, tokenizer, ns.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
