@@ -19,7 +19,7 @@
   chat_masks.py     trained tokens (data.loss_on) found from the token ids
   chat_pack.py      WholeDocumentStream: one conversation per window document, overflow
   validate.py  check_data(): the source and tokenizer spot-checked before the model is built
-  __main__.py  `python -m runtime.data` --show / prepare / --bench
+  __main__.py  `python -m runtime.data` (a shim: the command is runtime/data_cli.py)
 
 Only runtime.model (IGNORE_INDEX) and the leaf runtime.errors are imported from the rest of
 the runtime: ranks and degrees arrive as plain ints. The names below load on first use, so

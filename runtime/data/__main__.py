@@ -1,4 +1,4 @@
-"""`python -m runtime.data`: the entry point of the data command, whose body is runtime/data_cli.py.
+"""`python -m runtime.data`: the data command's entry point; its body is runtime/data_cli.py.
 
 The one import from runtime/data up to a higher layer, on purpose: the command reads the job's
 TOML through the trainer's config loader, so it lives in the top layer (beside runtime/plan.py);
