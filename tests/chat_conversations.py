@@ -19,6 +19,25 @@ WEATHER_TOOL = {
     },
 }
 CLOCK_TOOL = {"type": "function", "function": {"name": "now", "description": "The time."}}
+# Schemas whose rendering carries the released template's quirks: nested objects and unions
+# written with its indentation, unions never collapsed to `any`, list types, array nesting.
+TYPED_TOOL = {"type": "function", "function": {
+    "name": "search", "description": "Search records.",
+    "parameters": {"type": "object", "required": ["query"], "properties": {
+        "query": {"type": "string"},
+        "filter": {"type": "object", "required": ["field"], "properties": {
+            "field": {"type": "string"}, "range": {"type": "object", "properties": {
+                "low": {"type": ["number", "null"]}}}}},
+        "id": {"oneOf": [{"type": "string", "description": "a key", "default": "k"},
+                         {"type": "object"}], "default": "k", "description": "Record id"},
+        "limit": {"type": "number", "default": 0.5},
+        "sort": {"type": "string", "nullable": True},
+        "grid": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+        "rows": {"type": "array", "items": {"type": "object", "properties": {"k": {"type": "string"}}}},
+        "pairs": {"type": "array", "items": {"type": ["object", "object"]}},
+        "ids": {"type": "array", "items": {"type": "integer"}, "nullable": True},
+        "anything": {"description": "Untyped."},
+    }}}}
 
 CONVERSATIONS = {
     "single_turn": {"messages": [
@@ -51,6 +70,14 @@ CONVERSATIONS = {
         {"role": "assistant", "thinking": "Call the tool.",
          "tool_calls": [{"function": {"name": "get_weather",
                                       "arguments": "{\"city\": \"Oslo\", \"days\": 3}"}}]},
+    ]},
+    "typed_tool_schemas": {"tools": [TYPED_TOOL, CLOCK_TOOL], "messages": [
+        {"role": "developer", "content": "Search when asked."},
+        {"role": "user", "content": "Find alice."},
+        {"role": "assistant", "tool_calls": [{"function": {
+            "name": "search", "arguments": {"query": "alice", "filter": {"field": "name"}}}}]},
+        {"role": "tool", "content": {"hits": ["alice"]}},
+        {"role": "assistant", "content": "Found alice."},
     ]},
     "two_turns_with_tools": {"tools": [CLOCK_TOOL], "messages": [
         {"role": "user", "content": "Time?"},

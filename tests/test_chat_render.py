@@ -31,14 +31,19 @@ def _render_both(renderer_a, renderer_b, record, **kw):
     return renderer_a.render(conv.messages, **args), renderer_b.render(conv.messages, **args)
 
 
+def _prompt_only(record):
+    """The inference prompt of a conversation: up to its last user message."""
+    last_user = max(i for i, m in enumerate(record["messages"]) if m["role"] == "user")
+    return {**record, "messages": record["messages"][: last_user + 1]}
+
+
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 @pytest.mark.parametrize("generation_prompt", [False, True])
 def test_builtin_equals_template(name, generation_prompt):
     template = TemplateRenderer(FIXTURE.read_text(), str(FIXTURE), date=DATE)
     record = CONVERSATIONS[name]
-    if generation_prompt:  # the inference prompt: up to the last user message
-        last_user = max(i for i, m in enumerate(record["messages"]) if m["role"] == "user")
-        record = {**record, "messages": record["messages"][: last_user + 1]}
+    if generation_prompt:
+        record = _prompt_only(record)
     ours, theirs = _render_both(HarmonyRenderer(date=DATE), template, record,
                                 add_generation_prompt=generation_prompt)
     assert ours == theirs
@@ -50,17 +55,49 @@ def _real_template() -> TemplateRenderer | None:
         return None
     p = Path(where)
     found = find_template(str(p), "") if p.is_dir() else find_template("", str(p))
-    return TemplateRenderer(found[0], found[1], date=DATE) if found else None
+    if found is None:
+        pytest.fail(f"GPTOSS_CHAT_TEMPLATE={where}: no chat_template.jinja or "
+                    "tokenizer_config.json chat_template there")
+    return TemplateRenderer(found[0], found[1], date=DATE)
+
+
+def _turn_prefixes(record):
+    """The conversation cut after each assistant message (per-turn training renders)."""
+    msgs = record["messages"]
+    return [{**record, "messages": msgs[: i + 1]} for i, m in enumerate(msgs)
+            if m["role"] == "assistant"]
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
-def test_builtin_equals_real_gptoss_template(name):
-    """Opt-in (the template is not shipped here): GPTOSS_CHAT_TEMPLATE=/path/gpt-oss-20b."""
+@pytest.mark.parametrize("mode", ["training", "turn_prefixes", "generation_prompt"])
+def test_builtin_equals_real_gptoss_template(name, mode):
+    """The built-in renderer writes what the released gpt-oss template (what vLLM serves)
+    writes. Opt-in, the template is not shipped here: GPTOSS_CHAT_TEMPLATE=/path/gpt-oss-20b
+    (a checkpoint dir) or =/path/chat_template.jinja (or a tokenizer_config.json)."""
     real = _real_template()
     if real is None:
-        pytest.skip("set GPTOSS_CHAT_TEMPLATE to a gpt-oss checkpoint dir or chat_template.jinja")
-    ours, theirs = _render_both(HarmonyRenderer(date=DATE), real, CONVERSATIONS[name])
-    assert ours == theirs
+        pytest.skip("GPTOSS_CHAT_TEMPLATE not set (a gpt-oss checkpoint dir or its "
+                    "chat_template.jinja): no real template to compare with")
+    record = CONVERSATIONS[name]
+    records = {"training": [record], "turn_prefixes": _turn_prefixes(record),
+               "generation_prompt": [_prompt_only(record)]}[mode]
+    for rec in records:
+        ours, theirs = _render_both(HarmonyRenderer(date=DATE), real, rec,
+                                    add_generation_prompt=mode == "generation_prompt")
+        assert ours == theirs
+
+
+def test_builtin_writes_nested_types_as_the_released_template():
+    """The released template's whitespace inside nested object and union types (literal, so
+    the check holds without the real template)."""
+    tool = {"function": {"name": "f", "description": "d", "parameters": {"properties": {
+        "o": {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+        "u": {"oneOf": [{"type": "object"}, {"type": "integer", "default": 2}]}}}}}
+    assert harmony.render_tools([tool]) == (
+        "## functions\n\nnamespace functions {\n\n// d\ntype f = (_: {\n"
+        "o?: {\na: \n                string},\n"
+        "u?: object | \nnumber                    // default: 2,\n"
+        "}) => any;\n\n} // namespace functions")
 
 
 def test_builtin_renders_the_harmony_literal():

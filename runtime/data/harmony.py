@@ -12,6 +12,11 @@ conversations the chat data path accepts (tests/test_chat_render.py compares the
     <|start|>functions.NAME to=assistant<|channel|>commentary<|message|>{"result"}<|end|>
     <|start|>assistant<|channel|>final<|message|>{answer}<|return|>        (<|end|> if not last)
 
+The reference is the template of the current gpt-oss release (the one vLLM serves with).
+The first release's template differed and is not followed: it ended tool calls with <|end|>
+instead of <|call|>, always kept a tool call's analysis, always wrote the `functions` note in
+the system message, and wrote tools as `type f = (_: {...,\\n}) => any;\\n` / `(\\n}) => any;`.
+
 Messages are in the normalised form of `runtime.data.chat_records` (HF chat format: role,
 content, optional thinking / tool_calls with dict arguments).
 """
@@ -44,31 +49,77 @@ def _tojson(value) -> str:
 
 
 # ------------------------------------------------------------------ tool definitions
+_SCALAR_ITEMS = {"string": "string", "number": "number", "integer": "number", "boolean": "boolean"}
+# The released template writes a nested object's property types and a oneOf's later variants
+# after a newline and the template's own indentation (jinja whitespace of its `{{ }}` lines);
+# vLLM serves that text, so it is reproduced here character for character.
+_NESTED_INDENT = "\n" + " " * 16
+_DEFAULT_INDENT = " " * 20
+
+
+def _ts_array(spec: dict) -> str:
+    items = spec.get("items")
+    if not items:
+        inner = "any[]"
+    elif isinstance(items.get("type"), str) and items["type"] in _SCALAR_ITEMS:
+        inner = _SCALAR_ITEMS[items["type"]] + "[]"
+    else:
+        item = _ts_type(items)
+        inner = "any[]" if item == "object | object" or len(item) > 50 else item + "[]"
+    return inner + (" | null" if spec.get("nullable") else "")
+
+
+def _ts_one_of(variants: list[dict]) -> str:
+    # The template means to write `any` for unions with an object variant, but its flag is set
+    # inside a jinja for-loop scope and never seen outside it: every union is written out.
+    parts = []
+    for variant in variants:
+        text = _ts_type(variant)
+        if variant.get("description"):
+            text += "// " + variant["description"]
+        if "default" in variant:
+            text += _DEFAULT_INDENT + "// default: " + _tojson(variant["default"])
+        parts.append(text)
+    return " | \n".join(parts)
+
+
+def _ts_object(spec: dict) -> str:
+    required = spec.get("required") or []
+    fields = [f"{name}{'' if name in required else '?'}: {_NESTED_INDENT}{_ts_type(sub)}"
+              for name, sub in spec["properties"].items()]
+    return "{\n" + ", ".join(fields) + "}"
+
+
 def _ts_type(spec: dict) -> str:
-    """A JSON-schema parameter as the TypeScript-like type harmony's developer message uses."""
+    """A JSON-schema parameter as the TypeScript-like type harmony's developer message uses,
+    in the released template's order of cases."""
     kind = spec.get("type")
-    nullable = " | null" if spec.get("nullable") else ""
-    if isinstance(kind, list):
-        return " | ".join(kind)
     if kind == "array":
-        items = spec.get("items")
-        if not items:
-            return "any[]" + nullable
-        scalar = {"string": "string", "number": "number", "integer": "number",
-                  "boolean": "boolean"}.get(items.get("type"))
-        inner = scalar or _ts_type(items)
-        return ("any" if scalar is None and len(inner) > 50 else inner) + "[]" + nullable
+        return _ts_array(spec)
+    if isinstance(kind, list) and kind:
+        return " | ".join(kind)
+    if spec.get("oneOf"):
+        return _ts_one_of(spec["oneOf"])
     if kind == "string":
         if spec.get("enum"):
             return '"' + '" | "'.join(spec["enum"]) + '"'
-        return "string" + nullable
+        return "string" + (" | null" if spec.get("nullable") else "")
     if kind in ("number", "integer"):
         return "number"
     if kind == "boolean":
         return "boolean"
-    if kind == "object" and not spec.get("properties"):
-        return "object"
+    if kind == "object":
+        return _ts_object(spec) if spec.get("properties") else "object"
     return "any"
+
+
+def _default_note(spec: dict) -> str:
+    # The template writes an enum's or a union's default as is, any other default as JSON.
+    if spec.get("enum"):
+        return f", // default: {spec['default']}"
+    if spec.get("oneOf"):
+        return f"// default: {spec['default']}"
+    return f", // default: {_tojson(spec['default'])}"
 
 
 def _tool_type(function: dict) -> str:
@@ -84,8 +135,7 @@ def _tool_type(function: dict) -> str:
             lines.append(f"// {spec['description']}\n")
         lines.append(f"{name}{'' if name in required else '?'}: {_ts_type(spec)}")
         if "default" in spec:
-            default = spec["default"] if spec.get("enum") else _tojson(spec["default"])
-            lines.append(f", // default: {default}")
+            lines.append(_default_note(spec))
         lines.append(",\n")
     return "".join(lines) + "}) => any;\n\n"
 
@@ -105,6 +155,7 @@ def system_message(*, date: str, reasoning_effort: str = "medium", has_tools: bo
 
 
 def developer_message(instructions: str, tools: list[dict] | None) -> str:
+    # "\n\n" follows the instructions even without tools, as the released template writes it.
     text = f"# Instructions\n\n{instructions}\n\n" if instructions else ""
     if tools:
         text += "# Tools\n\n" + render_tools(tools)
