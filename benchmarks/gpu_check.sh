@@ -11,9 +11,6 @@
 # Writes gpu_check-<stamp>.jsonl, .md and .log under $RESULTS_DIR; exit 1 if a correctness
 # check failed. Budgets, parts and records: benchmarks/gpu_check.py and benchmarks/README.md.
 set -uo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT" || exit 2
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# shellcheck source-path=SCRIPTDIR source=env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 exec "${PYTHON:-python3}" benchmarks/gpu_check.py "$@"

@@ -30,11 +30,8 @@
 # the first thing to run in a GPU window: correctness + the reference numbers.
 set -uo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT" || exit 2
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# shellcheck source-path=SCRIPTDIR source=env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 PY=${PYTHON:-python3}
 DATE=${DATE:-$(date -u +%F)}
 RESULTS_DIR=${RESULTS_DIR:-$ROOT/benchmarks/results}

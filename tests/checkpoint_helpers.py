@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,18 @@ def plant_item(ckpt: Path, marker: Path) -> str:
         pickle.dump(md, f)
     rewrite_manifest(ckpt)
     return index.fqn
+
+
+def finished_run(tmp_path_factory, *extra: str) -> Path:
+    """A finished run of `make_trainer` in a fresh folder (BASE: 4 steps, checkpoints step-2
+    and step-4). Tests copy it (`copy_run`) before damaging or resuming it."""
+    folder = tmp_path_factory.mktemp("saved")
+    assert make_trainer(folder, *extra).run() == 0
+    return folder
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a run folder (or one checkpoint) without its dump-folder lock."""
+    shutil.copytree(src, dst)
+    (dst / ".lock").unlink(missing_ok=True)
+    return dst

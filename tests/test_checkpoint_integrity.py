@@ -6,7 +6,7 @@ replace it atomically; a branch from an older step refuses to mix histories."""
 import shutil
 
 import pytest
-from checkpoint_helpers import error_lines, make_trainer, metrics_steps, run_job
+from checkpoint_helpers import copy_run, error_lines, finished_run, make_trainer, metrics_steps, run_job
 
 from runtime.train import manifest
 from runtime.train.checkpoint import CheckpointError, find_latest_checkpoint
@@ -15,16 +15,7 @@ from runtime.train.checkpoint import CheckpointError, find_latest_checkpoint
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A finished 4-step run with checkpoints step-2 and step-4."""
-    folder = tmp_path_factory.mktemp("saved")
-    assert make_trainer(folder).run() == 0
-    return folder
-
-
-def _copy(saved, tmp_path):
-    folder = tmp_path / "run"
-    shutil.copytree(saved, folder)
-    (folder / ".lock").unlink(missing_ok=True)
-    return folder
+    return finished_run(tmp_path_factory)
 
 
 def _distcp(ckpt):
@@ -55,7 +46,7 @@ WHY = {
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_latest_is_skipped_for_the_newest_intact(saved, tmp_path, capsys, damage):
-    folder = _copy(saved, tmp_path)
+    folder = copy_run(saved, tmp_path / "run")
     DAMAGE[damage](folder / "checkpoints" / "step-4")
     trainer = make_trainer(folder, "--training.steps=6")
     assert trainer.step == 2
@@ -67,14 +58,14 @@ def test_damaged_latest_is_skipped_for_the_newest_intact(saved, tmp_path, capsys
 
 @pytest.mark.parametrize("pointer", [b"step-\x00\xff\xfe garbage", b"not a checkpoint\n", b""])
 def test_garbage_latest_pointer_is_ignored(saved, tmp_path, capsys, pointer):
-    folder = _copy(saved, tmp_path)
+    folder = copy_run(saved, tmp_path / "run")
     (folder / "checkpoints" / "latest").write_bytes(pointer)
     assert make_trainer(folder, "--training.steps=6").step == 4
     assert "latest" in capsys.readouterr().out
 
 
 def test_explicitly_requested_damaged_checkpoint_is_an_error(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
+    folder = copy_run(saved, tmp_path / "run")
     _zero_range(_distcp(folder / "checkpoints" / "step-2"))
     shutil.rmtree(folder / "checkpoints" / "step-4")
     with pytest.raises(CheckpointError, match=r"checkpoint.load_step=2: .*step-2 is damaged "
@@ -83,7 +74,7 @@ def test_explicitly_requested_damaged_checkpoint_is_an_error(saved, tmp_path):
 
 
 def test_branching_from_an_older_step_refuses_to_mix_histories(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
+    folder = copy_run(saved, tmp_path / "run")
     with pytest.raises(CheckpointError, match=r"load_step=2: .* later checkpoints step-4"):
         make_trainer(folder, "--checkpoint.load_step=2", "--optimizer.weight_decay=0.0")
     assert (folder / "checkpoints" / "step-4" / manifest.MANIFEST).is_file()  # untouched
@@ -92,7 +83,7 @@ def test_branching_from_an_older_step_refuses_to_mix_histories(saved, tmp_path):
 
 
 def test_save_over_a_damaged_step_takes_its_name_and_keeps_it_aside(saved, tmp_path, capsys):
-    folder = _copy(saved, tmp_path)
+    folder = copy_run(saved, tmp_path / "run")
     ckpt = folder / "checkpoints" / "step-4"
     _zero_range(_distcp(ckpt))
     trainer = make_trainer(folder)
@@ -107,7 +98,7 @@ def test_save_over_a_damaged_step_takes_its_name_and_keeps_it_aside(saved, tmp_p
 
 def test_requeued_job_survives_a_corrupt_latest(saved, tmp_path):
     """The real entry point, as a requeue runs it: exit 0, every step logged once."""
-    folder = _copy(saved, tmp_path)
+    folder = copy_run(saved, tmp_path / "run")
     _zero_range(_distcp(folder / "checkpoints" / "step-4"), start=5000, length=100)
     (folder / "checkpoints" / "latest").write_bytes(b"\x89PNG\r\n\x1a\n")
     proc = run_job(folder, "--training.steps=6")

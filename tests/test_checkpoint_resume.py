@@ -10,7 +10,8 @@ import subprocess
 import time
 
 import pytest
-from checkpoint_helpers import ROOT, error_lines, job_command, make_trainer, metrics_steps, run_job
+from checkpoint_helpers import (ROOT, copy_run, error_lines, finished_run, job_command, make_trainer,
+                                metrics_steps, run_job)
 
 from runtime.train.checkpoint import CheckpointError, find_latest_checkpoint
 from runtime.train.faults import NonFiniteLossError
@@ -22,16 +23,7 @@ from runtime.train.trainer import Trainer, main
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A finished 4-step run of the 2-layer tiny model: checkpoints step-2 and step-4."""
-    folder = tmp_path_factory.mktemp("saved")
-    assert make_trainer(folder).run() == 0
-    return folder
-
-
-def _copy(saved, tmp_path):
-    folder = tmp_path / "run"
-    shutil.copytree(saved, folder)
-    (folder / ".lock").unlink(missing_ok=True)
-    return folder
+    return finished_run(tmp_path_factory)
 
 
 def _step_dirs(folder):
@@ -44,7 +36,7 @@ def _step_dirs(folder):
     ("--model.flavor=debugmodel", "flavor 'tiny' here 'debugmodel'"),
 ])
 def test_another_model_is_refused_and_nothing_is_pruned(saved, tmp_path, change, named):
-    folder = _copy(saved, tmp_path)
+    folder = copy_run(saved, tmp_path / "run")
     with pytest.raises(CheckpointError, match="holds another model than this run") as err:
         make_trainer(folder, change, "--checkpoint.keep_latest_k=1", "--training.steps=8")
     assert named in str(err.value)
@@ -58,11 +50,11 @@ def test_another_model_is_refused_before_the_model_is_built(saved, tmp_path, mon
 
     monkeypatch.setattr(Trainer, "_build_model", build)
     with pytest.raises(CheckpointError, match="n_layers 2 here 1"):
-        make_trainer(_copy(saved, tmp_path), "--model.n_layers=1")
+        make_trainer(copy_run(saved, tmp_path / "run"), "--model.n_layers=1")
 
 
 def test_another_model_exits_2_with_one_line(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
+    folder = copy_run(saved, tmp_path / "run")
     proc = run_job(folder, "--model.n_layers=1", "--checkpoint.keep_latest_k=1",
                    "--training.steps=8")
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -84,7 +76,7 @@ def test_shapes_are_compared_without_the_identity_record(saved, tmp_path):
 
 # ----------------------------------------------------------------------------- item 6
 def test_changed_keys_are_listed(saved, tmp_path, capsys):
-    folder = _copy(saved, tmp_path)
+    folder = copy_run(saved, tmp_path / "run")
     make_trainer(folder, "--training.steps=6", "--metrics.log_freq=2")
     out = capsys.readouterr().out
     assert ("resuming step-4 with config changes: training.steps 4 -> 6; "
@@ -93,7 +85,7 @@ def test_changed_keys_are_listed(saved, tmp_path, capsys):
 
 
 def test_changed_lr_needs_the_scheduler_reset(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
+    folder = copy_run(saved, tmp_path / "run")
     with pytest.raises(CheckpointError, match=r"optimizer.lr = 0.001 cannot take effect .* "
                                               r"restored lr scheduler keeps 0.003"
                                               r".*exclude_from_loading"):
@@ -106,7 +98,7 @@ def test_changed_lr_needs_the_scheduler_reset(saved, tmp_path):
 
 
 def test_ignored_optimizer_setting_is_a_named_warning(saved, tmp_path, capsys):
-    folder = _copy(saved, tmp_path)
+    folder = copy_run(saved, tmp_path / "run")
     trainer = make_trainer(folder, "--optimizer.weight_decay=0.0", "--training.steps=6")
     warnings = [l for l in capsys.readouterr().out.splitlines() if l.startswith("warning:")]
     assert len(warnings) == 1
@@ -132,7 +124,7 @@ def test_data_keys_the_source_ignores_are_config_errors(overrides, key):
 
 
 def test_excluded_dataloader_starts_the_data_over(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
+    folder = copy_run(saved, tmp_path / "run")
     resumed = make_trainer(folder, "--training.steps=6")
     fresh = make_trainer(folder, "--training.steps=6",
                          '--checkpoint.exclude_from_loading=["dataloader"]')
@@ -177,7 +169,7 @@ def test_kill_9_then_resume_logs_every_step_once(tmp_path):
 
 
 def test_resume_after_kill_logs_every_step_once(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
+    folder = copy_run(saved, tmp_path / "run")
     shutil.rmtree(folder / "checkpoints" / "step-4")  # as if killed -9 after logging step 4
     assert make_trainer(folder, "--training.steps=5").run() == 0
     assert metrics_steps(folder) == [1, 2, 3, 4, 5]
@@ -213,7 +205,7 @@ def test_skipped_steps_are_capped_and_logged_as_null(tmp_path, monkeypatch, caps
 
 
 def test_skipped_steps_count_across_resumes(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
+    folder = copy_run(saved, tmp_path / "run")
     trainer = make_trainer(folder, "--training.steps=6")
     trainer.step, trainer.skipped_steps = 5, 2
     trainer.checkpointer.save(5, force_sync=True)

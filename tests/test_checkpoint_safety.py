@@ -6,8 +6,8 @@ import json
 import pickle
 
 import pytest
-from checkpoint_helpers import (Payload, error_lines, make_trainer, plant_item, plant_metadata,
-                                run_job)
+from checkpoint_helpers import (Payload, copy_run, error_lines, finished_run, make_trainer, plant_item,
+                                plant_metadata, run_job)
 
 from runtime.safe_dcp import UnsafeCheckpointError, read_metadata_file
 from runtime.train.checkpoint import CheckpointError
@@ -16,18 +16,7 @@ from runtime.train.checkpoint import CheckpointError
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A finished 2-step run (checkpoint step-2); tests copy it before poisoning."""
-    folder = tmp_path_factory.mktemp("saved")
-    trainer = make_trainer(folder, "--training.steps=2")
-    assert trainer.run() == 0
-    return folder
-
-
-def _copy(src, dst):
-    import shutil
-
-    shutil.copytree(src, dst)
-    (dst / ".lock").unlink(missing_ok=True)
-    return dst
+    return finished_run(tmp_path_factory, "--training.steps=2")
 
 
 def test_train_state_is_json_and_real_metadata_passes_the_allow_list(saved):
@@ -50,7 +39,7 @@ def test_the_payload_would_run_under_plain_pickle(tmp_path):
 
 @pytest.mark.parametrize("where", ["metadata", "item"])
 def test_planted_pickle_is_refused_on_resume(saved, tmp_path, where):
-    folder = _copy(saved, tmp_path / "run")
+    folder = copy_run(saved, tmp_path / "run")
     ckpt = folder / "checkpoints" / "step-2"
     marker = tmp_path / "ran"
     if where == "metadata":
@@ -66,7 +55,7 @@ def test_planted_pickle_is_refused_on_resume(saved, tmp_path, where):
 
 
 def test_planted_pickle_is_refused_as_initial_load_path(saved, tmp_path):
-    ckpt = _copy(saved / "checkpoints" / "step-2", tmp_path / "weights")
+    ckpt = copy_run(saved / "checkpoints" / "step-2", tmp_path / "weights")
     marker = tmp_path / "ran"
     plant_metadata(ckpt, marker)
     with pytest.raises(CheckpointError, match=r"checkpoint.initial_load_path: "
@@ -78,7 +67,7 @@ def test_planted_pickle_is_refused_as_initial_load_path(saved, tmp_path):
 def test_initial_load_path_reads_only_the_model(saved, tmp_path):
     """A payload in the optimizer part of a full checkpoint is never even read (and would
     be refused like on resume)."""
-    ckpt = _copy(saved / "checkpoints" / "step-2", tmp_path / "weights")
+    ckpt = copy_run(saved / "checkpoints" / "step-2", tmp_path / "weights")
     marker = tmp_path / "ran"
     assert plant_item(ckpt, marker).startswith("optimizer.")
     trainer = make_trainer(tmp_path / "run", f"--checkpoint.initial_load_path={ckpt}")
@@ -86,7 +75,7 @@ def test_initial_load_path_reads_only_the_model(saved, tmp_path):
 
 
 def test_planted_metadata_refused_by_the_job_with_one_line(saved, tmp_path):
-    folder = _copy(saved, tmp_path / "run")
+    folder = copy_run(saved, tmp_path / "run")
     marker = tmp_path / "ran"
     plant_metadata(folder / "checkpoints" / "step-2", marker)
     proc = run_job(folder, "--training.steps=4")
@@ -110,7 +99,7 @@ def test_metadata_reader_refuses_foreign_objects(tmp_path):
 def test_planted_metadata_refused_by_dcp_to_hf(saved, tmp_path, capsys):
     from runtime.hf.convert import main as convert_main
 
-    ckpt = _copy(saved / "checkpoints" / "step-2", tmp_path / "weights")
+    ckpt = copy_run(saved / "checkpoints" / "step-2", tmp_path / "weights")
     marker = tmp_path / "ran"
     plant_metadata(ckpt, marker)
     assert convert_main(["dcp-to-hf", str(ckpt), str(tmp_path / "hf"), "--no-progress"]) == 2
