@@ -241,6 +241,10 @@ def read_metrics(path: Path) -> list[dict]:
 def python_env(**extra: str) -> dict[str, str]:
     """Environment for jobs: this interpreter as PYTHON, the checkout importable."""
     env = dict(os.environ)
+    # The templates honour a MASTER_ADDR/PORT set by the user; one left over in the test
+    # process (from another test) must not pin every job to one port.
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     env["PYTHON"] = sys.executable
     env.update(extra)
     return env

@@ -4,7 +4,6 @@ CPU with patched Tensor methods: on a GPU each one stalls the CPU until the devi
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
@@ -32,11 +31,13 @@ class SyncCounter:
 
 
 @pytest.fixture
-def one_rank_group():
+def one_rank_group(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # monkeypatch: restored afterwards (a leaked MASTER_PORT would reach later launch tests)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield dist.group.WORLD
     dist.destroy_process_group()

@@ -51,10 +51,10 @@ from runtime.errors import ConfigError
 from runtime.parallel.dtensor_utils import distributed_parameter, swap_parameters, to_local
 from runtime.parallel.quantize import tensor_parallel_styles
 
-try:  # needed on torch 2.11; deprecated (a no-op) from torch 2.13, so it may disappear
-    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+try:  # CUDA symmetric memory; its group switch is needed on torch 2.11, a no-op from 2.13
+    import torch.distributed._symmetric_memory as symmetric_memory
 except ImportError:
-    enable_symm_mem_for_group = None
+    symmetric_memory = None
 
 __all__ = ["apply_tp", "check_async_tp", "enable_async_tp"]
 
@@ -156,6 +156,8 @@ def enable_async_tp(tp_mesh) -> None:
     if not torch.cuda.is_available():  # runtime.plan's dry run of a GPU job (fake process group)
         return
     inductor_config._micro_pipeline_tp = True
+    # Looked up at call time: deprecated in 2.13, so it may disappear from later releases.
+    enable_symm_mem_for_group = getattr(symmetric_memory, "enable_symm_mem_for_group", None)
     if enable_symm_mem_for_group is None:
         return
     with warnings.catch_warnings():
