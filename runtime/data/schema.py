@@ -1,6 +1,6 @@
 """The [data] keys, one schema: `DataConfig` IS the job config's [data] section.
 
-The trainer's config (runtime/train/config/schema.py) lists `DataConfig` as its `data` section:
+The trainer's config (runtime/train/config_schema.py) lists `DataConfig` as its `data` section:
 each field's `choices` / `check` / `help` metadata is what the config loader validates and
 prints in --help, and `problems()` holds the rules that involve several [data] keys. The data
 package reads the same names from a DataConfig, a dict or any object (`data_option`), so
