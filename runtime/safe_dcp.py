@@ -7,7 +7,11 @@ storage, so this module replaces both readers:
 
 - `.metadata` goes through `MetadataUnpickler`, which resolves only DCP's own metadata
   classes and the few torch/pathlib objects they contain (`torch.Size`, dtypes, layouts,
-  paths); any other global is refused with one line naming the file.
+  paths); any other global is refused with one line naming the file. One exception, for
+  the enum DCP stores (`_MEM_FORMAT_ENCODING`): Python 3.11.0-3.11.4 pickle an Enum member
+  by name, as `getattr(EnumClass, "NAME")` (3.10 and 3.11.5+ by value, `EnumClass(value)`;
+  CPython gh-105332), so `builtins.getattr` resolves to a guarded stand-in that returns a
+  member of an allow-listed enum and refuses every other call.
 - non-tensor items go through `torch.load(weights_only=True)` (torch's own allow-list:
   containers, numbers, strings, tensors).
 
@@ -18,6 +22,7 @@ HF converter's dcp-to-hf). A leaf like errors.py (torch only), so every layer ma
 
 from __future__ import annotations
 
+import enum
 import io
 import pickle
 import re
@@ -51,6 +56,26 @@ _ALLOWED_GLOBALS = {
 }
 
 
+# `getattr` as Python 3.11.0-3.11.4 pickle an Enum member by name: GLOBAL "__builtin__
+# getattr" at protocols 0-2 (the unpickler maps it to builtins only inside the base
+# find_class, so an override sees the Python 2 name), "builtins getattr" at 3, STACK_GLOBAL
+# at 4+.
+_GETATTR_GLOBALS = {("builtins", "getattr"), ("__builtin__", "getattr")}
+# Enums a DCP .metadata can hold: TensorProperties pickles its memory format as one (torch
+# 2.11 - 2.13; the planner's WriteItemType/LoadItemType live in save/load plans, which are
+# never written to a file).
+_ALLOWED_ENUMS = (dcp_metadata._MEM_FORMAT_ENCODING,)
+
+
+def _describe(obj: Any) -> str:
+    """A short one-line name for an object in a refusal message."""
+    if isinstance(obj, type):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    if isinstance(obj, str):
+        return repr(obj[:60])
+    return f"a {type(obj).__name__}"
+
+
 class MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP `.metadata` and nothing else."""
 
@@ -58,7 +83,25 @@ class MetadataUnpickler(pickle.Unpickler):
         super().__init__(file)
         self.source = source
 
+    def _enum_member_by_name(self, *args: Any) -> enum.Enum:
+        """Stands in for `getattr`: whatever opcode calls it (REDUCE, or INST/OBJ at protocols
+        0/1) passes the arguments here, so this is the only place they are checked. Returns
+        `cls.__members__[name]` for an allow-listed enum class and one of its member names
+        (exactly what `getattr` would return); refuses anything else (another object, a
+        non-member attribute like `__class__` or `_member_map_`, a default argument)."""
+        if len(args) == 2:
+            cls, name = args
+            if (any(cls is allowed for allowed in _ALLOWED_ENUMS) and type(name) is str
+                    and name in cls.__members__):
+                return cls.__members__[name]
+        shown = ", ".join(_describe(a) for a in args[:3])
+        raise UnsafeCheckpointError(
+            f"{self.source}: refused to load: it calls builtins.getattr({shown}), which is "
+            "not an enum member of a DCP checkpoint's metadata (a planted or foreign file?)")
+
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _GETATTR_GLOBALS:
+            return self._enum_member_by_name
         allowed = (module == _METADATA_MODULE and name in _ALLOWED_METADATA_NAMES) or (
             (module, name) in _ALLOWED_GLOBALS) or (
             module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
