@@ -118,8 +118,11 @@ def run_prepare(cfg, out: str) -> int:
     if getattr(source, "shuffle", False):
         source.shuffle = False  # stored in natural order; data.shuffle applies when reading
     start = time.perf_counter()
-    meta = prepare(source, source.encoder(tokenizer), out, tokenizer,
-                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        meta = prepare(source, source.encoder(tokenizer), out, tokenizer,
+                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except OSError as e:  # an unwritable parent, a full disk: nothing was published
+        raise DataError(f"--out {out}: cannot write: {' '.join(str(e).split())}") from None
     print(f"prepared {meta['num_docs']} documents, {meta['num_tokens']} tokens "
           f"({meta['dtype']}) of {meta['source']} into {out} in "
           f"{time.perf_counter() - start:.1f}s; train with --data.dataset=prepared "

@@ -734,3 +734,130 @@ def test_embedded_cache_unwritable(tmp_path, monkeypatch):
     (tmp_path / "tmp").mkdir()
     assert next(build_dataloader(None, tok, 16, 1))["tokens"].shape == (1, 16)
     assert list((tmp_path / "tmp" / "gptoss-runtime-data").iterdir())
+
+
+# ------------------------------------------------- prepared data is verified, never trusted
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(tmp_path: Path) -> dict:
+    return {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+            "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+
+def _prepared_copy(src: Path, dst: Path, damage: bytes, at: int, version: int = 3) -> Path:
+    """A copy of the prepared folder `src` with `damage` written into its token file at byte
+    `at`; version 2: the older format without checksums (the damage cannot be seen)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    with open(dst / "tokens-00000.bin", "r+b") as f:
+        f.seek(at)
+        f.write(damage)
+    if version == 2:
+        meta = json.loads((dst / "meta.json").read_text())
+        meta["version"] = 2
+        del meta["files"]
+        (dst / "meta.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_damaged_prepared_data_is_one_line_exit_2(tmp_path):
+    """40 KB zeroed in a token file (same size): the checksum names it before the model is
+    built; 0xFF ids in a folder without checksums (format 2): one line naming the file and
+    the byte offset at the first read, never an IndexError in the embedding."""
+    import subprocess
+
+    from runtime.data import Tokenizer
+    from runtime.data.errors import DataError
+    from runtime.data.prepared import PreparedDataset, prepare
+
+    tok = Tokenizer.load()
+    docs = write_jsonl(tmp_path / "d.jsonl", [" ".join(random_docs(30, seed=i)) for i in range(120)])
+    prepare(FileSource([docs]), TextEncoderOf(tok), tmp_path / "prep", tok)
+    size = (tmp_path / "prep" / "tokens-00000.bin").stat().st_size
+    assert size > 80_000, size
+    PreparedDataset(tmp_path / "prep").verify()  # negative control: intact
+    zeroed = _prepared_copy(tmp_path / "prep", tmp_path / "zeroed", bytes(40960), size // 4)
+    ff = _prepared_copy(tmp_path / "prep", tmp_path / "ff", b"\xff" * 64, 64, version=2)
+    # the checksums are split over the ranks: exactly one rank of three reads the token file
+    failed = 0
+    for rank in range(3):
+        try:
+            PreparedDataset(zeroed).verify(rank, 3)
+        except DataError as e:
+            assert "tokens-00000.bin fails its checksum" in str(e)
+            failed += 1
+    assert failed == 1
+
+    def train(path: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "runtime.train", "--config",
+             str(ROOT / "configs/debugmodel.toml"), f"--job.dump_folder={path}-out",
+             "--checkpoint.enable=false", "--data.dataset=prepared",
+             f"--data.dataset_path={path}", "--training.steps=2", "--training.seq_len=64",
+             "--training.local_batch_size=2", "--data.prefetch=0"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+
+    runs = {p: train(p) for p in (zeroed, ff)}  # in parallel: two interpreters start at once
+    out = {p: r.communicate(timeout=300) for p, r in runs.items()}
+    for p, r in runs.items():
+        assert r.returncode == 2, out[p]
+        assert out[p][1].count("\n") == 1 and out[p][1].startswith("error: "), out[p]
+        assert "Traceback" not in out[p][1] and not (p.parent / f"{p.name}-out" / ".lock").exists()
+    assert out[zeroed][1] == (f"error: {zeroed}: tokens-00000.bin fails its checksum (damaged "
+                              f"prepared data; prepare it again)\n")
+    assert "parameters" not in out[zeroed][0]  # refused before the model was built
+    assert f"warning: {ff}: prepared by an older version without checksums" in out[ff][0]
+    assert out[ff][1] == (f"error: {ff}/tokens-00000.bin: token id 65535 at byte offset 64 "
+                          f"(token 32) is outside the vocabulary (8192): damaged prepared "
+                          f"data; prepare it again\n"), out[ff]
+
+
+def test_two_prepares_into_one_folder(tmp_path):
+    """The second `prepare` into a folder another one is writing prints one line (exit 2) at
+    once; the first one's folder is complete and intact. Deterministic: the writer is held
+    inside its write (on a FIFO) until the loser has finished."""
+    import os
+    import subprocess
+    import textwrap
+
+    from runtime.data.prepared import PreparedDataset
+
+    write_jsonl(tmp_path / "d.jsonl", random_docs(50, seed=3))
+    out, fifo = tmp_path / "prep", tmp_path / "go"
+    os.mkfifo(fifo)
+    args = ["prepare", "--config", str(ROOT / "configs/debugmodel.toml"), "--data.dataset=path",
+            f"--data.dataset_path={tmp_path}/d.jsonl", "--out", str(out)]
+    winner_code = textwrap.dedent(f"""
+        import sys
+        import runtime.data.prepared as prepared
+        from runtime.data_cli import main
+        write = prepared._write
+        def held(*args):
+            print("WRITING", flush=True)  # the lock is held now
+            open({str(fifo)!r}).read()  # until the test writes the FIFO
+            return write(*args)
+        prepared._write = held
+        sys.exit(main(sys.argv[1:]))""")
+    loser_code = ("import sys\nfrom runtime.data_cli import main\nsys.stdin.readline()\n"
+                  "sys.exit(main(sys.argv[1:]))")  # started early: waits for its cue
+    popen = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+    winner = subprocess.Popen([sys.executable, "-c", winner_code, *args], **popen)
+    loser = subprocess.Popen([sys.executable, "-c", loser_code, *args], stdin=subprocess.PIPE,
+                             **popen)
+    try:
+        assert winner.stdout.readline() == "WRITING\n", winner.communicate(timeout=60)
+        lost = loser.communicate("go\n", timeout=300)
+        assert loser.returncode == 2, lost
+        assert lost[1].startswith(f"error: {out}: another prepare (pid {winner.pid} on "), lost
+        assert lost[1].endswith(" is writing it; wait for it to finish or choose another "
+                                "output folder\n") and lost[1].count("\n") == 1, lost
+        with open(fifo, "w") as f:
+            f.write("go")
+        won = winner.communicate(timeout=300)
+        assert winner.returncode == 0, won
+    finally:
+        winner.kill(), loser.kill()
+    PreparedDataset(out).verify()  # complete: every file matches its checksum
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "go", "prep"]

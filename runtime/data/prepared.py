@@ -3,7 +3,7 @@ so that any rank reads exactly its own windows by offset.
 
 `prepare(source, encode, out_dir)` writes (never pickles; numpy raw files and JSON only):
 
-  meta.json          format, version, token dtype, counts, tokenizer fingerprint, shards
+  meta.json          format, version, token dtype, counts, tokenizer, token files, checksums
   tokens-NNNNN.bin   the documents' tokens back to back (uint16 when the vocab fits, else
                      uint32), [BOS] ... [EOS] included; a document never spans two files
   trained.bin        uint8 per token, 1 = a loss target (only when a source masks tokens)
@@ -12,6 +12,26 @@ so that any rank reads exactly its own windows by offset.
   doc_index.npy      int64 [docs]      its record index (the cursor index when not shuffled)
   shard_records.npy  int64 [shards]    records per shard (file), blank ones included
   shard_docs.npy     int64 [shards]    documents per shard (documents are stored shard by shard)
+
+meta.json (format 3), every key:
+  "format": "gptoss-runtime-prepared", "version": 3, "source": the source's name,
+  "dtype": "uint16" | "uint32", "num_tokens", "num_docs", "max_token_id", "masked": bool
+  (trained.bin exists), "token_files": [{"name": "tokens-00000.bin", "tokens": n}, ...] in
+  stream order, "tokenizer": {"fingerprint", "vocab_size", "bos_id", "eos_id"},
+  "files": {name: {"size": bytes, "crc32": "8 hex digits"}} for EVERY other file of the
+  folder (token files, trained.bin, the .npy index): the checkpoint manifest's record
+  (runtime/checksums.py), so the same helpers write and check both. Version 2 folders (no
+  "files") are still read, unverified. A writer that adds files lists them in "files" too.
+
+Trust: `PreparedDataset.verify(rank, world)` stats every file against "files" and checksums
+this rank's share of them (`files_for_rank`, as checkpoints are); the trainer runs it on
+every rank before the model is built and agrees on the first problem. A token id >= the
+vocabulary that still reaches a read (an unverified folder, a file changed after the start)
+is a DataError naming the file and offset, never an index error in the embedding (a
+device-side assert on a GPU). `prepare` publishes by one rename of a temporary sibling and
+holds an flock on `.<name>.lock` beside the output while writing: a second `prepare` into
+the same folder fails at once with one line naming the holder (and, without flock support,
+at its rename); the first one's folder is never touched.
 
 `PreparedStream` serves exactly the stream `PackedStream` builds from the same source (same
 documents, same order, same shuffles, blank documents skipped, cursor-compatible state),
@@ -26,22 +46,28 @@ on the local batch only, never on the dp degree.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
+from runtime.checksums import (check_checksums, check_sizes, describe_files, files_for_rank,
+                               valid_records)
 from runtime.data.errors import DataError, DataFileNotFoundError
 from runtime.data.packing import Document
 from runtime.data.sources import DocumentSource, permutation
 
 FORMAT = "gptoss-runtime-prepared"
-VERSION = 2  # 2: shard_docs.npy replaces doc_shard.npy; index memory-mapped
+VERSION = 3  # 3: meta.json "files" (size + CRC32); 2: shard_docs.npy, index memory-mapped
+READABLE_VERSIONS = (2, 3)  # 2: read without checksums (a warning says so)
 DEFAULT_FILE_TOKENS = 1 << 31  # ~4 GiB of uint16 per token file
 INDEX_ARRAYS = ("doc_offsets", "doc_record", "doc_index", "shard_records", "shard_docs")
 
@@ -125,21 +151,59 @@ def prepare(
     batch_docs: int = 256,
     file_tokens: int = DEFAULT_FILE_TOKENS,
     log: Callable[[str], None] | None = None,
+    wait: bool = False,
 ) -> dict:
     """Tokenize `source` once into `out_dir` (written to a temporary sibling, then renamed:
-    a crash never leaves a half-written dataset). Returns the meta dict."""
+    a crash never leaves a half-written dataset). One writer per output folder: another
+    `prepare` writing it is a DataError at once (`wait`: wait for it instead; the caller then
+    gets "already exists" and may use its folder). Returns the meta dict."""
     out = Path(out_dir)
-    if out.exists():
-        raise DataError(f"{out}: already exists; remove it or choose another output folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        meta = _write(source, encode, tmp, tokenizer, batch_docs, file_tokens, log)
-        os.replace(tmp, out)  # atomic on one filesystem; fails if another process won
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _exclusive(out, wait):
+        if out.exists():
+            raise DataError(f"{out}: already exists; remove it or choose another output folder")
+        if log:
+            log(f"preparing {source.name} into {out}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            meta = _write(source, encode, tmp, tokenizer, batch_docs, file_tokens, log)
+            os.rename(tmp, out)  # atomic on one filesystem; fails if `out` appeared meanwhile
+        except OSError as e:
+            if out.exists():  # without flock support, two writers meet here: the first won
+                raise DataError(f"{out}: already exists (another prepare finished first; "
+                                f"its folder is kept)") from None
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path, wait: bool):
+    """Hold an exclusive flock on `.<out name>.lock` beside `out` while it is written. The
+    kernel drops an flock when its process dies (kill -9 too): nothing stale to clean up.
+    On a filesystem without flock the final rename still lets only the first writer win."""
+    lock_path = out.parent / f".{out.name}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    held = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            held = True
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise DataError(f"{out}: another prepare ({holder}) is writing it; wait for it to "
+                            f"finish or choose another output folder") from None
+        except OSError:
+            pass  # no flock here (some network filesystems): the rename decides
+        if held:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        if held:  # a waiter may hold the unlinked file next: harmless, it finds `out`
+            lock_path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _write(source, encode, tmp: Path, tokenizer, batch_docs, file_tokens, log) -> dict:
@@ -180,6 +244,8 @@ def _write(source, encode, tmp: Path, tokenizer, batch_docs, file_tokens, log) -
         "num_tokens": writer.offsets[-1], "num_docs": len(writer.record),
         "max_token_id": writer.max_id, "masked": writer.masked, "token_files": writer.files,
         "tokenizer": tokenizer_info(tokenizer),
+        # re-read from disk (page cache): the checksums say what the files hold
+        "files": describe_files(tmp, sorted(p.name for p in tmp.iterdir())),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
@@ -211,6 +277,10 @@ class PreparedDataset:
         self._tokens = self._map_tokens()
         self._trained = self._map("trained.bin", np.uint8, self.num_tokens) if self.meta[
             "masked"] else None
+        # {name: {"size", "crc32"}}, or None for a version 2 folder (not verifiable)
+        self.checksums: dict[str, dict] | None = self.meta.get("files")
+        # ids at or above this are damage (lowered to the run's vocabulary by check_tokenizer)
+        self.vocab_size = int(self.meta["tokenizer"]["vocab_size"])
 
     @property
     def num_shards(self) -> int:
@@ -244,21 +314,49 @@ class PreparedDataset:
                 f"{self.path}: prepared with tokenizer {have['fingerprint']} (vocab "
                 f"{have['vocab_size']}), this run's is {want['fingerprint']} (vocab "
                 f"{want['vocab_size']}); prepare the data again with model.tokenizer_path")
+        self.vocab_size = min(self.vocab_size, want["vocab_size"])
         if int(self.meta["max_token_id"]) >= want["vocab_size"]:
             raise DataError(f"{self.path}: token id {self.meta['max_token_id']} is outside the "
                             f"tokenizer's vocabulary ({want['vocab_size']})")
 
+    def verify(self, rank: int = 0, world_size: int = 1) -> None:
+        """Check every file's size and this rank's share of the checksums against meta.json
+        (all of them with the defaults); a mismatch is a DataError naming the file. A version
+        2 folder has no checksums: nothing to verify (`self.checksums` is None)."""
+        if self.checksums is None:
+            return
+        names = sorted(self.checksums)
+        problem = check_sizes(self.path, self.checksums, source="meta.json") or \
+            check_checksums(self.path, self.checksums, files_for_rank(names, rank, world_size))
+        if problem:
+            raise DataError(f"{self.path}: {problem} (damaged prepared data; prepare it again)")
+
     def tokens_at(self, offsets: np.ndarray) -> np.ndarray:
-        """int64 tokens at global token offsets (any shape)."""
+        """int64 tokens at global token offsets (any shape); an id outside the vocabulary is
+        a DataError naming the file and offset."""
         which = np.searchsorted(self.file_starts, offsets, side="right") - 1
         lo, hi = int(which.min()), int(which.max())
         if lo == hi:
-            return self._tokens[lo][offsets - self.file_starts[lo]].astype(np.int64)
-        out = np.empty(offsets.shape, dtype=np.int64)
-        for f in np.unique(which):
-            m = which == f
-            out[m] = self._tokens[f][offsets[m] - self.file_starts[f]]
+            out = self._tokens[lo][offsets - self.file_starts[lo]].astype(np.int64)
+        else:
+            out = np.empty(offsets.shape, dtype=np.int64)
+            for f in np.unique(which):
+                m = which == f
+                out[m] = self._tokens[f][offsets[m] - self.file_starts[f]]
+        if out.size and int(out.max()) >= self.vocab_size:  # one pass over the gathered batch
+            self._bad_token(out, offsets)
         return out
+
+    def _bad_token(self, tokens: np.ndarray, offsets: np.ndarray) -> None:
+        i = int(np.argmax(tokens.reshape(-1) >= self.vocab_size))
+        offset = int(offsets.reshape(-1)[i])
+        f = int(np.searchsorted(self.file_starts, offset, side="right") - 1)
+        at = offset - int(self.file_starts[f])
+        item = np.dtype(self.meta["dtype"]).itemsize
+        raise DataError(
+            f"{self.path / self.meta['token_files'][f]['name']}: token id "
+            f"{int(tokens.reshape(-1)[i])} at byte offset {at * item} (token {at}) is outside "
+            f"the vocabulary ({self.vocab_size}): damaged prepared data; prepare it again")
 
     def trained_at(self, offsets: np.ndarray) -> np.ndarray | None:
         return None if self._trained is None else self._trained[offsets].astype(bool)
@@ -278,9 +376,12 @@ def _read_meta(path: Path) -> dict:
         raise DataError(f"{meta_file}: unreadable: {' '.join(str(e).split())}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DataError(f"{meta_file}: not a {FORMAT} folder")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READABLE_VERSIONS:
         raise DataError(f"{meta_file}: version {meta.get('version')!r}, this runtime reads "
-                        f"{VERSION}; prepare the data again")
+                        f"{', '.join(map(str, READABLE_VERSIONS))}; prepare the data again")
+    if meta["version"] >= 3 and not valid_records(meta.get("files")):
+        raise DataError(f"{meta_file}: no valid \"files\" checksums (damaged?); prepare the "
+                        f"data again")
     return meta
 
 
@@ -456,7 +557,7 @@ def cached_prepared(source: DocumentSource, source_file: Path, tokenizer, encode
                     cache_dir: str | os.PathLike = "") -> Path:
     """`source` (one file, e.g. the embedded corpus) prepared for `tokenizer` in the cache,
     keyed by the file's and the tokenizer's hashes; prepared on first use. Several ranks
-    may race: each writes its own temporary folder and the first rename wins. An unwritable
+    may race: the first takes the folder's lock and writes, the others wait for it. An unwritable
     default cache falls back to the temporary directory; an unwritable data.cache_dir is an
     error naming it."""
     digest = hashlib.sha256(source_file.read_bytes()).hexdigest()[:16]
@@ -467,8 +568,8 @@ def cached_prepared(source: DocumentSource, source_file: Path, tokenizer, encode
     for root in roots:
         out = root / name
         try:
-            if not (out / "meta.json").is_file():
-                prepare(source, encode, out, tokenizer)
+            if not (out / "meta.json").is_file():  # the first rank writes, the others wait
+                prepare(source, encode, out, tokenizer, wait=True)
             return out
         except OSError as e:  # unwritable, or another rank renamed its copy first
             if (out / "meta.json").is_file():

@@ -4,7 +4,8 @@
 prepared folder made with another tokenizer or a missing optional package fail here), reads
 the head of every file (its first records: invalid JSON, a wrong text key, binary data and
 empty files are named as file or file:line) and encodes the first document with the run's
-tokenizer. Errors are `DataError`s, one line each, which entry points turn into exit 2.
+tokenizer; prepared data is checked against its meta.json checksums. Errors are
+`DataError`s, one line each, which entry points turn into exit 2.
 Records further down a file are checked when they are read (`prepare` reads them all).
 """
 
@@ -37,9 +38,14 @@ def check_file_heads(source: FileSource, records: int = HEAD_RECORDS) -> None:
             raise DataError(f"{path}: no non-empty documents (a blank or empty file?)")
 
 
-def check_data(data_cfg, tokenizer, split: str = "train") -> DocumentSource | PreparedDataset:
-    """Open and spot-check the source a [data] config names; returns it."""
+def check_data(data_cfg, tokenizer, split: str = "train", rank: int = 0,
+               world_size: int = 1) -> DocumentSource | PreparedDataset:
+    """Open and spot-check the source a [data] config names; returns it. Prepared data is
+    verified against its checksums: this rank's share of them (`rank` of `world_size`; the
+    caller combines the ranks' results, as for checkpoints)."""
     source = open_source(data_cfg, tokenizer, split)
+    if isinstance(source, PreparedDataset):
+        source.verify(rank, world_size)
     if isinstance(source, FileSource):
         check_file_heads(source)
     if isinstance(source, DocumentSource):

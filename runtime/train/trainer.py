@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from runtime.data import Tokenizer, build_dataloader, split_microbatches
+from runtime.data.loader import validation_data_config
+from runtime.data.sources import source_kind
 from runtime.data.validate import check_data
 from runtime.errors import EXIT_CONFIG_ERROR, ConfigError
 from runtime.hf import load_hf_into
@@ -72,7 +74,7 @@ class Trainer:
             raise ConfigError(
                 f"model.tokenizer_path: tokenizer has {self.tokenizer.vocab_size} tokens but "
                 f"model.flavor={cfg.model.flavor!r} has vocab_size {self.model_args.vocab_size}")
-        check_data(cfg.data, self.tokenizer)  # bad data is one line (exit 2) before any weight
+        self._check_data()  # bad data is one line (exit 2) before any weight
         self.grad_accum = cfg.training.gradient_accumulation_steps(self.dims.dp)
         self.global_batch = cfg.training.local_batch_size * self.dims.dp * self.grad_accum
         check_model_early(cfg, self.model_args)  # a resume into another model: exit 2 now
@@ -89,6 +91,34 @@ class Trainer:
             dist.init_process_group(backend=backend, device_id=self.device if backend == "nccl" else None)
         if self.device.type == "cpu" and self.world_size > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+
+    def _check_data(self) -> None:
+        """check_data on every rank (each verifies its share of prepared data's checksums, as
+        for checkpoints) for the training data and a prepared validation set; every rank
+        raises the first problem found on any rank, so none waits in a collective."""
+        cfg, error, sources = self.cfg, None, []
+        checks = [(cfg.data, "train")]
+        if cfg.validation.enable:
+            val_data, holdout = validation_data_config(cfg.validation, cfg.data)
+            if not holdout and source_kind(val_data) == "prepared":
+                checks.append((val_data, "validation"))
+        try:
+            for data_cfg, split in checks:
+                sources.append(check_data(data_cfg, self.tokenizer, split, self.rank,
+                                          self.world_size))
+        except ConfigError as e:
+            error = e
+        if self.world_size > 1:
+            messages: list = [None] * self.world_size
+            dist.all_gather_object(messages, str(error) if error else None)
+            first = next((m for m in messages if m), None)
+            error = error or (ConfigError(first) if first else None)
+        if error:
+            raise error
+        for source in sources:
+            if getattr(source, "checksums", True) is None:
+                self.log(f"warning: {source.path}: prepared by an older version without "
+                         f"checksums: not verified (prepare it again to verify it)")
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
