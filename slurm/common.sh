@@ -273,26 +273,65 @@ gptoss_checks() {
   fi
 }
 
-# The step's outcome from the ranks' own exit codes (written by rank_exec.sh into EXIT_DIR):
-# the first crashed rank's code, else a signal stop, else 75, else 0; srun's code where ranks
-# left no record (killed, or never started).
+# The ranks that crashed (a code other than 0, 75, 130/138/143), from the records rank_exec.sh
+# wrote into EXIT_DIR ("<code> <epoch s> <host>"), earliest first: "<epoch s> <rank> <code> <host>"
+# per line. The first is the root cause (as torchrun's "first observed failure"); the others are
+# usually collateral (a peer's gloo/NCCL "connection reset"). Which rank's record comes first in
+# rank order is a race, so the time decides (hosts' clocks: NTP). No time: last.
+gptoss_step_failures() {
+  local exit_dir=$1 world=$2 rank code t host
+  for ((rank = 0; rank < world; rank++)); do
+    [[ -s "$exit_dir/rank-$rank" ]] || continue
+    read -r code t host < "$exit_dir/rank-$rank" || true
+    if [[ -z "$code" || "$code" == 0 || "$code" == "$GPTOSS_EXIT_REQUEUE" ]] || gptoss_signal_stop_code "$code"; then
+      continue
+    fi
+    [[ "$t" =~ ^[0-9]+(\.[0-9]+)?$ ]] || t=9e99
+    echo "$t $rank $code ${host:-?}"
+  done | LC_ALL=C sort -g -k1,1 -k2,2n
+}
+
+# The step's outcome from the ranks' own records (written by rank_exec.sh into EXIT_DIR):
+# "<code> <rank>" of the first crash by time (gptoss_step_failures), else "<code> -" of a signal
+# stop, else 75, else 0; srun's code where ranks left no record (killed, or never started).
 gptoss_step_outcome() {
-  local exit_dir=$1 world=$2 srun_rc=$3 f code crash="" stop="" requeue=0 n=0 rank
+  local exit_dir=$1 world=$2 srun_rc=$3 f code stop="" requeue=0 n=0 rank first t host
+  first=$(gptoss_step_failures "$exit_dir" "$world" | head -n 1)
+  if [[ -n "$first" ]]; then
+    read -r t rank code host <<<"$first"
+    echo "$code $rank"; return
+  fi
   for ((rank = 0; rank < world; rank++)); do
     f="$exit_dir/rank-$rank"
     [[ -s "$f" ]] || continue
-    n=$((n + 1)); code=$(<"$f")
-    if [[ "$code" == 0 ]]; then :
-    elif [[ "$code" == "$GPTOSS_EXIT_REQUEUE" ]]; then requeue=1
+    n=$((n + 1)); read -r code _ < "$f" || true
+    if [[ "$code" == "$GPTOSS_EXIT_REQUEUE" ]]; then requeue=1
     elif gptoss_signal_stop_code "$code"; then stop=${stop:-$code}
-    else crash=${crash:-"$code $rank"}
     fi
   done
-  if [[ -n "$crash" ]]; then echo "$crash"; return; fi
   if (( n < world )) && (( srun_rc != 0 )); then echo "$srun_rc -"; return; fi
   if [[ -n "$stop" ]]; then echo "$stop -"; return; fi
   if (( requeue )); then echo "$GPTOSS_EXIT_REQUEUE -"; return; fi
   echo "$srun_rc -"
+}
+
+# After a crash: the root cause (rank, host, code, time, its log's tail), then the other
+# crashed ranks with their delay after it, like torchrun's "Root Cause" / "Other Failures".
+gptoss_report_failures() {
+  local exit_dir=$1 world=$2 job_dir=$3 lines t0 t rank code host when
+  lines=$(gptoss_step_failures "$exit_dir" "$world")
+  [[ -n "$lines" ]] || return 0
+  read -r t0 rank code host <<<"$(head -n 1 <<<"$lines")"
+  when=$(date -d "@${t0%%.*}" '+%F %T' 2>/dev/null || echo "?")
+  gptoss_log "root cause (first failure): rank ${rank} on ${host} exited ${code} at ${when}"
+  if [[ -f "$job_dir/rank-$rank.log" ]]; then
+    gptoss_log "rank ${rank} log tail ($job_dir/rank-$rank.log):"
+    tail -n 10 "$job_dir/rank-$rank.log" | sed 's/^/    /'
+  fi
+  while read -r t rank code host; do
+    [[ -n "$rank" ]] || continue
+    gptoss_log "after it: rank ${rank} on ${host} exited ${code} ($(awk -v a="$t" -v b="$t0" 'BEGIN { printf "+%.2f s", a - b }'))"
+  done < <(tail -n +2 <<<"$lines")
 }
 
 # Redacted environment snapshot for the job folder (no tokens/keys/passwords).
@@ -413,7 +452,9 @@ gptoss_main() {
   rc=${outcome% *}; bad_rank=${outcome#* }
   echo "attempt ${attempt} exit ${rc} $(date -Is)" >> "$job_dir/attempts.log"
 
-  if [[ "${RANK_LOGS:-1}" == 1 && -f "$job_dir/rank-0.log" ]]; then
+  if [[ "$bad_rank" != - ]]; then
+    gptoss_report_failures "$exit_dir" "$tasks" "$job_dir"
+  elif [[ "${RANK_LOGS:-1}" == 1 && -f "$job_dir/rank-0.log" ]]; then
     gptoss_log "rank 0 log tail ($job_dir/rank-0.log):"
     tail -n 5 "$job_dir/rank-0.log" | sed 's/^/    /'
   fi

@@ -10,8 +10,9 @@
 #       would lose the checkpoint).
 #   the rank's code otherwise (a crash): srun kills the whole step at once, instead of leaving
 #       the other ranks blocked in a collective for the NCCL timeout.
-# Either way the rank's real code is in $GPTOSS_JOB_LOG_DIR/exit/rank-N; slurm/common.sh
-# reads them. Slurm signals every process of the task (USR1, TERM), the trainer included:
+# Either way the rank's record "<code> <epoch seconds> <host>" is in $GPTOSS_JOB_LOG_DIR/exit/rank-N,
+# timed the moment the child ended: slurm/common.sh reports the earliest crash as the root
+# cause (as torchrun's error files do), not the collateral exits of ranks that lost a peer. Slurm signals every process of the task (USR1, TERM), the trainer included:
 # this wrapper only has to survive them.
 #
 #   DEBUG_RANK=N   rank N runs under debugpy, listening on DEBUG_PORT (5678) and waiting for a
@@ -37,16 +38,22 @@ if [[ -z "${GPTOSS_JOB_LOG_DIR:-}" ]]; then exec "${cmd[@]}"; fi
 trap ':' USR1 TERM INT
 "${cmd[@]}" &
 child=$!
+host=$(hostname)
 mkdir -p "$GPTOSS_JOB_LOG_DIR/pids" "$GPTOSS_JOB_LOG_DIR/exit" 2>/dev/null || true
 # "<host> <pid> <program>": `srun --overlap --jobid=J -w <host> py-spy dump --pid <pid>` attaches
-echo "$(hostname) $child $(command -v "$1" || echo "$1")" > "$GPTOSS_JOB_LOG_DIR/pids/rank-$rank" 2>/dev/null || true
+echo "$host $child $(command -v "$1" || echo "$1")" > "$GPTOSS_JOB_LOG_DIR/pids/rank-$rank" 2>/dev/null || true
 while true; do
   wait "$child"; rc=$?
+  ended=${EPOCHREALTIME:-}   # bash >= 5: no fork, so the time is taken before anything else runs
   kill -0 "$child" 2>/dev/null || break
 done
-echo "$rc" > "$GPTOSS_JOB_LOG_DIR/exit/rank-$rank" 2>/dev/null || true
+ended=${ended:-$(date +%s.%N)}
+ended=${ended/,/.}   # a locale may write EPOCHREALTIME's decimal point as ','
+record="$GPTOSS_JOB_LOG_DIR/exit/rank-$rank"
+# tmp + mv: the launcher never reads half a record
+echo "$rc $ended $host" > "$record.tmp" 2>/dev/null && mv -f "$record.tmp" "$record" 2>/dev/null || true
 case "$rc" in
   0|75|130|138|143) exit 0 ;;   # done, requeue, stopped on SIGINT/SIGUSR1/SIGTERM (faults.py)
 esac
-echo "[rank_exec] rank $rank on $(hostname) exited $rc: stopping the step" >&2
+echo "[rank_exec] rank $rank on $host exited $rc: stopping the step" >&2
 exit "$rc"
