@@ -1,8 +1,9 @@
-"""Observability: Weights & Biases (a fake `wandb` module, never the network), torch.profiler
-traces per rank, memory snapshots, and the trainer's log lines (tiny model, CPU)."""
+"""Observability: Weights & Biases (a fake `wandb` module for the call contract, the real one in
+offline mode for what lands on disk; never the network), torch.profiler traces per rank, memory snapshots, and the trainer's log lines (tiny model, CPU)."""
 
 import json
 import re
+import struct
 import sys
 import types
 from pathlib import Path
@@ -119,6 +120,66 @@ def test_wandb_not_installed_is_a_config_error_before_anything(tmp_path, monkeyp
     assert code == 2
     assert err.count("\n") == 1 and "metrics.enable_wandb" in err and "pip install" in err
     assert not out.exists()
+
+
+def wandb_records(path: Path) -> list:
+    """The records of an offline run's .wandb file: W&B's transaction log, LevelDB's log format
+    (32 KiB blocks of chunks: crc32 u32, length u16, type u8 = full/first/middle/last) after a
+    7-byte ':W&B' header, each record a wandb_internal_pb2.Record."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, parts, records = path.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B", data[:7]
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header: padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        parts += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full, last
+            records.append(wandb_internal_pb2.Record.FromString(parts))
+            parts = b""
+    return records
+
+
+def wandb_items(items) -> dict:
+    """{key: value} of a record's items (the key is `key` or, in newer wandb, `nested_key`)."""
+    return {i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in items}
+
+
+def test_real_wandb_offline_run_holds_the_config_and_every_step(tmp_path, monkeypatch):
+    """The real wandb (offline: no network, no account): the run in <dump_folder>/wandb/ has the
+    dump folder's run id, the resolved config and each metrics line at its step."""
+    pytest.importorskip("wandb")
+    for name in WANDB_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # wandb's own files stay in tmp
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = job(tmp_path, "--training.steps=3", "--metrics.enable_wandb",
+              "--metrics.wandb_mode=offline", "--metrics.wandb_run_name=readback")
+    assert Trainer(cfg).run() == 0
+
+    run_id = (tmp_path / RUN_ID_FILE).read_text().strip()
+    [path] = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    records = wandb_records(path)
+    kinds = [r.WhichOneof("record_type") for r in records]
+    [run] = [r.run for r in records if r.HasField("run")]
+    assert run.run_id == run_id and run.display_name == "readback"
+    assert run.project == "gptoss-runtime"
+    config = wandb_items(run.config.update)
+    for r in records:
+        if r.HasField("config"):
+            config.update(wandb_items(r.config.update))
+    assert config["training"]["steps"] == 3 and config["model"]["flavor"] == "tiny", config.keys()
+    history = [r.history for r in records if r.HasField("history")]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [h.step.num for h in history] == [row["step"] for row in rows] == [1, 2, 3]
+    history = [wandb_items(h.item) for h in history]
+    assert [h["loss"] for h in history] == [row["loss"] for row in rows]
+    assert [h["grad_norm"] for h in history] == [row["grad_norm"] for row in rows]
+    assert "exit" in kinds  # finished: the run was closed when the trainer returned
 
 
 # --------------------------------------------------------------------------- profiling
