@@ -11,7 +11,8 @@ storage, so this module replaces both readers:
   the enum DCP stores (`_MEM_FORMAT_ENCODING`): Python 3.11.0-3.11.4 pickle an Enum member
   by name, as `getattr(EnumClass, "NAME")` (3.10 and 3.11.5+ by value, `EnumClass(value)`;
   CPython gh-105332), so `builtins.getattr` resolves to a guarded stand-in that returns a
-  member of an allow-listed enum and refuses every other call.
+  member of an allow-listed enum and refuses every other call. Python 3.13's
+  `pathlib._local.*Path` names resolve to the same `pathlib` classes.
 - non-tensor items go through `torch.load(weights_only=True)` (torch's own allow-list:
   containers, numbers, strings, tensors).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import io
+import pathlib
 import pickle
 import re
 from pathlib import Path
@@ -48,12 +50,15 @@ _ALLOWED_GLOBALS = {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # file, offset, length
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # a layout by its name, e.g. "torch.strided"
-    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id (FileSystemWriter makes it a Path)
     ("pathlib", "PurePosixPath"),
     ("pathlib", "WindowsPath"),
     ("pathlib", "PureWindowsPath"),
     ("collections", "OrderedDict"),
 }
+# Python 3.13 made pathlib a package: its paths pickle as pathlib._local.PosixPath. The same
+# classes, resolved through `pathlib` so a 3.13 checkpoint also reads on 3.10 - 3.12.
+_PATH_NAMES = frozenset({"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"})
 
 
 # `getattr` as Python 3.11.0-3.11.4 pickle an Enum member by name: GLOBAL "__builtin__
@@ -102,6 +107,8 @@ class MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _GETATTR_GLOBALS:
             return self._enum_member_by_name
+        if module == "pathlib._local" and name in _PATH_NAMES:
+            return getattr(pathlib, name)
         allowed = (module == _METADATA_MODULE and name in _ALLOWED_METADATA_NAMES) or (
             (module, name) in _ALLOWED_GLOBALS) or (
             module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))

@@ -8,6 +8,7 @@ pin the exact bytes), so these tests mean the same on any Python."""
 import copyreg
 import enum
 import io
+import pathlib
 import pickle
 import sys
 
@@ -172,3 +173,28 @@ def test_getattr_on_a_global_outside_the_allow_list_is_refused(target):
     refused when the global is resolved, before getattr is called."""
     with pytest.raises(UnsafeCheckpointError, match=r"refused to load: it references "):
         safe_loads(_getattr_call(target, b"Vsystem\n"))
+
+
+# StorageMeta.checkpoint_id is the Path FileSystemWriter made; Python 3.13 pickles it under
+# pathlib._local (3.10 - 3.12: pathlib). Bytes as 3.13.0 writes them (protocol 4, no frame).
+PATH_313 = (b"\x80\x04\x8c\x0epathlib._local\x8c\tPosixPath\x93\x8c\x04/a/b\x85R.")
+
+
+def test_python_313_paths_load_on_every_python(tmp_path):
+    assert safe_loads(PATH_313) == pathlib.PurePosixPath("/a/b")
+    assert type(safe_loads(PATH_313)) is pathlib.PosixPath
+    original = metadata_with_every_member()
+    original.storage_meta = dcp_metadata.StorageMeta(checkpoint_id=pathlib.PosixPath("/a/b"))
+    data = pickle.dumps(original, 4)
+    at = data.index(b"\x8c\x07pathlib\x94") if b"\x8c\x07pathlib\x94" in data else -1
+    if at >= 0:  # this Python writes "pathlib": rewrite it as 3.13 does
+        data = data.replace(b"\x8c\x07pathlib\x94", b"\x8c\x0epathlib._local\x94", 1)
+    data = data[:2] + data[11:] if data[2:3] == b"\x95" else data  # drop the FRAME (its length)
+    assert b"pathlib._local" in data
+    (tmp_path / ".metadata").write_bytes(data)
+    assert read_metadata_file(tmp_path / ".metadata") == original
+
+
+def test_other_pathlib_local_names_are_refused():
+    with pytest.raises(UnsafeCheckpointError, match=r"references pathlib\._local\.Path\b"):
+        safe_loads(b"\x80\x04\x8c\x0epathlib._local\x8c\x04Path\x93\x8c\x01x\x85R.")
