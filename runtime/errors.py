@@ -18,6 +18,11 @@ EXIT_CONFIG_ERROR = 2
 #: Stopped on SIGUSR1/SIGTERM after saving a checkpoint: requeue the job (EX_TEMPFAIL,
 #: sysexits.h). The Slurm templates and submit.py requeue on it.
 EXIT_REQUEUE = 75
+#: A checkpoint did not fit the free space of its folder (refused before it started, or the
+#: disk filled while it was written): the run stopped, the partial save was removed and the
+#: previous checkpoint is still the latest (EX_IOERR, sysexits.h). Not requeued: the same
+#: disk would fail the same way.
+EXIT_DISK_FULL = 74
 
 
 class ConfigError(ValueError):
@@ -26,6 +31,11 @@ class ConfigError(ValueError):
 
 class ParallelismError(ConfigError):
     """Parallelism degrees that do not fit the world size or the model."""
+
+
+class DiskFullError(RuntimeError):
+    """A save that does not fit; one line naming the folder, the bytes needed and the bytes
+    free. Entry points print it as `error: ...` and exit EXIT_DISK_FULL."""
 
 
 def one_line(text: object) -> str:

@@ -112,3 +112,83 @@ def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     (dst / ".lock").unlink(missing_ok=True)
     return dst
+
+
+# `python -c PARKED_JOB <runtime.train arguments>`: the real entry point, with two test-only
+# pauses (environment): WAIT_PUBLISHED=N makes step N+1 (the first step after an async save of
+# step N began, so no step boundary has passed) wait until step-N is published, and exits 3
+# if that does not happen in the background; PARK_AT_SAVE=M parks the job (forever) when it
+# is about to save step M, after logging it, for the test to kill it there;
+# FILL_AT_SAVE=M:PATH:BYTES fills the disk of PATH (a new file there) up to BYTES free when
+# the save of step M starts writing (after its free-space check): another job filling the disk.
+PARKED_JOB = r"""
+import os, shutil, sys, time
+import torch.distributed.checkpoint as dcp
+from runtime.train.checkpoint import CheckpointManager
+from runtime.train.trainer import Trainer, main
+
+published = int(os.environ.get("WAIT_PUBLISHED", "-1"))
+park = int(os.environ.get("PARK_AT_SAVE", "-1"))
+run_step, run_save = Trainer.optimizer_step, CheckpointManager.save
+
+def optimizer_step(self, batch):
+    if self.step == published + 1:
+        final = self.checkpointer.folder / f"step-{published}" / "manifest.json"
+        deadline = time.monotonic() + 120
+        while not final.is_file():
+            if time.monotonic() > deadline:
+                print(f"step-{published} was not published in the background", flush=True)
+                os._exit(3)
+            time.sleep(0.01)
+        print(f"step-{published} published while step {self.step} ran", flush=True)
+    return run_step(self, batch)
+
+def save(self, step, **kwargs):
+    if step == park:
+        print(f"parked before saving step {step}", flush=True)
+        time.sleep(600)
+    return run_save(self, step, **kwargs)
+
+def filling(write):
+    fill_step, path, leave = (os.environ.get("FILL_AT_SAVE") or "-1::0").split(":")
+    def wrapped(state, checkpoint_id, **kwargs):
+        if checkpoint_id.endswith(f".step-{fill_step}.tmp"):
+            free = shutil.disk_usage(os.path.dirname(path)).free
+            with open(path, "wb") as f:
+                f.write(bytes(max(0, free - int(leave))))
+        return write(state, checkpoint_id=checkpoint_id, **kwargs)
+    return wrapped
+
+Trainer.optimizer_step, CheckpointManager.save = optimizer_step, save
+dcp.save, dcp.async_save = filling(dcp.save), filling(dcp.async_save)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def parked_job(folder: Path, *extra: str, wait_published: int = -1, park_at_save: int = -1,
+               fill_at_save: str = "") -> subprocess.Popen:
+    """The job of `run_job` with PARKED_JOB's pauses, stdout and stderr merged into a pipe."""
+    cmd, env = job_command(folder, *extra)
+    env.update(WAIT_PUBLISHED=str(wait_published), PARK_AT_SAVE=str(park_at_save),
+               FILL_AT_SAVE=fill_at_save)
+    assert cmd[1:3] == ["-m", "runtime.train"]
+    return subprocess.Popen([sys.executable, "-c", PARKED_JOB, *cmd[3:]], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def read_until(proc: subprocess.Popen, marker: str, timeout: float = 240) -> list[str]:
+    """proc's output lines up to the first containing `marker` (or its end); kills it if that
+    takes longer than `timeout` seconds."""
+    import threading
+
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if marker in line:
+                break
+    finally:
+        watchdog.cancel()
+    return lines

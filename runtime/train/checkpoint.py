@@ -40,7 +40,9 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +56,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, DiskFullError
 from runtime.train import manifest
+from runtime.train.disk_space import (free_bytes, is_out_of_space, out_of_space_message,
+                                      refuse_if_short, state_bytes, tree_bytes)
 from runtime.train.dump_lock import DumpFolderLocked, DumpLock
 from runtime.train.resume_checks import (config_differences, describe_changes,
                                          identity_differences, model_identity, model_mismatch,
@@ -66,9 +71,15 @@ from runtime.train.resume_checks import (config_differences, describe_changes,
 from runtime.safe_dcp import UnsafeCheckpointError, dcp_load, read_metadata_file
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_DIR = re.compile(r"^\.step-(\d+)\.tmp$")
 LATEST = "latest"
 RUNTIME_JSON = "runtime.json"
 RUNTIME_FORMAT = 1
+
+# What a failed save raises: DCP's CheckpointException is a BaseException (not an Exception);
+# KeyboardInterrupt and SystemExit are never caught.
+_SAVE_ERRORS = (Exception, CheckpointException)
+
 
 class CheckpointError(ConfigError):
     """A checkpoint cannot be used as asked; one line, exit code 2 (like any ConfigError)."""
@@ -88,25 +99,25 @@ def _world() -> int:
     return dist.get_world_size() if _is_distributed() else 1
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if _is_distributed():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def _all_gather(obj: Any) -> list[Any]:
+def _all_gather(obj: Any, group=None) -> list[Any]:
     """Every rank's `obj` (small Python data between our own ranks, never from files)."""
     if not _is_distributed():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
-def _from_rank0(obj: Any) -> Any:
+def _from_rank0(obj: Any, group=None) -> Any:
     if not _is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)  # src: global rank 0, in every group
     return box[0]
 
 
@@ -258,6 +269,38 @@ def find_latest_checkpoint(folder: Path) -> Path | None:
     return complete[-1][1] if complete else None
 
 
+def _unfinished(tmp: Path, step: int) -> str | None:
+    """Why the interrupted save `tmp` did not finish writing, or None. With a manifest, the
+    manifest decides (verify_checkpoint). Without one (killed while checksumming), DCP's
+    index decides: DCP renames `.metadata` into place only after every rank's files were
+    written and synced, so an index that reads, files as long as the extents it records, and
+    runtime.json (written before the tensor data) naming step N make a complete save."""
+    if (tmp / manifest.MANIFEST).is_file():
+        return None
+    if not (tmp / ".metadata").is_file():
+        return "no .metadata: its tensor data was not completely written"
+    try:
+        stored = read_metadata_file(tmp / ".metadata").storage_data.values()
+        record = json.loads((tmp / RUNTIME_JSON).read_text())
+    except (UnsafeCheckpointError, OSError, ValueError) as e:
+        return " ".join(str(e).split())[:160]
+    ends: dict[str, int] = {}
+    for info in stored:
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        if not (tmp / name).is_file():
+            return f"{name} is missing"
+        if (tmp / name).stat().st_size < end:
+            return f"{name} is shorter than its index says"
+    if not isinstance(record, dict) or record.get("step") != step:
+        return f"{RUNTIME_JSON} does not record step {step}"
+    return None
+
+
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
 def read_pointer(folder: Path) -> tuple[str | None, str | None]:
     """(checkpoint name in `latest`, None) or (None, why it is unusable / None if absent)."""
     path = folder / LATEST
@@ -311,6 +354,19 @@ def check_model_early(cfg, model_args) -> None:
 
 # ------------------------------------------------------------------------- the manager
 
+@dataclass
+class _PendingSave:
+    """One save of a step: its temp directory and its expected size; in async mode also
+    DCP's future, the thread that publishes it, and that thread's failure."""
+    step: int
+    tmp: Path
+    needed: int  # bytes (disk_space.py)
+    basis: str  # where `needed` comes from, for messages
+    future: Any = None
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+
+
 class CheckpointManager:
     def __init__(self, cfg, dump_folder: str, states: dict[str, Any], log=print):
         """cfg: the `[checkpoint]` section; states: "model" (ModelState), "optimizer"
@@ -320,19 +376,53 @@ class CheckpointManager:
         self.states = states
         self.log = log
         self.exclude = list(getattr(cfg, "exclude_from_loading", []) or [])
-        self._pending: tuple[Any, int, Path, str] | None = None  # async save in flight
+        self._pending: _PendingSave | None = None  # the async save in flight
         self._async_group = None
         # This run's saves (a stop signal right after an interval save saves nothing new).
         self._saved_steps: set[int] = set()
         self._damaged: set[Path] = set()
-        if _rank() == 0 and cfg.enable:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._clean_interrupted()
+        self._last_size: tuple[int, str] | None = None  # (bytes, "the size of step-N")
+        if cfg.enable:
+            if _rank() == 0:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            _barrier()
+            self._recover_interrupted()
+            newest = find_latest_checkpoint(self.folder)
+            if newest is not None:  # what the next save will need (every rank: same answer)
+                self._last_size = (tree_bytes(newest), f"the size of {newest.name}")
         _barrier()
 
-    def _clean_interrupted(self) -> None:
-        for stale in self.folder.glob(".step-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+    # ---------------------------------------------------------------- interrupted saves
+    def _recover_interrupted(self) -> None:
+        """Every `.step-N.tmp` a killed job left: published when its write had completed and
+        it verifies (a kill after an async save reached disk loses nothing), else removed with
+        a one-line warning saying why. A collective (checksums split over the ranks)."""
+        names = _from_rank0(sorted(p.name for p in self.folder.glob(".step-*.tmp")
+                                   if _TMP_DIR.match(p.name) and p.is_dir())
+                            if _rank() == 0 else None)
+        for name in names:
+            tmp = self.folder / name
+            step = int(_TMP_DIR.match(name).group(1))
+            problem, has_manifest = _from_rank0(
+                (_unfinished(tmp, step), (tmp / manifest.MANIFEST).is_file())
+                if _rank() == 0 else None)
+            if problem is None and not has_manifest:
+                self._write_manifest(tmp, step)  # killed while checksumming: finish that
+            if problem is None:
+                problem = verify_checkpoint(tmp)
+            if _rank() == 0:
+                self._settle_interrupted(tmp, step, problem)
+        _barrier()
+
+    def _settle_interrupted(self, tmp: Path, step: int, problem: str | None) -> None:
+        if problem is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._warn(f"removed the interrupted save {tmp} ({problem}): it cannot be verified")
+            return
+        newer = [s for s, _ in list_complete_checkpoints(self.folder) if s > step]
+        self._publish(step, tmp, move_latest=not newer)
+        self.log(f"checkpoint step {step}: published {tmp.name}, a save whose write had "
+                 f"completed when the job was stopped (verified)")
 
     def _warn(self, msg: str) -> None:
         self.log(f"warning: {msg}")
@@ -397,7 +487,7 @@ class CheckpointManager:
         except UnsafeCheckpointError as e:
             raise CheckpointError(str(e)) from None
         train.restore(record["train"], self.exclude)
-        return int(_STEP_DIR.match(path.name).group(1))
+        return _step_of(path)
 
     def _check_model(self, path: Path, saved_identity: dict | None) -> None:
         """Same ModelArgs and the same tensor names and shapes, before anything is loaded."""
@@ -468,31 +558,102 @@ class CheckpointManager:
                           indent=1, allow_nan=False)
 
     def save(self, step: int, *, force_sync: bool = False) -> None:
-        self.wait()  # at most one save in flight; its finalisation comes first
+        """Save `step` (every rank calls this). In sync mode it returns once the checkpoint
+        is published; in async mode once the state is staged in memory: a background thread
+        per rank waits for DCP's write and publishes it the moment it completes (not at the
+        next save), so a kill after that loses nothing."""
+        self.wait()  # at most one save in flight; its failure, if any, comes first
         if step in self._saved_steps:
             return  # saved this step already (e.g. interval save, then stop signal)
         self._saved_steps.add(step)
-        tmp = self.folder / f".step-{step}.tmp"
-        record = self._runtime_record(step)  # now: an async save finishes steps later
         state = {"model": self.states["model"], "optimizer": self.states["optimizer"]}
+        job = self._begin(step, state)
         if self.cfg.async_mode == "async" and not force_sync:
-            future = dcp.async_save(state, checkpoint_id=str(tmp),
-                                    process_group=self._get_async_group())
-            self._pending = (future, step, tmp, record)
+            try:
+                job.future = dcp.async_save(state, checkpoint_id=str(job.tmp),
+                                            process_group=self._get_async_group())
+            except _SAVE_ERRORS as e:
+                self._raise_together(job, e)
+            job.thread = threading.Thread(target=self._complete_in_background, args=(job,),
+                                          name=f"checkpoint-step-{step}", daemon=True)
+            self._pending = job
+            job.thread.start()
             self.log(f"checkpoint step {step}: async save started")
             return
         self.log(f"checkpoint step {step}: saving to {self.folder / f'step-{step}'}")
-        dcp.save(state, checkpoint_id=str(tmp))
-        self._finalize(step, tmp, record)
+        try:
+            dcp.save(state, checkpoint_id=str(job.tmp))
+        except _SAVE_ERRORS as e:  # DCP fails on every rank together (its last step is collective)
+            self._raise_together(job, e)
+        self._finalize(job)
+
+    def _begin(self, step: int, state: dict[str, Any]) -> _PendingSave:
+        """Rank 0 refuses a save that cannot fit (disk_space.py), then creates the temp
+        directory with runtime.json, the state as of now (an async save ends steps later);
+        every rank gets the same outcome."""
+        needed, basis = self._last_size or self._estimated_size(state)
+        job = _PendingSave(step, self.folder / f".step-{step}.tmp", needed, basis)
+        record = self._runtime_record(step)
+
+        def prepare() -> None:
+            refuse_if_short(self.folder, needed, basis, f"checkpoint step {step}",
+                                       f"nothing was written; {self._newest_name()}")
+            job.tmp.mkdir(parents=True, exist_ok=True)
+            _write_synced(job.tmp / RUNTIME_JSON, record)
+
+        self._on_rank0(job, prepare)
+        return job
+
+    def _estimated_size(self, state: dict[str, Any]) -> tuple[int, str]:
+        """Before a run's first checkpoint: the bytes of its tensors (a lower bound)."""
+        total = sum(_all_gather(state_bytes(state, _rank())))
+        return total, "at least the bytes of the model and optimizer state"
+
+    def _complete_in_background(self, job: _PendingSave) -> None:
+        """The async save's thread: DCP's write, then the publication (collectives on the
+        async gloo group, never the training's). Its error is raised by wait()/poll()."""
+        try:
+            error = None
+            try:
+                job.future.result()
+            except _SAVE_ERRORS as e:  # on every rank together, as in a sync save
+                error = e
+            if error is not None:
+                self._raise_together(job, error, self._async_group)
+            self._finalize(job, self._async_group)
+        except BaseException as e:
+            job.error = e
 
     def wait(self) -> None:
-        """Block until an async save is on disk, then publish it."""
-        if self._pending is None:
+        """Block until the async save in flight (if any) is published; raise its failure."""
+        job, self._pending = self._pending, None
+        if job is None:
             return
-        future, step, tmp, record = self._pending
-        self._pending = None
-        future.result()
-        self._finalize(step, tmp, record)
+        job.thread.join()
+        if job.error is not None:
+            raise job.error
+
+    def poll(self) -> None:
+        """Called every step (cheap): a background save that failed stops a one-process run
+        now. With several ranks its failure is raised at the next save or the end, the first
+        point every rank reaches together."""
+        job = self._pending
+        if job is not None and _world() == 1 and not job.thread.is_alive():
+            self.wait()
+
+    def check_space(self) -> None:
+        """Before training: the next save must fit where the last one did, so a restart on a
+        still-full disk stops now instead of after `interval` steps. A collective."""
+        problem = None
+        if _rank() == 0 and self._last_size is not None:
+            try:
+                refuse_if_short(self.folder, *self._last_size, "the next checkpoint",
+                                f"nothing was trained; {self._newest_name()}")
+            except DiskFullError as e:
+                problem = str(e)
+        problem = _from_rank0(problem)
+        if problem:
+            raise DiskFullError(problem)
 
     def _get_async_group(self):
         # Background checkpoint collectives must not share a (NCCL) group with training.
@@ -500,30 +661,87 @@ class CheckpointManager:
             self._async_group = dist.new_group(backend="gloo")
         return self._async_group
 
-    def _finalize(self, step: int, tmp: Path, record: str) -> None:
-        _barrier()  # every rank's shards and the .metadata are written
+    def _finalize(self, job: _PendingSave, group=None) -> None:
+        _barrier(group)  # every rank's shards and the .metadata are written
+        files = self._checksums(job.tmp, group)
+
+        def publish() -> None:
+            manifest.write_manifest(job.tmp, files, job.step)
+            self._publish(job.step, job.tmp)
+            self._prune(job.step)
+            self.log(f"checkpoint step {job.step}: complete")
+
+        self._on_rank0(job, publish, group)
+        self._last_size = (sum(f["size"] for f in files.values()),
+                           f"the size of step-{job.step}")
+
+    def _checksums(self, tmp: Path, group=None) -> dict[str, dict]:
+        """name -> size + CRC32 of every file of the save, split over the ranks."""
         names = None
         if _rank() == 0:
-            _write_synced(tmp / RUNTIME_JSON, record)
             # The files DCP's own index refers to (not a directory listing: that can lag
             # on network filesystems), plus the index and our JSON.
             stored = read_metadata_file(tmp / ".metadata").storage_data.values()
             names = sorted({info.relative_path for info in stored} | {".metadata", RUNTIME_JSON})
-        names = _from_rank0(names)
+        names = _from_rank0(names, group)
         mine = manifest.describe_files(tmp, manifest.files_for_rank(names, _rank(), _world()))
-        if _rank() == 0:
-            files: dict[str, dict] = {}
-            for part in _all_gather(mine):
-                files.update(part)
-            manifest.write_manifest(tmp, files, step)
-            self._publish(step, tmp)
-            self._prune(step)
-            self.log(f"checkpoint step {step}: complete")
-        else:
-            _all_gather(mine)
-        _barrier()
+        files: dict[str, dict] = {}
+        for part in _all_gather(mine, group):
+            files.update(part)
+        return files
 
-    def _publish(self, step: int, tmp: Path) -> None:
+    def _write_manifest(self, tmp: Path, step: int) -> None:
+        files = self._checksums(tmp)
+        if _rank() == 0:
+            manifest.write_manifest(tmp, files, step)
+
+    # ---------------------------------------------------------------- failed saves
+    def _on_rank0(self, job: _PendingSave, fn, group=None) -> None:
+        """Run `fn` on rank 0 only; every rank raises if it failed (_raise_together)."""
+        error = None
+        if _rank() == 0:
+            try:
+                fn()
+            except _SAVE_ERRORS as e:
+                error = e
+        self._raise_together(job, error, group)
+
+    def _raise_together(self, job: _PendingSave, error: BaseException | None, group=None) -> None:
+        """`error`: this rank's failure of a step all ranks fail or pass together, or rank 0's
+        failure of a rank-0-only step (None elsewhere). Rank 0 decides whether the disk was
+        full (then the partial save is removed and every rank raises the same one-line
+        DiskFullError); any other failure is re-raised as the bug it is."""
+        verdict = None
+        if _rank() == 0 and error is not None:
+            verdict = self._out_of_space(job, error) or ""
+        verdict = _from_rank0(verdict, group)
+        if verdict:
+            raise DiskFullError(verdict) from None
+        if error is not None:
+            raise error
+        if verdict is not None:
+            raise RuntimeError(f"checkpoint step {job.step}: the save failed on rank 0")
+
+    def _out_of_space(self, job: _PendingSave, error: BaseException) -> str | None:
+        """The one-line message if `error` was the disk filling up (the partial save is then
+        removed), else None."""
+        if isinstance(error, DiskFullError):
+            return str(error)
+        written = tree_bytes(job.tmp)
+        if not is_out_of_space(error, self.folder, job.needed - written):
+            return None
+        free = free_bytes(self.folder) + written  # what this save had when the disk filled
+        shutil.rmtree(job.tmp, ignore_errors=True)
+        return out_of_space_message(self.folder, job.needed, free, job.basis,
+                                    f"checkpoint step {job.step}",
+                                    f"the partial save was removed; {self._newest_name()}")
+
+    def _newest_name(self) -> str:
+        newest = find_latest_checkpoint(self.folder)
+        return (f"{newest.name} stays the latest checkpoint" if newest
+                else "there is no checkpoint yet")
+
+    def _publish(self, step: int, tmp: Path, move_latest: bool = True) -> None:
         final = self.folder / f"step-{step}"
         if final.exists():
             # Only a checkpoint this run fell back past (damaged, or without a manifest: an
@@ -537,6 +755,8 @@ class CheckpointManager:
                        f"{aside.name} (delete it once you do not need it)")
         else:
             os.rename(tmp, final)
+        if not move_latest:
+            return
         pointer_tmp = self.folder / f".{LATEST}.tmp"
         _write_synced(pointer_tmp, final.name + "\n")
         os.replace(pointer_tmp, self.folder / LATEST)  # atomic: old or new, never half

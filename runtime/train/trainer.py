@@ -7,7 +7,8 @@ One Trainer owns the pieces, each from its own module:
   metrics (metrics.py) -> signals/NaNs (faults.py).
 The trainer decides what a step is (batch split, loss normalisation, clipping, optimizer);
 the runner how this rank executes it; the trainer never asks which runner it has.
-Exit codes: 0 done, 2 config error, 75 stopped by SIGUSR1/SIGTERM after saving (requeue me).
+Exit codes: 0 done, 2 config error, 74 a checkpoint did not fit the disk, 75 stopped by
+SIGUSR1/SIGTERM after saving (requeue me).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from runtime.data import Tokenizer, build_dataloader, split_microbatches
 from runtime.data.loader import validation_data_config
 from runtime.data.sources import source_kind
 from runtime.data.validate import check_data
-from runtime.errors import EXIT_CONFIG_ERROR, ConfigError
+from runtime.errors import (EXIT_CONFIG_ERROR, EXIT_DISK_FULL, ConfigError, DiskFullError,
+                            one_line)
 from runtime.hf import load_hf_into
 from runtime.model import GptOssModel
 from runtime.model.loss import IGNORE_INDEX
@@ -320,6 +322,8 @@ class Trainer:
         profiler = StepProfiler(cfg.profiling, cfg.job.dump_folder, self.rank, self.device,
                                 self.step, self.log).start()
         try:
+            if cfg.checkpoint.enable and self.step < last_step:
+                self.checkpointer.check_space()  # a still-full disk: stop before training
             while self.step < last_step:
                 self.step += 1
                 loss, grad_norm, lr = self.optimizer_step(next(data))
@@ -334,6 +338,7 @@ class Trainer:
                 if profiler.step():
                     self.metrics.reset_timer()  # keep trace/snapshot writing out of tokens/s
                 stopping = stop.should_stop(self.device)
+                self.checkpointer.poll()  # an async save that failed stops the run here
                 if self.checkpointer.should_save(self.step, last_step) or (stopping and cfg.checkpoint.enable):
                     self.checkpointer.save(self.step, force_sync=stopping or self.step == last_step)
                     self.metrics.reset_timer()  # keep save time out of tokens/s
@@ -351,10 +356,12 @@ class Trainer:
         finally:
             profiler.close()
             stop.uninstall()
-            self.checkpointer.close()
-            self.metrics.close()
-            if self.dump_lock is not None:
-                self.dump_lock.release()
+            try:
+                self.checkpointer.close()  # raises a failed async save (the run stops)
+            finally:
+                self.metrics.close()
+                if self.dump_lock is not None:
+                    self.dump_lock.release()
 
     def _data_extras(self) -> dict:
         """Trained tokens of the step (loss-masked data) and chat conversations cut or dropped
@@ -393,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         code = trainer.run()
+    except DiskFullError as e:  # a save did not fit: the previous checkpoint is intact
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_DISK_FULL
     except (NonFiniteLossError, ConfigError) as e:
         # the user's data or settings, not a bug: one line (e.g. a bad record deep in a file,
         # met mid-run: the pre-flight check reads only the head of each file)
