@@ -59,6 +59,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from runtime.atomic_dir import make_temp_dir
 from runtime.checksums import (check_checksums, check_sizes, describe_files, files_for_rank,
                                valid_records)
 from runtime.data.errors import DataError, DataFileNotFoundError
@@ -164,7 +165,7 @@ def prepare(
             raise DataError(f"{out}: already exists; remove it or choose another output folder")
         if log:
             log(f"preparing {source.name} into {out}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = make_temp_dir(out)  # mkdir's mode (mkdtemp's 0700 would hide it from a team)
         try:
             meta = _write(source, encode, tmp, tokenizer, batch_docs, file_tokens, log)
             os.rename(tmp, out)  # atomic on one filesystem; fails if `out` appeared meanwhile

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from runtime.atomic_dir import honour_umask
 from runtime.hf.config import model_args_to_hf_config
 from runtime.hf.keymap import (
     RUNTIME_ONLY,
@@ -114,6 +115,7 @@ def write_hf_checkpoint(shapes: dict[str, tuple[int, ...]], fetch: Fetch, args: 
             tensors = _collect_shard(fetch(keys), shapes, dtype, mxfp4, writer, bar)
             if writer:
                 save_file(tensors, str(out / name), metadata={"format": "pt"})
+                honour_umask(out / name)  # safetensors writes 0600: readable by a team too
                 weight_map.update(dict.fromkeys(tensors, name))
     if writer:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}

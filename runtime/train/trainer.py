@@ -40,7 +40,7 @@ from runtime.train.config import JobConfig, build_parser, parse_args, validate_j
 from runtime.train.faults import NonFiniteLossError, StopSignal, check_finite, count_skipped_step
 from runtime.train.metrics import MetricsLogger
 from runtime.train.optim import build_lr_scheduler, build_optimizer
-from runtime.train.handback import save_last_in_hf
+from runtime.train.handback import check_export_target, save_last_in_hf
 from runtime.train.profiling import StepProfiler
 from runtime.train.runner import LocalRunner, materialize
 from runtime.train.slurm_env import setup_distributed_env
@@ -80,6 +80,8 @@ class Trainer:
         self.grad_accum = cfg.training.gradient_accumulation_steps(self.dims.dp)
         self.global_batch = cfg.training.local_batch_size * self.dims.dp * self.grad_accum
         check_model_early(cfg, self.model_args)  # a resume into another model: exit 2 now
+        if cfg.checkpoint.last_save_in_hf:  # an `hf` the export cannot replace: exit 2 now
+            check_export_target(cfg.job.dump_folder, self.rank)
         self._build_model()
         self._build_training_state()
 
