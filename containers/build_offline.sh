@@ -10,7 +10,9 @@
 #   podman run --rm localhost/gptoss-runtime:offline --config /opt/gptoss/configs/debugmodel.toml --training.steps=3
 #
 # Knobs: TORCH_WHEEL (a local CPU torch wheel for the rootfs' python, else torch from the index),
-# ROOTFS (reuse a debootstrap tree), MIRROR (Debian mirror), SUITE (bookworm = python 3.11).
+# ROOTFS (reuse a debootstrap tree), MIRROR (Debian mirror), SUITE (bookworm = python 3.11.2, the
+# default; trixie = python 3.13: `SUITE=trixie WORK_DIR=/tmp/gptoss-offline-trixie bash
+# containers/build_offline.sh offline-trixie`, torch from the index unless TORCH_WHEEL).
 # Needs root, debootstrap, podman, network access to the Debian mirror and the Python index.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,6 +27,8 @@ ca=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 from=$(sed -n 's/^ARG BASE_IMAGE=\([^ ]*\).*/\1/p' "$root/Dockerfile" | head -n 1)
 from=${from%%@*}
 [[ -n "$from" ]] || { echo "no ARG BASE_IMAGE in $root/Dockerfile" >&2; exit 2; }
+# another suite (SUITE=trixie: Python 3.13) gets its own stand-in base, not bookworm's
+[[ "$suite" == bookworm ]] || from="$from-$suite"
 log() { printf '[build_offline] %s\n' "$*" >&2; }
 
 command -v podman >/dev/null || { log "podman missing: bash ../shared/tools/local_slurm.sh containers"; exit 2; }
