@@ -134,8 +134,10 @@ run_step, run_save = Trainer.optimizer_step, CheckpointManager.save
 def optimizer_step(self, batch):
     if self.step == published + 1:
         final = self.checkpointer.folder / f"step-{published}" / "manifest.json"
+        latest = self.checkpointer.folder / "latest"
         deadline = time.monotonic() + 120
-        while not final.is_file():
+        while not (final.is_file() and latest.is_file()
+                   and latest.read_text().strip() == f"step-{published}"):
             if time.monotonic() > deadline:
                 print(f"step-{published} was not published in the background", flush=True)
                 os._exit(3)

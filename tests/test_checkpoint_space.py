@@ -85,6 +85,6 @@ def test_a_disk_that_fills_during_a_save_is_one_line(small_disk, tmp_path, mode)
     assert not any("Traceback" in line for line in out)
     assert line.startswith(f"error: checkpoint step 4: no space in {folder}: "), line
     needed, free = (int(n.replace(",", "")) for n in NEEDS.search(line).groups())
-    assert 1_000_000 <= free < needed
+    assert 500_000 < free < needed  # about the 1 MB the save had (tmpfs counts pages)
     assert line.endswith("the partial save was removed; step-2 stays the latest checkpoint")
     assert _state(folder) == (["latest", "step-2"], "step-2")
