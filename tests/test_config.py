@@ -50,7 +50,7 @@ def test_defaults_are_valid_and_match_the_documented_values():
     assert list(SECTIONS) == ["job", "model", "data", "training", "optimizer", "lr_scheduler",
                               "parallelism", "checkpoint", "validation", "activation_checkpoint",
                               "compile",
-                              "quantize", "metrics", "profiling"]
+                              "quantize", "metrics", "profiling", "lora"]
 
 
 def test_list_defaults_are_not_shared():
@@ -150,7 +150,7 @@ def test_unknown_section(tmp_path):
     assert error_of(path) == (
         f"{path}: unknown section 'zzz' (sections: job, model, data, training, optimizer, "
         f"lr_scheduler, parallelism, checkpoint, validation, activation_checkpoint, compile, "
-        f"quantize, metrics, profiling)")
+        f"quantize, metrics, profiling, lora)")
 
 
 def test_unknown_key(tmp_path):

@@ -25,6 +25,7 @@ from runtime.hf.keymap import canonical_runtime_key, is_transposed, runtime_to_h
 from runtime.hf.progress import Progress
 from runtime.hf.reader import HFCheckpoint, Region, Source
 from runtime.model import GptOssModel, ModelArgs
+from runtime.model.lora_spec import is_lora_name
 from runtime.model.moe import MoE
 from runtime.model.rope import RotaryEmbedding
 
@@ -89,7 +90,9 @@ def load_checkpoint_into(model: nn.Module, ckpt: HFCheckpoint, *, progress: bool
     args: ModelArgs = model.args
     if ckpt.config is not None:
         _check_config(ckpt, args)
-    params = {canonical_runtime_key(name): p for name, p in model.named_parameters()}
+    # LoRA adapters are not in a base checkpoint: they keep their initialisation.
+    params = {canonical_runtime_key(name): p for name, p in model.named_parameters()
+              if not is_lora_name(name)}
     _validate(ckpt, args, params)
     with Progress(len(params), f"loading {ckpt.directory.name or ckpt.directory}", enabled=progress) as bar:
         for key, param in params.items():

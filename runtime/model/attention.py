@@ -84,6 +84,8 @@ class Attention(nn.Module):
         for linear in (self.wq, self.wk, self.wv, self.wo):
             init.trunc_normal_(linear.weight, std=std)
             init.zeros_(linear.bias)
+            if hasattr(linear, "init_lora_weights"):  # a LoRALinear (runtime/model/lora.py)
+                linear.init_lora_weights()
         init.normal_(self.sinks, std=std)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask,

@@ -72,6 +72,11 @@ def trunc_normal_(param: torch.Tensor, std: float, mean: float = 0.0) -> None:
     _draw(param, lambda t, g: nn.init.trunc_normal_(t, mean=mean, std=std, generator=g))
 
 
+def uniform_(param: torch.Tensor, bound: float) -> None:
+    """U(-bound, bound) (LoRA's A: Kaiming-uniform with a = sqrt(5) is bound 1/sqrt(fan_in))."""
+    _draw(param, lambda t, g: nn.init.uniform_(t, -bound, bound, generator=g))
+
+
 def zeros_(param: torch.Tensor) -> None:
     nn.init.zeros_(param)  # deterministic: no RNG, every shard alike
 

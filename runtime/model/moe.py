@@ -10,6 +10,8 @@ Expert parallelism (runtime/parallel) swaps the permute/combine steps for all-to
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -51,9 +53,10 @@ def clamped_swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     return gate * torch.sigmoid(alpha * gate) * (linear + 1)
 
 
-def _grouped_mm_aligned(*tensors: torch.Tensor) -> bool:
-    """torch._grouped_mm needs 16-byte aligned row strides; tiny test shapes may not have them."""
-    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
+def _grouped_mm_aligned(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned row strides; tiny test shapes may not have them.
+    Every operand runs in x's dtype (LoRA ranks: a multiple of 8 in bf16)."""
+    return all(t.shape[-1] * x.element_size() % 16 == 0 for t in (x, *tensors))
 
 
 class GroupedExperts(nn.Module):
@@ -72,19 +75,58 @@ class GroupedExperts(nn.Module):
         self.mlp1_bias = nn.Parameter(torch.empty(E, 2 * F_))
         self.mlp2_weight = nn.Parameter(torch.empty(E, D, F_))
         self.mlp2_bias = nn.Parameter(torch.empty(E, D))
+        # LoRA (runtime/model/lora.py): per-expert adapters of mlp1 / mlp2, and their scale.
+        self.lora_targets: tuple[str, ...] = ()
+        self.lora_scaling = 0.0
 
     def init_weights(self, std: float, out_std: float) -> None:
         init.trunc_normal_(self.mlp1_weight, std=std)
         init.trunc_normal_(self.mlp2_weight, std=out_std)
         init.zeros_(self.mlp1_bias)
         init.zeros_(self.mlp2_bias)
+        self.init_lora_weights()
+
+    def add_lora(self, targets: list[str], rank: int, scaling: float) -> None:
+        """Per-expert adapters for "mlp1" and/or "mlp2", in the weights' own [out, in]
+        orientation: mlp1_lora_A [E, r, D], mlp1_lora_B [E, 2F, r], mlp2_lora_A [E, r, F],
+        mlp2_lora_B [E, D, r]; delta W_e = scaling * B_e @ A_e."""
+        E, two_f, D = self.mlp1_weight.shape
+        device = self.mlp1_weight.device
+        shapes = {"mlp1": ((E, rank, D), (E, two_f, rank)),
+                  "mlp2": ((E, rank, two_f // 2), (E, D, rank))}
+        for target in targets:
+            shape_a, shape_b = shapes[target]
+            setattr(self, f"{target}_lora_A", nn.Parameter(torch.empty(shape_a, device=device)))
+            setattr(self, f"{target}_lora_B", nn.Parameter(torch.empty(shape_b, device=device)))
+        self.lora_targets = tuple(t for t in ("mlp1", "mlp2") if t in targets)
+        self.lora_scaling = scaling
+
+    def init_lora_weights(self) -> None:
+        """PEFT's default per expert: A ~ U(+-1/sqrt(fan_in)) (Kaiming-uniform, a = sqrt(5)),
+        B = 0 (the adapted model starts as the base)."""
+        for target in self.lora_targets:
+            a = getattr(self, f"{target}_lora_A")
+            init.uniform_(a, 1 / math.sqrt(a.shape[-1]))
+            init.zeros_(getattr(self, f"{target}_lora_B"))
+
+    def _lora_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """(mlp1 A, mlp1 B, mlp2 A, mlp2 B) as local tensors, None where not adapted."""
+        out = []
+        for target in ("mlp1", "mlp2"):
+            adapted = target in self.lora_targets
+            out += [_local(getattr(self, f"{target}_lora_{m}")) if adapted else None
+                    for m in ("A", "B")]
+        return tuple(out)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, D] rows sorted by expert; counts: [E_local] rows per expert (sum == N)."""
         w1, b1, w2, b2 = (_local(p) for p in (self.mlp1_weight, self.mlp1_bias,
                                               self.mlp2_weight, self.mlp2_bias))
-        if self.grad_scale != 1.0:
-            w1, b1, w2, b2 = (_ScaleGrad.apply(t, self.grad_scale) for t in (w1, b1, w2, b2))
+        lora = self._lora_tensors()
+        if self.grad_scale != 1.0:  # (frozen tensors have no gradient to scale)
+            w1, b1, w2, b2, *lora = (_ScaleGrad.apply(t, self.grad_scale)
+                                     if t is not None and t.requires_grad else t
+                                     for t in (w1, b1, w2, b2, *lora))
         # Autocast does not cover the grouped GEMM: cast the rows ourselves so the experts run
         # in the compute dtype (bf16 fast path) rather than in the fp32 residual stream's dtype.
         device_type = x.device.type
@@ -92,41 +134,60 @@ class GroupedExperts(nn.Module):
             x = x.to(torch.get_autocast_dtype(device_type))
         # torch.compile only traces _grouped_mm in bf16 (eager CPU also takes fp32).
         compiled_fp32 = torch.compiler.is_compiling() and x.dtype != torch.bfloat16
-        if self.impl == "grouped" and _grouped_mm_aligned(x, w1, w2) and not compiled_fp32:
+        adapters = [t for t in lora if t is not None]
+        if self.impl == "grouped" and _grouped_mm_aligned(x, w1, w2, *adapters) \
+                and not compiled_fp32:
             grouped = self._grouped
             if self._compiled_grouped is not None and x.dtype == torch.bfloat16:
                 grouped = self._compiled_grouped
-            return grouped(x, counts, w1, b1, w2, b2)
-        return self._loop(x, counts, w1, b1, w2, b2)
+            return grouped(x, counts, w1, b1, w2, b2, *lora)
+        return self._loop(x, counts, w1, b1, w2, b2, *lora)
 
     def compile_math(self) -> None:
         """torch.compile the grouped-GEMM path alone (a pure function of its tensors: no
         hooks, no host syncs), used in bf16 (runtime/parallel/compile.py, regional mode)."""
         self._compiled_grouped = torch.compile(self._grouped, fullgraph=True)
 
-    def _grouped(self, x, counts, w1, b1, w2, b2) -> torch.Tensor:
+    def _grouped(self, x, counts, w1, b1, w2, b2, a1=None, bl1=None, a2=None,
+                 bl2=None) -> torch.Tensor:
+        """a1/bl1, a2/bl2: the experts' LoRA A/B of mlp1 / mlp2 (None: not adapted), applied
+        as two more grouped GEMMs each through the rank-r bottleneck."""
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E] end row of each group
         row_expert = torch.repeat_interleave(  # [N] expert id of every row, no host sync
             torch.arange(w1.shape[0], device=x.device), counts, output_size=x.shape[0])
         dtype = x.dtype
-        h = torch._grouped_mm(x, w1.to(dtype).transpose(-2, -1), offs=offsets)  # [N, 2F]
+
+        def mm(rows, w):  # rows [N, in] x per-expert w [E, out, in] -> [N, out]
+            return torch._grouped_mm(rows, w.to(dtype).transpose(-2, -1), offs=offsets)
+
+        h = mm(x, w1)  # [N, 2F]
+        if a1 is not None:
+            h = h + mm(mm(x, a1) * self.lora_scaling, bl1)  # [N, r] -> [N, 2F]
         h = h + b1.to(dtype)[row_expert]
         a = clamped_swiglu(h, self.alpha, self.limit)  # [N, F]
-        out = torch._grouped_mm(a, w2.to(dtype).transpose(-2, -1), offs=offsets)  # [N, D]
+        out = mm(a, w2)  # [N, D]
+        if a2 is not None:
+            out = out + mm(mm(a, a2) * self.lora_scaling, bl2)  # [N, r] -> [N, D]
         return out + b2.to(dtype)[row_expert]
 
     # Kept out of compiled graphs: its host sync and data-dependent slice sizes would be a
     # graph break plus dynamic shapes, which torch 2.11's symbolic shapes mis-refine under
     # FSDP x TP ("38 not in VR[0, 0]").
     @torch.compiler.disable
-    def _loop(self, x, counts, w1, b1, w2, b2) -> torch.Tensor:
+    def _loop(self, x, counts, w1, b1, w2, b2, a1=None, bl1=None, a2=None,
+              bl2=None) -> torch.Tensor:
         """Reference: one dense matmul pair per expert (host sync on counts; tests only)."""
-        outs, start, dtype = [], 0, x.dtype
+        outs, start, dtype, s = [], 0, x.dtype, self.lora_scaling
         for e, n in enumerate(counts.tolist()):
             rows = x[start:start + n]
             h = rows @ w1[e].to(dtype).T + b1[e].to(dtype)
+            if a1 is not None:
+                h = h + ((rows @ a1[e].to(dtype).T) * s) @ bl1[e].to(dtype).T
             a = clamped_swiglu(h, self.alpha, self.limit)
-            outs.append(a @ w2[e].to(dtype).T + b2[e].to(dtype))
+            out = a @ w2[e].to(dtype).T + b2[e].to(dtype)
+            if a2 is not None:
+                out = out + ((a @ a2[e].to(dtype).T) * s) @ bl2[e].to(dtype).T
+            outs.append(out)
             start += n
         return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
 

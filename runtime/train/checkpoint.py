@@ -42,6 +42,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,13 +142,18 @@ def lock_dump_folder(dump_folder: str, log=print) -> DumpLock | None:
 class ModelState(Stateful):
     """The model parts' parameters and persistent buffers by fully qualified name."""
 
-    def __init__(self, model_parts: list[torch.nn.Module]):
+    def __init__(self, model_parts: list[torch.nn.Module],
+                 include: Callable[[str], bool] | None = None):
+        """include: keep only the names it accepts (e.g. a LoRA run loading its base)."""
         self.model_parts = model_parts
+        self.include = include
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for part in self.model_parts:
             out.update(get_model_state_dict(part))
+        if self.include is not None:
+            out = {k: v for k, v in out.items() if self.include(k)}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from runtime.train.config_schema import (
     DataSection,
     JobConfig,
     JobSection,
+    LoRASection,
     LRSchedulerSection,
     MetricsSection,
     ModelSection,
@@ -34,7 +35,7 @@ from runtime.train.config_schema import (
 
 __all__ = [
     "SECTIONS", "ActivationCheckpointSection", "CheckpointSection", "CompileSection",
-    "ConfigError", "DataSection", "JobConfig", "JobSection", "LRSchedulerSection",
+    "ConfigError", "DataSection", "JobConfig", "JobSection", "LoRASection", "LRSchedulerSection",
     "MetricsSection", "ModelSection", "OptimizerSection", "ParallelismSection", "ProfilingSection",
     "QuantizeSection", "TrainingSection", "build_parser", "config_from_dict", "load_config",
     "parallel_dims", "parse_args", "validate_config", "validate_job",

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from runtime.data.schema import DataConfig
 from runtime.errors import ConfigError
 from runtime.model.args import ATTN_BACKENDS, COMPUTE_DTYPES, FLAVORS, MOE_IMPLS, ModelArgs
+from runtime.model.lora_spec import DEFAULT_TARGETS, TRAINABLE_EXTRA, LoRASpec, resolve_spec
 
 # --------------------------------------------------------------------------- field rules
 # Each option is a dataclass field whose metadata carries its allowed values or a check.
@@ -291,6 +292,32 @@ class ValidationSection:
     hf_split: str = _opt("validation", check=_non_empty, help="HF split of the held-out data")
 
 
+def _dropout(v):
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+@dataclass
+class LoRASection:
+    enable: bool = _opt(False, help="LoRA fine-tuning: frozen base (compute dtype), adapters "
+                                    "trained (runtime/model/lora.py)")
+    rank: int = _opt(16, check=_positive, help="adapter rank r")
+    alpha: float = _opt(32.0, check=_positive, help="scaling = alpha / r (rsLoRA: / sqrt(r))")
+    dropout: float = _opt(0.0, check=_dropout, help="on the adapters' input; attention "
+                                                    "targets only (0 with expert targets)")
+    targets: list = _opt(list(DEFAULT_TARGETS),
+                         help="q_proj k_proj v_proj o_proj experts.gate_up_proj "
+                              "experts.down_proj all-linear (= the 4 attention projections), "
+                              "or our names (wq ... mlp1 mlp2), as module-path suffixes")
+    layers: str = _opt("all", check=_non_empty,
+                       help="'all' or layer ids and ranges, e.g. '0-11,14'")
+    use_rslora: bool = _opt(False, help="scaling alpha / sqrt(r) instead of alpha / r")
+    trainable_extra: list = _opt([], check=_subset(TRAINABLE_EXTRA),
+                                 help="base groups trained in full as well")
+    export: str = _opt("both", choices=("adapter", "merged", "both"),
+                       help="with checkpoint.last_save_in_hf: <dump>/hf/adapter (PEFT), "
+                            "<dump>/hf (merged HF checkpoint), or both")
+
+
 @dataclass
 class JobConfig:
     job: JobSection = field(default_factory=JobSection)
@@ -308,6 +335,7 @@ class JobConfig:
     quantize: QuantizeSection = field(default_factory=QuantizeSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     profiling: ProfilingSection = field(default_factory=ProfilingSection)
+    lora: LoRASection = field(default_factory=LoRASection)
 
     def validate(self) -> None:
         """Re-check every value (for configs built or edited in Python)."""
@@ -343,6 +371,15 @@ class JobConfig:
             return base.replace(**changes)
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
+
+    def lora_spec(self) -> LoRASpec | None:
+        """The resolved adapters of a LoRA run (runtime/model/lora_spec.py), None without."""
+        if not self.lora.enable:
+            return None
+        try:
+            return resolve_spec(self.lora, self.model_args())
+        except ValueError as e:
+            raise ConfigError(f"lora.{e}") from None
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(JobConfig)}
@@ -453,6 +490,25 @@ def _check_validation(cfg: JobConfig, o: Origins) -> None:
                       f"(or hf_dataset) or {o.name('validation', 'split_fraction')} > 0")
 
 
+def _check_lora(cfg: JobConfig, o: Origins) -> None:
+    """The [lora] targets resolve on this model (a target that adapts nothing is an error)."""
+    if not cfg.lora.enable:
+        return
+    if cfg.quantize.mode != "none":
+        raise o.error("lora", "enable", f"with {o.name('quantize', 'mode')} = "
+                      f"'{cfg.quantize.mode}' is not supported (the adapters sit on the "
+                      f"linears float8 would replace); set quantize.mode = 'none'")
+    try:
+        model_args = cfg.model_args()
+    except ConfigError:
+        return  # reported by the model checks
+    try:
+        resolve_spec(cfg.lora, model_args)
+    except ValueError as e:
+        key, _, text = str(e).partition(": ")
+        raise o.error("lora", key, text) from None
+
+
 def _cross_check(cfg: JobConfig, o: Origins) -> None:
     """Rules that involve more than one key. The first key named is the one blamed."""
     t, p, c, q = cfg.training, cfg.parallelism, cfg.checkpoint, cfg.quantize
@@ -486,6 +542,7 @@ def _cross_check(cfg: JobConfig, o: Origins) -> None:
     if c.initial_load_hf and c.initial_load_path:
         raise o.error("checkpoint", "initial_load_hf",
                       f"and {o.name('checkpoint', 'initial_load_path')} are mutually exclusive")
+    _check_lora(cfg, o)
     if q.mode == "float8" and q.enable_fsdp_float8_all_gather and q.float8_recipe != "tensorwise":
         raise o.error("quantize", "enable_fsdp_float8_all_gather",
                       f"needs {o.name('quantize', 'float8_recipe')} = 'tensorwise', "

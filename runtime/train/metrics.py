@@ -118,12 +118,16 @@ def truncate_metrics(path: Path, last_step: int) -> int:
 class MetricsLogger:
     def __init__(self, cfg, dump_folder: str, model_args: ModelArgs, seq_len: int,
                  global_tokens_per_step: int, world_size: int, device: torch.device,
-                 is_writer: bool, start_step: int | None = None, sinks: list | None = None):
+                 is_writer: bool, start_step: int | None = None, sinks: list | None = None,
+                 trainable_params: tuple[int, int] | None = None):
         """start_step: the step this run continues after (0: fresh); rows after it are
         removed from metrics.jsonl first. None leaves the file as it is.
         sinks: more writers of each emitted record (e.g. wandb_logger.WandbLogger), each with
-        log(record) and close(); give them to the writer rank only."""
+        log(record) and close(); give them to the writer rank only.
+        trainable_params: (whole model, the largest rank's share), on every step line (LoRA
+        runs: most of the model is frozen)."""
         self.cfg = cfg
+        self.trainable = trainable_params
         self.device = device
         self.is_writer = is_writer
         self.world_size = world_size
@@ -178,6 +182,8 @@ class MetricsLogger:
             "step_time_s": step_time,
             **(extra or {}),
         }
+        if self.trainable is not None:
+            record["trainable_params"], record["trainable_params_per_rank"] = self.trainable
         if self.is_writer and (force or step == 1 or step % self.cfg.log_freq == 0):
             self._emit(record)
         return record
@@ -208,10 +214,17 @@ class MetricsLogger:
         sys.stdout.flush()
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
 def _data_suffix(r: dict, tokens_per_step: int) -> str:
     """Step-line tail for loss-masked data: trained tokens (when not every token is), chat
     conversations cut or dropped, validation loss."""
     out = ""
+    if "trainable_params" in r:
+        out += (f" | trainable {_count(r['trainable_params'])} "
+                f"({_count(r['trainable_params_per_rank'])}/rank)")
     if r.get("trained_tokens") is not None and r["trained_tokens"] != tokens_per_step:
         out += f" | trained {r['trained_tokens']:,}"
     cut = r.get("chat_truncated", 0) + r.get("chat_dropped", 0)

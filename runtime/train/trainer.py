@@ -29,6 +29,9 @@ from runtime.errors import (EXIT_CONFIG_ERROR, EXIT_DISK_FULL, ConfigError, Disk
                             one_line)
 from runtime.hf import load_hf_into
 from runtime.model import GptOssModel
+from runtime.model.lora import apply_lora, count_trainable
+from runtime.model.lora_spec import is_lora_name
+from runtime.model.model import resolve_compute_dtype
 from runtime.model.loss import IGNORE_INDEX
 from runtime.model.moe import moe_layers, update_expert_bias
 from runtime.parallel.parallelize import parallelize
@@ -70,6 +73,7 @@ class Trainer:
         self.dump_lock = lock_dump_folder(cfg.job.dump_folder, self.log)
         self._log_folders()
         self.model_args = cfg.model_args()
+        self.lora_spec = cfg.lora_spec()  # None without [lora] enable
         self.dims = validate_job(cfg, self.world_size, self.model_args)
         self.tokenizer = Tokenizer.load(cfg.model.tokenizer_path)
         if self.tokenizer.vocab_size > self.model_args.vocab_size:
@@ -142,7 +146,11 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         with torch.device("meta"):
             model = GptOssModel(self.model_args)
+        if self.lora_spec is not None:  # adapters on, base frozen in the compute dtype
+            frozen_dtype = resolve_compute_dtype(self.model_args.compute_dtype, self.device)
+            apply_lora(model, self.lora_spec, frozen_dtype)
         total_params = sum(p.numel() for p in model.parameters())
+        total_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.mesh = self.dims.build_mesh(self.device.type) if self.world_size > 1 else None
 
         def parallelize_part(part):
@@ -166,18 +174,35 @@ class Trainer:
         self.model = self.runner.model
         self._load_initial_weights()
         # DTensor.numel() is the global size: count the shard this rank actually holds
-        n_params = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
-                       for p in self.model.parameters())
+        rank_trainable, n_params = count_trainable(self.model)
         self.log(f"model {cfg.model.flavor}: {self.model_args.n_layers} layers, "
                  f"{total_params / 1e6:.1f}M parameters (model total), "
                  f"{n_params / 1e6:.1f}M on rank {self.rank} (per rank), "
                  f"mesh {self.dims.describe()}, device {self.device}, "
                  f"grad accumulation {self.grad_accum}")
+        self.trainable_params = (total_trainable, rank_trainable)
+        if self.lora_spec is not None:
+            most = rank_trainable
+            if self.world_size > 1:  # the largest share, for the step line (at startup only)
+                counts = torch.tensor([rank_trainable], dtype=torch.int64, device=self.device)
+                dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+                most = int(counts[0])
+            self.trainable_params = (total_trainable, most)
+            spec = self.lora_spec
+            self.log(f"LoRA rank {spec.rank}, alpha {spec.alpha:g} (scaling {spec.scaling:g}) on "
+                     f"{', '.join(sorted(spec.targets))} in {len(spec.layers)} layers: trainable "
+                     f"{_millions(total_trainable)} of {_millions(total_params)} parameters "
+                     f"({100 * total_trainable / total_params:.3f}%), "
+                     f"{_millions(rank_trainable)} on rank {self.rank}, at most "
+                     f"{_millions(most)} per rank; frozen base in {frozen_dtype_name(self)}")
 
     def _load_initial_weights(self) -> None:
         ckpt = self.cfg.checkpoint
         if ckpt.initial_load_path:
-            CheckpointManager.load_model_only(ModelState(self.model_parts), ckpt.initial_load_path)
+            # A LoRA run loads the base: its adapters keep their initialisation.
+            base = (lambda name: not is_lora_name(name)) if self.lora_spec is not None else None
+            CheckpointManager.load_model_only(ModelState(self.model_parts, include=base),
+                                              ckpt.initial_load_path)
             self.log(f"initial weights from {ckpt.initial_load_path}")
         elif ckpt.initial_load_hf:
             for part in self.model_parts:
@@ -212,6 +237,7 @@ class Trainer:
             cfg.metrics, cfg.job.dump_folder, self.model_args, cfg.training.seq_len,
             self.global_batch * cfg.training.seq_len, self.world_size, self.device,
             is_writer=self.rank == 0, start_step=self.step,
+            trainable_params=self.trainable_params if self.lora_spec is not None else None,
             sinks=[WandbLogger(self._wandb, cfg, cfg.job.dump_folder)]
             if self._wandb is not None and self.rank == 0 else [])
 
@@ -377,6 +403,15 @@ class Trainer:
     def _moe_extras(self) -> dict:
         aux = [m.last_aux_loss for m in moe_layers(self.model) if m.last_aux_loss is not None]
         return {"aux_loss": float(torch.stack(aux).mean())} if aux else {}
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
+
+
+def frozen_dtype_name(trainer) -> str:
+    dtype = resolve_compute_dtype(trainer.model_args.compute_dtype, trainer.device)
+    return str(dtype).removeprefix("torch.")
 
 
 def read_scalars(*values: torch.Tensor | float, device: torch.device) -> list[float]:

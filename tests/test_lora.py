@@ -1,0 +1,169 @@
+"""LoRA on one process: config errors, the step-0 model equals the base, the delta's layout
+(merged weights reproduce the adapted model), grouped == loop experts (outputs and adapter
+gradients), frozen base (no gradients, no optimizer state, compute dtype), training moves only
+the adapters (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from runtime.errors import ConfigError
+from runtime.model import GptOssModel
+from runtime.model.args import FLAVORS
+from runtime.model.lora import apply_lora, merged_state_dict
+from runtime.model.lora_spec import adapter_shapes, is_lora_name
+from runtime.train.config import load_config
+from runtime.train.trainer import Trainer, main
+from tolerances import assert_close_to_scale
+
+TINY = ["--model.flavor=tiny", "--training.device=cpu"]
+
+
+def spec_of(*overrides: str):
+    return load_config(None, TINY + ["--lora.enable=true", *overrides]).lora_spec()
+
+
+def build(spec=None, dtype=torch.float32, seed=0, moe_impl="grouped", n_layers=2):
+    args = FLAVORS["tiny"].replace(n_layers=n_layers, moe_impl=moe_impl, load_balance_coeff=None)
+    with torch.device("meta"):
+        model = GptOssModel(args)
+    if spec is not None:
+        apply_lora(model, spec, dtype)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=seed)
+    return model
+
+
+# ------------------------------------------------------------------------- config
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--lora.targets=[\"q_proj\", \"gate_proj\"]"], "lora.targets unknown target 'gate_proj'"),
+    (["--lora.targets=[\"lm_head\"]"], "names a module LoRA does not adapt"),
+    (["--lora.targets=[\"mlp.router\"]"], "names a module LoRA does not adapt"),
+    (["--lora.targets=[\"experts\"]"], "names a module LoRA does not adapt"),
+    (["--lora.layers=0", "--lora.targets=[\"layers.1.attention.wq\"]"],
+     "matches no parameter in the selected layers 0"),
+    (["--lora.targets=[\"layers.7.self_attn.q_proj\"]"], "unknown target"),
+    (["--lora.targets=[]"], "must name at least one target"),
+    (["--lora.rank=0"], "lora.rank must be > 0"),
+    (["--lora.rank=-2"], "lora.rank must be > 0"),
+    (["--lora.dropout=0.1"], "lora.dropout 0.1 is not supported on expert targets"),
+    (["--lora.layers=0-5"], "lora.layers '0-5' is outside the model's layers 0-1"),
+    (["--lora.trainable_extra=[\"bias\"]"], "lora.trainable_extra entries must be in"),
+    (["--lora.export=peft"], "lora.export must be one of adapter, merged, both"),
+    (["--quantize.mode=float8"], "--lora.enable with --quantize.mode = 'float8' is not supported"),
+])
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        spec_of(*overrides)
+    assert message in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_targets_resolve_in_both_naming_schemes():
+    default = spec_of()
+    assert default.targets == {"wq", "wk", "wv", "wo", "mlp1", "mlp2"}
+    assert default.layers == (0, 1)
+    ours = spec_of('--lora.targets=["wq", "attention.wk", "mlp1", "experts.down_proj"]')
+    assert ours.targets == {"wq", "wk", "mlp1", "mlp2"}
+    assert spec_of('--lora.targets=["all-linear"]').targets == {"wq", "wk", "wv", "wo"}
+    one = spec_of('--lora.targets=["model.layers.1.self_attn.q_proj", "layers.0.moe.experts.mlp2"]')
+    assert one.pairs == {(1, "wq"), (0, "mlp2")}
+    assert spec_of("--lora.layers=1", '--lora.targets=["q_proj"]').pairs == {(1, "wq")}
+    assert spec_of("--lora.rank=4", "--lora.alpha=8").scaling == 2.0
+    assert spec_of("--lora.rank=4", "--lora.alpha=8", "--lora.use_rslora=true").scaling == 4.0
+    assert load_config(None, TINY).lora_spec() is None  # off by default
+
+
+def test_bad_target_is_one_line_exit_2_before_the_model(capsys, tmp_path):
+    code = main(TINY + [f"--job.dump_folder={tmp_path}", "--lora.enable=true",
+                        '--lora.targets=["gate_up"]'])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "lora.targets" in err and "'gate_up'" in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------------- model
+
+def test_step0_model_equals_the_base_exactly():
+    tokens = torch.randint(0, 8192, (2, 24), generator=torch.Generator().manual_seed(1))
+    for impl in ("grouped", "loop"):
+        base = build(moe_impl=impl).train()
+        adapted = build(spec_of("--lora.rank=4"), moe_impl=impl).train()
+        names = {n for n, _ in adapted.named_parameters()}
+        assert set(adapter_shapes(adapted.args, spec_of("--lora.rank=4"))) == \
+            {n for n in names if is_lora_name(n)}
+        assert torch.equal(base(tokens), adapted(tokens)), impl  # bitwise: B = 0
+        a = adapted.layers["0"].moe.experts.mlp1_lora_A
+        assert a.abs().max() <= 1 / math.sqrt(a.shape[-1]) and a.std() > 0  # PEFT's A init
+        # negative control: a non-zero B changes the output
+        with torch.no_grad():
+            adapted.layers["0"].attention.wq.lora_B.fill_(0.01)
+        assert not torch.equal(base(tokens), adapted(tokens))
+
+
+def _randomize_adapters(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_lora_name(name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_merged_weights_reproduce_the_adapted_model():
+    """W + scaling * B @ A in each weight's own orientation (dense and per expert)."""
+    spec = spec_of("--lora.rank=4", "--lora.alpha=12")
+    adapted = build(spec).eval()
+    _randomize_adapters(adapted)
+    plain = build().eval()
+    plain.load_state_dict(merged_state_dict(adapted.state_dict(), spec))
+    tokens = torch.randint(0, 8192, (2, 24), generator=torch.Generator().manual_seed(2))
+    ref, got = plain(tokens).double(), adapted(tokens).double()
+    assert_close_to_scale(got, ref, 1e-5, "adapted vs merged logits")
+    assert not torch.allclose(build().eval()(tokens).double(), ref, atol=1e-3)  # delta matters
+
+
+def test_grouped_experts_equal_the_loop_with_adapters():
+    """Outputs and every adapter gradient: the grouped-GEMM path against the per-expert loop."""
+    spec = spec_of("--lora.rank=4")
+    results = []
+    tokens = torch.randint(0, 8192, (2, 24), generator=torch.Generator().manual_seed(4))
+    for impl in ("grouped", "loop"):
+        model = build(spec, moe_impl=impl).train()
+        _randomize_adapters(model)
+        model(tokens).float().pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert all(not p.requires_grad for n, p in model.named_parameters() if not is_lora_name(n))
+        results.append(grads)
+    assert results[0].keys() == results[1].keys() and len(results[0]) == 2 * (4 + 2) * 2
+    for name in results[0]:
+        assert_close_to_scale(results[0][name], results[1][name], 1e-5, name)
+        assert results[0][name].abs().max() > 0, name
+
+
+def test_frozen_base_in_the_compute_dtype_no_grads_no_optimizer_state(tmp_path):
+    trainer = Trainer(load_config(None, TINY + [
+        f"--job.dump_folder={tmp_path}", "--lora.enable=true", "--lora.rank=4",
+        "--model.compute_dtype=bfloat16", "--training.steps=2", "--training.seq_len=32",
+        "--training.local_batch_size=2", "--metrics.enable_jsonl=false",
+        '--lora.trainable_extra=["sinks"]']))
+    params = dict(trainer.model.named_parameters())
+    adapters = {n for n in params if is_lora_name(n)}
+    sinks = {n for n in params if n.endswith("attention.sinks")}
+    for name, p in params.items():
+        trainable = name in adapters or name in sinks
+        assert p.requires_grad == trainable, name
+        assert p.dtype == (torch.float32 if trainable else torch.bfloat16), name
+    before = {n: p.detach().clone() for n, p in params.items()}
+    assert trainer.run() == 0
+    state = trainer.optimizer.state
+    assert {id(p) for p in state} == {id(params[n]) for n in adapters | sinks}
+    assert all(p.grad is None for p in params.values())
+    for name, p in params.items():
+        moved = not torch.equal(before[name], p.detach())
+        assert moved == (name in adapters or name in sinks) or name.endswith("lora_A"), name
+    assert trainer.trainable_params[0] == sum(params[n].numel() for n in adapters | sinks)
