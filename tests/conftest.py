@@ -49,3 +49,12 @@ def reference_run(seeded_overrides) -> Callable[..., dict]:
         return cache[key]
 
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """scripts/test.sh runs the suite on 2 pytest-xdist workers (--dist loadgroup): the tests of
+    one xdist_group run on one worker, one after the other. The Slurm tests share the machine's
+    one local slurmctld (its session fixture starts and stops it), so they form one group."""
+    for item in items:
+        if item.get_closest_marker("slurm") or "slurm_cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
