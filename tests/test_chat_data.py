@@ -77,20 +77,75 @@ def test_windows_hold_whole_conversations_with_masked_labels(tmp_path, tok, loss
         assert (got_labels[:-1] == want).all() and got_labels[-1] == IGNORE_INDEX
 
 
-def test_overflow_truncate_and_drop(tmp_path, tok):
-    short, long = CONVERSATIONS["single_turn"], CONVERSATIONS["tool_call"]
-    path = _write(tmp_path, [short, long, short])
-    S = len(_encoded(tok, short)[0]) + 5
-    assert len(_encoded(tok, long)[0]) > S
-    cut = build_dataloader(_cfg(path), tok, S, 3)
-    batch = next(cut)
-    assert cut.stream.overflow_counts == {"truncated": 1, "dropped": 0}
-    assert batch["tokens"][1].tolist() == _encoded(tok, long)[0][:S]  # its first S tokens
-    dropped = build_dataloader(_cfg(path, chat_overflow="drop"), tok, S, 2)
+def _cut(record, start):
+    messages = record["messages"]
+    head = messages[:1] if messages[0]["role"] in ("system", "developer") else []
+    return {**record, "messages": head + messages[start:]}
+
+
+def test_overflow_cut_turns_truncate_and_drop(tmp_path, tok):
+    short, long, multi = (CONVERSATIONS[k] for k in ("single_turn", "tool_call", "multi_turn"))
+    last_turn = _cut(multi, 3)  # the developer message and the last user turn
+    path = _write(tmp_path, [short, long, multi, short])
+    S = len(_encoded(tok, last_turn)[0]) + 2
+    assert len(_encoded(tok, long)[0]) > S and len(_encoded(tok, multi)[0]) > S
+
+    def first_docs(loader, n):
+        batch = next(loader)
+        docs = []
+        for row in range(batch["tokens"].shape[0]):
+            ids, tokens = batch["document_ids"][row], batch["tokens"][row]
+            docs += [tokens[ids == d].tolist() for d in ids.unique()
+                     if tokens[ids == d][0] != tok.pad_id]
+        return docs[:n]
+
+    # cut_turns (default): the multi-turn conversation keeps its last turn and developer
+    # message; the one-turn tool conversation cannot be cut: dropped, never trained as prompt
+    cut = build_dataloader(_cfg(path, tokenize_batch_docs=1), tok, S, 3)
+    docs = first_docs(cut, 3)
+    assert docs == [_encoded(tok, short)[0], _encoded(tok, last_turn)[0], _encoded(tok, short)[0]]
+    assert cut.stream.overflow_counts == {"truncated": 1, "dropped": 1}
+    state = cut.state_dict()
+    assert (state["chat_seen"], state["chat_truncated"], state["chat_dropped"]) == (4, 1, 1)
+    # truncate: the tool conversation's first S tokens hold no trained token: dropped too;
+    # with loss_on = "all" its start trains, so it is kept, cut at S
+    trunc = build_dataloader(_cfg(path, chat_overflow="truncate", tokenize_batch_docs=1), tok, S, 3)
+    assert first_docs(trunc, 2)[1] == _encoded(tok, multi)[0][:S]
+    assert trunc.stream.overflow_counts == {"truncated": 1, "dropped": 1}
+    kept = build_dataloader(_cfg(path, chat_overflow="truncate", loss_on="all",
+                                 tokenize_batch_docs=1), tok, S, 3)
+    assert first_docs(kept, 2)[1] == _encoded(tok, long)[0][:S]
+    dropped = build_dataloader(_cfg(path, chat_overflow="drop", tokenize_batch_docs=1), tok, S, 2)
     batch = next(dropped)
-    assert dropped.stream.overflow_counts["dropped"] == 1
+    assert dropped.stream.overflow_counts == {"truncated": 0, "dropped": 2}
     assert batch["tokens"][0].tolist() == batch["tokens"][1].tolist()  # short, short
-    assert dropped.state_dict()["chat_dropped"] == 1
+    stats = dropped.stats()
+    assert stats["chat_dropped"] == 2 and stats["chat_dropped_share"] == 0.5
+    assert 0 < stats["padding_share"] < 1
+
+
+@pytest.mark.parametrize("overflow", ["drop", "truncate", "cut_turns"])
+def test_all_dropped_is_one_error_not_a_hang(tmp_path, tok, overflow):
+    long = CONVERSATIONS["tool_call"]
+    path = _write(tmp_path, [long] * 3)
+    loader = build_dataloader(_cfg(path, chat_overflow=overflow, max_dropped_fraction=1.0),
+                              tok, 64, 1)
+    with pytest.raises(DataError, match=r"every conversation of .* is dropped \(3 in one epoch: "
+                       r"3 longer than training.seq_len = 64 .*the longest has \d+ tokens"):
+        next(loader)
+
+
+def test_max_dropped_fraction(tmp_path, tok):
+    short, long = CONVERSATIONS["single_turn"], CONVERSATIONS["tool_call"]
+    S = len(_encoded(tok, short)[0]) + 5
+    path = _write(tmp_path, [short, long, long, short, long])  # 3 of 5 dropped
+    with pytest.raises(DataError, match=r"3 of 5 conversations .* dropped \(60%\), more than "
+                                        r"data.max_dropped_fraction = 0.5"):
+        for _ in range(4):
+            next(build_dataloader(_cfg(path), tok, S, 2))
+    loader = build_dataloader(_cfg(path, max_dropped_fraction=0.7), tok, S, 2)
+    for _ in range(4):
+        next(loader)  # under the limit: trains on the short ones
 
 
 def test_resume_is_exact_and_dp_slices_match(tmp_path, tok):

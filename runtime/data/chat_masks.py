@@ -12,6 +12,9 @@ tokens are trained; every other token is context (IGNORE_INDEX in the labels).
   "last_assistant" (default)  the last assistant turn (the gpt-oss template renders the
                               thinking of that turn only, so earlier turns are not what
                               the model saw at inference)
+  "last_user_turn"            every assistant turn after the last user message: tool calls
+                              (with the analysis the template keeps for them) and the final
+                              answer, i.e. all the model generated to answer that message
   "all_assistant"             every assistant turn
   "all"                       every token after the first
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LOSS_ON = ("last_assistant", "all_assistant", "all")
+LOSS_ON = ("last_assistant", "last_user_turn", "all_assistant", "all")
 ASSISTANT = "assistant"
 
 
@@ -76,6 +79,15 @@ def _role_length(header: list[int], decode) -> int | None:
     return None
 
 
+def last_user_stop(ids, decode, hid: HarmonyIds) -> int:
+    """Index of the stop token of the last user message (-1 without one)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    for start, header_end, stop in reversed(_messages(ids, hid)):
+        if decode(ids[start + 1: header_end].tolist()).strip() == "user":
+            return stop
+    return -1
+
+
 def assistant_turns(ids, decode, hid: HarmonyIds) -> list[tuple[int, int]]:
     """[first, last] token indices (inclusive) generated in each assistant turn."""
     ids = np.asarray(ids, dtype=np.int64)
@@ -106,6 +118,9 @@ def trained_tokens(ids, decode, hid: HarmonyIds, loss_on: str = "last_assistant"
     turns = assistant_turns(ids, decode, hid)
     if loss_on == "last_assistant":
         turns = turns[-1:]
+    elif loss_on == "last_user_turn":
+        after = last_user_stop(ids, decode, hid)
+        turns = [(first, last) for first, last in turns if first > after]
     for first, last in turns:
         mask[first: last + 1] = True
     return mask

@@ -16,6 +16,7 @@ and the built-in renderer see identical messages.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -32,6 +33,19 @@ class Conversation:
     messages: list[dict]
     tools: list[dict] | None = None
     reasoning_effort: str | None = None
+
+    def turn_starts(self) -> list[int]:
+        """Where later turns start: the index of every user message but the first one of
+        the conversation's body (after a leading system/developer message)."""
+        body = 1 if self.messages and self.messages[0]["role"] in ("system", "developer") else 0
+        return [i for i, m in enumerate(self.messages)
+                if m["role"] == "user" and i > body]
+
+    def from_turn(self, start: int) -> "Conversation":
+        """The conversation without messages[body:start] (whole earlier turns cut from the
+        left): the system/developer message, tools and effort stay."""
+        head = self.messages[:1] if self.messages[0]["role"] in ("system", "developer") else []
+        return dataclasses.replace(self, messages=head + self.messages[start:])
 
 
 def _tool_call(call, where: str) -> dict:

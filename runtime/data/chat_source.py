@@ -6,7 +6,9 @@ chat sample) rendered, tokenized and masked into Documents packed one per window
     dataset_path = "chats/*.jsonl"   # files/dirs/globs; or hf_dataset = "org/name"; neither:
                                      # the embedded chat sample (runtime/assets/chat_sample)
     loss_on = "last_assistant"       # | "all_assistant" | "all"   (runtime.data.chat_masks)
-    chat_overflow = "truncate"       # | "drop": conversations longer than seq_len
+    chat_overflow = "cut_turns"      # | "truncate" | "drop": conversations longer than seq_len
+    max_dropped_fraction = 0.5       # more dropped conversations than this: stop (exit 2)
+    pack = "sequential"              # | "best_fit" within pack_buffer documents
     chat_template = ""               # a .jinja file; "" = the tokenizer dir's, else built-in
     chat_date = ""                   # "Current date" of the system message; "" = today
 
@@ -70,6 +72,21 @@ class ChatEncoder:
         except ChatTemplateError as e:
             raise DataError(f"{self.renderer.source}: {e}") from None
 
+    def shorten(self, conversation: Conversation, max_tokens: int) -> Document | None:
+        """The conversation with the fewest earlier turns cut (whole turns from the left, the
+        system/developer message kept) whose tokens fit in `max_tokens`; None when even its
+        last turn alone does not fit. A binary search: a few renders per conversation."""
+        starts = conversation.turn_starts()
+        lo, hi, best = 0, len(starts) - 1, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            doc = self([conversation.from_turn(starts[mid])])[0]
+            if len(doc.tokens) <= max_tokens:
+                best, hi = doc, mid - 1
+            else:
+                lo = mid + 1
+        return best
+
     def __call__(self, conversations: list[Conversation]) -> list[Document]:
         texts = [self.render(c) for c in conversations]
         docs = []
@@ -100,10 +117,15 @@ class _ChatMixin:
         return ChatEncoder(tokenizer, renderer, data_option(self.data_cfg, "loss_on"))
 
     def packer(self, tokenizer, encode, seq_len: int, batch_docs: int,
-               items=None) -> WholeDocumentStream:
-        return WholeDocumentStream(items or self.stream, encode, seq_len, pad_id=tokenizer.pad_id,
-                                   overflow=data_option(self.data_cfg, "chat_overflow"),
-                                   batch_docs=batch_docs)
+               items=None, name: str | None = None) -> WholeDocumentStream:
+        cfg = self.data_cfg
+        return WholeDocumentStream(
+            items or self.stream, encode, seq_len, pad_id=tokenizer.pad_id,
+            overflow=data_option(cfg, "chat_overflow"), batch_docs=batch_docs,
+            shorten=getattr(encode, "shorten", None),
+            max_dropped_fraction=data_option(cfg, "max_dropped_fraction"),
+            pack=data_option(cfg, "pack"), pack_buffer=data_option(cfg, "pack_buffer"),
+            name=name or self.name)
 
 
 class ChatFileSource(_ChatMixin, FileSource):

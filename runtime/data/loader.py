@@ -120,6 +120,21 @@ class ParallelAwareDataLoader:
         """Epoch of the next token to be read."""
         return self._stream_state()["epoch"]
 
+    def stats(self) -> dict:
+        """Running statistics of the batches handed out, for the step log: chat conversations
+        cut and dropped (counts and shares of those seen) and the padding share of the
+        windows. Empty for text (no padding, nothing dropped)."""
+        state = self._stream_state()
+        seen, windows = state.get("chat_seen", 0), state.get("chat_window_tokens", 0)
+        out = {}
+        if seen:
+            out = {"chat_truncated": state["chat_truncated"], "chat_dropped": state["chat_dropped"],
+                   "chat_cut_share": state["chat_truncated"] / seen,
+                   "chat_dropped_share": state["chat_dropped"] / seen}
+        if windows:
+            out["padding_share"] = state["chat_padding_tokens"] / windows
+        return out
+
     def state_dict(self) -> dict:
         """JSON-serializable and identical on every rank."""
         return {

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 DATASETS = ("embedded", "path", "hf", "chat", "prepared")
-LOSS_ON = ("last_assistant", "all_assistant", "all")
-CHAT_OVERFLOW = ("truncate", "drop")
+LOSS_ON = ("last_assistant", "last_user_turn", "all_assistant", "all")
+CHAT_OVERFLOW = ("cut_turns", "truncate", "drop")
+PACKING = ("sequential", "best_fit")
 
 
 def _key(default, *, choices=None, check: Callable | None = None, help: str = ""):
@@ -34,6 +35,10 @@ def _non_negative(v):
 
 def _positive(v):
     return None if v > 0 else "must be > 0"
+
+
+def _fraction(v):
+    return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
 
 
 def _date_or_empty(v):
@@ -71,8 +76,20 @@ class DataConfig:
     # chat data (dataset = "chat"; runtime.data.chat_source)
     loss_on: str = _key("last_assistant", choices=LOSS_ON,
                         help="chat: which tokens are trained (the rest are IGNORE_INDEX)")
-    chat_overflow: str = _key("truncate", choices=CHAT_OVERFLOW,
-                              help="chat: a conversation longer than training.seq_len")
+    chat_overflow: str = _key("cut_turns", choices=CHAT_OVERFLOW,
+                              help="chat: a conversation longer than training.seq_len: earlier "
+                                   "turns cut from the left (system/developer kept) | its "
+                                   "first seq_len tokens | dropped; one that would train no "
+                                   "token is always dropped")
+    max_dropped_fraction: float = _key(0.5, check=_fraction,
+                                       help="chat: stop (exit 2) when more than this share of "
+                                            "the conversations seen is dropped (checked from "
+                                            "100 seen or one epoch); 1 = never")
+    pack: str = _key("sequential", choices=PACKING,
+                     help="chat: windows filled in order, or best fit (the longest that fits "
+                          "among the next pack_buffer conversations)")
+    pack_buffer: int = _key(64, check=_positive,
+                            help="chat, pack = 'best_fit': conversations looked ahead")
     chat_template: str = _key("", help="chat: a .jinja template file; '' = the tokenizer dir's "
                                        "chat template, else the built-in harmony renderer")
     chat_date: str = _key("", check=_date_or_empty,

@@ -73,10 +73,11 @@ class DocumentSource:
         """Items -> Documents (batched): text is [BOS] tokens [EOS], every token trained."""
         return TextEncoder(tokenizer)
 
-    def packer(self, tokenizer, encode, seq_len: int, batch_docs: int, items=None):
+    def packer(self, tokenizer, encode, seq_len: int, batch_docs: int, items=None, name=None):
         """The stream that packs this source's Documents into windows: one token stream cut
         into seq_len windows (text); a chat source keeps each conversation whole. `items`
-        replaces `self.stream` (a wrapper such as a held-out split filters it)."""
+        replaces `self.stream` and `name` the source's name in messages (a wrapper such as a
+        held-out split filters it)."""
         return PackedStream(items or self.stream, encode, seq_len, batch_docs)
 
     def stream(self, cursor: Cursor = (0, 0, 0)) -> Iterator[tuple[Cursor, object]]:

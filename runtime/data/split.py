@@ -54,5 +54,6 @@ class HeldOutSplit(DocumentSource):
     def encoder(self, tokenizer):
         return self.base.encoder(tokenizer)
 
-    def packer(self, tokenizer, encode, seq_len: int, batch_docs: int, items=None):
-        return self.base.packer(tokenizer, encode, seq_len, batch_docs, items or self.stream)
+    def packer(self, tokenizer, encode, seq_len: int, batch_docs: int, items=None, name=None):
+        return self.base.packer(tokenizer, encode, seq_len, batch_docs, items or self.stream,
+                                name=name or self.name)

@@ -1,5 +1,6 @@
 """Graceful stops on signals (scancel, the Slurm time limit, Ctrl-C), and non-finite losses or
-gradient norms (stop, or skip the step up to training.max_skipped_steps times).
+gradient norms (stop, or skip the step up to training.max_skipped_steps times; a step with no
+trained token is skipped and counted the same way).
 
 What each signal means (the contract the launchers in slurm/ and submit.py rely on):
 
@@ -16,6 +17,7 @@ What each signal means (the contract the launchers in slurm/ and submit.py rely 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -30,6 +32,10 @@ from runtime.errors import EXIT_REQUEUE
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class StopWhileWaiting(Exception):
+    """A stop signal arrived while the trainer waited for data (StopSignal.interrupting)."""
 
 
 class StopSignal:
@@ -54,6 +60,7 @@ class StopSignal:
         self.agreed: int | None = None  # the strongest signal any rank got (after should_stop)
         self._first_sigint: float | None = None
         self._previous = {}
+        self._interrupting = False
 
     def install(self) -> "StopSignal":
         for sig in self.SIGNALS:
@@ -78,6 +85,31 @@ class StopSignal:
                       "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
         if self.received is None or self._strength(signum) > self._strength(self.received):
             self.received = signum
+        if self._interrupting:  # waiting for data: stop now, a step may never complete
+            self._interrupting = False
+            raise StopWhileWaiting(signum)
+
+    @contextlib.contextmanager
+    def interrupting(self):
+        """While inside (the trainer waiting for the next batch), a stop signal raises
+        StopWhileWaiting at once, from the main thread: a stop never depends on data
+        arriving (a slow or stuck source, a queue that never fills)."""
+        if self.received is not None:  # arrived after the last step's check
+            raise StopWhileWaiting(self.received)
+        self._interrupting = True
+        try:
+            yield
+        finally:
+            self._interrupting = False
+
+    def stopped_waiting(self, step: int, checkpoint_enabled: bool) -> tuple[int, str]:
+        """(exit code, log line) after StopWhileWaiting: no collective (other ranks may be
+        anywhere) and no save; the last complete checkpoint stays the latest."""
+        self.agreed = self.received
+        code = self.exit_code(checkpoint_saved=checkpoint_enabled)
+        name = signal.Signals(self.agreed).name
+        return code, (f"{name} while waiting for the data of step {step}: stopped without "
+                      f"saving (the last checkpoint stays the latest); exit {code}")
 
     @classmethod
     def _strength(cls, signum: int | None) -> int:
@@ -124,12 +156,12 @@ def check_finite(value: float, step: int, policy: str, quantity: str = "loss") -
         f"(set training.on_nonfinite='skip' to skip such steps)")
 
 
-def count_skipped_step(skipped: int, limit: int, step: int, quantity: str, value: float) -> str:
-    """After a skipped step (`skipped` so far, this one included): the line to log, or
-    NonFiniteLossError once more than `limit` steps were skipped."""
+def count_skipped_step(skipped: int, limit: int, step: int, reason: str) -> str:
+    """After a skipped step (`skipped` so far, this one included; `reason` such as
+    "non-finite loss nan"): the line to log, or NonFiniteLossError once more than `limit`
+    steps were skipped."""
     if skipped > limit:
         raise NonFiniteLossError(
-            f"non-finite {quantity} {value} at step {step}: {skipped} steps skipped, more than "
+            f"{reason} at step {step}: {skipped} steps skipped, more than "
             f"training.max_skipped_steps ({limit}); the run stops (the last checkpoint is intact)")
-    return (f"step {step}: non-finite {quantity} {value}, step skipped "
-            f"({skipped} of at most {limit})")
+    return f"step {step}: {reason}, step skipped ({skipped} of at most {limit})"

@@ -220,17 +220,18 @@ def _count(n: int) -> str:
 
 def _data_suffix(r: dict, tokens_per_step: int) -> str:
     """Step-line tail for loss-masked data: trained tokens (when not every token is), chat
-    conversations cut or dropped, validation loss."""
+    conversations cut or dropped so far (share of those seen), padding, validation loss."""
     out = ""
     if "trainable_params" in r:
         out += (f" | trainable {_count(r['trainable_params'])} "
                 f"({_count(r['trainable_params_per_rank'])}/rank)")
     if r.get("trained_tokens") is not None and r["trained_tokens"] != tokens_per_step:
         out += f" | trained {r['trained_tokens']:,}"
-    cut = r.get("chat_truncated", 0) + r.get("chat_dropped", 0)
-    if cut:
-        out += f" | chats cut {r.get('chat_truncated', 0)} dropped {r.get('chat_dropped', 0)}"
+    if r.get("chat_truncated") or r.get("chat_dropped"):
+        out += (f" | chats cut {r['chat_truncated']} ({100 * r['chat_cut_share']:.1f}%) dropped "
+                f"{r['chat_dropped']} ({100 * r['chat_dropped_share']:.1f}%)")
+    if r.get("padding_share") is not None:
+        out += f" | padding {100 * r['padding_share']:.1f}%"
     if "validation_loss" in r:
         out += f" | val_loss {r['validation_loss']:.4f} ({r['validation_tokens']:,} tok)"
     return out
-

@@ -40,7 +40,8 @@ from runtime.parallel.quantize import after_optimizer_step
 from runtime.train.checkpoint import (CheckpointManager, ModelState, OptimizerState, TrainState,
                                       check_model_early, lock_dump_folder)
 from runtime.train.config import JobConfig, build_parser, parse_args, validate_job
-from runtime.train.faults import NonFiniteLossError, StopSignal, check_finite, count_skipped_step
+from runtime.train.faults import (NonFiniteLossError, StopSignal, StopWhileWaiting, check_finite,
+                                  count_skipped_step)
 from runtime.train.metrics import MetricsLogger
 from runtime.train.optim import build_lr_scheduler, build_optimizer
 from runtime.train.handback import check_export_target, save_last_in_hf
@@ -67,7 +68,8 @@ class Trainer:
         self.tokens_seen = 0
         self.last_trained_tokens = 0
         self._wandb = require_wandb(cfg.metrics)  # not installed: a config error, nothing built
-        self.skipped_steps = 0  # non-finite steps skipped over the run (checkpointed)
+        self.skipped_steps = 0  # non-finite or untrained steps skipped over the run (checkpointed)
+        self.abandoned = False  # stopped while waiting for data: leave without collectives
         self._init_distributed()
         # One job per dump folder (dump_lock.py), before anything is read, built or written.
         self.dump_lock = lock_dump_folder(cfg.job.dump_folder, self.log)
@@ -283,6 +285,9 @@ class Trainer:
         # max(., 1): a step whose every label is masked trains nothing instead of dividing by 0.
         loss_scale = self.dims.dp * self.dims.cp / max(global_tokens, 1)
         micro_batches = split_microbatches(batch, self.grad_accum)
+        self.last_trained_tokens = global_tokens
+        if global_tokens == 0:  # nothing to learn: optimizer_step skips the step (same on all ranks)
+            return float("nan"), 0.0
         loss_sum = torch.zeros((), device=self.device)
         for i, micro in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -290,7 +295,6 @@ class Trainer:
         loss_sum = self.runner.share_loss(loss_sum)
         if self._token_group() is not None:
             dist.all_reduce(loss_sum, group=self._token_group())
-        self.last_trained_tokens = global_tokens
         loss, grad_norm = read_scalars(loss_sum / max(global_tokens, 1), self.clip_grad_norm_(),
                                        device=self.device)
         return loss, grad_norm
@@ -320,6 +324,12 @@ class Trainer:
         Returns (loss, grad_norm, lr used)."""
         policy = self.cfg.training.on_nonfinite
         loss, grad_norm = self.train_step(batch)
+        self.tokens_seen += self.global_batch * self.cfg.training.seq_len
+        if self.last_trained_tokens == 0:  # no decay, no schedule advance, no bias update
+            self.skipped_steps += 1
+            self.log(count_skipped_step(self.skipped_steps, self.cfg.training.max_skipped_steps,
+                                        self.step, "no trained token in the global batch"))
+            return loss, grad_norm, self.lr_scheduler.get_last_lr()[0]
         if check_finite(loss, self.step, policy, "loss") and \
                 check_finite(grad_norm, self.step, policy, "grad norm"):
             self.optimizer.step()
@@ -328,12 +338,11 @@ class Trainer:
             self.skipped_steps += 1
             quantity, value = ("loss", loss) if not math.isfinite(loss) else ("grad norm", grad_norm)
             self.log(count_skipped_step(self.skipped_steps, self.cfg.training.max_skipped_steps,
-                                        self.step, quantity, value))
+                                        self.step, f"non-finite {quantity} {value}"))
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
         update_expert_bias(self.model, self._routing_group())  # every stage's layers
-        self.tokens_seen += self.global_batch * self.cfg.training.seq_len
         return loss, grad_norm, lr
 
     # ------------------------------------------------------------------ the loop
@@ -353,8 +362,16 @@ class Trainer:
             if cfg.checkpoint.enable and self.step < last_step:
                 self.checkpointer.check_space()  # a still-full disk: stop before training
             while self.step < last_step:
+                try:
+                    with stop.interrupting():  # a stop never waits for data
+                        batch = next(data)
+                except StopWhileWaiting:
+                    code, line = stop.stopped_waiting(self.step + 1, cfg.checkpoint.enable)
+                    self.log(line)
+                    self.abandoned = True
+                    return code
                 self.step += 1
-                loss, grad_norm, lr = self.optimizer_step(next(data))
+                loss, grad_norm, lr = self.optimizer_step(batch)
                 extras = {**self._moe_extras(), **self._data_extras()}
                 validate = self.validator is not None and self.validator.due(self.step, last_step)
                 if validate:
@@ -392,13 +409,10 @@ class Trainer:
                     self.dump_lock.release()
 
     def _data_extras(self) -> dict:
-        """Trained tokens of the step (loss-masked data) and chat conversations cut or dropped
-        so far (from the loader state: right also when batches are prefetched)."""
-        out = {"trained_tokens": self.last_trained_tokens}
-        if self.cfg.data.dataset == "chat":
-            state = self.dataloader.state_dict()
-            out.update({k: state[k] for k in ("chat_truncated", "chat_dropped") if k in state})
-        return out
+        """Trained tokens of the step (loss-masked data); chat conversations cut or dropped so
+        far and the padding share (the loader's running statistics: right also when batches
+        are prefetched)."""
+        return {"trained_tokens": self.last_trained_tokens, **self.dataloader.stats()}
 
     def _moe_extras(self) -> dict:
         aux = [m.last_aux_loss for m in moe_layers(self.model) if m.last_aux_loss is not None]
@@ -446,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     trainer.log(f"finished at step {trainer.step} in {time.perf_counter() - start:.1f}s (exit {code})")
-    if dist.is_initialized():
+    if dist.is_initialized() and not trainer.abandoned:
         dist.barrier()
         dist.destroy_process_group()
     return code
