@@ -58,12 +58,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.errors import EXIT_CONFIG_ERROR, EXIT_OK, ConfigError, report_config_error
+from runtime import fake_cuda
+from runtime.errors import EXIT_CONFIG_ERROR, EXIT_OK, ConfigError, one_line, report_config_error
 from runtime.model.args import ModelArgs
 from runtime.parallel.dims import ParallelDims, pipeline_num_stages
 from runtime.train.config import JobConfig, build_parser, parse_args, validate_job
 
 EXIT_DOES_NOT_FIT = 1  # valid config and mesh, but the estimate exceeds --gpu-memory-gib
+EXIT_TRACE_FAILED = 3  # --trace: the traced training step failed (a bug: the line names where)
 
 DEFAULT_GPU_MEMORY_GIB = 80.0  # H100 80GB
 RESERVE_GIB = 2.0
@@ -451,7 +453,53 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-memory-gib", type=float, default=DEFAULT_GPU_MEMORY_GIB,
                         metavar="G",
                         help=f"memory per GPU (default {DEFAULT_GPU_MEMORY_GIB:g}: H100)")
+    trace = parser.add_argument_group("dry run (runtime/dry_run.py)")
+    trace.add_argument("--trace", action="store_true",
+                       help="also run the real training step of one rank on fake CUDA tensors "
+                            "and compare its memory peak with the plan")
+    trace.add_argument("--steps", type=int, default=2, metavar="S",
+                       help="traced optimizer steps (default 2: the second has optimizer state)")
+    trace.add_argument("--rank", type=int, default=None, metavar="R",
+                       help="the traced rank (default: the rank with the largest plan)")
+    trace.add_argument("--imbalance", type=float, default=1.0, metavar="F",
+                       help="routed rows of the busiest EP rank / the mean (default 1.0: "
+                            "balanced)")
     return parser
+
+
+def _check_trace_args(ns) -> None:
+    if ns.steps < 1:
+        raise ConfigError(f"command line: --steps must be >= 1, got {ns.steps}")
+    if ns.rank is not None and not 0 <= ns.rank < ns.world_size:
+        raise ConfigError(f"command line: --rank must be in [0, {ns.world_size}), got {ns.rank}")
+    if not ns.imbalance >= 1.0:
+        raise ConfigError(f"command line: --imbalance must be >= 1 (busiest / mean), "
+                          f"got {ns.imbalance}")
+
+
+def _traced_rank(plan: MemoryPlan) -> int:
+    """The first rank of the worst pipeline rank's share (pp is the outermost mesh dim); rank 0
+    without PP (FSDP gives it the ceil of every uneven shard)."""
+    if plan.dims.pp == 1:
+        return 0
+    pp_rank = int(plan.rank.split()[2].rstrip(":"))
+    return pp_rank * (plan.world_size // plan.dims.pp)
+
+
+def run_trace(plan: MemoryPlan, cfg: JobConfig, ns) -> int:
+    """The dry run of one rank; prints its report (last line: trace: peak, plan, ratio)."""
+    from runtime.dry_run import DryRunError, format_trace, trace
+
+    rank = _traced_rank(plan) if ns.rank is None else ns.rank
+    try:
+        result = trace(cfg, plan.dims, plan.model_args, rank=rank, steps=ns.steps,
+                       imbalance=ns.imbalance)
+    except DryRunError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        return EXIT_TRACE_FAILED
+    modelled = plan.total_bytes - sum(x.bytes for x in plan.lines if x.label == "reserve")
+    print("\n".join(format_trace(result, modelled)), flush=True)
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,6 +516,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # ParallelismError included
         return report_config_error(e)
     config_name = ns.config or "(defaults)"
+    if ns.trace:
+        try:
+            _check_trace_args(ns)
+            fake_cuda.install()  # before torch is imported (runtime/fake_cuda.py)
+        except ConfigError as e:
+            return report_config_error(e)
+        except fake_cuda.FakeCudaError as e:
+            print(f"error: dry run: {one_line(e)}", file=sys.stderr, flush=True)
+            return EXIT_TRACE_FAILED
     if ns.check_only:
         print(f"ok: {config_name}: mesh valid for {_ranks(ns.world_size)}: "
               f"{dims.describe().split(': ', 1)[1]}",
@@ -479,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # ConfigError, or a parallel pass refusing this model/mesh
         return report_config_error(e if isinstance(e, ConfigError) else f"parallel plan: {e}")
     print(format_plan(plan, cfg), flush=True)
+    if ns.trace:
+        return run_trace(plan, cfg, ns)
     if not plan.fits:
         big = sorted(plan.lines, key=lambda x: -x.bytes)[:3]
         parts = ", ".join(f"{x.label} {x.bytes / GIB:.1f}" for x in big)

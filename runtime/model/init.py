@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.tensor import DTensor
 # Public since torch 2.x as a private helper only: maps (global shape, mesh, placements) to this
 # rank's shard shape and offset, strided (FSDP over TP/EP) shards included; 2.11 - 2.13 agree.
@@ -96,6 +97,10 @@ def _draw(param: torch.Tensor, fill: Fill) -> None:
         raise RuntimeError("seeded_init: a parameter outside the initialised module was drawn")
     local, offset = _local_shard(param)
     if local.numel() == 0:  # uneven sharding can leave a rank without rows
+        return
+    if isinstance(local, FakeTensor):
+        # The dry run (runtime/dry_run.py): shapes without values, nothing to draw (and a
+        # fake CUDA device has no generator); the shard and its offset were still checked.
         return
     columns = tuple(slice(o, o + n) for o, n in zip(offset[1:], local.shape[1:]))
     _fill_rows(local, tuple(param.shape), offset[0], columns, name, scope.seed, fill)

@@ -51,9 +51,7 @@ class ExpertParallel:
         send_counts = counts.view(self.size, -1)  # [ep, E_local]
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.group)
-        # The one host sync of the layer: the row all-to-alls need their split sizes on the
-        # host. Both directions in one transfer; the backward all-to-alls reuse them.
-        input_splits, output_splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()
+        input_splits, output_splits = split_sizes(send_counts, recv_counts, rows.shape[0])
         received = self._all_to_all(rows.contiguous(), output_splits, input_splits)  # [M, D]
         received = self._sync(received, "after_dispatch")
 
@@ -67,6 +65,16 @@ class ExpertParallel:
         restored = self._sync(restored, "before_combine")
         combined = self._all_to_all(restored, input_splits, output_splits)
         return self._sync(combined, "after_combine")
+
+
+def split_sizes(send_counts: torch.Tensor, recv_counts: torch.Tensor,
+                num_rows: int) -> list[list[int]]:
+    """[rows sent to each rank, rows received from each rank] as host integers: the one host
+    sync of the layer (the row all-to-alls need their split sizes on the host). Both
+    directions in one transfer; the backward all-to-alls reuse them. Looked up at call time:
+    the CPU dry run (runtime/dry_run.py) has no values to read and swaps in balanced routing
+    of the `num_rows` routed rows."""
+    return torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()
 
 
 class _AllToAllLazyGrad(torch.autograd.Function):
