@@ -252,6 +252,7 @@ def _build_trainer(cfg, dims, model_args, rank: int, device):
     t = Trainer.__new__(Trainer)
     t.cfg, t.model_args, t.dims, t.device = cfg, model_args, dims, device
     t.world_size, t.rank, t.local_rank = dims.world_size, rank, 0
+    t.lora_spec = cfg.lora_spec()  # as Trainer.__init__ (None without [lora] enable)
     t.step = t.tokens_seen = t.last_trained_tokens = t.skipped_steps = 0
     t.grad_accum = cfg.training.gradient_accumulation_steps(dims.dp)
     t.global_batch = cfg.training.local_batch_size * dims.dp * t.grad_accum
