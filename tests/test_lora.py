@@ -54,6 +54,10 @@ def build(spec=None, dtype=torch.float32, seed=0, moe_impl="grouped", n_layers=2
     (["--lora.layers=0-5"], "lora.layers '0-5' is outside the model's layers 0-1"),
     (["--lora.trainable_extra=[\"bias\"]"], "lora.trainable_extra entries must be in"),
     (["--lora.export=peft"], "lora.export must be one of adapter, merged, both"),
+    (["--parallelism.tensor_parallel_degree=2"],
+     "--lora.enable with --parallelism.tensor_parallel_degree > 1 is not supported yet"),
+    (["--parallelism.expert_parallel_degree=2"],
+     "--lora.enable with --parallelism.expert_parallel_degree > 1 is not supported yet"),
     (["--quantize.mode=float8"], "--lora.enable with --quantize.mode = 'float8' is not supported"),
 ])
 def test_config_errors_name_the_key(overrides, message):
@@ -167,3 +171,22 @@ def test_frozen_base_in_the_compute_dtype_no_grads_no_optimizer_state(tmp_path):
         moved = not torch.equal(before[name], p.detach())
         assert moved == (name in adapters or name in sinks) or name.endswith("lora_A"), name
     assert trainer.trainable_params[0] == sum(params[n].numel() for n in adapters | sinks)
+
+
+# ------------------------------------------------------------------------- parallelisms
+
+def test_fsdp_pp_cp_match_one_process(seeded_overrides):
+    """Losses, grad norms (adapter gradients) and final tensors (adapters moved, base frozen)
+    of FSDP 2, PP 2 (1F1B) and CP 2 against one process (TP / EP are refused: config test)."""
+    from parallel_harness import assert_parity, global_batch_overrides, run_distributed, run_single
+
+    common = seeded_overrides() + ["--lora.enable=true", "--lora.rank=4"]
+    ref = run_single(common + global_batch_overrides(4, 1), 3)
+    assert all(ref["params"][n].abs().max() > 0 for n in ref["params"] if n.endswith("lora_B"))
+    for extra, dp in ((["--parallelism.data_parallel_shard_degree=2"], 2),
+                      (["--parallelism.pipeline_parallel_degree=2",
+                        "--parallelism.data_parallel_shard_degree=1"], 1),
+                      (["--parallelism.context_parallel_degree=2",
+                        "--parallelism.data_parallel_shard_degree=1"], 1)):
+        got = run_distributed(2, common + extra + global_batch_overrides(4, dp), 3)
+        assert_parity(ref, got, what=" ".join(extra))
