@@ -100,14 +100,21 @@ def _hf_target(base: str) -> tuple[str, str | None]:
 
 
 def peft_state_dict(adapters: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Runtime LoRA tensors (full, unsharded) -> PEFT's adapter_model.safetensors keys/layouts."""
+    """Runtime LoRA tensors (full, unsharded) -> PEFT's adapter_model.safetensors keys/layouts.
+    Other keys (whole modules trained in full: lora.trainable_extra) are PEFT
+    `modules_to_save`, stored under their HF names."""
     by_module: dict[str, set[str]] = {}  # HF module -> its targeted parameters (nesting)
-    for key in adapters:
+    extras = {key for key in adapters if not is_lora_key(key)}
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(extras):
+        out[PEFT_PREFIX + runtime_to_hf_key(key)] = adapters[key]
+    for key in (k for k in adapters if k not in extras):
         module, param = _hf_target(base_key(key))
         if param is not None:
             by_module.setdefault(module, set()).add(param)
-    out: dict[str, torch.Tensor] = {}
     for key, tensor in adapters.items():
+        if key in extras:
+            continue
         which = _LORA_KEY.match(key).group("which")
         module, param = _hf_target(base_key(key))
         if param is None:  # a Linear: same layout as ours
@@ -135,6 +142,8 @@ def peft_targets(adapter_keys: Iterable[str], n_layers: int) -> tuple[list[str],
     matches a target by name suffix; its layers_to_transform does not apply to parameters)."""
     found: tuple[dict, dict] = ({}, {})  # short name -> {layer: full name}, modules / params
     for key in adapter_keys:
+        if not is_lora_key(key):
+            continue
         module, param = _hf_target(base_key(key))
         layer = int(module.split(".")[2])  # model.layers.{i}. ...
         full = module if param is None else f"{module}.{param}"
@@ -151,10 +160,27 @@ def peft_targets(adapter_keys: Iterable[str], n_layers: int) -> tuple[list[str],
     return names(found[0]), names(found[1])
 
 
+def modules_to_save(keys: Iterable[str]) -> list[str]:
+    """PEFT `modules_to_save` (module names, matched by suffix) of the whole-module tensors
+    among `keys`. Only modules can be: a bare parameter such as the attention sinks cannot."""
+    names = set()
+    for key in keys:
+        if is_lora_key(key):
+            continue
+        module, _, param = runtime_to_hf_key(key).rpartition(".")
+        if param not in ("weight", "bias"):
+            raise ValueError(f"{key} ({module}.{param}) is a parameter of a module PEFT would "
+                             "have to save whole; a PEFT adapter cannot hold it (export "
+                             "'merged' holds every trained weight)")
+        names.add(module.split(".")[-1])
+    return sorted(names)
+
+
 def adapter_config(adapter_keys: Iterable[str], n_layers: int, *, rank: int, alpha: float,
                    use_rslora: bool = False, dropout: float = 0.0,
                    base_model: str | None = None) -> dict:
     """adapter_config.json: what `LoraConfig` needs to rebuild the same adapter on the base."""
+    adapter_keys = list(adapter_keys)
     target_modules, target_parameters = peft_targets(adapter_keys, n_layers)
     return {
         "peft_type": "LORA",
@@ -172,7 +198,7 @@ def adapter_config(adapter_keys: Iterable[str], n_layers: int, *, rank: int, alp
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save(adapter_keys) or None,
         "use_dora": False,
     }
 

@@ -26,6 +26,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from runtime.atomic_dir import honour_umask
+from runtime.hf.adapter import fold, lora_keys
 from runtime.hf.config import model_args_to_hf_config
 from runtime.hf.keymap import (
     RUNTIME_ONLY,
@@ -63,14 +64,18 @@ def parse_size(size: int | str) -> int:
 
 
 def save_hf(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = torch.bfloat16,
-            max_shard_size: int | str = "5GB", experts_format: str = "dense", progress: bool = True) -> None:
+            max_shard_size: int | str = "5GB", experts_format: str = "dense", progress: bool = True,
+            lora_scaling: float | None = None) -> None:
     """Write `model` (any parallelization except pipeline stages) as an HF checkpoint in `out_dir`.
 
     `dtype=None` keeps the parameter dtype. `experts_format="mxfp4"` quantizes the expert
     weights to `*_blocks`/`*_scales` like the openai/gpt-oss releases (lossy; needs expert
     hidden and model dims divisible by 32); everything else is written in `dtype`. The runtime-only `expert_bias` is dropped: HF's
     router has no selection-only bias, so a model trained with a non-zero bias routes slightly
-    differently in transformers (a warning says so)."""
+    differently in transformers (a warning says so).
+
+    A model with LoRA adapters (runtime/hf/adapter.py names) is written merged: each adapted
+    weight as W + lora_scaling * B @ A, folded in float32 on the writing rank."""
     args: ModelArgs = model.args
     params = {canonical_runtime_key(name): p for name, p in model.named_parameters()}
     shapes = exported_shapes(args)
@@ -80,9 +85,21 @@ def save_hf(model: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype 
                          "save a DCP checkpoint and run `python -m runtime.hf.convert dcp-to-hf`")
     _warn_nonzero_expert_bias(model)
 
+    adapted = {key for key in shapes if lora_keys(key)[0] in params}
+    if adapted and lora_scaling is None:
+        raise ValueError(f"save_hf: the model has LoRA adapters ({lora_keys(min(adapted))[0]}, ...): "
+                         "pass lora_scaling to merge them")
+    writer = _is_rank0()
+
     def fetch(keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for key in keys:
-            yield key, _full(params[key])
+            full = _full(params[key])
+            if key in adapted:  # every rank gathers (collectives), the writer folds
+                a, b = (_full(params[k]) for k in lora_keys(key))
+                if writer:
+                    full = fold(full.detach().cpu(), a.detach().cpu(), b.detach().cpu(),
+                                lora_scaling)
+            yield key, full
 
     write_hf_checkpoint(shapes, fetch, args, out_dir, dtype=dtype or next(iter(params.values())).dtype,
                         max_shard_size=max_shard_size, experts_format=experts_format, progress=progress)

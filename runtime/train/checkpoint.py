@@ -65,7 +65,8 @@ from runtime.train import manifest
 from runtime.train.disk_space import (free_bytes, is_out_of_space, out_of_space_message,
                                       refuse_if_short, state_bytes, tree_bytes)
 from runtime.train.dump_lock import DumpFolderLocked, DumpLock
-from runtime.train.resume_checks import (config_differences, describe_changes,
+from runtime.train.resume_checks import (base_identity, base_mismatch, config_differences,
+                                         describe_changes,
                                          identity_differences, model_identity, model_mismatch,
                                          shape_differences, stored_model_shapes,
                                          unhonoured_changes)
@@ -140,18 +141,24 @@ def lock_dump_folder(dump_folder: str, log=print) -> DumpLock | None:
 # ------------------------------------------------------------------------- what is saved
 
 class ModelState(Stateful):
-    """The model parts' parameters and persistent buffers by fully qualified name."""
+    """The model parts' parameters and persistent buffers by fully qualified name.
 
-    def __init__(self, model_parts: list[torch.nn.Module],
+    trainable_only (a LoRA run): the frozen base is left out, so a checkpoint holds the
+    adapters (+ lora.trainable_extra) and the small buffers (expert bias): MBs, not the base's
+    GBs to TBs. The base is read again from its source on resume (TrainState.base_identity
+    records which one). include: keep only the names it accepts (a LoRA run loading its
+    base from initial_load_path)."""
+
+    def __init__(self, model_parts: list[torch.nn.Module], trainable_only: bool = False,
                  include: Callable[[str], bool] | None = None):
-        """include: keep only the names it accepts (e.g. a LoRA run loading its base)."""
         self.model_parts = model_parts
+        self.options = StateDictOptions(ignore_frozen_params=trainable_only)
         self.include = include
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for part in self.model_parts:
-            out.update(get_model_state_dict(part))
+            out.update(get_model_state_dict(part, options=self.options))
         if self.include is not None:
             out = {k: v for k, v in out.items() if self.include(k)}
         return out
@@ -222,6 +229,16 @@ class TrainState:
 
     def model_identity(self) -> dict[str, Any]:
         return model_identity(self.trainer.cfg.model.flavor, self.trainer.model_args)
+
+    def base_identity(self) -> dict[str, Any] | None:
+        """A LoRA run's frozen base (path + header fingerprint), computed once; None for a
+        full fine-tune (its checkpoint holds every weight)."""
+        t = self.trainer
+        if getattr(t, "lora_spec", None) is None:
+            return None
+        if not hasattr(self, "_base"):
+            self._base = base_identity(t.cfg.checkpoint, t.cfg.training.seed)
+        return self._base
 
     def config(self) -> dict[str, dict[str, Any]]:
         return self.trainer.cfg.to_dict()
@@ -350,12 +367,18 @@ def check_model_early(cfg, model_args) -> None:
              else [p for _, p in reversed(list_complete_checkpoints(folder))])
     for path in found[:1]:
         try:
-            saved = json.loads((path / RUNTIME_JSON).read_text()).get("model")
+            record = json.loads((path / RUNTIME_JSON).read_text())
+            saved, saved_base = record.get("model"), record.get("lora_base")
         except (OSError, ValueError, AttributeError):
             return  # unreadable: the load decides (damaged -> skipped)
         current = model_identity(cfg.model.flavor, model_args)
         if isinstance(saved, dict) and identity_differences(saved, current):
             raise CheckpointError(model_mismatch(path, saved, current, {}, {}))
+        lora = getattr(cfg, "lora", None)
+        base = base_identity(ckpt, cfg.training.seed) if lora is not None and lora.enable else None
+        problem = base_mismatch(path, saved_base, base)
+        if problem:
+            raise CheckpointError(problem)
 
 
 # ------------------------------------------------------------------------- the manager
@@ -481,7 +504,7 @@ class CheckpointManager:
 
     def _resume_from(self, path: Path, record: dict[str, Any]) -> int:
         train: TrainState = self.states["train"]
-        self._check_model(path, record.get("model"))
+        self._check_model(path, record.get("model"), record.get("lora_base"))
         self._check_history(path)
         self._check_config(path, record.get("config", {}))
         self.log(f"resuming from {path}")
@@ -495,9 +518,14 @@ class CheckpointManager:
         train.restore(record["train"], self.exclude)
         return _step_of(path)
 
-    def _check_model(self, path: Path, saved_identity: dict | None) -> None:
-        """Same ModelArgs and the same tensor names and shapes, before anything is loaded."""
+    def _check_model(self, path: Path, saved_identity: dict | None,
+                     saved_base: dict | None = None) -> None:
+        """Same ModelArgs, the same LoRA base, and the same tensor names and shapes, before
+        anything is loaded."""
         train: TrainState = self.states["train"]
+        problem = base_mismatch(path, saved_base, train.base_identity())
+        if problem:
+            raise CheckpointError(problem)
         try:
             stored = stored_model_shapes(path)
         except UnsafeCheckpointError as e:
@@ -524,6 +552,8 @@ class CheckpointManager:
     def _check_config(self, path: Path, saved_config: dict) -> None:
         train: TrainState = self.states["train"]
         diffs = config_differences(saved_config, train.config())
+        if train.base_identity() is not None:  # LoRA: the base is read from there (checked)
+            diffs = [d for d in diffs if not d[0].startswith("checkpoint.initial_load_")]
         if diffs:
             self.log(f"resuming {path.name} with config changes: {describe_changes(diffs)}")
         warnings, error = unhonoured_changes(diffs, self.exclude)
@@ -559,9 +589,12 @@ class CheckpointManager:
 
     def _runtime_record(self, step: int) -> str:
         train: TrainState = self.states["train"]
-        return json.dumps({"format": RUNTIME_FORMAT, "step": step, "train": train.snapshot(),
-                           "model": train.model_identity(), "config": train.config()},
-                          indent=1, allow_nan=False)
+        record = {"format": RUNTIME_FORMAT, "step": step, "train": train.snapshot(),
+                  "model": train.model_identity(), "config": train.config()}
+        base = train.base_identity()
+        if base is not None:  # a LoRA checkpoint: the base it adapts (read from there on resume)
+            record["lora_base"] = base
+        return json.dumps(record, indent=1, allow_nan=False)
 
     def save(self, step: int, *, force_sync: bool = False) -> None:
         """Save `step` (every rank calls this). In sync mode it returns once the checkpoint

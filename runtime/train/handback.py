@@ -13,22 +13,33 @@ The export is written into a temporary sibling (`<dump_folder>/.hf.tmp-*`) and r
 so `hf/` is always a complete export, the old one or the new one. `check_export_target` runs
 before the model is built: an `hf` that is a file, or a folder the export cannot replace, is
 one line (exit 2) then, not after the last step.
+
+A LoRA run writes what `lora.export` selects into that folder: "merged" (the checkpoint above,
+each adapted weight W + scaling * B @ A), "adapter" (only `hf/adapter/`: a PEFT adapter folder,
+runtime/hf/adapter.py, with the tokenizer files) or "both". Under pipeline parallelism the
+adapters come from the final checkpoint (a LoRA checkpoint holds exactly the trained tensors).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from runtime.atomic_dir import make_temp_dir, replace_dir, restore_aside
 from runtime.errors import ConfigError
 from runtime.hf import save_hf
-from runtime.hf.convert import dcp_to_hf
+from runtime.hf.adapter import ADAPTER_DIR, is_lora_key, write_adapter
+from runtime.hf.convert import dcp_to_hf, read_dcp_model_entries
 from runtime.hf.handback import write_tokenizer_files
+from runtime.hf.keymap import RUNTIME_ONLY, canonical_runtime_key
+from runtime.safe_dcp import dcp_load
 
 EXPORT_DIR = "hf"
 
@@ -72,28 +83,34 @@ def _check_export_target(out: Path) -> None:
                               f"job.dump_folder")
 
 
+def check_lora_export(cfg, pp: int) -> None:
+    """Before anything is built: a LoRA hand-back this run could not write is one line."""
+    lora, ck = getattr(cfg, "lora", None), cfg.checkpoint
+    if lora is None or not lora.enable or not ck.last_save_in_hf:
+        return
+    if lora.export in ("adapter", "both") and "sinks" in lora.trainable_extra:
+        raise ConfigError(f"lora.export = {lora.export!r} with 'sinks' in lora.trainable_extra: "
+                          "a PEFT adapter has no place for the attention sinks (a bare parameter); "
+                          "use lora.export = 'merged'")
+    if lora.export in ("merged", "both") and pp > 1:
+        raise ConfigError(f"lora.export = {lora.export!r} under pipeline parallelism is not "
+                          "supported yet (no rank holds the whole base); use lora.export = "
+                          "'adapter' and merge with PEFT's merge_and_unload")
+
+
 def save_last_in_hf(trainer) -> Path:
     """Every rank calls this (gathers are collectives); returns the export directory."""
-    cfg, ck = trainer.cfg, trainer.cfg.checkpoint
+    cfg = trainer.cfg
     out = export_dir(cfg.job.dump_folder)
-    dtype = getattr(torch, ck.last_save_hf_dtype)
+    spec = getattr(trainer, "lora_spec", None)
+    mode = cfg.lora.export if spec is not None else "merged"
     tmp = make_temp_dir(out) if trainer.rank == 0 else out  # only rank 0 writes
     try:
-        if trainer.dims.pp > 1:
-            trainer.checkpointer.wait()  # the final save must be complete on disk
-            step_dir = trainer.checkpointer.folder / f"step-{trainer.step}"
-            if trainer.rank == 0:
-                dcp_to_hf(step_dir, tmp, dtype=dtype, args=trainer.model_args,
-                          experts_format=ck.last_save_hf_experts, progress=True)
-        else:
-            save_hf(trainer.model, tmp, dtype=dtype, experts_format=ck.last_save_hf_experts,
-                    progress=trainer.rank == 0)
+        if mode in ("merged", "both"):
+            _save_merged(trainer, tmp, spec)
+        if mode in ("adapter", "both"):
+            _save_adapter(trainer, tmp / ADAPTER_DIR, spec)
         if trainer.rank == 0:
-            tok = trainer.tokenizer
-            write_tokenizer_files(tmp, tokenizer_file=tok.source, tokenizer_dir=tok.directory,
-                                  bos=tok.decode([tok.bos_id]), eos=tok.decode([tok.eos_id]),
-                                  pad=tok.decode([tok.pad_id]),
-                                  chat_template=cfg.data.chat_template)
             replace_dir(tmp, out)
     finally:
         if trainer.rank == 0 and tmp.exists() and tmp != out:
@@ -101,3 +118,77 @@ def save_last_in_hf(trainer) -> Path:
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def _write_tokenizer(trainer, out: Path) -> list[str]:
+    tok = trainer.tokenizer
+    return write_tokenizer_files(out, tokenizer_file=tok.source, tokenizer_dir=tok.directory,
+                                 bos=tok.decode([tok.bos_id]), eos=tok.decode([tok.eos_id]),
+                                 pad=tok.decode([tok.pad_id]),
+                                 chat_template=trainer.cfg.data.chat_template)
+
+
+def _save_merged(trainer, tmp: Path, spec) -> None:
+    """The full HF checkpoint (a LoRA run's adapters folded into the base) into `tmp`."""
+    ck = trainer.cfg.checkpoint
+    dtype = getattr(torch, ck.last_save_hf_dtype)
+    if trainer.dims.pp > 1:
+        trainer.checkpointer.wait()  # the final save must be complete on disk
+        step_dir = trainer.checkpointer.folder / f"step-{trainer.step}"
+        if trainer.rank == 0:
+            dcp_to_hf(step_dir, tmp, dtype=dtype, args=trainer.model_args,
+                      experts_format=ck.last_save_hf_experts, progress=True)
+    else:
+        save_hf(trainer.model, tmp, dtype=dtype, experts_format=ck.last_save_hf_experts,
+                progress=trainer.rank == 0, lora_scaling=spec.scaling if spec else None)
+    if trainer.rank == 0:
+        _write_tokenizer(trainer, tmp)
+
+
+def _save_adapter(trainer, out: Path, spec) -> None:
+    """`<export>/adapter/`: the PEFT adapter folder (+ the tokenizer files, so it is
+    self-contained), written by rank 0."""
+    cfg = trainer.cfg
+    tensors = (_adapters_from_checkpoint(trainer) if trainer.dims.pp > 1
+               else _adapters_from_model(trainer.model))
+    if trainer.rank != 0:
+        return
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tokenizer-") as tok_dir:
+        names = _write_tokenizer(trainer, Path(tok_dir))
+        write_adapter(out, tensors, trainer.model_args.n_layers, rank=spec.rank,
+                      alpha=spec.alpha, use_rslora=spec.use_rslora, dropout=spec.dropout,
+                      base_model=cfg.checkpoint.initial_load_hf or None,
+                      dtype=getattr(torch, cfg.checkpoint.last_save_hf_dtype),
+                      extra_files=[Path(tok_dir) / n for n in names])
+
+
+def _adapters_from_model(model) -> dict[str, torch.Tensor]:
+    """Full adapter tensors (and whole modules trained in full) on rank 0; every rank gathers,
+    in the same order (full_tensor is a collective)."""
+    params = {canonical_runtime_key(n): p for n, p in model.named_parameters()}
+    trained = {k for k, p in params.items() if p.requires_grad and not is_lora_key(k)}
+    modules = {k.rpartition(".")[0] for k in trained}  # PEFT saves these modules whole
+    keys = sorted(k for k in params if is_lora_key(k) or k.rpartition(".")[0] in modules)
+    out = {}
+    for key in keys:
+        p = params[key]
+        full = p.full_tensor() if isinstance(p, DTensor) else p
+        out[key] = full.detach().to("cpu", torch.float32)
+    return out
+
+
+def _adapters_from_checkpoint(trainer) -> dict[str, torch.Tensor]:
+    """Under pipeline parallelism no rank holds every stage: rank 0 reads the adapters from
+    the final checkpoint (saved synchronously at the last step; a LoRA checkpoint holds
+    exactly the trained tensors)."""
+    trainer.checkpointer.wait()
+    if trainer.rank != 0:
+        return {}
+    step_dir = trainer.checkpointer.folder / f"step-{trainer.step}"
+    entries = read_dcp_model_entries(step_dir)
+    wanted = {k: e for k, e in entries.items() if not RUNTIME_ONLY.match(k)}
+    model = {e.name: torch.empty(e.shape, dtype=e.dtype) for e in wanted.values()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp_load({"model": model}, step_dir, no_dist=True)
+    return {k: model[e.name].float() for k, e in wanted.items()}

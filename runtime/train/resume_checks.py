@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from runtime.errors import ConfigError
+from runtime.hf.fingerprint import header_fingerprint
 from runtime.safe_dcp import read_metadata_file
 
 # ModelArgs fields that do not change the weights' meaning: may differ on resume.
@@ -80,6 +83,60 @@ def model_mismatch(path: Path, saved_identity: dict | None, current_identity: di
             f"job.dump_folder (or checkpoint.folder); to continue the checkpoint, run with {hint}")
 
 
+def base_identity(checkpoint_cfg, seed: int) -> dict[str, Any]:
+    """The frozen base of a LoRA run, as its checkpoints record it: the source and a cheap
+    fingerprint (HF: the safetensors headers, runtime/hf/fingerprint.py; DCP: its index
+    file), or the seed of a base initialised from scratch."""
+    c = checkpoint_cfg
+    try:
+        if c.initial_load_hf:
+            return {"initial_load_hf": c.initial_load_hf,
+                    "fingerprint": header_fingerprint(c.initial_load_hf)}
+        if c.initial_load_path:
+            index = Path(c.initial_load_path) / ".metadata"
+            digest = hashlib.sha256(index.read_bytes()).hexdigest()
+            return {"initial_load_path": c.initial_load_path, "fingerprint": f"sha256:{digest}"}
+    except (OSError, ValueError) as e:
+        key = "initial_load_hf" if c.initial_load_hf else "initial_load_path"
+        raise ConfigError(f"checkpoint.{key}: {' '.join(str(e).split())}") from None
+    return {"seed": seed}
+
+
+def _describe_base(base: dict) -> str:
+    if "seed" in base:
+        return f"a base initialised with training.seed={base['seed']}"
+    return f"{_setting(base)} ({str(base.get('fingerprint'))[:19]}...)"
+
+
+def base_mismatch(path: Path, saved: dict | None, current: dict | None) -> str | None:
+    """One line if a LoRA checkpoint's base is not this run's (or only one of the two is a
+    LoRA run), else None. A moved base (same fingerprint, another path) is the same base."""
+    if saved is None and current is None:
+        return None
+    tail = ("nothing was loaded or deleted. To train on this base, use a new job.dump_folder; "
+            "to continue the checkpoint, run with ")
+    if current is None:
+        return (f"checkpoint {path} holds LoRA adapters (of {_describe_base(saved)}) but this run "
+                f"has lora.enable = false; {tail}its [lora] settings")
+    if saved is None:
+        return (f"checkpoint {path} holds a full model, not LoRA adapters, and this run has "
+                f"lora.enable = true; {tail}lora.enable = false")
+    same = (saved.get("fingerprint") == current.get("fingerprint") if "seed" not in current
+            else saved.get("seed") == current["seed"])
+    if same and ("seed" in saved) == ("seed" in current):
+        return None
+    return (f"checkpoint {path} holds LoRA adapters of another base than this run's: trained on "
+            f"{_describe_base(saved)}, this run has {_describe_base(current)}; {tail}"
+            f"{_setting(saved)}")
+
+
+def _setting(base: dict) -> str:
+    if "seed" in base:
+        return f"training.seed={base['seed']}"
+    key = "initial_load_hf" if "initial_load_hf" in base else "initial_load_path"
+    return f"checkpoint.{key}={base[key]!r}"
+
+
 # What a resume does with a config key whose value differs from the checkpoint's:
 # (key prefix, the exclude_from_loading part that lets it apply, why it cannot apply otherwise,
 #  error?). Keys not listed take effect.
@@ -91,6 +148,8 @@ RESUME_RULES = [
     ("optimizer.weight_decay", "optimizer", "the restored optimizer state keeps {old}", False),
     ("training.seed", None, "weights and RNG state come from the checkpoint", False),
     ("checkpoint.initial_load_", None, "the weights come from the checkpoint", False),
+    ("lora.alpha", None, "the adapters were trained with scaling from {old}", True),
+    ("lora.use_rslora", None, "the adapters were trained with use_rslora = {old}", True),
     ("data.", "dataloader", "the data loader resumes at the checkpoint's position "
                             "(a position in the old data)", False),
 ]

@@ -44,7 +44,7 @@ from runtime.train.faults import (NonFiniteLossError, StopSignal, StopWhileWaiti
                                   count_skipped_step)
 from runtime.train.metrics import MetricsLogger
 from runtime.train.optim import build_lr_scheduler, build_optimizer
-from runtime.train.handback import check_export_target, save_last_in_hf
+from runtime.train.handback import check_export_target, check_lora_export, save_last_in_hf
 from runtime.train.profiling import StepProfiler
 from runtime.train.runner import LocalRunner, materialize
 from runtime.train.slurm_env import setup_distributed_env
@@ -88,6 +88,7 @@ class Trainer:
         check_model_early(cfg, self.model_args)  # a resume into another model: exit 2 now
         if cfg.checkpoint.last_save_in_hf:  # an `hf` the export cannot replace: exit 2 now
             check_export_target(cfg.job.dump_folder, self.rank)
+        check_lora_export(cfg, self.dims.pp)  # a LoRA hand-back this mesh cannot write: now
         self._build_model()
         self._build_training_state()
 
@@ -228,7 +229,9 @@ class Trainer:
             moe.aux_loss_scale = 1.0 / forwards
         self.checkpointer = CheckpointManager(
             cfg.checkpoint, cfg.job.dump_folder,
-            {"model": ModelState(self.model_parts),
+            # A LoRA checkpoint leaves the frozen base out (it is reloaded from its source).
+            {"model": ModelState(self.model_parts,
+                                 trainable_only=getattr(self, "lora_spec", None) is not None),
              "optimizer": OptimizerState([self.model], [self.optimizer]),
              "train": TrainState(self)},
             log=self.log)
