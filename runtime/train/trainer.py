@@ -231,7 +231,7 @@ class Trainer:
             cfg.checkpoint, cfg.job.dump_folder,
             # A LoRA checkpoint leaves the frozen base out (it is reloaded from its source).
             {"model": ModelState(self.model_parts,
-                                 trainable_only=getattr(self, "lora_spec", None) is not None),
+                                 trainable_only=self.lora_spec is not None),
              "optimizer": OptimizerState([self.model], [self.optimizer]),
              "train": TrainState(self)},
             log=self.log)
