@@ -206,3 +206,20 @@ def test_merged_export_has_our_logits_in_transformers(exported, ours):
                                                   dtype=torch.float32).eval()
         with torch.no_grad():
             assert_close_to_scale(hf(tokens).logits, logits, 1e-5, f"merged ({mode})")
+
+
+@pytest.mark.parametrize("extra, pp, named", [
+    (['--lora.trainable_extra=["sinks"]'], 1, "no place for the attention sinks"),
+    (["--lora.export=merged"], 2, "under pipeline parallelism is not supported"),
+])
+def test_an_export_this_run_cannot_write_is_a_config_error(extra, pp, named):
+    from runtime.errors import ConfigError
+    from runtime.train.config import load_config
+    from runtime.train.handback import check_lora_export
+
+    cfg = load_config(None, ["--model.flavor=tiny", "--lora.enable=true",
+                             "--checkpoint.last_save_in_hf=true", *extra])
+    with pytest.raises(ConfigError, match=named):
+        check_lora_export(cfg, pp)
+    cfg.checkpoint.last_save_in_hf = False  # negative control: no hand-back, nothing to refuse
+    check_lora_export(cfg, pp)
