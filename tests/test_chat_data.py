@@ -193,6 +193,15 @@ def test_bad_chat_input_is_one_line(tmp_path, tok):
     with pytest.raises(DataError, match=r"bad.jsonl:2: no assistant"):
         for _ in range(3):
             next(build_dataloader(_cfg(bad, tokenize_batch_docs=1), tok, 1024, 1))
+    for arguments in ('["x", 1]', "[1]", "3", [1, 2], "not json"):
+        call = {"role": "assistant", "tool_calls": [
+            {"function": {"name": "f", "arguments": arguments}}]}
+        bad.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"messages": [
+            {"role": "user", "content": "x"}, call]}) + "\n")
+        with pytest.raises(DataError, match=r"^[^\n]*bad.jsonl:2: messages\[1\]: tool call "
+                                            r"arguments (must be a JSON object|are not valid)"):
+            for _ in range(3):
+                next(build_dataloader(_cfg(bad, tokenize_batch_docs=1), tok, 1024, 1))
     path = _write(tmp_path, RECORDS)
     with pytest.raises(DataError, match="data.loss_on"):
         build_dataloader(_cfg(path, loss_on="assistant"), tok, 1024, 1)

@@ -54,12 +54,19 @@ def _tool_call(call, where: str) -> dict:
     function = call.get("function", call)
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise ChatRecordError(f"{where}: a tool call needs function.name")
-    arguments = function.get("arguments", {})
+    arguments = function.get("arguments")
+    if arguments is None:  # absent, or null as Arrow writes a missing field
+        arguments = {}
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
         except ValueError:
             raise ChatRecordError(f"{where}: tool call arguments are not valid JSON") from None
+    # Harmony renders the arguments as one JSON object (the tool's parameters); a list or a
+    # scalar would render a call the model can never have been asked for.
+    if not isinstance(arguments, dict):
+        raise ChatRecordError(f"{where}: tool call arguments must be a JSON object, got "
+                              f"{type(arguments).__name__} ({json.dumps(arguments)[:40]})")
     out = {"name": function["name"], "arguments": arguments}
     if "content_type" in function:
         out["content_type"] = function["content_type"]
