@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from checkpoint_helpers import ROOT, error_lines, run_job
+from checkpoint_helpers import ROOT, error_lines, job_command, run_job
 
 from runtime.train.dump_lock import LOCK_NAME, DumpFolderLocked, DumpLock, _me, stale_reason
 
@@ -71,3 +71,86 @@ def test_release_leaves_a_lock_taken_over_by_another(tmp_path):
     assert (tmp_path / LOCK_NAME).exists()
     second.release()
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+# ------------------------------------------- issue 20 items 6 and 8: start-up faults and signals
+def _popen_job(folder, *extra):
+    cmd, env = job_command(folder, *extra)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _read_only_folder(tmp_path):
+    """A folder on a read-only tmpfs (root only: as root, permissions do not stop writes), or
+    None with the reason."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0:
+        return None, "not root: cannot mount a read-only tmpfs"
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                       capture_output=True, text=True)
+    return (ro, None) if r.returncode == 0 else (None, f"mount failed: {r.stderr.strip()}")
+
+
+def test_dump_folder_faults_are_one_line_exit_2_before_the_model(tmp_path):
+    """A file where the dump folder (or its checkpoint folder) should be, a parent that is a
+    file, a read-only filesystem: one `error:` line naming the key and the folder, exit 2,
+    before the model is built, and no lock left behind."""
+    (tmp_path / "file").write_text("in the way")
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "checkpoints").write_text("in the way")
+    cases = {
+        tmp_path / "file": "job.dump_folder {f}: a file is in the way (not a folder)",
+        tmp_path / "file" / "sub" / "dump": f"job.dump_folder {{f}}: cannot create it "
+                                            f"({tmp_path / 'file'} is a file, not a folder)",
+        tmp_path / "ck": "checkpoint.folder {f}/checkpoints: a file is in the way (not a folder)",
+    }
+    ro, why = _read_only_folder(tmp_path)
+    try:
+        if ro is not None:
+            cases[ro] = "job.dump_folder {f}: not writable (Read-only file system)"
+        procs = {folder: _popen_job(folder) for folder in cases}  # in parallel
+        for folder, proc in procs.items():
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 2, (folder, out, err)
+            assert err == f"error: {cases[folder].format(f=folder)}\n", (folder, err)
+            assert "parameters" not in out  # the model was never built
+        assert not (tmp_path / "ck" / LOCK_NAME).exists()  # taken, then released
+    finally:
+        if ro is not None:
+            subprocess.run(["umount", str(ro)], check=True)
+    if why:
+        pytest.skip(f"the other faults passed; read-only case not run: {why}")
+
+
+def test_signal_during_startup_is_one_line_and_frees_the_folder(tmp_path):
+    """SIGTERM / SIGINT / SIGUSR1 before the first step: one line, the documented code (143,
+    130; 75 with checkpoints: requeue), the dump-folder lock released, no traceback.
+    Deterministic: each job waits in start-up until signalled, because the checkpoint it
+    would resume from has a FIFO as runtime.json (read before the model is built), and the
+    signal is sent only after the job printed its first line (the lock is held then)."""
+    jobs = {}
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        step = tmp_path / name / "checkpoints" / "step-1"
+        step.mkdir(parents=True)
+        (step / "manifest.json").write_text("{}")
+        os.mkfifo(step / "runtime.json")  # opening it blocks until the test's end
+        jobs[name] = _popen_job(tmp_path / name)
+    try:
+        for name, proc in jobs.items():
+            first = proc.stdout.readline()
+            assert first.startswith(f"dump folder {tmp_path / name} "), (first, proc.stderr.read())
+            assert (tmp_path / name / LOCK_NAME).exists()
+            proc.send_signal(getattr(signal, name))
+        for name, proc in jobs.items():
+            out, err = proc.communicate(timeout=120)
+            code = {"SIGTERM": 143, "SIGINT": 130, "SIGUSR1": 75}[name]
+            after = ": requeue (resumes from its last checkpoint)" if code == 75 else \
+                " (not requeued)"
+            assert proc.returncode == code, (name, out, err)
+            assert err == (f"{name} during start-up: stopped before the first step, nothing "
+                           f"trained or saved; exit {code}{after}\n"), (name, err)
+            assert not (tmp_path / name / LOCK_NAME).exists(), name
+    finally:
+        for proc in jobs.values():
+            proc.kill()

@@ -221,3 +221,61 @@ def test_too_many_skipped_steps_exit_2(tmp_path, monkeypatch, capsys):
     assert code == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and "grad norm" in err[0] and "max_skipped_steps (3)" in err[0]
+
+
+# ------------------------------------------------------------------- issue 20 item 5
+def test_another_world_size_never_changes_the_global_batch_silently(saved, tmp_path):
+    """global_batch_size = -1 is local x dp: resuming the 1-rank run (4 x 1) on 2 ranks
+    (4 x 2) would double the batch. Two real ranks refuse before the model is built, with one
+    line saying how to keep it or accept it; an explicit global_batch_size resumes, and the
+    named exclude accepts the new batch with a warning."""
+    import os
+    import socket
+
+    folder = copy_run(saved, tmp_path / "run")
+    with socket.socket() as s:  # a free port for the two ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        cmd, env = job_command(folder, "--training.steps=6")
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], outs
+    want = (f"error: checkpoint {folder}/checkpoints/step-4: the checkpoint was trained with a "
+            f"global batch of 4 sequences per step, this run's is 8 (training.global_batch_size "
+            f"= -1: local_batch_size 4 x data-parallel degree 2); set "
+            f"training.global_batch_size = 4 to keep it, or add \"global_batch\" to "
+            f"checkpoint.exclude_from_loading to continue with 8\n")
+    assert outs[0][1] == want, outs[0]
+    assert "parameters" not in outs[0][0] and not (folder / ".lock").exists()
+    assert json.loads((folder / "checkpoints" / "step-4" / "runtime.json").read_text()
+                      )["train"]["global_batch"] == 4
+    # one rank, local 2: the same change of the effective batch (4 -> 2)
+    with pytest.raises(CheckpointError, match="global batch of 4 sequences per step, this run's "
+                                              "is 2"):
+        make_trainer(folder, "--training.local_batch_size=2")
+    # keep it: an explicit global batch (2 x 2 accumulation steps) resumes as before
+    kept = make_trainer(folder, "--training.local_batch_size=2", "--training.global_batch_size=4",
+                        "--training.steps=5")
+    assert (kept.step, kept.global_batch, kept.grad_accum) == (4, 4, 2)
+    kept.dump_lock.release()
+    # accept it: a named warning, then training goes on with the new batch
+    logs = []
+    accepted = make_trainer(folder, "--training.local_batch_size=2", "--training.steps=5",
+                            "--checkpoint.exclude_from_loading=global_batch")
+    assert accepted.step == 4 and accepted.global_batch == 2
+    accepted.checkpointer.log = logs.append
+    accepted.checkpointer._check_global_batch(folder / "checkpoints" / "step-4", {"global_batch": 4})
+    assert logs == ["warning: the checkpoint was trained with a global batch of 4 sequences per "
+                    "step, this run's is 2 (training.global_batch_size = -1: local_batch_size 2 "
+                    "x data-parallel degree 1): continuing with 2 (checkpoint.exclude_from_loading "
+                    "has \"global_batch\")"]
+    assert accepted.run() == 0 and accepted.step == 5

@@ -64,9 +64,9 @@ from runtime.errors import ConfigError, DiskFullError
 from runtime.train import manifest
 from runtime.train.disk_space import (free_bytes, is_out_of_space, out_of_space_message,
                                       refuse_if_short, state_bytes, tree_bytes)
-from runtime.train.dump_lock import DumpFolderLocked, DumpLock
+from runtime.train.dump_lock import DumpFolderError, DumpLock, make_folder
 from runtime.train.resume_checks import (base_identity, base_mismatch, config_differences,
-                                         describe_changes,
+                                         describe_changes, global_batch_change,
                                          identity_differences, model_identity, model_mismatch,
                                          shape_differences, stored_model_shapes,
                                          unhonoured_changes)
@@ -123,14 +123,21 @@ def _from_rank0(obj: Any, group=None) -> Any:
     return box[0]
 
 
-def lock_dump_folder(dump_folder: str, log=print) -> DumpLock | None:
-    """Rank 0 takes `<dump_folder>/.lock` (dump_lock.py); every rank raises the same
-    CheckpointError if another job holds it. Returns the lock on rank 0, else None."""
+def lock_dump_folder(dump_folder: str, log=print,
+                     subfolders: tuple[tuple[str, Path], ...] = ()) -> DumpLock | None:
+    """Rank 0 takes `<dump_folder>/.lock` (dump_lock.py) and creates `subfolders` ((config
+    key, path) pairs); every rank raises the same CheckpointError if another job holds it or
+    a folder cannot be made (a file in the way, read-only). Returns the lock on rank 0."""
     lock, error = None, None
     if _rank() == 0:
         try:
             lock = DumpLock.acquire(dump_folder, log)
-        except DumpFolderLocked as e:
+            for key, path in subfolders:
+                make_folder(path, key)
+        except DumpFolderError as e:
+            if lock is not None:
+                lock.release()
+                lock = None
             error = str(e)
     error = _from_rank0(error)
     if error:
@@ -205,6 +212,7 @@ class TrainState:
         t = self.trainer
         return {
             "step": t.step,
+            "global_batch": getattr(t, "global_batch", None),  # sequences per optimizer step
             "tokens_seen": t.tokens_seen,
             "skipped_steps": getattr(t, "skipped_steps", 0),
             "lr_scheduler": _plain(t.lr_scheduler.state_dict()),
@@ -239,6 +247,12 @@ class TrainState:
         if not hasattr(self, "_base"):
             self._base = base_identity(t.cfg.checkpoint, t.cfg.training.seed)
         return self._base
+
+    def global_batch(self) -> tuple[int | None, str]:
+        """This run's effective global batch and how it comes about (for resume messages)."""
+        t = self.trainer
+        return getattr(t, "global_batch", None), describe_global_batch(
+            t.cfg.training, getattr(getattr(t, "dims", None), "dp", 1))
 
     def config(self) -> dict[str, dict[str, Any]]:
         return self.trainer.cfg.to_dict()
@@ -355,10 +369,18 @@ def verify_checkpoint(path: Path,
     return problems[0] if problems else None
 
 
-def check_model_early(cfg, model_args) -> None:
+def describe_global_batch(training, dp: int) -> str:
+    if training.global_batch_size > 0:
+        return f"training.global_batch_size = {training.global_batch_size}"
+    return (f"training.global_batch_size = -1: local_batch_size {training.local_batch_size} x "
+            f"data-parallel degree {dp}")
+
+
+def check_model_early(cfg, model_args, global_batch: int | None = None, dp: int = 1) -> None:
     """Before the model is built (a 120b build takes minutes): the checkpoint a resume would
-    try first must record this run's model, else the one-line CheckpointError. Cheap and
-    unverified (the full check of names and shapes follows at load time)."""
+    try first must record this run's model and (when given) global batch, else the one-line
+    CheckpointError. Cheap and unverified (the full check of names and shapes follows at
+    load time)."""
     ckpt = cfg.checkpoint
     if not ckpt.enable:
         return
@@ -369,6 +391,8 @@ def check_model_early(cfg, model_args) -> None:
         try:
             record = json.loads((path / RUNTIME_JSON).read_text())
             saved, saved_base = record.get("model"), record.get("lora_base")
+
+            saved, train = record.get("model"), record.get("train")
         except (OSError, ValueError, AttributeError):
             return  # unreadable: the load decides (damaged -> skipped)
         current = model_identity(cfg.model.flavor, model_args)
@@ -379,6 +403,13 @@ def check_model_early(cfg, model_args) -> None:
         problem = base_mismatch(path, saved_base, base)
         if problem:
             raise CheckpointError(problem)
+
+        if global_batch is not None:
+            error, _ = global_batch_change(train, global_batch,
+                                           describe_global_batch(cfg.training, dp),
+                                           list(ckpt.exclude_from_loading or []))
+            if error:
+                raise CheckpointError(f"checkpoint {path}: {error}")
 
 
 # ------------------------------------------------------------------------- the manager
@@ -507,6 +538,7 @@ class CheckpointManager:
         self._check_model(path, record.get("model"), record.get("lora_base"))
         self._check_history(path)
         self._check_config(path, record.get("config", {}))
+        self._check_global_batch(path, record.get("train"))
         self.log(f"resuming from {path}")
         state = {"model": self.states["model"]}
         if "optimizer" not in self.exclude:
@@ -561,6 +593,16 @@ class CheckpointManager:
             raise CheckpointError(error)
         for text in warnings:
             self._warn(text)
+
+    def _check_global_batch(self, path: Path, saved_train: dict | None) -> None:
+        current, how = self.states["train"].global_batch()
+        if current is None:
+            return
+        error, warning = global_batch_change(saved_train, current, how, self.exclude)
+        if error:
+            raise CheckpointError(f"checkpoint {path}: {error}")
+        if warning:
+            self._warn(warning)
 
     @staticmethod
     def load_model_only(model_state: ModelState, path: str) -> None:

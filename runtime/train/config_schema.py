@@ -85,7 +85,7 @@ def _subset(allowed: tuple[str, ...]):
 
 
 NO_DECAY_GROUPS = ("norms", "biases", "sinks", "embeddings")
-CHECKPOINT_PARTS = ("optimizer", "lr_scheduler", "dataloader")
+CHECKPOINT_PARTS = ("optimizer", "lr_scheduler", "dataloader", "global_batch")
 COMPILE_COMPONENTS = ("model", "loss")
 PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble",
                 "DualPipeV")
@@ -223,7 +223,8 @@ class CheckpointSection:
     exclude_from_loading: list = _opt([], check=_subset(CHECKPOINT_PARTS),
                                       help="resume parts taken from this config instead: "
                                            "lr_scheduler (optimizer.lr + [lr_scheduler] at the "
-                                           "resumed step), optimizer (fresh state), dataloader")
+                                           "resumed step), optimizer (fresh state), "
+                                           "dataloader, global_batch (accept another one)")
 
 
 @dataclass

@@ -28,8 +28,27 @@ from pathlib import Path
 LOCK_NAME = ".lock"
 
 
-class DumpFolderLocked(RuntimeError):
+class DumpFolderError(RuntimeError):
+    """The dump folder (or a folder in it) cannot be used; the message is one line naming it."""
+
+
+class DumpFolderLocked(DumpFolderError):
     """Another job holds the dump folder; the message is one line naming it."""
+
+
+def make_folder(folder: Path, key: str = "job.dump_folder") -> None:
+    """Create `folder` (and its parents) or raise DumpFolderError naming `key`: a file in the
+    way, a parent that cannot be created, a read-only filesystem, no permission."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DumpFolderError(f"{key} {folder}: a file is in the way (not a folder)") from None
+    except NotADirectoryError:
+        blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+        raise DumpFolderError(f"{key} {folder}: cannot create it ({blocker or 'a parent'} is a "
+                              f"file, not a folder)") from None
+    except OSError as e:  # read-only filesystem, no permission
+        raise DumpFolderError(f"{key} {folder}: cannot create it ({e.strerror})") from None
 
 
 def _boot_id() -> str:
@@ -107,7 +126,7 @@ class DumpLock:
     @classmethod
     def acquire(cls, folder: str | Path, log=print) -> "DumpLock":
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
         path = folder / LOCK_NAME
         me = _me()
         for _ in range(3):  # create, or take over one stale lock (a racing job may win)
@@ -126,6 +145,9 @@ class DumpLock:
                     log(f"dump folder {folder}: took over a stale lock "
                         f"({describe(holder)}: {reason})")
                 continue
+            except OSError as e:  # read-only filesystem, no permission
+                raise DumpFolderError(f"job.dump_folder {folder}: not writable ({e.strerror})"
+                                      ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
                 f.flush()

@@ -13,6 +13,14 @@ What each signal means (the contract the launchers in slurm/ and submit.py rely 
            preempts with requeue, Slurm itself requeues the job; the launchers never do.
   SIGINT   Ctrl-C: as SIGTERM (exit 130). A second Ctrl-C stops at once (os._exit(130)):
            safe, because a checkpoint is only ever published by a rename after it is complete.
+
+During start-up (from the entry point's first line to the first step: imports, config, lock,
+data checks, model build, resume) there is no step to finish and nothing new to save: the
+same signals stop at once. The handler raises `StartupStopped` (a BaseException, so no
+`except Exception` swallows it; `finally` blocks still clean up); the Trainer releases the
+dump-folder lock and the entry point prints one line and exits with the code above (USR1:
+75 when checkpoints are on, as the job resumes from its last one, else 138). This module
+imports no torch at load time: `python -m runtime.train` installs it before `import torch`.
 """
 
 from __future__ import annotations
@@ -24,9 +32,6 @@ import signal
 import sys
 import time
 
-import torch
-import torch.distributed as dist
-
 from runtime.errors import EXIT_REQUEUE
 
 
@@ -36,6 +41,14 @@ class NonFiniteLossError(RuntimeError):
 
 class StopWhileWaiting(Exception):
     """A stop signal arrived while the trainer waited for data (StopSignal.interrupting)."""
+
+
+class StartupStopped(BaseException):
+    """A stop signal arrived during start-up (before the first step)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class StopSignal:
@@ -58,14 +71,46 @@ class StopSignal:
     def __init__(self):
         self.received: int | None = None  # the strongest signal this process got
         self.agreed: int | None = None  # the strongest signal any rank got (after should_stop)
+        self.starting = False  # start-up: a signal raises StartupStopped (once)
+        self._deferring = False
+        self._raised = False
         self._first_sigint: float | None = None
         self._previous = {}
         self._interrupting = False
 
-    def install(self) -> "StopSignal":
+    def install(self, starting: bool = False) -> "StopSignal":
+        """Take over the stop signals; `starting`: stop at once (raise StartupStopped) until
+        `started()` is called at the first step."""
+        self.starting = starting
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
+    def started(self) -> None:
+        """The first step begins: from now on a signal finishes the step and saves. A signal
+        that arrived during a `deferred()` block and was not raised yet is raised now."""
+        self._raise_pending()
+        self.starting = False
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Within this block a start-up signal is only recorded, and raised at its end: what
+        the block creates (the dump-folder lock file) is never left half-made."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        self._raise_pending()
+
+    def _raise_pending(self) -> None:
+        if self.starting and self.received is not None and not self._raised:
+            self._raised = True
+            raise StartupStopped(self.received)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -73,6 +118,11 @@ class StopSignal:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if self.starting:  # raised once; a repeat (torchrun forwards Ctrl-C again) is ignored
+            self.received = self.received or signum
+            if not self._deferring:
+                self._raise_pending()
+            return
         if signum == signal.SIGINT:
             now = time.monotonic()
             if self._first_sigint is not None and now - self._first_sigint > self.DUPLICATE_WINDOW_S:
@@ -115,8 +165,11 @@ class StopSignal:
     def _strength(cls, signum: int | None) -> int:
         return 0 if signum is None else cls.SIGNALS.index(signum) + 1
 
-    def should_stop(self, device: torch.device) -> int | None:
+    def should_stop(self, device) -> int | None:
         """The signal every rank stops on (None: keep going). A collective on every rank."""
+        import torch
+        import torch.distributed as dist
+
         strength = self._strength(self.received)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             t = torch.tensor([float(strength)], device=device)
@@ -142,6 +195,18 @@ class StopSignal:
             return (f"{name} (time limit): stopped after step {step}, {saved}: a requeued job "
                     f"would restart from step 0, so exit {code} (not requeued)")
         return f"{name}: stopped after step {step}, {saved}; exit {code} (not requeued)"
+
+
+def startup_exit(signum: int, can_resume: bool) -> int:
+    """After StartupStopped: print one line (rank 0) and return the exit code to use."""
+    code = EXIT_REQUEUE if signum == signal.SIGUSR1 and can_resume else 128 + signum
+    name = signal.Signals(signum).name
+    after = ": requeue (resumes from its last checkpoint)" if code == EXIT_REQUEUE else \
+        " (not requeued)"
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(f"{name} during start-up: stopped before the first step, nothing trained or "
+              f"saved; exit {code}{after}", file=sys.stderr, flush=True)
+    return code
 
 
 def check_finite(value: float, step: int, policy: str, quantity: str = "loss") -> bool:

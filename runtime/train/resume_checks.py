@@ -6,6 +6,11 @@
 - The config: the keys that differ from the checkpoint's are listed; the few a resume cannot
   honour (the restored optimizer / lr scheduler / data position win) are an error or a named
   warning, each with the `checkpoint.exclude_from_loading` part that lets the config win.
+- The global batch: runtime.json records the effective one (sequences per optimizer step).
+  With training.global_batch_size = -1 it is local_batch_size x the data-parallel degree, so
+  a resume on another number of ranks would silently change the optimisation: an error unless
+  `"global_batch"` is in exclude_from_loading. An explicit global_batch_size resumes on any
+  mesh unchanged.
 """
 
 from __future__ import annotations
@@ -195,3 +200,20 @@ def unhonoured_changes(diffs: list[tuple[str, Any, Any]],
             return warnings, f"{text}, or set it back to {_fmt(old)}"
         warnings.append(text)
     return warnings, None
+
+
+def global_batch_change(saved_train: dict, current: int, how: str,
+                        exclude: list[str]) -> tuple[str | None, str | None]:
+    """(error, warning) when the checkpoint's effective global batch (`saved_train`'s
+    "global_batch"; absent in older checkpoints: not checked) differs from this run's
+    `current`, which `how` explains."""
+    old = saved_train.get("global_batch") if isinstance(saved_train, dict) else None
+    if not isinstance(old, int) or old == current:
+        return None, None
+    text = (f"the checkpoint was trained with a global batch of {old} sequences per step, this "
+            f"run's is {current} ({how})")
+    if "global_batch" in exclude:
+        return None, (f"{text}: continuing with {current} (checkpoint.exclude_from_loading has "
+                      f"\"global_batch\")")
+    return (f"{text}; set training.global_batch_size = {old} to keep it, or add "
+            f"\"global_batch\" to checkpoint.exclude_from_loading to continue with {current}"), None

@@ -13,10 +13,12 @@ SIGUSR1/SIGTERM after saving (requeue me).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -40,8 +42,9 @@ from runtime.parallel.quantize import after_optimizer_step
 from runtime.train.checkpoint import (CheckpointManager, ModelState, OptimizerState, TrainState,
                                       check_model_early, lock_dump_folder)
 from runtime.train.config import JobConfig, build_parser, parse_args, validate_job
-from runtime.train.faults import (NonFiniteLossError, StopSignal, StopWhileWaiting, check_finite,
-                                  count_skipped_step)
+from runtime.train.faults import (NonFiniteLossError, StartupStopped, StopSignal,
+                                  StopWhileWaiting, check_finite, count_skipped_step,
+                                  startup_exit)
 from runtime.train.metrics import MetricsLogger
 from runtime.train.optim import build_lr_scheduler, build_optimizer
 from runtime.train.handback import check_export_target, check_lora_export, save_last_in_hf
@@ -62,8 +65,12 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, stop: StopSignal | None = None):
+        """`stop`: the entry point's StopSignal, installed in start-up mode (faults.py); a
+        signal before the first step then raises StartupStopped out of here, the dump-folder
+        lock released."""
         self.cfg = cfg
+        self.stop = stop
         self.step = 0
         self.tokens_seen = 0
         self.last_trained_tokens = 0
@@ -71,8 +78,23 @@ class Trainer:
         self.skipped_steps = 0  # non-finite or untrained steps skipped over the run (checkpointed)
         self.abandoned = False  # stopped while waiting for data: leave without collectives
         self._init_distributed()
-        # One job per dump folder (dump_lock.py), before anything is read, built or written.
-        self.dump_lock = lock_dump_folder(cfg.job.dump_folder, self.log)
+        # One job per dump folder (dump_lock.py), before anything is read, built or written;
+        # a signal meanwhile waits until the lock file is complete (then raises).
+        ckpt_folder = os.path.join(cfg.job.dump_folder, cfg.checkpoint.folder)
+        with stop.deferred() if stop is not None else contextlib.nullcontext():
+            self.dump_lock = lock_dump_folder(
+                cfg.job.dump_folder, self.log,
+                subfolders=(("checkpoint.folder", Path(ckpt_folder)),) if cfg.checkpoint.enable
+                else ())
+        try:
+            self._start()
+        except BaseException:  # a config error or a start-up signal: the folder is free again
+            if self.dump_lock is not None:
+                self.dump_lock.release()
+            raise
+
+    def _start(self) -> None:
+        cfg = self.cfg
         self._log_folders()
         self.model_args = cfg.model_args()
         self.lora_spec = cfg.lora_spec()  # None without [lora] enable
@@ -85,7 +107,8 @@ class Trainer:
         self._check_data()  # bad data is one line (exit 2) before any weight
         self.grad_accum = cfg.training.gradient_accumulation_steps(self.dims.dp)
         self.global_batch = cfg.training.local_batch_size * self.dims.dp * self.grad_accum
-        check_model_early(cfg, self.model_args)  # a resume into another model: exit 2 now
+        # a resume into another model or global batch: exit 2 now
+        check_model_early(cfg, self.model_args, self.global_batch, self.dims.dp)
         if cfg.checkpoint.last_save_in_hf:  # an `hf` the export cannot replace: exit 2 now
             check_export_target(cfg.job.dump_folder, self.rank)
         check_lora_export(cfg, self.dims.pp)  # a LoRA hand-back this mesh cannot write: now
@@ -351,7 +374,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
         cfg = self.cfg
-        stop = StopSignal().install()
+        own_stop = self.stop is None or not self.stop.installed
+        stop = StopSignal().install() if own_stop else self.stop
         last_step = cfg.training.steps
         if self.step >= last_step:
             self.log(f"nothing to do: already at step {self.step} of {last_step}")
@@ -364,6 +388,7 @@ class Trainer:
         try:
             if cfg.checkpoint.enable and self.step < last_step:
                 self.checkpointer.check_space()  # a still-full disk: stop before training
+            stop.started()  # from here a signal finishes the step and saves
             while self.step < last_step:
                 try:
                     with stop.interrupting():  # a stop never waits for data
@@ -403,7 +428,8 @@ class Trainer:
             raise
         finally:
             profiler.close()
-            stop.uninstall()
+            if own_stop:
+                stop.uninstall()
             try:
                 self.checkpointer.close()  # raises a failed async save (the run stops)
             finally:
@@ -436,18 +462,34 @@ def read_scalars(*values: torch.Tensor | float, device: torch.device) -> list[fl
     is a host sync on a GPU (the CPU waits for every queued kernel)."""
     return torch.stack([torch.as_tensor(v, device=device).float() for v in values]).tolist()
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
+    """The job. `stop`: a StopSignal installed in start-up mode by the caller (__main__.py
+    installs it before importing torch); else one is installed here, first of all."""
+    if stop is None:
+        stop = StopSignal().install(starting=True)
+    job: dict = {}
+    try:
+        return _main(argv, stop, job)
+    except StartupStopped as e:  # one line; the Trainer released the dump-folder lock
+        cfg = job.get("cfg")
+        return startup_exit(e.signum, can_resume=cfg is not None and cfg.checkpoint.enable)
+    finally:
+        stop.uninstall()
+
+
+def _main(argv: list[str] | None, stop: StopSignal, job: dict) -> int:
     parser = build_parser("python -m runtime.train")
     try:
         cfg, ns = parse_args(argv, parser)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    job["cfg"] = cfg
     if ns.print_config:
         print(cfg.to_toml_str(), end="")
         return 0
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, stop)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
