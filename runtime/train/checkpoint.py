@@ -391,8 +391,7 @@ def check_model_early(cfg, model_args, global_batch: int | None = None, dp: int 
         try:
             record = json.loads((path / RUNTIME_JSON).read_text())
             saved, saved_base = record.get("model"), record.get("lora_base")
-
-            saved, train = record.get("model"), record.get("train")
+            train = record.get("train")
         except (OSError, ValueError, AttributeError):
             return  # unreadable: the load decides (damaged -> skipped)
         current = model_identity(cfg.model.flavor, model_args)
@@ -403,7 +402,6 @@ def check_model_early(cfg, model_args, global_batch: int | None = None, dp: int 
         problem = base_mismatch(path, saved_base, base)
         if problem:
             raise CheckpointError(problem)
-
         if global_batch is not None:
             error, _ = global_batch_change(train, global_batch,
                                            describe_global_batch(cfg.training, dp),
