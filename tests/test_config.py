@@ -403,3 +403,11 @@ def test_plan_rejects_a_bad_world_size_in_one_line(capsys):
 
 def test_the_config_package_has_no_command_line_of_its_own():
     assert not hasattr(config_package, "main") and not hasattr(config_package, "main_guard")
+
+
+def test_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[training]\nsteps = 7\n")
+    assert load_config(str(path), []).training.steps == 7
+    path.write_bytes(b"\xef\xbb\xbf[training]\nsteps = \xff\n")  # not UTF-8 after the mark
+    assert "malformed TOML" in error_of(str(path))

@@ -600,7 +600,7 @@ def test_data_section_is_the_data_schema_and_shuffle_seed_works(tmp_path):
 
 # ------------------------------------------- bad data / tokenizer: one line, exit 2, nothing built
 BAD_INPUTS = ["missing dataset_path", "invalid JSONL line", "wrong text key", "empty file",
-              "binary data", "missing tokenizer", "invalid tokenizer", "not prepared data"]
+              "binary data", "bad UTF-8 deep in a file", "missing tokenizer", "invalid tokenizer", "not prepared data"]
 
 
 def _bad_inputs(tmp: Path) -> dict:
@@ -608,6 +608,8 @@ def _bad_inputs(tmp: Path) -> dict:
     (tmp / "wrong_key.jsonl").write_text('{"body": "x"}\n')
     (tmp / "empty.jsonl").write_text("")
     (tmp / "binary.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\xfa" * 50)
+    (tmp / "deep.jsonl").write_bytes(b'{"text": "fine"}\n' * 39 + b'{"text": "caf\xe9"}\n'
+                                     + b'{"text": "fine"}\n' * 3000)
     (tmp / "tokenizer.json").write_text("{not json")
     path = ["--data.dataset=path", "--data.dataset_path"]
     return {
@@ -619,7 +621,10 @@ def _bad_inputs(tmp: Path) -> dict:
                            f"{tmp}/wrong_key.jsonl:1: no 'text' key (keys: body)"),
         "empty file": ([path[0], f"{path[1]}={tmp}/empty.jsonl"], f"{tmp}/empty.jsonl: empty file"),
         "binary data": ([path[0], f"{path[1]}={tmp}/binary.jsonl"],
-                        f"{tmp}/binary.jsonl: not UTF-8 text (binary data?)"),
+                        f"{tmp}/binary.jsonl:1: not UTF-8 text (binary data?)"),
+        "bad UTF-8 deep in a file": ([path[0], f"{path[1]}={tmp}/deep.jsonl"],
+                                     f"{tmp}/deep.jsonl:40: not UTF-8 text (binary data?): "
+                                     "invalid continuation byte at byte 13 of the line"),
         "missing tokenizer": ([f"--model.tokenizer_path={tmp}/none"],
                               f"tokenizer: path does not exist: {tmp}/none"),
         "invalid tokenizer": ([f"--model.tokenizer_path={tmp}/tokenizer.json"],

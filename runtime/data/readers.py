@@ -35,6 +35,22 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _decode(raw: bytes, path: Path, line: int) -> str:
+    """UTF-8 text of one line (or of a whole file starting at `line`); a bad byte is one
+    error naming the line it is on, however deep in the file."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line += raw.count(b"\n", 0, e.start)
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
+        raise DataError(f"{path}:{line}: not UTF-8 text (binary data?): {e.reason} at byte "
+                        f"{column} of the line") from None
+
+
 def text_of(obj, text_key: str, where: str) -> str:
     """The text of one record; `where` names it in errors (file:line)."""
     if not isinstance(obj, dict):
@@ -54,9 +70,11 @@ def read_json_records(path: Path, start: int = 0) -> Iterator[tuple[int, object,
     """(index, parsed record, where) for each record from `start`; blank lines keep their
     index but yield nothing. `where` is "file:line" (or "file[i]" in a JSON array)."""
     try:
-        with _open_text(path) as f:
+        # Bytes, decoded line by line: a text stream decodes in blocks, so its error could
+        # not say which line holds the bad byte.
+        with _open_bytes(path) as f:
             if path.name.lower().endswith((".json", ".json.gz")):
-                content = f.read()
+                content = _decode(f.read(), path, 1)
                 if content.lstrip().startswith("["):
                     try:
                         items = json.loads(content)
@@ -67,7 +85,7 @@ def read_json_records(path: Path, start: int = 0) -> Iterator[tuple[int, object,
                     return
                 lines: Iterator[str] = iter(content.splitlines())
             else:
-                lines = f
+                lines = (_decode(raw, path, i + 1) for i, raw in enumerate(f))
             for i, line in enumerate(lines):
                 if i < start or not line.strip():
                     continue  # skipping unparsed lines keeps resumption cheap

@@ -94,7 +94,10 @@ def _set(values: dict, origins: Origins, origin: str, flag: bool, section: str, 
 def _read_file(path: str, values: dict, origins: Origins) -> None:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
+        # Editors on Windows save "UTF-8 with BOM"; TOML forbids the mark, tomllib then
+        # reports an invalid statement at 1:1. The mark carries no meaning: drop it.
+        data = tomllib.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
