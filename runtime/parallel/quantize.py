@@ -339,7 +339,9 @@ class _AlignedTokenGroups:
         if not isinstance(experts.__dict__.get("_grouped"), cls):
             experts._grouped = cls(experts._grouped, align)
 
-    def __call__(self, x, counts, w1, b1, w2, b2):
+    def __call__(self, x, counts, w1, b1, w2, b2, *lora):
+        # lora: the experts' adapters (GroupedExperts._grouped's trailing arguments), per
+        # expert like the weights, so the padded groups pass them through unchanged.
         n, num_groups, a = x.shape[0], counts.shape[0], self.align
         capacity = -(-(n + num_groups * (a - 1)) // a) * a
         counts = counts.to(torch.int64)
@@ -352,7 +354,7 @@ class _AlignedTokenGroups:
         x_padded = x.new_zeros(capacity, x.shape[1]).index_copy(0, dest, x)
         slack = capacity - padded.sum()
         padded_counts = torch.cat([padded[:-1], padded[-1:] + slack])
-        out = self.grouped(x_padded, padded_counts, w1, b1, w2, b2)
+        out = self.grouped(x_padded, padded_counts, w1, b1, w2, b2, *lora)
         return out.index_select(0, dest)
 
 
