@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
+from runtime.model import GptOssModel
+from runtime.model.args import FLAVORS
 from runtime.train import manifest
 from runtime.train.config import load_config
 from runtime.safe_dcp import read_metadata_file
@@ -24,6 +26,19 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = ["--model.flavor=tiny", "--training.seq_len=32", "--training.local_batch_size=4",
         "--training.steps=4", "--lr_scheduler.warmup_steps=1", "--metrics.log_freq=1",
         "--checkpoint.interval=2", "--optimizer.lr=3e-3", "--checkpoint.enable=true"]
+
+
+def seeded_model(flavor: str, seed: int) -> GptOssModel:
+    """A seeded fp32 model (math attention) with non-trivial biases and sinks, so every tensor
+    counts in an export / load comparison."""
+    torch.manual_seed(seed)
+    model = GptOssModel(FLAVORS[flavor].replace(compute_dtype="float32", attn_backend="math"))
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "sinks")):
+                p.copy_(torch.randn_like(p) * 0.2)
+    return model.eval()
 
 
 def make_trainer(folder: Path, *extra: str) -> Trainer:

@@ -11,33 +11,20 @@ import pytest
 import torch
 
 from chat_conversations import CONVERSATIONS
+from checkpoint_helpers import seeded_model
 from runtime.data.chat_records import parse_record
 from runtime.data.chat_template import HarmonyRenderer
 from runtime.data.tokenizer import EMBEDDED_TOKENIZER, Tokenizer
 from runtime.hf import save_hf
 from runtime.hf.handback import write_tokenizer_files
-from runtime.model import GptOssModel
-from runtime.model.args import FLAVORS
 
 transformers = pytest.importorskip("transformers")
-
-
-def _debug_model() -> GptOssModel:
-    torch.manual_seed(0)
-    args = FLAVORS["debugmodel"].replace(compute_dtype="float32", attn_backend="math")
-    model = GptOssModel(args)
-    model.init_weights()
-    with torch.no_grad():  # non-trivial biases and sinks, so every tensor counts
-        for name, p in model.named_parameters():
-            if name.endswith(("bias", "sinks")):
-                p.copy_(torch.randn_like(p) * 0.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
-    model = _debug_model()
+    model = seeded_model("debugmodel", 0)
     save_hf(model, out, dtype=torch.float32, progress=False)
     tok = Tokenizer.load("")
     names = write_tokenizer_files(out, tokenizer_file=str(EMBEDDED_TOKENIZER),

@@ -12,13 +12,11 @@ import shutil
 
 import pytest
 import torch
-from checkpoint_helpers import copy_run, error_lines, make_trainer, run_job
+from checkpoint_helpers import copy_run, error_lines, make_trainer, run_job, seeded_model
 from tolerances import assert_close_to_scale, scaled_error
 
 from runtime.hf import save_hf
 from runtime.hf.adapter import CONFIG_FILE, WEIGHTS_FILE
-from runtime.model import GptOssModel
-from runtime.model.args import FLAVORS
 from runtime.train.checkpoint import CheckpointError, find_latest_checkpoint
 from runtime.train.resume_checks import stored_model_shapes
 from runtime.train.slurm_env import EXIT_REQUEUE
@@ -28,22 +26,11 @@ LORA = ["--lora.enable=true", "--lora.rank=4", "--lora.alpha=64", "--model.compu
         "--model.attn_backend=math"]
 
 
-def _base_model() -> GptOssModel:
-    torch.manual_seed(7)
-    model = GptOssModel(FLAVORS["tiny"].replace(compute_dtype="float32", attn_backend="math"))
-    model.init_weights()
-    with torch.no_grad():  # non-trivial biases and sinks, so every tensor counts
-        for name, p in model.named_parameters():
-            if name.endswith(("bias", "sinks")):
-                p.copy_(torch.randn_like(p) * 0.2)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny HF base checkpoint (fp32) and a bf16 copy of it (another base: other dtypes)."""
     root = tmp_path_factory.mktemp("base")
-    model = _base_model()
+    model = seeded_model("tiny", 7)
     save_hf(model, root / "fp32", dtype=torch.float32, progress=False)
     save_hf(model, root / "bf16", dtype=torch.bfloat16, progress=False)
     return root
