@@ -14,10 +14,11 @@ import torch
 from hf_reference import build_hf_model
 from tolerances import assert_close_to_scale, scaled_error
 
-from runtime.hf.adapter import (CONFIG_FILE, WEIGHTS_FILE, adapter_config, base_key, fold,
-                                lora_keys, peft_state_dict, scaling, write_adapter)
+from runtime.hf.adapter import (CONFIG_FILE, WEIGHTS_FILE, adapter_config, base_key, lora_keys,
+                                peft_state_dict, scaling, write_adapter)
 from runtime.hf.fingerprint import header_fingerprint
 from runtime.hf.keymap import hf_state_dict_to_runtime, runtime_state_dict_to_hf
+from runtime.model.lora import fold
 from runtime.model import ModelArgs
 
 peft = pytest.importorskip("peft")

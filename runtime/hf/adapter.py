@@ -74,23 +74,6 @@ def scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / (rank ** 0.5 if use_rslora else rank)
 
 
-# ---------------------------------------------------------------------------- merged
-@torch.no_grad()
-def fold(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-         *, experts_per_chunk: int = 8) -> torch.Tensor:
-    """W + scale * B @ A in float32 (a new tensor): W [out, in] with A [r, in], B [out, r], or
-    an expert stack W [E, out, in] with A [E, r, in], B [E, out, r], a few experts at a time
-    (a 120b stack's fp32 delta would be 8.5 GB at once)."""
-    out = weight.to(torch.float32, copy=True)
-    a, b = lora_a.to(out.device, torch.float32), lora_b.to(out.device, torch.float32)
-    if out.ndim == 2:
-        return out.addmm_(b, a, alpha=scale)
-    for start in range(0, out.shape[0], experts_per_chunk):
-        chunk = slice(start, start + experts_per_chunk)
-        out[chunk].baddbmm_(b[chunk], a[chunk], alpha=scale)  # [e, out, r] @ [e, r, in]
-    return out
-
-
 # ---------------------------------------------------------------------------- PEFT layout
 def _hf_target(base: str) -> tuple[str, str | None]:
     """(HF module name, HF parameter name or None for a module target) of a runtime weight."""

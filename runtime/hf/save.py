@@ -26,7 +26,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from runtime.atomic_dir import honour_umask
-from runtime.hf.adapter import fold, lora_keys
+from runtime.hf.adapter import lora_keys
+from runtime.model.lora import fold
 from runtime.hf.config import model_args_to_hf_config
 from runtime.hf.keymap import (
     RUNTIME_ONLY,

@@ -41,7 +41,7 @@ from runtime.model.lora_spec import (
     is_trainable_extra,
 )
 
-__all__ = ["LoRALinear", "apply_lora", "count_trainable", "merged_state_dict"]
+__all__ = ["LoRALinear", "apply_lora", "count_trainable", "fold", "merged_state_dict"]
 
 
 class LoRALinear(nn.Linear):
@@ -117,6 +117,24 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+# One owner of the merge math: merged_state_dict below and the HF export (runtime/hf/save.py)
+# both fold through this.
+@torch.no_grad()
+def fold(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+         *, experts_per_chunk: int = 8) -> torch.Tensor:
+    """W + scale * B @ A in float32 (a new tensor): W [out, in] with A [r, in], B [out, r], or
+    an expert stack W [E, out, in] with A [E, r, in], B [E, out, r], a few experts at a time
+    (a 120b stack's fp32 delta would be 8.5 GB at once)."""
+    out = weight.to(torch.float32, copy=True)
+    a, b = lora_a.to(out.device, torch.float32), lora_b.to(out.device, torch.float32)
+    if out.ndim == 2:
+        return out.addmm_(b, a, alpha=scale)
+    for start in range(0, out.shape[0], experts_per_chunk):
+        chunk = slice(start, start + experts_per_chunk)
+        out[chunk].baddbmm_(b[chunk], a[chunk], alpha=scale)  # [e, out, r] @ [e, r, in]
+    return out
+
+
 @torch.no_grad()
 def merged_state_dict(state_dict: dict[str, torch.Tensor],
                       spec: LoRASpec) -> dict[str, torch.Tensor]:
@@ -136,6 +154,5 @@ def merged_state_dict(state_dict: dict[str, torch.Tensor],
         if key not in out:
             continue  # another pipeline stage's layer
         w = out[key]
-        delta = s * torch.matmul(state_dict[b].float(), state_dict[a].float())  # [(E,) out, in]
-        out[key] = (w.float() + delta).to(w.dtype)
+        out[key] = fold(w, state_dict[a], state_dict[b], s).to(w.dtype)
     return out
