@@ -90,6 +90,14 @@ def format_plan(plan: MemoryPlan, cfg: JobConfig) -> str:
     lines.append("buffers and activations: first-order formulas (documented in runtime/train/memory_plan.py)")
     lines.append(f"per rank [{plan.rank}]: {_count(plan.rank_params)} parameters "
                  f"(dense {_count(plan.rank_dense)}, experts {_count(plan.rank_experts)})")
+    if plan.total_trainable < plan.total_params:
+        spec = cfg.lora_spec()
+        lines.append(f"LoRA rank {spec.rank} on {', '.join(sorted(spec.targets))} in "
+                     f"{len(spec.layers)} layers: trainable {_count(plan.total_trainable)} of "
+                     f"{_count(plan.total_params)} "
+                     f"({100 * plan.total_trainable / plan.total_params:.2f}%), "
+                     f"{_count(plan.rank_trainable)} on this rank; frozen base in "
+                     f"{target_compute_dtype_name(cfg)} (no grads, no optimizer state)")
     for line in plan.lines:
         lines.append(f"  {line.label:<14}{_gib(line.bytes)}   {line.note}")
     total = plan.total_bytes

@@ -23,6 +23,11 @@ def test_fused_matches_plain_loss_and_gradients(chunk):
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
     for a, b in zip(got_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # A frozen head (LoRA): the hidden states' gradient is the same, the head gets none.
+    frozen = weight.detach()
+    got = fused_linear_cross_entropy(hidden, frozen, labels, chunk)
+    (grad_hidden,) = torch.autograd.grad(got * 0.37, (hidden,))
+    torch.testing.assert_close(grad_hidden, ref_grads[0], rtol=1e-10, atol=1e-12)
 
 
 def test_model_with_labels_returns_the_summed_loss_and_same_gradients():

@@ -4,6 +4,7 @@ the key, and an over-memory config exits non-zero with the reason."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -272,3 +273,35 @@ def test_measured_plan_for_pure_data_parallel(capsys):
     assert code == 0, out
     assert "measured from the sharded parameters" in out
     assert "HSDP" in out and "dp_replicate 2 x dp_shard 2" in out
+
+
+# --------------------------------------------------------------------------- LoRA
+
+LORA = {"gptoss_20b_lora": 1, "gptoss_120b_lora": 8}
+
+
+@pytest.mark.parametrize("name", list(LORA))
+def test_lora_config_plans_frozen_base_and_adapters_within_70_gib(name):
+    """The shipped LoRA configs fit in 70 GiB per GPU at their world size: the frozen base in
+    bf16 without grads or optimizer state, the adapters (counted independently from the spec's
+    layout) as fp32 masters with fp32 grads and AdamW's two fp32 states."""
+    from runtime.model.lora_spec import adapter_shapes
+
+    world = LORA[name]
+    cfg = load_config(str(CONFIGS / f"{name}.toml"))
+    plan = plan_module.plan_job(cfg, world)
+    assert plan.total_bytes <= 70 * 2**30, plan_module.format_plan(plan, cfg)
+    adapters = sum(math.prod(s) for s in adapter_shapes(cfg.model_args(), cfg.lora_spec()).values())
+    assert plan.total_trainable == adapters
+    assert plan.rank_trainable == pytest.approx(adapters / world, rel=0.01)
+    frozen = plan.rank_params - plan.rank_trainable
+    lines = {line.label: line.bytes for line in plan.lines}
+    assert lines["params"] == 2 * frozen + 4 * plan.rank_trainable
+    assert lines["grads"] == 4 * plan.rank_trainable
+    assert lines["optimizer"] == 8 * plan.rank_trainable
+    if world == 1:  # negative control: the same job as a full fine-tune is 16 B/param, no fit
+        full = plan_module.plan_job(load_config(str(CONFIGS / f"{name}.toml"),
+                                                ["--lora.enable=false"]), world)
+        full_lines = {line.label: line.bytes for line in full.lines}
+        assert full_lines["params"] == 4 * full.rank_params and full.total_trainable == full.total_params
+        assert not full.fits

@@ -88,7 +88,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(dtype, torch.float32)  # softmax/accumulation precision
         h, w = hidden.to(dtype), weight.to(dtype)
         grad_hidden = torch.empty_like(hidden, dtype=acc)
-        grad_weight = torch.zeros_like(weight, dtype=acc)
+        # A frozen head (LoRA) needs no [V, D] fp32 gradient: neither its memory nor the
+        # third of the head's matmuls that would fill it.
+        grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         loss_and_grad = _compiled_chunk_loss_and_grad() if compiled else _chunk_loss_and_grad
         with torch.autocast(hidden.device.type, enabled=False):
@@ -98,7 +100,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 loss, grad_logits = loss_and_grad(logits, labels[rows], dtype)  # [n, V] dtype
                 total += loss
                 grad_hidden[rows] = grad_logits @ w  # [n, D], cast on assignment
-                _accumulate_matmul(grad_weight, grad_logits.T, h[rows])  # [V, D]
+                if grad_weight is not None:
+                    _accumulate_matmul(grad_weight, grad_logits.T, h[rows])  # [V, D]
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
@@ -107,8 +110,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        return ((grad_hidden * grad_out).to(hidden_dtype), (grad_weight * grad_out).to(weight_dtype),
-                None, None, None)
+        weight_grad = None if grad_weight is None else (grad_weight * grad_out).to(weight_dtype)
+        return (grad_hidden * grad_out).to(hidden_dtype), weight_grad, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -14,10 +14,13 @@ Memory model (per rank; the worst rank under PP; GiB = 2^30 bytes)
 params        fp32 master weights: the rank's shards (FSDP pads dim 0: rank 0 gets the ceil)
 grads         fp32, same shards
 optimizer     AdamW exp_avg + exp_avg_sq: 2 x fp32 per parameter
+              With [lora] (runtime/train/memory_plan_lora.py): the frozen base in the compute
+              dtype, no grads or optimizer state; adapters (+ trainable_extra) as above.
 FSDP buffers  all-gathered (unsharded) parameters in the mixed-precision param dtype (bf16)
               for 2 transformer blocks (the running one + the prefetched next), plus the root
               unit (embeddings, final norm, output head: gathered for the whole step), plus
-              one block's unsharded gradients in the reduce dtype (fp32) before reduce-scatter.
+              one block's unsharded gradients in the reduce dtype (fp32) before reduce-scatter
+              (LoRA: the block's trainable parameters only).
               "Unsharded" means after FSDP's all-gather only: tp / ep shards stay local.
 activations   first order, bf16 compute (a = 2 bytes; 4 for fp32), per layer and token:
                 none        a*(8*dim + 4*q + 3*kv + 6*k*F + 3*k*dim) + 4*(4*dim + 2*E)
@@ -37,7 +40,8 @@ logits + loss tokens x vocab (/ tp with loss parallel) x (a bf16 logits + 4 fp32
               saved log-softmax + 4 its gradient) bytes, on the rank holding the output head;
               with the fused loss (training.loss_chunk_size > 0, no TP/PP) one chunk of
               tokens instead of all of them, plus the fp32 gradients of the hidden states and
-              of the head weight that the fused forward stores for backward.
+              of the head weight (when trained: not under LoRA) that the fused forward
+              stores for backward.
 reserve       2 GiB for the CUDA context, NCCL buffers and allocator fragmentation.
 Not modelled: expert-load imbalance, temporary buffers of collectives, compile workspaces.
 """
@@ -50,6 +54,7 @@ from typing import Any
 
 from runtime.model.args import ModelArgs
 from runtime.parallel.dims import ParallelDims, pipeline_num_stages
+from runtime.train import memory_plan_lora
 from runtime.train.config import JobConfig, validate_job
 
 DEFAULT_GPU_MEMORY_GIB = 80.0  # H100 80GB
@@ -105,6 +110,8 @@ class Applied:
     fsdp: bool  # fully_shard was applied (all-gather buffers exist)
     mesh: str  # the device mesh parallelize() ran on
     shares: list[RankShare]  # each pipeline rank's part, cut as the trainer cuts stages
+    # parameters with gradients and optimizer state: all of them, or LoRA's adapters (+ extras)
+    trainable: frozenset[str] = frozenset()
 
 
 def apply_plan(cfg: JobConfig, dims: ParallelDims, model_args: ModelArgs) -> Applied:
@@ -127,6 +134,7 @@ def apply_plan(cfg: JobConfig, dims: ParallelDims, model_args: ModelArgs) -> App
         mesh = dims.build_mesh("cpu") if dims.world_size > 1 else None
         with torch.device("meta"):
             model = GptOssModel(model_args)
+        memory_plan_lora.adapt(model, cfg, target_compute_dtype_name(cfg))  # [lora]
         # Plans are for the job's accelerator: "auto" means CUDA there (bf16 compute).
         device = torch.device("cpu" if cfg.training.device == "cpu" else "cuda")
         model = parallelize(model, dims, cfg, device)
@@ -147,6 +155,7 @@ def apply_plan(cfg: JobConfig, dims: ParallelDims, model_args: ModelArgs) -> App
             fsdp=any(isinstance(m, FSDPModule) for m in model.modules()),
             mesh=_describe_mesh(mesh),
             shares=shares,
+            trainable=memory_plan_lora.trainable_names(model),
         )
     finally:
         dist.destroy_process_group()
@@ -197,6 +206,8 @@ class MemoryPlan:
     rank_dense: int
     rank_experts: int
     lines: list[Line]
+    total_trainable: int  # parameters with gradients (all of them without LoRA)
+    rank_trainable: int
     gpu_gib: float
     tokens_per_microbatch: int
     grad_accum: int
@@ -294,19 +305,20 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
         names = [n for n in local if share.holds(n)]
         n_params = sum(local[n] for n in names)
         experts = sum(local[n] for n in names if _is_expert(n))
-        lines = [
-            Line("params", 4 * n_params, "fp32 master weights"),
-            Line("grads", 4 * n_params, "fp32"),
-            Line("optimizer", 8 * n_params, f"{cfg.optimizer.name} exp_avg + exp_avg_sq, fp32"),
-        ]
+        trained = [n for n in names if n in applied.trainable]
+        lines = [Line(*term) for term in memory_plan_lora.state_lines(
+            names, local, applied.trainable.__contains__, target_compute_dtype_name(cfg),
+            a, cfg.optimizer.name)]
         if applied.fsdp:
             blocks = sorted((sum(unsharded(n) for n in names if _layer_of(n) == i)
                              for i in share.layers), reverse=True)
             gathered = sum(blocks[:2])
             root = sum(unsharded(n) for n in names if _layer_of(n) is None)
+            grad_block = max((sum(unsharded(n) for n in trained if _layer_of(n) == i)
+                              for i in share.layers), default=0)  # LoRA: adapters only
             lines.append(Line(
                 "FSDP buffers",
-                param_bytes * (gathered + root) + reduce_bytes * (blocks[0] if blocks else 0),
+                param_bytes * (gathered + root) + reduce_bytes * grad_block,
                 f"{min(2, len(blocks))} blocks + root unit gathered in "
                 f"{fsdp_param_dtype_name(cfg)}, 1 block of unsharded grads in {t.mixed_precision_reduce}"))
         stored = sum(per_token[modes[i]] for i in share.layers)
@@ -324,11 +336,12 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
             chunk = t.loss_chunk_size
             if chunk > 0 and dims.tp == 1 and dims.pp == 1:  # fused, chunked head + loss
                 rows = min(chunk, tokens)
+                head = "output.weight" in applied.trainable  # a frozen head gets no gradient
                 lines.append(Line(
                     "logits + loss",
-                    rows * vocab * logit_bytes + (tokens + vocab) * model_args.dim * 4,
+                    rows * vocab * logit_bytes + (tokens + vocab * head) * model_args.dim * 4,
                     f"fused: {rows:,}-token chunk x {vocab:,} vocab x {logit_bytes} B "
-                    f"+ stored fp32 gradients of hidden states and head"))
+                    f"+ stored fp32 gradients of hidden states{' and head' if head else ''}"))
             else:
                 lines.append(Line("logits + loss", tokens * vocab * logit_bytes,
                                   f"{tokens:,} tokens x {vocab:,} vocab x {logit_bytes} B"))
@@ -337,7 +350,9 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
             config=config_name, world_size=world_size, dims=dims, applied=applied,
             model_args=model_args, total_params=sum(full_numel.values()), active_params=0,
             rank=share.label, rank_params=n_params, rank_dense=n_params - experts,
-            rank_experts=experts, lines=lines, gpu_gib=gpu_gib, tokens_per_microbatch=tokens,
+            rank_experts=experts, lines=lines,
+            total_trainable=sum(full_numel[n] for n in applied.trainable),
+            rank_trainable=sum(local[n] for n in trained), gpu_gib=gpu_gib, tokens_per_microbatch=tokens,
             grad_accum=grad_accum, global_batch=t.local_batch_size * dims.dp * grad_accum)
         if worst is None or candidate.total_bytes > worst.total_bytes:
             worst = candidate
