@@ -79,6 +79,17 @@ CONVERSATIONS = {
         {"role": "tool", "content": {"hits": ["alice"]}},
         {"role": "assistant", "content": "Found alice."},
     ]},
+    # Two calls in one message: split into call, result, call, result (chat_records), results
+    # paired by id (given here in the other order).
+    "parallel_tool_calls": {"tools": [WEATHER_TOOL, CLOCK_TOOL], "messages": [
+        {"role": "user", "content": "Weather in Rome, and the time?"},
+        {"role": "assistant", "thinking": "Both tools.", "tool_calls": [
+            {"id": "c1", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}},
+            {"id": "c2", "function": {"name": "now", "arguments": {}}}]},
+        {"role": "tool", "tool_call_id": "c2", "content": "09:30"},
+        {"role": "tool", "tool_call_id": "c1", "content": "{\"temperature\": 18}"},
+        {"role": "assistant", "content": "18 C at 09:30."},
+    ]},
     "two_turns_with_tools": {"tools": [CLOCK_TOOL], "messages": [
         {"role": "user", "content": "Time?"},
         {"role": "assistant", "content": "Checking the clock.",

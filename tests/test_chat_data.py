@@ -202,6 +202,11 @@ def test_bad_chat_input_is_one_line(tmp_path, tok):
                                             r"arguments (must be a JSON object|are not valid)"):
             for _ in range(3):
                 next(build_dataloader(_cfg(bad, tokenize_batch_docs=1), tok, 1024, 1))
+    no_name = {**RECORDS[0], "tools": [{"type": "function", "function": {"parameters": {}}}]}
+    bad.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(no_name) + "\n")
+    with pytest.raises(DataError, match=r"^[^\n]*bad.jsonl:2: tools\[0\]: a tool needs function.name"):
+        for _ in range(3):
+            next(build_dataloader(_cfg(bad, tokenize_batch_docs=1), tok, 1024, 1))
     path = _write(tmp_path, RECORDS)
     with pytest.raises(DataError, match="data.loss_on"):
         build_dataloader(_cfg(path, loss_on="assistant"), tok, 1024, 1)
@@ -215,6 +220,60 @@ def test_bad_chat_input_is_one_line(tmp_path, tok):
     text_only.write_text(json.dumps(raw))
     with pytest.raises(DataError, match="harmony"):
         build_dataloader(_cfg(path), Tokenizer.load(str(text_only)), 1024, 1)
+
+
+def test_hf_arrow_dataset_saved_to_disk(tmp_path, tok, monkeypatch):
+    """A real `datasets` DatasetDict (save_to_disk) of conversations whose tools have
+    different schemas: Arrow gives every row the union of keys, null where absent; read as
+    absent, the rows render exactly as the JSONL records do. A saved Dataset is the train
+    split only, and a bad row names its example."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    records = [CONVERSATIONS[k] for k in ("tool_call", "typed_tool_schemas", "single_turn",
+                                          "two_turns_with_tools", "ends_with_tool_call")]
+    # Arrow needs one type per column: tool contents as text, arguments as objects.
+    records = [{"tools": r.get("tools"), "messages": [
+        {**m, "content": json.dumps(m["content"])} if not isinstance(m.get("content", ""), str)
+        else m for m in r["messages"]]} for r in records]
+    for r in records:
+        for m in r["messages"]:
+            for call in m.get("tool_calls", []):
+                if isinstance(call["function"]["arguments"], str):
+                    call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+    ds = datasets.Dataset.from_list(records)
+    row = ds[0]  # the negative control: the raw rows really hold Arrow's nulls
+    assert row["messages"][0]["thinking"] is None
+    assert None in row["tools"][0]["function"]["parameters"]["properties"].values()
+    assert None in row["messages"][1]["tool_calls"][0]["function"]["arguments"].values()
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": ds, "validation": ds.select([1])}).save_to_disk(str(saved))
+    jsonl = _write(tmp_path, records)
+    cfg = {"dataset": "chat", "hf_dataset": str(saved), "chat_date": DATE}
+    from_arrow = build_dataloader({**cfg, "hf_split": "train"}, tok, 1024, len(records))
+    from_json = build_dataloader(_cfg(jsonl), tok, 1024, len(records))
+    assert from_arrow.source.saved == "dict"
+    a, b = next(from_arrow), next(from_json)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    val = build_dataloader({**cfg, "hf_split": "validation"}, tok, 1024, 1)
+    one = build_dataloader(_cfg(_write(tmp_path, records[1:2], "one.jsonl")), tok, 1024, 1)
+    assert torch.equal(next(val)["tokens"], next(one)["tokens"])
+    with pytest.raises(DataError, match="has no split 'test' \\(it has train, validation\\)"):
+        next(build_dataloader({**cfg, "hf_split": "test"}, tok, 1024, 1))
+    single = tmp_path / "single"
+    ds.save_to_disk(str(single))
+    cfg["hf_dataset"] = str(single)
+    assert torch.equal(next(build_dataloader({**cfg, "hf_split": "train"}, tok, 1024, 5))[
+        "tokens"], b["tokens"])
+    with pytest.raises(DataError, match="one saved Dataset \\(no splits\\)"):
+        next(build_dataloader({**cfg, "hf_split": "validation"}, tok, 1024, 1))
+    bad = datasets.Dataset.from_list([records[0], {**records[0], "tools": [
+        {"type": "function", "function": {"name": None, "description": "nameless"}}]}])
+    bad.save_to_disk(str(tmp_path / "bad"))
+    cfg["hf_dataset"] = str(tmp_path / "bad")
+    with pytest.raises(DataError, match=r"example 1: tools\[0\]: a tool needs function.name"):
+        for _ in range(3):
+            next(build_dataloader({**cfg, "tokenize_batch_docs": 1}, tok, 1024, 1))
 
 
 def test_embedded_chat_sample(tok):

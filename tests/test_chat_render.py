@@ -63,9 +63,9 @@ def _real_template() -> TemplateRenderer | None:
 
 def _turn_prefixes(record):
     """The conversation cut after each assistant message (per-turn training renders)."""
-    msgs = record["messages"]
+    msgs = record["messages"]  # (not inside parallel calls: they need their results)
     return [{**record, "messages": msgs[: i + 1]} for i, m in enumerate(msgs)
-            if m["role"] == "assistant"]
+            if m["role"] == "assistant" and len(m.get("tool_calls") or []) < 2]
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
@@ -195,6 +195,9 @@ def _char_spans(text: str, loss_on: str) -> list[tuple[int, int]]:
         prev_end = m.end()
     if loss_on == "last_assistant":
         turns = turns[-1:]
+    if loss_on == "last_user_turn":
+        last_user = max(m.end() for m in MESSAGE_RE.finditer(text) if m.group(1) == "user")
+        turns = [t for t in turns if t[0] > last_user]
     return [tuple(t) for t in turns]
 
 
@@ -216,7 +219,7 @@ def tok():
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
-@pytest.mark.parametrize("loss_on", ["last_assistant", "all_assistant"])
+@pytest.mark.parametrize("loss_on", ["last_assistant", "last_user_turn", "all_assistant"])
 def test_mask_equals_spans_found_in_text(tok, name, loss_on):
     conv = parse_record(CONVERSATIONS[name], "t")
     text = harmony.render(conv.messages, tools=conv.tools, date=DATE,
@@ -245,3 +248,136 @@ def test_mask_details(tok):
     assert trained_tokens(ids, tok.decode, hid, "all").sum() == len(ids) - 1
     with pytest.raises(ValueError, match="data.loss_on"):
         trained_tokens(ids, tok.decode, hid, "assistant")
+
+
+def _trained_text(tok, record, loss_on, renderer=None):
+    """Each run of trained tokens of the record's rendering, decoded (with the encoder the
+    loader uses: masks and per-message `train` flags)."""
+    from runtime.data.chat_source import ChatEncoder
+
+    renderer = renderer or TemplateRenderer(FIXTURE.read_text(), str(FIXTURE), date=DATE)
+    doc = ChatEncoder(tok, renderer, loss_on)([parse_record(record, "t")])[0]
+    runs, ids = [], doc.tokens.tolist()
+    for i, (token, trained) in enumerate(zip(ids, doc.trained)):
+        if trained and (i == 0 or not doc.trained[i - 1]):
+            runs.append([])
+        if trained:
+            runs[-1].append(token)
+    return [tok.decode(r) for r in runs]
+
+
+def test_last_user_turn_trains_the_tool_calls_and_the_answer(tok):
+    record = CONVERSATIONS["tool_call"]
+    call = (' to=functions.get_weather<|channel|>commentary json<|message|>'
+            '{"city": "Paris", "unit": "celsius"}<|call|>')
+    final = ("<|channel|>analysis<|message|>It is 21 C.<|end|><|start|>assistant"
+             "<|channel|>final<|message|>21 °C and sunny.<|return|>")
+    assert _trained_text(tok, record, "last_user_turn") == [call, final]
+    assert _trained_text(tok, record, "last_assistant") == [final]  # negative control
+    # After a later user message, earlier turns are context again.
+    two = CONVERSATIONS["two_turns_with_tools"]
+    assert _trained_text(tok, two, "last_user_turn") == _trained_text(tok, two, "last_assistant")
+    assert len(_trained_text(tok, two, "all_assistant")) == 3
+
+
+def test_per_message_train_flag_overrides_loss_on(tok):
+    msgs = CONVERSATIONS["two_turns_with_tools"]["messages"]
+    flagged = {**CONVERSATIONS["two_turns_with_tools"], "messages": [
+        msgs[0], {**msgs[1], "train": True}, msgs[2], msgs[3], msgs[4],
+        {**msgs[5], "training": False}]}  # Axolotl's name for the flag
+    call = " to=functions.now<|channel|>commentary json<|message|>{}<|call|>"
+    # The tool call's analysis is not rendered (a final answer follows it), so not trained;
+    # the last turn (thinking and answer) is masked by its flag.
+    for renderer in (None, HarmonyRenderer(date=DATE)):
+        assert _trained_text(tok, flagged, "last_assistant", renderer) == [call]
+        assert _trained_text(tok, flagged, "all_assistant", renderer) == [
+            call, "<|channel|>final<|message|>It is noon.<|end|>"]
+    # Consecutive assistant messages: a trained one after an untrained one starts at its
+    # own <|start|> (the model writes it inside the turn).
+    both = {"messages": [{"role": "user", "content": "Hi"},
+                         {"role": "assistant", "content": "One.", "train": False},
+                         {"role": "assistant", "thinking": "T.", "content": "Two.", "train": True}]}
+    assert _trained_text(tok, both, "all_assistant") == [
+        "<|start|>assistant<|channel|>analysis<|message|>T.<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Two.<|return|>"]
+    for bad, match in (({"role": "user", "content": "x", "train": True}, "train = true on a user"),
+                       ({"role": "assistant", "content": "x", "train": "yes"}, "true or false")):
+        with pytest.raises(ChatRecordError, match=match):
+            parse_record({"messages": [bad, {"role": "assistant", "content": "y"}]}, "f:3")
+    # A user message may say train = false (it is context anyway).
+    assert parse_record({"messages": [{"role": "user", "content": "x", "train": False},
+                                      {"role": "assistant", "content": "y"}]}, "t")
+
+
+def test_parallel_tool_calls_split_into_call_result_pairs(tok):
+    record = CONVERSATIONS["parallel_tool_calls"]
+    m = record["messages"]
+    split = {**record, "messages": [
+        m[0], {"role": "assistant", "thinking": "Both tools.", "tool_calls": [m[1]["tool_calls"][0]]},
+        m[3], {"role": "assistant", "tool_calls": [m[1]["tool_calls"][1]]}, m[2], m[4]]}
+    template = TemplateRenderer(FIXTURE.read_text(), str(FIXTURE), date=DATE)
+    assert _render_both(template, template, record) == _render_both(template, template, split)
+    text = _render_both(template, template, record)[0]
+    assert text.index("functions.get_weather to=assistant") < text.index("to=functions.now")
+    assert _trained_text(tok, record, "last_user_turn") == [
+        ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Rome"}<|call|>',
+        " to=functions.now<|channel|>commentary json<|message|>{}<|call|>",
+        "<|channel|>final<|message|>18 C at 09:30.<|return|>"]
+    # Without ids, results pair in order; a call without its own result is refused.
+    no_ids = json.loads(json.dumps(record))
+    for msg in no_ids["messages"]:
+        msg.pop("id", None), msg.pop("tool_call_id", None)
+        for call in msg.get("tool_calls", []):
+            call.pop("id")
+    conv = parse_record(no_ids, "t")
+    assert [x.get("content") for x in conv.messages if x["role"] == "tool"] == [
+        "09:30", "{\"temperature\": 18}"]
+    for messages, match in ((m[:2], "2 parallel tool calls followed by 0"),
+                            (m[:3] + m[4:], "followed by 1 tool result"),
+                            ([m[0], m[1], {**m[2], "tool_call_id": "c9"}, m[3], m[4]],
+                             "do not match the calls' ids")):
+        with pytest.raises(ChatRecordError, match=match) as e:
+            parse_record({**record, "messages": messages}, "calls.jsonl:4")
+        assert str(e.value).startswith("calls.jsonl:4: messages[1]: ")
+
+
+def test_null_is_absent_and_bad_tools_name_the_field():
+    # null optional fields: `thinking: null` does not hide `reasoning_content` (the issue's
+    # silent loss), and nulls in a tool schema (Arrow's shape) render as if absent.
+    record = {"tools": [{"type": "function", "function": {
+        "name": "get_weather", "description": None, "parameters": {
+            "type": "object", "required": None,
+            "properties": {"city": {"type": "string", "default": None, "enum": None},
+                           "query": None}}}}],
+        "messages": [{"role": "user", "content": "Hi", "thinking": None, "tool_calls": None},
+                     {"role": "assistant", "thinking": None, "reasoning_content": "Think.",
+                      "content": "Hello", "train": None}]}
+    clean = {"tools": [{"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object",
+                                              "properties": {"city": {"type": "string"}}}}}],
+        "messages": [{"role": "user", "content": "Hi"},
+                     {"role": "assistant", "thinking": "Think.", "content": "Hello"}]}
+    template = TemplateRenderer(FIXTURE.read_text(), str(FIXTURE), date=DATE)
+    assert _render_both(HarmonyRenderer(date=DATE), template, record) == \
+        _render_both(HarmonyRenderer(date=DATE), template, clean)
+    assert "Think." in _render_both(template, template, record)[0]
+    assert "default: null" not in _render_both(template, template, record)[0]
+    # tools as a JSON string (a text column keeps each schema's key order)
+    as_text = {**clean, "tools": json.dumps(clean["tools"])}
+    assert _render_both(template, template, as_text) == _render_both(template, template, clean)
+    for tools, match in (
+            ([{"type": "function", "function": {"description": "no name"}}],
+             r"tools\[0\]: a tool needs function.name \(its keys: description\)"),
+            ([{"description": "bare, no name"}], r"tools\[0\]: a tool needs name"),
+            ([CONVERSATIONS["tool_call"]["tools"][1], {"function": {
+                "name": "f", "parameters": {"properties": {"a": "string"}}}}],
+             r"tools\[1\].function.parameters.properties.a: must be an object"),
+            ([{"function": {"name": "f", "parameters": {"properties": ["a"]}}}],
+             r"parameters.properties: must be an object"),
+            ([{"function": {"name": "f", "parameters": {"required": "a"}}}],
+             r"parameters.required: must be a list"),
+            ("[{broken", "'tools' is a string but not valid JSON"),
+            ({"name": "f"}, "'tools' must be a list")):
+        with pytest.raises(ChatRecordError, match=match) as e:
+            parse_record({**clean, "tools": tools}, "tools.jsonl:9")
+        assert str(e.value).startswith("tools.jsonl:9: ")

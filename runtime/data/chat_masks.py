@@ -18,12 +18,18 @@ tokens are trained; every other token is context (IGNORE_INDEX in the labels).
   "all_assistant"             every assistant turn
   "all"                       every token after the first
 
+A record's per-message `"train": true/false` (runtime.data.chat_records) overrides that
+for the tokens its assistant message rendered to (apply_overrides): the k-th assistant
+message of the record is the k-th run of rendered assistant messages that ends in one not on
+the analysis channel (its thinking, if rendered, then its final answer or tool call).
+
 The message boundaries come from the special-token ids and each header's role from
 decoding the header ids alone; no substring is re-tokenized.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,6 +110,45 @@ def assistant_turns(ids, decode, hid: HarmonyIds) -> list[tuple[int, int]]:
             turns.append([start + 1 + role_len, stop])
         previous_stop = stop
     return [(a, b) for a, b in turns]
+
+
+_ANALYSIS = re.compile(r"<\|channel\|>\s*analysis(\s|$)")
+
+
+def assistant_messages(ids, decode, hid: HarmonyIds) -> list[tuple[int, int]]:
+    """[first, last] token indices the model generated for each assistant message of the
+    record: its analysis (when rendered) and its final answer or tool call. `first` is right
+    after `<|start|>assistant` when the message opens a turn, else its `<|start|>` (the
+    model generates that inside a turn)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out: list[tuple[int, int]] = []
+    previous_stop, first = None, None
+    for start, header_end, stop in _messages(ids, hid):
+        header = ids[start + 1: header_end].tolist()
+        role_len = _role_length(header, decode)
+        if role_len is None:
+            previous_stop, first = None, None
+            continue
+        if first is None:
+            first = start if previous_stop == start - 1 else start + 1 + role_len
+        if not _ANALYSIS.search(decode(header)):
+            out.append((first, stop))
+            first = None
+        previous_stop = stop
+    return out
+
+
+def apply_overrides(mask: np.ndarray, ids, decode, hid: HarmonyIds,
+                    flags: list[bool | None]) -> int:
+    """Set (True) or clear (False) `mask` over the tokens of each assistant message whose
+    flag is not None; `flags` has one entry per assistant message of the record. Returns the
+    number of assistant messages found in the rendered ids (the caller checks it)."""
+    spans = assistant_messages(ids, decode, hid)
+    if len(spans) == len(flags):
+        for (first, last), flag in zip(spans, flags, strict=True):
+            if flag is not None:
+                mask[first: last + 1] = flag
+    return len(spans)
 
 
 def trained_tokens(ids, decode, hid: HarmonyIds, loss_on: str = "last_assistant") -> np.ndarray:

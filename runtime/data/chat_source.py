@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from runtime.data.chat_masks import LOSS_ON, HarmonyIds, trained_tokens
+from runtime.data.chat_masks import LOSS_ON, HarmonyIds, apply_overrides, trained_tokens
 from runtime.data.chat_pack import WholeDocumentStream
 from runtime.data.chat_records import ChatRecordError, Conversation, parse_record
 from runtime.data.chat_template import ChatTemplateError, build_renderer
@@ -38,9 +38,9 @@ CHAT_SAMPLE = {"train": CHAT_SAMPLE_DIR / "train.jsonl.gz",
                "validation": CHAT_SAMPLE_DIR / "validation.jsonl.gz"}
 
 
-def _conversation(record, where: str) -> Conversation:
+def _conversation(record, where: str, arrow: bool = False) -> Conversation:
     try:
-        return parse_record(record, where)
+        return parse_record(record, where, arrow=arrow)
     except ChatRecordError as e:
         raise DataError(str(e)) from None
 
@@ -90,11 +90,24 @@ class ChatEncoder:
     def __call__(self, conversations: list[Conversation]) -> list[Document]:
         texts = [self.render(c) for c in conversations]
         docs = []
-        for ids in self.tokenizer.encode_batch(texts, allow_special=True):
+        encoded = self.tokenizer.encode_batch(texts, allow_special=True)
+        for conversation, ids in zip(conversations, encoded, strict=True):
             ids = np.asarray(ids, dtype=np.int64)
-            docs.append(Document(ids, trained_tokens(ids, self.tokenizer.decode,
-                                                     self.harmony_ids, self.loss_on)))
+            mask = trained_tokens(ids, self.tokenizer.decode, self.harmony_ids, self.loss_on)
+            self._override(conversation, ids, mask)
+            docs.append(Document(ids, mask))
         return docs
+
+    def _override(self, conversation: Conversation, ids: np.ndarray, mask: np.ndarray) -> None:
+        """The per-message `train` flags of the record, applied to `mask` in place."""
+        flags = [m.get("train") for m in conversation.messages if m["role"] == "assistant"]
+        if all(flag is None for flag in flags):
+            return
+        found = apply_overrides(mask, ids, self.tokenizer.decode, self.harmony_ids, flags)
+        if found != len(flags):
+            raise DataError(f"{conversation.where or 'a chat record'}: {self.renderer.source} "
+                            f"rendered {found} assistant messages for the record's "
+                            f"{len(flags)}: its per-message 'train' flags cannot be placed")
 
 
 class _ChatMixin:
@@ -154,7 +167,7 @@ class ChatHFSource(_ChatMixin, HFSource):
         self.data_cfg = data_cfg
 
     def item_of(self, example, where: str) -> Conversation:
-        return _conversation(dict(example), where)
+        return _conversation(dict(example), where, arrow=True)
 
 
 def build_chat_source(data_cfg, split: str = "train"):

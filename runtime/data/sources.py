@@ -157,6 +157,17 @@ class EmbeddedSource(FileSource):
         super().__init__([EMBEDDED_CORPUS], "text", shuffle, seed, name="embedded corpus")
 
 
+def _saved_dataset_kind(dataset: str) -> str:
+    """'dataset' | 'dict' when `dataset` is a local folder written by datasets' save_to_disk
+    (its state.json / dataset_dict.json), else ''."""
+    path = Path(dataset).expanduser()
+    if not path.is_dir():
+        return ""
+    if (path / "dataset_dict.json").is_file():
+        return "dict"
+    return "dataset" if (path / "state.json").is_file() else ""
+
+
 class HFSource(DocumentSource):
     """HF `datasets`: streamed (default) or a prepared split read by index.
 
@@ -187,17 +198,41 @@ class HFSource(DocumentSource):
         self.text_key, self.shuffle, self.seed = text_key, shuffle, seed
         self.shuffle_buffer = shuffle_buffer
         self.name = f"hf:{dataset}" + (f"/{config}" if config else "") + f"[{split}]"
+        # A folder written by save_to_disk: Arrow files read by index (load_from_disk),
+        # which load_dataset refuses.
+        self.saved = _saved_dataset_kind(dataset)
+        if self.saved:
+            self.streaming = False
 
     def _load(self):
         import datasets  # optional dependency, imported only for HF data
 
         try:
+            if self.saved:
+                return self._load_saved(datasets)
             return datasets.load_dataset(
                 self.dataset, self.config or None, split=self.split, streaming=self.streaming
             )
+        except DataError:
+            raise
         except Exception as e:  # datasets raises many types (FileNotFound, ValueError, hub errors)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"data.hf_dataset={self.dataset!r}: cannot load: {first}") from None
+
+    def _load_saved(self, datasets):
+        """The split of a saved DatasetDict; a saved Dataset is the "train" split only (a
+        validation source naming another split must not silently read the training rows)."""
+        ds = datasets.load_from_disk(str(Path(self.dataset).expanduser()))
+        if isinstance(ds, datasets.DatasetDict):
+            if self.split not in ds:
+                raise DataError(f"data.hf_dataset={self.dataset!r}: saved DatasetDict has no "
+                                f"split {self.split!r} (it has {', '.join(ds)})")
+            return ds[self.split]
+        if self.split != "train":
+            raise DataError(f"data.hf_dataset={self.dataset!r} is one saved Dataset (no splits): "
+                            f"split {self.split!r} asked; save a DatasetDict, or give the "
+                            "held-out rows their own folder")
+        return ds
 
     def num_shards(self) -> int:
         return 1
