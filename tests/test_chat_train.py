@@ -85,3 +85,41 @@ def test_validation_and_hand_back_equal_one_process(reference, tmp_path, name, w
     assert ref_hf.keys() == got_hf.keys()
     for key, tensor in ref_hf.items():
         assert (got_hf[key] - tensor).abs().max() <= 1e-6 + 1e-5 * tensor.abs().max(), key
+
+
+def test_validation_says_what_it_measures_and_caps_steps_at_one_pass(tmp_path):
+    """The start-up line counts what one evaluation reads; validation.steps longer than the
+    held-out set is capped at one pass (with a line), shorter is kept; -1 is one pass."""
+    from types import SimpleNamespace
+
+    from chat_conversations import CONVERSATIONS
+    from runtime.data import Tokenizer
+    from runtime.train.config import load_config
+    from runtime.train.validate import Validator
+
+    # 104, 149 and 185 tokens: one conversation per 200-token window.
+    rows = [CONVERSATIONS[k] for k in ("single_turn", "system_and_thinking", "multi_turn")]
+    held_out = tmp_path / "val.jsonl"
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = []
+
+    def validator(steps, global_batch):
+        cfg = load_config(SFT, ["--model.flavor=tiny", "--training.seq_len=200",
+                                f"--validation.dataset_path={held_out}",
+                                f"--validation.steps={steps}", "--data.chat_date=2026-01-15"])
+        trainer = SimpleNamespace(cfg=cfg, tokenizer=Tokenizer.load(""), dims=SimpleNamespace(dp=1),
+                                  global_batch=global_batch, _dp_rank=lambda: 0, log=lines.append)
+        lines.clear()
+        return Validator(trainer)
+
+    assert validator(10, 3).steps == 1
+    assert lines[0].startswith(f"validation: {held_out}: 3 conversations, ") and lines[0].endswith(
+        " trained tokens in 1 global batch per evaluation (one pass over the held-out set), "
+        "every 50 steps and after the last"), lines
+    assert lines[1] == ("validation: steps = 10 capped at 1: one pass over the held-out set "
+                        "(a longer evaluation would repeat it)")
+    assert validator(2, 1).steps == 2 and len(lines) == 1  # shorter than a pass: kept
+    assert "2 conversations, " in lines[0] and "in 2 global batches per evaluation (the " \
+        "held-out set is longer)" in lines[0], lines
+    assert validator(-1, 1).steps == 3 and len(lines) == 1
+    assert "3 conversations, " in lines[0] and "(one pass over the held-out set)" in lines[0]

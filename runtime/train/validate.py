@@ -2,7 +2,9 @@
 
 The held-out loader is rebuilt for every evaluation, so each evaluation sees the same
 `steps` global batches (runtime.data.loader.validation_data_config says where they come
-from). Each batch is split like a training batch (context-parallel shard, micro-batches) and
+from). At start-up those batches are read once: one log line says what an evaluation
+measures (conversations, trained tokens, batches), and `steps` is capped at one pass over
+the held-out set (-1: exactly one pass), with a line saying so. Each batch is split like a training batch (context-parallel shard, micro-batches) and
 its loss summed over the trained tokens (labels != IGNORE_INDEX); the validation loss is
 that sum over every rank with different tokens divided by their count, the same
 normalisation as training, so it does not depend on the mesh.
@@ -39,7 +41,35 @@ class Validator:
                 document_masking=cfg.data.document_mask, split="validation", holdout=holdout)
 
         self._make_loader = make_loader
-        self.source_name = make_loader().source.name  # bad input fails before training
+        census = build_dataloader(  # the global batches, the same on every rank
+            data_cfg, trainer.tokenizer, cfg.training.seq_len, trainer.global_batch,
+            document_masking=cfg.data.document_mask, split="validation", holdout=holdout)
+        self.source_name = census.source.name
+        self.steps = self._count(census, trainer)  # bad input fails before training
+
+    def _count(self, loader, trainer) -> int:
+        """Read what one evaluation reads (at most one pass over the held-out set), log it
+        once, and return the global batches per evaluation: `validation.steps`, capped at
+        one pass (more would repeat held-out windows and weigh them twice)."""
+        asked = self.cfg.steps
+        batches = tokens = 0
+        while (asked < 0 or batches < asked) and loader.epoch == 0:
+            tokens += int((next(loader)["labels"] != IGNORE_INDEX).sum())
+            batches += 1
+        one_pass = loader.epoch > 0
+        state = loader.state_dict()  # chat: conversations placed or dropped so far
+        seen, dropped = state.get("chat_seen", 0), state.get("chat_dropped", 0)
+        what = f"{seen - dropped:,} conversations, " if seen else ""
+        if dropped:
+            what = f"{seen - dropped:,} conversations ({dropped:,} dropped), "
+        span = "one pass over the held-out set" if one_pass else "the held-out set is longer"
+        trainer.log(f"validation: {self.source_name}: {what}{tokens:,} trained tokens in "
+                    f"{batches} global batch{'es' if batches != 1 else ''} per evaluation "
+                    f"({span}), every {self.cfg.freq} steps and after the last")
+        if one_pass and 0 < batches < asked:
+            trainer.log(f"validation: steps = {asked} capped at {batches}: one pass over the "
+                        f"held-out set (a longer evaluation would repeat it)")
+        return batches
 
     def due(self, step: int, last_step: int) -> bool:
         return step % self.cfg.freq == 0 or step == last_step
@@ -51,7 +81,7 @@ class Validator:
         tokens = torch.zeros((), dtype=torch.float64, device=trainer.device)
         batches = 0
         with _moe_statistics_restored(trainer.model):
-            while self.cfg.steps < 0 and loader.epoch == 0 or batches < self.cfg.steps:
+            while batches < self.steps:
                 batch = next(loader)
                 batches += 1
                 if trainer.dims.cp > 1:
