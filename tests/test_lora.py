@@ -1,7 +1,9 @@
-"""LoRA on one process: config errors, the step-0 model equals the base, the delta's layout
-(merged weights reproduce the adapted model), grouped == loop experts (outputs and adapter
-gradients), frozen base (no gradients, no optimizer state, compute dtype), training moves only
-the adapters (tiny model, CPU)."""
+"""LoRA: config errors, the step-0 model equals the base, the delta's layout (merged weights
+reproduce the adapted model), grouped == loop experts (outputs and adapter gradients), frozen
+base (no gradients, no optimizer state, compute dtype), training moves only the adapters
+(tiny model, CPU); and every parallelism (HSDP, PP, CP, TP + SP, EP, EP over TP, ETP, with
+gradient accumulation, AC and compile folded into those runs) against one process on gloo,
+the TP/EP runs also handing back the same adapter and merged files."""
 
 from __future__ import annotations
 
@@ -54,10 +56,6 @@ def build(spec=None, dtype=torch.float32, seed=0, moe_impl="grouped", n_layers=2
     (["--lora.layers=0-5"], "lora.layers '0-5' is outside the model's layers 0-1"),
     (["--lora.trainable_extra=[\"bias\"]"], "lora.trainable_extra entries must be in"),
     (["--lora.export=peft"], "lora.export must be one of adapter, merged, both"),
-    (["--parallelism.tensor_parallel_degree=2"],
-     "--lora.enable with --parallelism.tensor_parallel_degree > 1 is not supported yet"),
-    (["--parallelism.expert_parallel_degree=2"],
-     "--lora.enable with --parallelism.expert_parallel_degree > 1 is not supported yet"),
     (["--quantize.mode=float8"], "--lora.enable with --quantize.mode = 'float8' is not supported"),
 ])
 def test_config_errors_name_the_key(overrides, message):
@@ -174,19 +172,99 @@ def test_frozen_base_in_the_compute_dtype_no_grads_no_optimizer_state(tmp_path):
 
 
 # ------------------------------------------------------------------------- parallelisms
+LORA_RUN = ["--lora.enable=true", "--lora.rank=4"]
+HAND_BACK = ["--checkpoint.last_save_in_hf=true", "--checkpoint.last_save_hf_dtype=float32"]
+TP2, SHARD1 = "--parallelism.tensor_parallel_degree=2", "--parallelism.data_parallel_shard_degree=1"
+EP2 = "--parallelism.expert_parallel_degree=2"
 
-def test_fsdp_pp_cp_match_one_process(seeded_overrides):
-    """Losses, grad norms (adapter gradients) and final tensors (adapters moved, base frozen)
-    of FSDP 2, PP 2 (1F1B) and CP 2 against one process (TP / EP are refused: config test)."""
-    from parallel_harness import assert_parity, global_batch_overrides, run_distributed, run_single
 
-    common = seeded_overrides() + ["--lora.enable=true", "--lora.rank=4"]
-    ref = run_single(common + global_batch_overrides(4, 1), 3)
+@pytest.fixture(scope="module")
+def lora_reference(seeded_overrides, tmp_path_factory):
+    """(overrides, the one-process LoRA run: 3 steps, global batch 4, its hand-back folder
+    with the PEFT adapter and the merged checkpoint in fp32)."""
+    from parallel_harness import global_batch_overrides, run_single
+
+    common = seeded_overrides() + LORA_RUN
+    out = tmp_path_factory.mktemp("lora-reference")
+    ref = run_single(common + HAND_BACK + global_batch_overrides(4, 1), 3, out_dir=out)
     assert all(ref["params"][n].abs().max() > 0 for n in ref["params"] if n.endswith("lora_B"))
-    for extra, dp in ((["--parallelism.data_parallel_shard_degree=2"], 2),
-                      (["--parallelism.pipeline_parallel_degree=2",
-                        "--parallelism.data_parallel_shard_degree=1"], 1),
-                      (["--parallelism.context_parallel_degree=2",
-                        "--parallelism.data_parallel_shard_degree=1"], 1)):
-        got = run_distributed(2, common + extra + global_batch_overrides(4, dp), 3)
-        assert_parity(ref, got, what=" ".join(extra))
+    return common, ref, out / "job" / "hf"
+
+
+def _hook(name):
+    from parallel_harness import compile_with_aot_eager
+    return {"aot_eager": compile_with_aot_eager}.get(name)
+
+
+# Placements of layer 0's adapters on rank 0 (lora_parallel.py, moe_parallel._EXPERT_SPLIT).
+_TP_DENSE = {"attention.wq.lora_A": "(Replicate(),)", "attention.wq.lora_B": "(Shard(dim=0),)",
+             "attention.wo.lora_A": "(Shard(dim=1),)", "attention.wo.lora_B": "(Replicate(),)"}
+_EXPERTS = "moe.experts.mlp1_lora_A", "moe.experts.mlp1_lora_B", "moe.experts.mlp2_lora_A", \
+    "moe.experts.mlp2_lora_B"
+# name: (world, overrides, dp, accumulation, hook, hand-back compared, expected placements)
+# Features are combined per run (each alone is proven without LoRA in test_parallel_*.py).
+LAYOUTS = {
+    "hsdp2x2_ep2": (4, ["--parallelism.data_parallel_replicate_degree=2",
+                        "--parallelism.data_parallel_shard_degree=2", EP2], 4, 1, None, False,
+                    {_EXPERTS[0]: "(Replicate(), _StridedShard(dim=0, sf=2), Shard(dim=0))"}),
+    "pp2_1f1b": (2, ["--parallelism.pipeline_parallel_degree=2", SHARD1], 1, 1, None, False, {}),
+    "cp2": (2, ["--parallelism.context_parallel_degree=2", SHARD1], 1, 1, None, False, {}),
+    "tp2_sp_accum2_ac_full": (
+        2, [TP2, SHARD1, "--activation_checkpoint.mode=full"], 1, 2, None, True,
+        {**_TP_DENSE, **dict(zip(_EXPERTS, ("(Replicate(),)", "(Shard(dim=1),)",
+                                            "(Shard(dim=2),)", "(Replicate(),)")))}),
+    "ep2_over_tp2_compile_ac_op": (
+        2, [TP2, SHARD1, EP2, "--compile.enable=true", "--activation_checkpoint.mode=selective",
+            "--activation_checkpoint.selective_ac_option=op"], 1, 1, "aot_eager", True,
+        {**_TP_DENSE, **{e: "(Shard(dim=0),)" for e in _EXPERTS}}),
+    "etp_fsdp2_tp2_ep2": (
+        4, [TP2, "--parallelism.data_parallel_shard_degree=2", EP2,
+            "--parallelism.expert_tensor_parallel_degree=2"], 2, 1, None, True,
+        dict(zip(_EXPERTS, (f"(_StridedShard(dim=0, sf=2), Shard(dim=0), {p})" for p in
+                            ("Replicate()", "Shard(dim=1)", "Shard(dim=2)", "Replicate()"))))),
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_every_parallelism_matches_one_process(lora_reference, name, tmp_path):
+    """Losses, grad norms (adapter gradients) and final tensors (adapters moved, base frozen)
+    of each layout against one process; TP/EP layouts also hand back the same PEFT adapter
+    and merged checkpoint as one process."""
+    from parallel_harness import assert_parity, global_batch_overrides, run_distributed
+
+    common, ref, ref_hf = lora_reference
+    world, extra, dp, accumulation, hook, hand_back, placements = LAYOUTS[name]
+    got = run_distributed(world, common + extra + (HAND_BACK if hand_back else [])
+                          + global_batch_overrides(4, dp, accumulation), 3, hook=_hook(hook),
+                          out_dir=tmp_path)
+    info = got["info"]
+    assert info["grad_accum"] == accumulation
+    assert (info["dynamo_unique_graphs"] > 0) == (hook == "aot_eager")
+    for key, placement in placements.items():
+        assert info["placements"][f"layers.0.{key}"] == "DTensor" + placement, (key, info)
+    assert_parity(ref, got, what=name)
+    if hand_back:
+        _assert_same_hand_back(ref_hf, tmp_path / "job" / "hf")
+
+
+def _assert_same_hand_back(ref_dir, got_dir):
+    """The same files, adapter config and tensors (adapter and merged) as one process."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from runtime.hf.adapter import CONFIG_FILE, WEIGHTS_FILE
+
+    def files(d):
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+
+    assert files(got_dir) == files(ref_dir)
+    adapter = ref_dir / "adapter"
+    assert json.loads((got_dir / "adapter" / CONFIG_FILE).read_text()) == \
+        json.loads((adapter / CONFIG_FILE).read_text())
+    for name in [f"adapter/{WEIGHTS_FILE}"] + [f for f in files(ref_dir) if
+                                              f.startswith("model") and f.endswith(".safetensors")]:
+        ref, got = load_file(ref_dir / name), load_file(got_dir / name)
+        assert ref.keys() == got.keys(), name
+        for key in ref:
+            assert torch.allclose(got[key], ref[key], rtol=1e-5, atol=1e-6), (name, key)

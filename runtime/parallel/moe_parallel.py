@@ -29,6 +29,10 @@ the hidden units F:
     mlp2_bias Replicate, added as mlp2_bias/tp by every TP rank (every rank's output is a
         partial sum that the reduce-scatter adds up: the whole bias on every rank would count
         it tp times; not the whole bias on rank 0 only: see dtensor_utils.SumGradOverMesh).
+    LoRA adapters (delta = B @ A per expert): mlp1_lora_B / mlp2_lora_A follow the rank's F
+        slice (Shard(1) / Shard(2)); mlp1_lora_A / mlp2_lora_B are Replicate with their
+        partial local gradients summed over tp (the bottleneck x A1^T is whole on every rank;
+        a_local A2_local^T is a partial sum whose product with B2 is a partial output).
 
 Gradients under TP ("tp", "etp"). The MoE output on a rank is a *partial* sum, and so is every
 gradient that flows back out of the MoE from that rank: into the router (the routing weights
@@ -81,7 +85,17 @@ _EXPERT_SPLIT = {
     "mlp1_bias": (Shard(0), Shard(1)),
     "mlp2_weight": (Shard(0), Shard(2)),
     "mlp2_bias": (Shard(0), Replicate()),
+    # LoRA (runtime/model/lora.py; delta W_e = B_e @ A_e, the rank dim r is never split):
+    "mlp1_lora_A": (Shard(0), Replicate()),  # [E, r, D]: x A^T, the whole bottleneck
+    "mlp1_lora_B": (Shard(0), Shard(1)),  # [E, 2F, r]: the rank's mlp1 columns, as mlp1_weight
+    "mlp2_lora_A": (Shard(0), Shard(2)),  # [E, r, F]: the rank's F, as mlp2_weight
+    "mlp2_lora_B": (Shard(0), Replicate()),  # [E, D, r]: partial bottleneck -> partial output
 }
+# Replicate over tp, but each rank's gradient is a partial sum: mlp1_lora_A's through the
+# rank's rows of mlp1_lora_B, mlp2_lora_B's from the partial bottleneck (a_local A2_local^T).
+# Summed over tp (sum_grad_over); unlike mlp2_bias, which is *added* to a partial output,
+# nothing here is counted tp times in the forward.
+_SUM_GRAD_OVER_TP = ("mlp1_lora_A", "mlp2_lora_B")
 # The columns of _EXPERT_SPLIT each mode uses ("ep_over_tp": whole experts over an ep mesh
 # that includes the tp ranks).
 _SPLIT_COLUMNS = {"tp": (1,), "ep": (0,), "ep_over_tp": (0,), "etp": (0, 1)}
@@ -128,18 +142,23 @@ def apply_moe_parallel(model: nn.Module, dims: ParallelDims) -> str:
 
 
 def _place_experts(experts: nn.Module, mesh, columns: tuple[int, ...], mode: str) -> None:
-    for name, split in _EXPERT_SPLIT.items():
-        placements = [split[c] for c in columns]
+    names = [n for n in _EXPERT_SPLIT if experts._parameters.get(n) is not None]  # LoRA: maybe
+    for name in names:
+        placements = [_EXPERT_SPLIT[name][c] for c in columns]
         setattr(experts, name, distributed_parameter(getattr(experts, name), mesh, placements))
+    summed = [n for n in _SUM_GRAD_OVER_TP if n in names]
     if mode == "tp":
         # The experts' forward reads its weights directly: hand it the local shards.
         swap_parameters(experts, experts, {
-            "mlp1_weight": to_local, "mlp1_bias": to_local, "mlp2_weight": to_local,
+            **{n: to_local for n in names},
+            **{n: sum_grad_over() for n in summed},
             "mlp2_bias": sum_grad_over(count_once=True)})
     elif mode == "etp":
         # GroupedExperts takes the local shards of DTensor weights itself; the bias added to
         # a partial sum is counted once over tp.
-        swap_parameters(experts, experts, {"mlp2_bias": sum_grad_over("tp", count_once=True)})
+        swap_parameters(experts, experts, {
+            **{n: sum_grad_over("tp") for n in summed},
+            "mlp2_bias": sum_grad_over("tp", count_once=True)})
 
 
 def _replicate_router(router: nn.Module, tp_mesh) -> None:

@@ -8,6 +8,7 @@ Layout of the residual stream between blocks: sequence-sharded, `[B, S/tp, D]` l
       wq, wk, wv    ColwiseParallel: each rank owns heads [r*H/tp, (r+1)*H/tp) (biases follow)
       sinks         DTensor Shard(0): the same heads (the model takes `to_local()`)
       wo            RowwiseParallel: Partial -> reduce-scatter back to Shard(1)
+      (LoRA)        the adapters of LoRALinear projections: lora_parallel.py
     ffn_norm        SequenceParallel
     moe             moe_parallel.py (router replicated, experts per MoE mode, tokens gathered
                     or kept local)
@@ -49,6 +50,7 @@ from torch.distributed.tensor.parallel import RowwiseParallel, SequenceParallel,
 
 from runtime.errors import ConfigError
 from runtime.parallel.dtensor_utils import distributed_parameter, swap_parameters, to_local
+from runtime.parallel.lora_parallel import lora_styles
 from runtime.parallel.quantize import tensor_parallel_styles
 
 try:  # CUDA symmetric memory; its group switch is needed on torch 2.11, a no-op from 2.13
@@ -62,6 +64,10 @@ __all__ = ["apply_tp", "check_async_tp", "enable_async_tp"]
 def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> nn.Module:
     """Shard the dense part of `model` (a GptOssModel, usually still on the meta device) over
     the 1-D `tp_mesh`; the MoE layers are moe_parallel.py's."""
+    # Frozen parameters (LoRA's base) stay frozen: SequenceParallel re-registers the norm
+    # weights as new Parameters with requires_grad=True (torch 2.13; a frozen bf16 norm would
+    # then also break FSDP2's uniform-dtype rule for trainable parameters).
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     plan = {}
     if model.tok_embeddings is not None:
         plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
@@ -83,16 +89,16 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> nn.Module:
         a = block.attention
         # torchao's float8 styles (float8 all-gather) for tensorwise Float8Linear, else torch's
         colwise, rowwise, prepare_input = tensor_parallel_styles(a.wq, a.wk, a.wv, a.wo)
+        # LoRA adapters (LoRALinear) get their own placements: lora_parallel.py
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
             # forward(x, rope, mask, backend): gather x's sequence, leave the rest alone
             "attention": prepare_input(
                 input_layouts=(Shard(1), None, None, None),
                 desired_input_layouts=(Replicate(), None, None, None)),
-            "attention.wq": colwise(),
-            "attention.wk": colwise(),
-            "attention.wv": colwise(),
-            "attention.wo": rowwise(output_layouts=Shard(1)),
+            **{f"attention.{n}": lora_styles(getattr(a, n), colwise, rowwise)[0]()
+               for n in ("wq", "wk", "wv")},
+            "attention.wo": lora_styles(a.wo, colwise, rowwise)[1](output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
         })
         attention = block.attention
@@ -100,6 +106,8 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> nn.Module:
         # The attention reads its local heads' sinks (eager: the model's own to_local; handing
         # it the local tensor also keeps torch.compile's tracing of the block on plain tensors).
         swap_parameters(attention, attention, {"sinks": to_local})
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(False)
     return model
 
 

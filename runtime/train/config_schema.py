@@ -499,11 +499,6 @@ def _check_lora(cfg: JobConfig, o: Origins) -> None:
         raise o.error("lora", "enable", f"with {o.name('quantize', 'mode')} = "
                       f"'{cfg.quantize.mode}' is not supported (the adapters sit on the "
                       f"linears float8 would replace); set quantize.mode = 'none'")
-    p = cfg.parallelism
-    for key in ("tensor_parallel_degree", "expert_parallel_degree"):
-        if getattr(p, key) > 1:  # the adapters' TP / EP placement is not written yet
-            raise o.error("lora", "enable", f"with {o.name('parallelism', key)} > 1 is not "
-                          f"supported yet (FSDP, HSDP, CP and PP are); set it to 1")
     try:
         model_args = cfg.model_args()
     except ConfigError:
