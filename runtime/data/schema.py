@@ -55,7 +55,8 @@ class DataConfig:
     dataset_path: str = _key("", help="file, directory or glob of .jsonl/.json/.parquet/.txt "
                                       "(a prepared folder for dataset = 'prepared')")
     text_key: str = _key("text", check=_non_empty, help="field holding the text in records")
-    hf_dataset: str = _key("", help="HF datasets name or local path (data.dataset = 'hf')")
+    hf_dataset: str = _key("", help="HF datasets name, local path or save_to_disk folder "
+                                       "(data.dataset = 'hf' or 'chat')")
     hf_config: str = _key("", help="HF dataset config name ('' = its default)")
     hf_split: str = _key("train", check=_non_empty, help="HF split")
     hf_streaming: bool = _key(True, help="stream instead of downloading the whole dataset")

@@ -18,6 +18,7 @@ restored, so the expert-bias update never sees validation tokens.
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 import torch.distributed as dist
@@ -59,6 +60,10 @@ class Validator:
         one_pass = loader.epoch > 0
         state = loader.state_dict()  # chat: conversations placed or dropped so far
         seen, dropped = state.get("chat_seen", 0), state.get("chat_dropped", 0)
+        if seen and one_pass and hasattr(loader.source, "stream"):
+            # the last batch is filled from the set's start again: count the set itself
+            seen = sum(1 for _ in itertools.takewhile(lambda c: c[0][0] == 0,
+                                                      loader.source.stream()))
         what = f"{seen - dropped:,} conversations, " if seen else ""
         if dropped:
             what = f"{seen - dropped:,} conversations ({dropped:,} dropped), "
