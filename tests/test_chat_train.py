@@ -6,6 +6,7 @@ FSDP and a pipeline (gloo)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,7 @@ def test_validation_and_hand_back_equal_one_process(reference, tmp_path, name, w
         assert (got_hf[key] - tensor).abs().max() <= 1e-6 + 1e-5 * tensor.abs().max(), key
 
 
-def test_validation_says_what_it_measures_and_caps_steps_at_one_pass(tmp_path):
+def test_validation_says_what_it_measures_and_caps_steps_at_one_pass(tmp_path, monkeypatch):
     """The start-up line counts what one evaluation reads; validation.steps longer than the
     held-out set is capped at one pass (with a line), shorter is kept; -1 is one pass."""
     from types import SimpleNamespace
@@ -95,6 +96,7 @@ def test_validation_says_what_it_measures_and_caps_steps_at_one_pass(tmp_path):
     from chat_conversations import CONVERSATIONS
     from runtime.data import Tokenizer
     from runtime.train.config import load_config
+    from runtime.train import validate
     from runtime.train.validate import Validator
 
     # 104, 149 and 185 tokens: one conversation per 200-token window.
@@ -123,3 +125,8 @@ def test_validation_says_what_it_measures_and_caps_steps_at_one_pass(tmp_path):
         "held-out set is longer)" in lines[0], lines
     assert validator(-1, 1).steps == 3 and len(lines) == 1
     assert "3 conversations, " in lines[0] and "(one pass over the held-out set)" in lines[0]
+    # A long read logs progress (every PROGRESS_EVERY_S seconds; here every batch).
+    monkeypatch.setattr(validate, "PROGRESS_EVERY_S", 0.0)
+    assert validator(2, 1).steps == 2
+    assert [re.sub(r"\(\d+ s\)$", "(N s)", line) for line in lines[:2]] == [
+        f"validation: reading the held-out set: {k}/2 global batches (N s)" for k in (1, 2)], lines

@@ -813,6 +813,7 @@ def test_damaged_prepared_data_is_one_line_exit_2(tmp_path):
     assert out[zeroed][1] == (f"error: {zeroed}: tokens-00000.bin fails its checksum (damaged "
                               f"prepared data; prepare it again)\n")
     assert "parameters" not in out[zeroed][0]  # refused before the model was built
+    assert f"data: verifying the checksums of the prepared train data ({zeroed}) ..." in out[zeroed][0]
     assert f"warning: {ff}: prepared by an older version without checksums" in out[ff][0]
     assert out[ff][1] == (f"error: {ff}/tokens-00000.bin: token id 65535 at byte offset 64 "
                           f"(token 32) is outside the vocabulary (8192): damaged prepared "

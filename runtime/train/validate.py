@@ -4,7 +4,8 @@ The held-out loader is rebuilt for every evaluation, so each evaluation sees the
 `steps` global batches (runtime.data.loader.validation_data_config says where they come
 from). At start-up those batches are read once: one log line says what an evaluation
 measures (conversations, trained tokens, batches), and `steps` is capped at one pass over
-the held-out set (-1: exactly one pass), with a line saying so. Each batch is split like a training batch (context-parallel shard, micro-batches) and
+the held-out set (-1: exactly one pass), with a line saying so. Reading it and evaluating
+log progress every PROGRESS_EVERY_S seconds when they take that long. Each batch is split like a training batch (context-parallel shard, micro-batches) and
 its loss summed over the trained tokens (labels != IGNORE_INDEX); the validation loss is
 that sum over every rank with different tokens divided by their count, the same
 normalisation as training, so it does not depend on the mesh.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 
 import torch
 import torch.distributed as dist
@@ -27,6 +29,24 @@ from runtime.data import build_dataloader, split_microbatches
 from runtime.data.loader import validation_data_config
 from runtime.model.loss import IGNORE_INDEX
 from runtime.model.moe import moe_layers
+
+
+PROGRESS_EVERY_S = 30.0  # a long read or evaluation logs where it is this often
+
+
+class _Progress:
+    """A line every PROGRESS_EVERY_S seconds of a long phase, none for a short one."""
+
+    def __init__(self, log, what: str, total: int):
+        self.log, self.what, self.total = log, what, total
+        self.start = self.last = time.monotonic()
+
+    def tick(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            of = f"/{self.total}" if self.total > 0 else ""
+            self.log(f"{self.what}: {done}{of} global batches ({now - self.start:.0f} s)")
 
 
 class Validator:
@@ -54,9 +74,11 @@ class Validator:
         one pass (more would repeat held-out windows and weigh them twice)."""
         asked = self.cfg.steps
         batches = tokens = 0
+        progress = _Progress(trainer.log, "validation: reading the held-out set", asked)
         while (asked < 0 or batches < asked) and loader.epoch == 0:
             tokens += int((next(loader)["labels"] != IGNORE_INDEX).sum())
             batches += 1
+            progress.tick(batches)
         one_pass = loader.epoch > 0
         state = loader.state_dict()  # chat: conversations placed or dropped so far
         seen, dropped = state.get("chat_seen", 0), state.get("chat_dropped", 0)
@@ -85,10 +107,12 @@ class Validator:
         loss_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)
         tokens = torch.zeros((), dtype=torch.float64, device=trainer.device)
         batches = 0
+        progress = _Progress(trainer.log, "validation: evaluating", self.steps)
         with _moe_statistics_restored(trainer.model):
             while batches < self.steps:
                 batch = next(loader)
                 batches += 1
+                progress.tick(batches)
                 if trainer.dims.cp > 1:
                     cp = trainer.model_parts[0].context_parallel
                     batch = {k: cp.shard(v, trainer.cfg.training.seq_len) for k, v in batch.items()}
