@@ -247,6 +247,28 @@ def test_every_parallelism_matches_one_process(lora_reference, name, tmp_path):
         _assert_same_hand_back(ref_hf, tmp_path / "job" / "hf")
 
 
+# Negative controls (run by hand, no suite time; each fails tp2_sp_accum2_ac_full and
+# etp_fsdp2_tp2_ep2 on the parameters, by 1.4e-2 and 7e-3):
+#   PYTHONPATH=tests PARALLEL_HARNESS_HOOK=test_lora:broken_<name> \
+#       pytest tests/test_lora.py -k "tp2_sp or etp"
+def broken_adapter_grads_not_summed(rank, world_size):
+    """mlp1_lora_A / mlp2_lora_B keep each TP rank's partial gradient."""
+    import runtime.parallel.moe_parallel as moe_parallel
+    moe_parallel._SUM_GRAD_OVER_TP = ()
+
+
+def broken_norms_left_trainable(rank, world_size):
+    """apply_tp without restoring requires_grad (SequenceParallel's norm weights train)."""
+    import runtime.parallel.parallelize as parallelize
+    apply_tp = parallelize.apply_tp
+
+    def unfrozen(model, *args, **kwargs):
+        apply_tp(model, *args, **kwargs)
+        for name, param in model.named_parameters():
+            param.requires_grad_(param.requires_grad or "norm" in name)
+    parallelize.apply_tp = unfrozen
+
+
 def _assert_same_hand_back(ref_dir, got_dir):
     """The same files, adapter config and tensors (adapter and merged) as one process."""
     import json
