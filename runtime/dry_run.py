@@ -137,6 +137,7 @@ class StandIns:
         self._set(ShardingPropagator, "_propagate_tensor_meta_non_cached",
                   _propagating(ShardingPropagator._propagate_tensor_meta_non_cached))
         self._set(GptOssModel, "_attention_masks", _host_masks(GptOssModel._attention_masks))
+        self._set(trainer, "materialize", _materialize_plain_params(trainer.materialize))
         del torch
         return self
 
@@ -167,6 +168,32 @@ def _outside_fake_mode(fn):
     def call(*args, **kwargs):
         with unset_fake_temporarily():
             return fn(*args, **kwargs)
+    return call
+
+
+def _materialize_plain_params(materialize):
+    """The trainer's `materialize`, also for a part without DTensor parameters (one rank, no
+    parallelism): its parameters are fake meta tensors here, which `to_empty` swaps in place,
+    and swap_tensors refuses a fake tensor (the fake mode holds weak references to it). Such a
+    part gets new parameters and buffers on the device instead, then is initialised as
+    `materialize` does; parallelised parts go through `materialize` itself."""
+    import torch
+    from torch import nn
+    from torch.distributed.tensor import DTensor
+
+    def call(parts, device, seed):
+        sharded = [part for part in parts if any(isinstance(p, DTensor) for p in part.parameters())]
+        materialize(sharded, device, seed)
+        for part in (part for part in parts if part not in sharded):
+            for module in part.modules():
+                for name, p in module.named_parameters(recurse=False):
+                    setattr(module, name, nn.Parameter(torch.empty_like(p, device=device),
+                                                       requires_grad=p.requires_grad))
+                for name, b in module.named_buffers(recurse=False):
+                    module.register_buffer(name, torch.empty_like(b, device=device),
+                                           persistent=name not in module._non_persistent_buffers_set)
+            part.init_weights(seed=seed)
+            part.train()
     return call
 
 

@@ -12,10 +12,11 @@ and sharded exactly as the trainer would (runtime/train/memory_plan.py, which al
 the memory model and owns it: the trainer refuses a run that does not fit with the same
 estimate).
 
-
 Exit codes: 0 valid (and it fits), 2 invalid config or mesh (`error: <one line naming the
 keys>`; nothing else is done), 1 valid but the estimate exceeds --gpu-memory-gib
-(`error: does not fit: ...`, the largest parts named).
+(`error: does not fit: ...`, the largest parts named). With --trace (the CUDA dry run,
+runtime/dry_run.py): 3 the traced step failed (`error: dry run failed in <module>: ...`),
+4 the traced peak exceeds the plan by more than 5% (`error: dry run: the traced peak ...`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from runtime.train.memory_plan import (DEFAULT_GPU_MEMORY_GIB, GIB, MemoryPlan,
 
 EXIT_DOES_NOT_FIT = 1  # valid config and mesh, but the estimate exceeds --gpu-memory-gib
 EXIT_TRACE_FAILED = 3  # --trace: the traced training step failed (a bug: the line names where)
+EXIT_PLAN_UNDERESTIMATES = 4  # --trace: the traced peak exceeds the plan by > PLAN_TOLERANCE
+# How far the traced peak may exceed the plan (modelled part, without the reserve): refusals
+# and queueing decisions rely on the plan not underestimating.
+PLAN_TOLERANCE = 0.05
 
 # --------------------------------------------------------------------------- output
 
@@ -98,7 +103,16 @@ def format_plan(plan: MemoryPlan, cfg: JobConfig) -> str:
                      f"({100 * plan.total_trainable / plan.total_params:.2f}%), "
                      f"{_count(plan.rank_trainable)} on this rank; frozen base in "
                      f"{target_compute_dtype_name(cfg)} (no grads, no optimizer state)")
-    for line in plan.lines:
+    peak = plan.peak_line
+    resident = [x for x in plan.lines if not x.alternative and x.label != "reserve"]
+    for line in resident:
+        lines.append(f"  {line.label:<14}{_gib(line.bytes)}   {line.note}")
+    if peak is not None:
+        lines.append("  + the largest (*) of the step's transient peaks (they do not coincide):")
+        for line in (x for x in plan.lines if x.alternative):
+            mark = "*" if line is peak else " "
+            lines.append(f"  {line.label:<14}{_gib(line.bytes)} {mark} {line.note}")
+    for line in (x for x in plan.lines if x.label == "reserve"):
         lines.append(f"  {line.label:<14}{_gib(line.bytes)}   {line.note}")
     total = plan.total_bytes
     verdict = "fits" if plan.fits else "DOES NOT FIT"
@@ -153,19 +167,32 @@ def _traced_rank(plan: MemoryPlan) -> int:
     return pp_rank * (plan.world_size // plan.dims.pp)
 
 
-def run_trace(plan: MemoryPlan, cfg: JobConfig, ns) -> int:
-    """The dry run of one rank; prints its report (last line: trace: peak, plan, ratio)."""
+def run_trace(plan: MemoryPlan, cfg: JobConfig, *, steps: int = 2, rank: int | None = None,
+              imbalance: float = 1.0, count_flops: bool = True) -> int:
+    """The dry run of one rank; prints its report (last line: trace: peak, plan, ratio).
+    Exit EXIT_TRACE_FAILED when the step fails, EXIT_PLAN_UNDERESTIMATES when the traced peak
+    exceeds the plan by more than PLAN_TOLERANCE (refusals rely on the plan)."""
     from runtime.dry_run import DryRunError, format_trace, trace
 
-    rank = _traced_rank(plan) if ns.rank is None else ns.rank
+    rank = _traced_rank(plan) if rank is None else rank
     try:
-        result = trace(cfg, plan.dims, plan.model_args, rank=rank, steps=ns.steps,
-                       imbalance=ns.imbalance)
+        result = trace(cfg, plan.dims, plan.model_args, rank=rank, steps=steps,
+                       imbalance=imbalance, count_flops=count_flops)
     except DryRunError as e:
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_TRACE_FAILED
     modelled = plan.total_bytes - sum(x.bytes for x in plan.lines if x.label == "reserve")
-    print("\n".join(format_trace(result, modelled)), flush=True)
+    report = format_trace(result, modelled)
+    if result.peak_bytes > modelled * (1 + PLAN_TOLERANCE):
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in
+                          sorted(result.by_kind.items(), key=lambda kv: -kv[1]) if v)
+        print(f"error: dry run: the traced peak {result.peak_bytes / GIB:.2f} GiB exceeds the "
+              f"plan {modelled / GIB:.2f} GiB by more than {PLAN_TOLERANCE:.0%} (at the peak: "
+              f"{parts} GiB): the step holds memory the plan (runtime/train/memory_plan.py) does not model",
+              file=sys.stderr, flush=True)
+        print("\n".join(report), flush=True)
+        return EXIT_PLAN_UNDERESTIMATES
+    print("\n".join(report), flush=True)
     return EXIT_OK
 
 
@@ -204,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_config_error(e if isinstance(e, ConfigError) else f"parallel plan: {e}")
     print(format_plan(plan, cfg), flush=True)
     if ns.trace:
-        return run_trace(plan, cfg, ns)
+        return run_trace(plan, cfg, steps=ns.steps, rank=ns.rank, imbalance=ns.imbalance)
     if not plan.fits:
         big = sorted(plan.lines, key=lambda x: -x.bytes)[:3]
         parts = ", ".join(f"{x.label} {x.bytes / GIB:.1f}" for x in big)

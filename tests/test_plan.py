@@ -50,8 +50,12 @@ def test_shipped_config_fits_at_its_world_size(name, capsys):
     assert code == 0, out + err
     assert f"on {world} ranks" in out
     assert "pp 1 x dp_replicate 1 x dp_shard_mod_ep" in out and "dp_shard_in_ep 8" in out
-    for part in ("params", "grads", "optimizer", "FSDP buffers", "activations", "logits + loss"):
+    for part in ("params", "optimizer", "FSDP buffers", "activations", "logits + loss",
+                 "block backward", "reduce-scatter"):
         assert f"  {part} " in out, part
+    # FSDP: sharded grads are part of the backward peaks, or replace the accumulated ones
+    assert "  grads " not in out
+    assert ("  grad accum " in out) == (name == "gptoss_20b")  # 2 micro-batches at 16 ranks
     assert "fits" in out.splitlines()[-1]
     assert "sharding: measured from the sharded parameters (rank 0)" in out
 
@@ -67,10 +71,18 @@ def test_shipped_config_per_rank_parameters(name):
     assert plan.fits and plan.total_bytes < 80 * 2**30
     expected_total = {"gptoss_20b": 20.9e9, "gptoss_120b": 116.8e9}[name]
     assert plan.total_params == pytest.approx(expected_total, rel=0.01)
-    lines = {line.label: line.bytes for line in plan.lines}
+    lines = {line.label: line for line in plan.lines}
     # fp32 params + grads, AdamW 2 x fp32: 16 bytes per parameter in all
-    assert lines["params"] == lines["grads"] == 4 * plan.rank_params
-    assert lines["optimizer"] == 8 * plan.rank_params
+    assert lines["params"].bytes == 4 * plan.rank_params
+    assert lines["optimizer"].bytes == 8 * plan.rank_params
+    if "grad accum" not in lines:  # the sharded fp32 grads peak in backward
+        assert lines["block backward"].bytes > 4 * plan.rank_params
+        assert lines["reduce-scatter"].bytes > 4 * plan.rank_params
+    # the transient peaks do not coincide: the largest one counts, not their sum
+    peaks = [x.bytes for x in plan.lines if x.alternative]
+    assert len(peaks) == 3
+    assert plan.total_bytes == pytest.approx(
+        sum(x.bytes for x in plan.lines if not x.alternative) + max(peaks))
 
 
 def test_cli_subprocess_runs_the_120b_plan():
@@ -297,7 +309,10 @@ def test_lora_config_plans_frozen_base_and_adapters_within_70_gib(name):
     frozen = plan.rank_params - plan.rank_trainable
     lines = {line.label: line.bytes for line in plan.lines}
     assert lines["params"] == 2 * frozen + 4 * plan.rank_trainable
-    assert lines["grads"] == 4 * plan.rank_trainable
+    if "grads" in lines:  # no FSDP: plain .grad tensors, held through the step
+        assert lines["grads"] == 4 * plan.rank_trainable
+    else:  # FSDP, accumulating: every unit's unsharded fp32 grads, of the adapters only
+        assert lines["grad accum"] == pytest.approx(4 * adapters, rel=0.01)
     assert lines["optimizer"] == 8 * plan.rank_trainable
     if world == 1:  # negative control: the same job as a full fine-tune is 16 B/param, no fit
         full = plan_module.plan_job(load_config(str(CONFIGS / f"{name}.toml"),

@@ -11,18 +11,31 @@ What each rank then holds is read off the sharded parameters.
 
 Memory model (per rank; the worst rank under PP; GiB = 2^30 bytes)
 ------------------------------------------------------------------
+peak = resident + the largest transient peak of the step (the phases do not coincide).
+Checked against the CUDA dry run (--trace, runtime/dry_run.py: torch's FSDPMemTracker on the
+real step); the table is in docs/parallelism.md.
+Resident (held through the step):
 params        fp32 master weights: the rank's shards (FSDP pads dim 0: rank 0 gets the ceil)
-grads         fp32, same shards
+grads         fp32, same shards. Without FSDP plain .grad tensors, held through the step.
+              With FSDP they appear at each unit's reduce-scatter during backward (the loss
+              phase has none: zero_grad(set_to_none) freed them): counted in the "block
+              backward" and "reduce-scatter" peaks; when accumulating, each replaces the
+              larger unsharded accumulated gradient it was reduced from ("grad accum").
 optimizer     AdamW exp_avg + exp_avg_sq: 2 x fp32 per parameter
               With [lora] (runtime/train/memory_plan_lora.py): the frozen base in the compute
-              dtype, no grads or optimizer state; adapters (+ trainable_extra) as above.
+              dtype, no grads or optimizer state; adapters (+ trainable_extra) as above, and
+              every gradient term below counts the trainable parameters only.
 FSDP buffers  all-gathered (unsharded) parameters in the mixed-precision param dtype (bf16)
-              for 2 transformer blocks (the running one + the prefetched next), plus the root
-              unit (embeddings, final norm, output head: gathered for the whole step), plus
-              one block's unsharded gradients in the reduce dtype (fp32) before reduce-scatter
-              (LoRA: the block's trainable parameters only).
-              "Unsharded" means after FSDP's all-gather only: tp / ep shards stay local.
-activations   first order, bf16 compute (a = 2 bytes; 4 for fp32), per layer and token:
+              for 2 transformer blocks (the running one + the prefetched next; every block
+              with fsdp_reshard_after_forward = "never" and under PP, whose schedule also
+              keeps them after backward), plus the root unit (embeddings, final norm, output
+              head: gathered for the whole step). "Unsharded" means after FSDP's all-gather
+              only: tp / ep shards stay local.
+grad accum    with FSDP and skipped gradient sync (gradient accumulation; PP micro-batches):
+              every unit's unsharded gradients, upcast to the reduce dtype (fp32), kept
+              between micro-batches (FSDP2's to_accumulated_grad_if_needed): root + blocks.
+activations   kept for backward, first order, bf16 compute (a = 2 bytes; 4 for fp32), per
+              layer and token:
                 none        a*(8*dim + 4*q + 3*kv + 6*k*F + 3*k*dim) + 4*(4*dim + 2*E)
                 selective   a*(2*dim + q + 2*kv + 2*k*F + k*dim) + 4*E   (matmul outputs kept)
                 full        a*dim                                         (block input only)
@@ -31,19 +44,28 @@ activations   first order, bf16 compute (a = 2 bytes; 4 for fp32), per layer and
               attention and MoE outputs (+ fp32 copies inside RMSNorm); q/kv terms:
               projections, RoPE outputs, attention output (flex attention: no S x S scores);
               k*F terms: mlp1 output (2F), the clamped SwiGLU intermediates; k*dim: routed rows
-              gathered, mlp2 output, weighted rows. Checkpointed layers add, during backward,
-              one layer's full activations (the recompute). Totals x tokens per rank per
-              micro-batch (local_batch_size x seq_len / cp), / tp (sequence parallel and head /
-              expert sharding), x micro-batches in flight under PP (GPipe: all; others: pp).
+              gathered, mlp2 output, weighted rows. Totals x tokens per rank per micro-batch
+              (local_batch_size x seq_len / cp), / tp (sequence parallel and head / expert
+              sharding), x micro-batches in flight under PP (GPipe: all; others: pp).
               Routing is assumed balanced (EP: each rank gets its share of rows).
-logits + loss tokens x vocab (/ tp with loss parallel) x (a bf16 logits + 4 fp32 upcast + 4
-              saved log-softmax + 4 its gradient) bytes, on the rank holding the output head;
-              with the fused loss (training.loss_chunk_size > 0, no TP/PP) one chunk of
-              tokens instead of all of them, plus the fp32 gradients of the hidden states and
-              of the head weight (when trained: not under LoRA) that the fused forward
-              stores for backward.
+Transient (the largest counts):
+logits + loss on the rank holding the output head. Whole logits (TP/PP): tokens x vocab
+              (/ tp with loss parallel) x (a logits + 4 fp32 upcast + 4 + 4) bytes. The fused
+              loss (training.loss_chunk_size > 0, no TP/PP) stores fp32 gradients of the
+              hidden states and of the head weight in forward; the larger of its forward (+
+              one chunk of logits) and its backward (+ the scaled fp32 copies of both and
+              their casts to the inputs' dtypes: a second fp32 [vocab, dim] head gradient);
+              a frozen head (LoRA) gets no [vocab, dim] gradient at all.
+block backward  (FSDP, not accumulating: the sharded grads) + one checkpointed layer's
+              recompute (its full activations minus what was kept) + one block's unsharded
+              gradients in the reduce dtype + (FSDP, head rank) the head's unsharded
+              gradient, held until the root's reduce-scatter.
+reduce-scatter  FSDP: (not accumulating: the sharded grads +) the root unit's gradients
+              copied to the reduce dtype at the end of backward (the optimizer step, params
+              + grads + optimizer state, is below it).
 reserve       2 GiB for the CUDA context, NCCL buffers and allocator fragmentation.
-Not modelled: expert-load imbalance, temporary buffers of collectives, compile workspaces.
+Not modelled: expert-load imbalance (the dry run's --imbalance traces it), temporary buffers
+of collectives, compile workspaces.
 """
 
 from __future__ import annotations
@@ -190,6 +212,9 @@ class Line:
     label: str
     bytes: float
     note: str = ""
+    # A transient peak of one phase of the step (loss, block backward, reduce-scatter): these
+    # do not coincide, so the total counts the largest of them, not their sum.
+    alternative: bool = False
 
 
 @dataclass
@@ -215,8 +240,20 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def resident_bytes(self) -> float:
+        """Everything held through the whole step (the lines that are not alternatives)."""
+        return sum(line.bytes for line in self.lines if not line.alternative)
+
+    @property
+    def peak_line(self) -> Line | None:
+        """The alternative (transient) line that sets the peak."""
+        return max((x for x in self.lines if x.alternative), key=lambda x: x.bytes, default=None)
+
+    @property
     def total_bytes(self) -> float:
-        return sum(line.bytes for line in self.lines)
+        """resident + the largest transient peak (never the sum of all lines)."""
+        peak = self.peak_line
+        return self.resident_bytes + (peak.bytes if peak is not None else 0.0)
 
     @property
     def fits(self) -> bool:
@@ -265,6 +302,54 @@ def _layer_modes(cfg: JobConfig, n_layers: int) -> list[str]:
     return ["full" if (i + 1) % every == 0 else "none" for i in range(n_layers)]
 
 
+def _loss_line(args, tokens: int, vocab: int, chunk: int, a: int, weight_bytes: int,
+               head_trained: bool) -> Line:
+    """The output head + loss phase on the rank holding the head: `chunk` > 0 is the fused,
+    chunked loss (runtime/model/loss.py), else whole logits. `weight_bytes`: the head weight's
+    dtype inside the step (FSDP: the gathered param dtype, else the fp32 master); a frozen
+    head (LoRA) gets no [vocab, dim] gradient."""
+    logit_bytes = a + (4 if a != 4 else 0) + 4 + 4  # logits, fp32 upcast, shifted, exp/grad
+    if chunk <= 0:
+        return Line("logits + loss", tokens * vocab * logit_bytes,
+                    f"{tokens:,} tokens x {vocab:,} vocab x {logit_bytes} B", alternative=True)
+    rows, D = min(chunk, tokens), args.dim
+    head = vocab if head_trained else 0
+    saved = (tokens + head) * D * 4  # fp32 gradients of hidden states and head, for backward
+    forward = saved + rows * vocab * logit_bytes
+    # backward scales the saved gradients (new fp32 tensors) and casts them to the inputs'
+    # dtypes: a second fp32 [V, D] head gradient and its copy in the weight's dtype
+    backward = saved + head * D * (4 + (weight_bytes if weight_bytes != 4 else 0)) \
+        + tokens * D * (4 + (a if a != 4 else 0))
+    if backward >= forward:
+        note = (f"fused loss backward: stored fp32 gradients of hidden states"
+                f"{f' and head ({vocab:,} x {D:,})' if head else ''} + their scaled fp32 "
+                "copies + casts")
+    else:
+        note = (f"fused loss forward: {rows:,}-token chunk x {vocab:,} vocab x {logit_bytes} B "
+                f"+ stored fp32 gradients of hidden states{' and head' if head else ''}")
+    return Line("logits + loss", max(forward, backward), note, alternative=True)
+
+
+def _backward_lines(cfg: JobConfig, *, grads: float, recompute: float, block_grads: float,
+                    head: float, root_grads: float) -> list[Line]:
+    """The backward's transient peaks: a block's backward, the root's reduce-scatter. `grads`:
+    FSDP's sharded gradients, counted here (0 when accumulating: each replaces the larger
+    accumulated gradient it was reduced from)."""
+    reduce = cfg.training.mixed_precision_reduce
+    grads_text = f"sharded fp32 grads {grads / GIB:.2f}"
+    parts = [(grads_text, grads), ("recompute of one checkpointed layer", recompute),
+             (f"one block's unsharded grads in {reduce}", block_grads),
+             (f"the head's unsharded grad in {fsdp_param_dtype_name(cfg)}", head)]
+    lines = [Line("block backward", grads + recompute + block_grads + head,
+                  " + ".join(text for text, b in parts if b) or "-", alternative=True)]
+    if root_grads:
+        lines.append(Line("reduce-scatter", grads + root_grads,
+                          (f"{grads_text} + " if grads else "") + f"the root unit's gradients "
+                          f"copied to {reduce} for its reduce-scatter (end of backward)",
+                          alternative=True))
+    return lines
+
+
 def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDims,
              model_args, applied: Applied, gpu_gib: float) -> MemoryPlan:
     t, p = cfg.training, cfg.parallelism
@@ -289,7 +374,7 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
 
     grad_accum = t.gradient_accumulation_steps(dims.dp)
     tokens = t.local_batch_size * t.seq_len // dims.cp  # per micro-batch (no PP)
-    in_flight = 1
+    in_flight, n_micro = 1, 1
     if dims.pp > 1:
         micro = p.pipeline_parallel_microbatch_size
         n_micro = t.local_batch_size // micro
@@ -298,7 +383,16 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
     vocab = model_args.vocab_size
     if dims.tp > 1 and not p.disable_loss_parallel:
         vocab = math.ceil(vocab / dims.tp)
-    logit_bytes = a + (4 if a != 4 else 0) + 4 + 4
+    fused = t.loss_chunk_size > 0 and dims.tp == 1 and dims.pp == 1  # as Trainer._build_model
+    # FSDP keeps gathered weights: "never" resharding, and under PP, where the schedule also
+    # turns resharding after backward off until the last micro-batch (torch.distributed
+    # .pipelining: set_reshard_after_backward(False) / set_requires_gradient_sync(False)).
+    from runtime.parallel.data_parallel import reshard_after_forward
+    keep_gathered = dims.pp > 1 or not reshard_after_forward(p.fsdp_reshard_after_forward, False)
+    # Skipped gradient sync (accumulation micro-batches; every PP micro-batch but the last)
+    # makes FSDP2 keep each unit's unsharded gradient, upcast to the reduce dtype, until the
+    # reduce-scatter of the last one (FSDPParam.to_accumulated_grad_if_needed).
+    accumulating = applied.fsdp and (grad_accum > 1 or (dims.pp > 1 and n_micro > 1))
 
     worst: MemoryPlan | None = None
     for share in shares:
@@ -306,45 +400,56 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
         n_params = sum(local[n] for n in names)
         experts = sum(local[n] for n in names if _is_expert(n))
         trained = [n for n in names if n in applied.trainable]
-        lines = [Line(*term) for term in memory_plan_lora.state_lines(
+        state = {label: Line(label, b, note) for label, b, note in memory_plan_lora.state_lines(
             names, local, applied.trainable.__contains__, target_compute_dtype_name(cfg),
-            a, cfg.optimizer.name)]
+            a, cfg.optimizer.name)}
+        grads = state["grads"].bytes  # fp32, sharded like the params (trainable only)
+        # Without FSDP plain .grad tensors live from the first backward to zero_grad; with it
+        # they are part of the backward peaks below.
+        lines = [state["params"], *([] if applied.fsdp else [state["grads"]]), state["optimizer"]]
+
+        def unit_sizes(params: list[str]) -> tuple[int, list[int]]:
+            """(root unit, each block) unsharded elements of `params`, blocks largest first."""
+            return (sum(unsharded(n) for n in params if _layer_of(n) is None),
+                    sorted((sum(unsharded(n) for n in params if _layer_of(n) == i)
+                            for i in share.layers), reverse=True))
+
+        root, blocks = unit_sizes(names)
+        root_grad, block_grads = unit_sizes(trained)  # LoRA: adapters only
         if applied.fsdp:
-            blocks = sorted((sum(unsharded(n) for n in names if _layer_of(n) == i)
-                             for i in share.layers), reverse=True)
-            gathered = sum(blocks[:2])
-            root = sum(unsharded(n) for n in names if _layer_of(n) is None)
-            grad_block = max((sum(unsharded(n) for n in trained if _layer_of(n) == i)
-                              for i in share.layers), default=0)  # LoRA: adapters only
+            kept = blocks if keep_gathered else blocks[:2]
             lines.append(Line(
-                "FSDP buffers",
-                param_bytes * (gathered + root) + reduce_bytes * grad_block,
-                f"{min(2, len(blocks))} blocks + root unit gathered in "
-                f"{fsdp_param_dtype_name(cfg)}, 1 block of unsharded grads in {t.mixed_precision_reduce}"))
-        stored = sum(per_token[modes[i]] for i in share.layers)
-        recompute = max((per_token["none"] - per_token[modes[i]] for i in share.layers
-                         if modes[i] != "none"), default=0.0)
-        act = (in_flight * stored + recompute) * tokens / dims.tp
+                "FSDP buffers", param_bytes * (root + sum(kept)),
+                f"root unit + {len(kept)} blocks gathered in {fsdp_param_dtype_name(cfg)}"))
+        if accumulating:
+            lines.append(Line(
+                "grad accum", reduce_bytes * (root_grad + sum(block_grads)),
+                f"unsharded {t.mixed_precision_reduce} gradients of every FSDP unit, kept "
+                f"between micro-batches (no gradient sync until the last)"))
+        stored = sum(per_token[modes[i]] for i in share.layers) * in_flight * tokens / dims.tp
         ac_text = cfg.activation_checkpoint.mode + (
             f" ({cfg.activation_checkpoint.selective_ac_option})"
             if cfg.activation_checkpoint.mode == "selective" else "")
-        lines.append(Line("activations", act,
-                          f"{len(share.layers)} layers, AC {ac_text}, {tokens:,} tokens/micro-batch"
+        lines.append(Line("activations", stored,
+                          f"kept for backward: {len(share.layers)} layers, AC {ac_text}, "
+                          f"{tokens:,} tokens/micro-batch"
                           f"{f' x {in_flight} in flight' if in_flight > 1 else ''}"
                           f"{f' / tp {dims.tp}' if dims.tp > 1 else ''}"))
+        # The transient peaks; the largest one counts.
+        head_trained = "output.weight" in applied.trainable
         if share.last:
-            chunk = t.loss_chunk_size
-            if chunk > 0 and dims.tp == 1 and dims.pp == 1:  # fused, chunked head + loss
-                rows = min(chunk, tokens)
-                head = "output.weight" in applied.trainable  # a frozen head gets no gradient
-                lines.append(Line(
-                    "logits + loss",
-                    rows * vocab * logit_bytes + (tokens + vocab * head) * model_args.dim * 4,
-                    f"fused: {rows:,}-token chunk x {vocab:,} vocab x {logit_bytes} B "
-                    f"+ stored fp32 gradients of hidden states{' and head' if head else ''}"))
-            else:
-                lines.append(Line("logits + loss", tokens * vocab * logit_bytes,
-                                  f"{tokens:,} tokens x {vocab:,} vocab x {logit_bytes} B"))
+            lines.append(_loss_line(model_args, tokens, vocab, t.loss_chunk_size if fused else 0,
+                                    a, param_bytes if applied.fsdp else 4, head_trained))
+        lines.extend(_backward_lines(
+            cfg, grads=grads if applied.fsdp and not accumulating else 0,
+            recompute=max((per_token["none"] - per_token[modes[i]] for i in share.layers
+                           if modes[i] != "none"), default=0.0) * tokens / dims.tp,
+            block_grads=reduce_bytes * block_grads[0] if applied.fsdp and block_grads else 0,
+            # FSDP: the head's unsharded gradient (param dtype) waits for the root's
+            # reduce-scatter at the end of backward, through every block's backward.
+            head=param_bytes * unsharded("output.weight")
+            if applied.fsdp and share.last and head_trained else 0,
+            root_grads=reduce_bytes * root_grad if applied.fsdp else 0))
         lines.append(Line("reserve", RESERVE_GIB * GIB, "CUDA context, NCCL, fragmentation"))
         candidate = MemoryPlan(
             config=config_name, world_size=world_size, dims=dims, applied=applied,
