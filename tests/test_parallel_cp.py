@@ -14,7 +14,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from parallel_harness import process_context
 from tolerances import assert_close_to_scale
 
 from runtime.model import FLAVORS, GptOssModel
@@ -95,7 +95,7 @@ def _worker(rank, world, port, balancer, docs, out_queue):
 @pytest.mark.parametrize("world, balancer, docs", [
     (2, "headtail", True), (4, "headtail", True), (2, "none", False), (4, "headtail", False)])
 def test_context_parallel_matches_single_process(world, balancer, docs):
-    ctx = mp.get_context("spawn")
+    ctx = process_context()  # ranks forked with torch already imported
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, balancer, docs, queue))
