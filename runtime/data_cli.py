@@ -21,6 +21,7 @@ runtime/data/__main__.py only forwards `python -m runtime.data` here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -28,9 +29,12 @@ import time
 
 from runtime.data.errors import DataError
 from runtime.data.loader import build_dataloader
-from runtime.data.prepared import PreparedDataset, prepare
+from runtime.data.prepare_parts import DEFAULT_PART_BYTES
+from runtime.data.prepared import PreparedDataset
+from runtime.data.preparing import (PrepareStopped, default_workers, finalize, plan_of,
+                                    prepare)
 from runtime.data.schema import data_option
-from runtime.data.sources import build_source
+from runtime.data.sources import build_source, source_kind
 from runtime.data.tokenizer import Tokenizer
 from runtime.errors import ConfigError, report_config_error
 from runtime.model.loss import IGNORE_INDEX
@@ -42,6 +46,15 @@ def _parser(prepare_command: bool) -> argparse.ArgumentParser:
     if prepare_command:
         parser.add_argument("--out", required=True, metavar="DIR",
                             help="folder to write (must not exist)")
+        parser.add_argument("--workers", type=int, default=None, metavar="N",
+                            help="worker processes (default: every core this process may use)")
+        parser.add_argument("--shard", default=None, metavar="I/N",
+                            help="write only part I of N (a Slurm array task); then --finalize")
+        parser.add_argument("--finalize", action="store_true",
+                            help="check the parts every --shard wrote and publish the folder")
+        parser.add_argument("--part-mb", type=float, default=DEFAULT_PART_BYTES / (1 << 20),
+                            metavar="MB", help="input megabytes per part (the unit of work, "
+                            "resume and token file; the same for every shard and the finalize)")
         return parser
     parser.add_argument("--show", type=int, metavar="N", default=None,
                         help="print the first N packed samples as the trainer receives them")
@@ -112,17 +125,58 @@ def show(batch: dict, tokenizer: Tokenizer, as_json: bool, out=sys.stdout,
 
 
 # ------------------------------------------------------------------------------- prepare
-def run_prepare(cfg, out: str) -> int:
+# [data] keys that only change how prepared data is read, not its tokens
+READ_TIME_KEYS = ("shuffle", "shuffle_seed", "shuffle_buffer", "prefetch", "cache_dir",
+                  "document_mask", "chat_overflow", "max_dropped_fraction", "pack",
+                  "pack_buffer", "tokenize_batch_docs")
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise DataError(f"--shard {text!r}: expected I/N with 0 <= I < N (e.g. "
+                        f"$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def run_prepare(cfg, ns) -> int:
+    out, shard = ns.out, _shard(ns.shard)
+    workers = default_workers() if ns.workers is None else ns.workers
+    if workers < 1:
+        raise DataError(f"--workers must be >= 1, got {workers}")
+    if ns.part_mb <= 0:
+        raise DataError(f"--part-mb must be > 0, got {ns.part_mb}")
+    if shard and ns.finalize:
+        raise DataError("--shard and --finalize are two steps: give one of them")
+    kind = source_kind(cfg.data)
+    if kind in ("chat", "prepared"):  # prepared data packs text: whole conversations need
+        raise DataError(f"prepare: data.dataset = {kind!r} cannot be prepared (chat data is "
+                        f"read streamed, by conversation); use 'path', 'hf' or 'embedded'")
     tokenizer = Tokenizer.load(cfg.model.tokenizer_path)
     source = build_source(cfg.data)
     if getattr(source, "shuffle", False):
         source.shuffle = False  # stored in natural order; data.shuffle applies when reading
+    encode = source.encoder(tokenizer)
+    settings = {"data": {k: v for k, v in dataclasses.asdict(cfg.data).items()
+                         if k not in READ_TIME_KEYS}}
+    opts = dict(part_bytes=max(1, int(ns.part_mb * (1 << 20))), settings=settings)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     start = time.perf_counter()
     try:
-        meta = prepare(source, source.encoder(tokenizer), out, tokenizer,
-                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        if ns.finalize:
+            meta = finalize(out, plan_of(source, tokenizer, **opts), workers=workers, log=log)
+        else:
+            meta = prepare(source, encode, out, tokenizer, workers=workers, shard=shard,
+                           log=log, progress=True, **opts)
     except OSError as e:  # an unwritable parent, a full disk: nothing was published
         raise DataError(f"--out {out}: cannot write: {' '.join(str(e).split())}") from None
+    if meta is None:
+        print(f"prepared shard {shard[0]}/{shard[1]} of {source.name} in "
+              f"{time.perf_counter() - start:.1f}s; when every shard is done: prepare "
+              f"--finalize --out {out}")
+        return 0
     print(f"prepared {meta['num_docs']} documents, {meta['num_tokens']} tokens "
           f"({meta['dtype']}) of {meta['source']} into {out} in "
           f"{time.perf_counter() - start:.1f}s; train with --data.dataset=prepared "
@@ -175,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, ns = parse_args(argv[1:] if prepare_command else argv, parser)
         if prepare_command:
-            return run_prepare(cfg, ns.out)
+            return run_prepare(cfg, ns)
         if ns.bench is not None:
             if not 0 <= ns.dp_rank < ns.dp_degree:
                 raise DataError(f"--dp-rank {ns.dp_rank} is not in [0, --dp-degree {ns.dp_degree})")
@@ -187,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         batch, tokenizer = first_samples(cfg, ns.show)
     except ConfigError as e:  # DataError included
         return report_config_error(e)
+    except PrepareStopped as e:  # a worker died: not bad input, the parts are kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     show(batch, tokenizer, ns.json)
     return 0
 

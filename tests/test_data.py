@@ -489,7 +489,8 @@ def _assert_same_batches(a, b, steps: int) -> None:
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_prepared_data_equals_the_streamed_stream(tmp_path, shuffle):
-    from runtime.data.prepared import PreparedDataset, prepare
+    from runtime.data.prepared import PreparedDataset
+    from runtime.data.preparing import prepare
 
     files = _mixed_files(tmp_path)
     source = FileSource(files, shuffle=shuffle, seed=11)
@@ -515,7 +516,8 @@ def TextEncoderOf(tokenizer):
 
 
 def test_prepared_data_keeps_loss_masks(tmp_path):
-    from runtime.data.prepared import PreparedDataset, prepare
+    from runtime.data.prepared import PreparedDataset
+    from runtime.data.preparing import prepare
 
     path = write_jsonl(tmp_path / "c.jsonl", ["*ab", "cd", "**efg"])
     src = MaskedSource([path])
@@ -711,7 +713,8 @@ def test_prepare_and_bench_commands(tmp_path):
 def test_prepared_data_refuses_another_tokenizer(tmp_path):
     from runtime.data import Tokenizer
     from runtime.data.errors import DataError
-    from runtime.data.prepared import PreparedDataset, prepare
+    from runtime.data.prepared import PreparedDataset
+    from runtime.data.preparing import prepare
 
     tok = Tokenizer.load()
     path = write_jsonl(tmp_path / "c.jsonl", ["some text", "more text"])
@@ -775,7 +778,8 @@ def test_damaged_prepared_data_is_one_line_exit_2(tmp_path):
 
     from runtime.data import Tokenizer
     from runtime.data.errors import DataError
-    from runtime.data.prepared import PreparedDataset, prepare
+    from runtime.data.prepared import PreparedDataset
+    from runtime.data.preparing import prepare
 
     tok = Tokenizer.load()
     docs = write_jsonl(tmp_path / "d.jsonl", [" ".join(random_docs(30, seed=i)) for i in range(120)])
@@ -837,14 +841,14 @@ def test_two_prepares_into_one_folder(tmp_path):
             f"--data.dataset_path={tmp_path}/d.jsonl", "--out", str(out)]
     winner_code = textwrap.dedent(f"""
         import sys
-        import runtime.data.prepared as prepared
+        import runtime.data.preparing as preparing
         from runtime.data_cli import main
-        write = prepared._write
+        publish = preparing._publish
         def held(*args):
             print("WRITING", flush=True)  # the lock is held now
             open({str(fifo)!r}).read()  # until the test writes the FIFO
-            return write(*args)
-        prepared._write = held
+            return publish(*args)
+        preparing._publish = held
         sys.exit(main(sys.argv[1:]))""")
     loser_code = ("import sys\nfrom runtime.data_cli import main\nsys.stdin.readline()\n"
                   "sys.exit(main(sys.argv[1:]))")  # started early: waits for its cue

@@ -135,7 +135,7 @@ def test_an_hf_the_export_cannot_replace_fails_before_training(tmp_path, fault):
 
 def test_prepared_folder_has_the_umask_modes(tmp_path, umask_002):
     from runtime.data import FileSource, TextEncoder, Tokenizer
-    from runtime.data.prepared import prepare
+    from runtime.data.preparing import prepare
 
     tok = Tokenizer.load()
     path = tmp_path / "c.jsonl"

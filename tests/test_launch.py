@@ -1447,3 +1447,42 @@ def test_slurm_interactive_ctrl_c_saves_and_stops(slurm_cluster, tmp_path):
     assert all("Ctrl-C: finishing this step, saving" in text for text in rank_logs), rank_logs
     assert f"SIGINT: stopped after step {last}, checkpoint saved; exit 130" in rank_logs[0], log
     assert (dump / "checkpoints" / "latest").read_text().strip() == f"step-{last}", log
+
+
+@pytest.mark.slurm
+def test_slurm_prepare_array_then_finalize(slurm_cluster, tmp_path):
+    """bash slurm/prepare.sbatch: a 3-task array (one task per node: 8 CPUs each) writes the
+    parts, the dependent job publishes them: the same bytes as one process here."""
+    from runtime.data import FileSource, TextEncoder, Tokenizer
+    from runtime.data.preparing import prepare
+
+    data = tmp_path / "in"
+    data.mkdir()
+    for i in range(4):
+        (data / f"d{i}.jsonl").write_text("".join(
+            f'{{"text": "document {j} of file {i}: {"word " * (j % 13)}"}}\n' for j in range(60)))
+    out = tmp_path / "prep"
+    env = lh.python_env(OMP_NUM_THREADS="1")
+    args = ["--out", str(out), "--workers", "2", "--part-mb", "0.002", "--data.dataset=path",
+            f"--data.dataset_path={data}/*.jsonl"]
+    submitted = lh.run(["bash", str(REPO / "slurm" / "prepare.sbatch"), "--array=0-2",
+                        "--cpus-per-task=8", f"--output={tmp_path}/logs/%x-%A_%a.out", "--",
+                        *args], cwd=tmp_path, env=env, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    m = re.search(r"array job (\d+) and finalize job (\d+)", submitted.stdout)
+    assert m, submitted.stdout
+    array, final = m.groups()
+    state = lh.wait_job(final, 300, release_requeued=False)
+    logs = "\n".join(lh.tail(p) for p in sorted((tmp_path / "logs").glob("*.out")))
+    assert state == "COMPLETED", logs
+    assert {lh.job_state(f"{array}_{i}") for i in range(3)} == {"COMPLETED"}, logs
+    hosts = {re.search(r"on (node\d+)", lh.tail(p)).group(1)
+             for p in (tmp_path / "logs").glob(f"*-{array}_*.out")}
+    assert hosts == {"node01", "node02"}, logs  # the array really ran on both nodes
+    assert "resuming" not in logs and "prepared 240 documents" in logs, logs
+    tok = Tokenizer.load()
+    files = sorted(data.glob("*.jsonl"))
+    prepare(FileSource(files), TextEncoder(tok), tmp_path / "ref", tok,
+            part_bytes=int(0.002 * (1 << 20)))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == \
+        {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir()}

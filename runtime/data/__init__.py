@@ -6,8 +6,10 @@
   readers.py   local files (.jsonl/.json/.parquet/.txt) -> records, file:line in errors
   sources.py   DocumentSource: embedded corpus, local files, HF datasets; shuffling
   packing.py   Document (tokens + optional loss mask), PackedStream, window_batch
-  prepared.py  prepare(): tokenized once into memory-mapped token files + a document
-               index; PreparedStream reads a rank's windows by offset
+  prepared.py  prepared data: memory-mapped token files + a document index;
+               PreparedStream reads a rank's windows by offset
+  preparing.py prepare(): tokenized by worker processes / Slurm array tasks, resumable,
+               published atomically; prepare_parts.py its parts; progress.py its progress
   prefetch.py  a background thread producing batches ahead of the training thread
   loader.py    ParallelAwareDataLoader: same global batch on any dp degree, resumable;
                validation_data_config (the [validation] source)
@@ -31,7 +33,8 @@ _EXPORTS = {
     "runtime.data.loader": ("STATE_VERSION", "ParallelAwareDataLoader", "build_dataloader"),
     "runtime.data.packing": ("Document", "PackedStream", "TextEncoder", "split_microbatches",
                              "window_batch"),
-    "runtime.data.prepared": ("PreparedDataset", "PreparedStream", "prepare"),
+    "runtime.data.prepared": ("PreparedDataset", "PreparedStream"),
+    "runtime.data.preparing": ("prepare",),
     "runtime.data.readers": ("read_docs", "read_json_docs", "read_parquet_docs",
                              "resolve_files"),
     "runtime.data.schema": ("DataConfig",),

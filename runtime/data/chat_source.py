@@ -149,8 +149,9 @@ class ChatFileSource(_ChatMixin, FileSource):
                          int(data_option(data_cfg, "shuffle_seed")), name=name)
         self.data_cfg = data_cfg
 
-    def read(self, path: Path, start: int = 0) -> Iterator[tuple[int, Conversation]]:
-        for i, record, where in read_json_records(path, start):
+    def read(self, path: Path, start: int = 0,
+             byte_range: tuple[int, int] | None = None) -> Iterator[tuple[int, Conversation]]:
+        for i, record, where in read_json_records(path, start, byte_range):
             yield i, _conversation(record, where)
 
 

@@ -24,7 +24,8 @@ from runtime.data.errors import DataError
 from runtime.data.chat_source import build_chat_source
 from runtime.data.packing import Document, window_batch
 from runtime.data.prefetch import Prefetcher
-from runtime.data.prepared import PreparedDataset, PreparedStream, cached_prepared
+from runtime.data.prepared import PreparedDataset, PreparedStream
+from runtime.data.preparing import cached_prepared
 from runtime.data.schema import DataConfig, ValidationConfig, data_option, validation_option
 from runtime.data.sources import (
     EMBEDDED_CORPUS,

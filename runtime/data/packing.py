@@ -28,10 +28,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
-import torch
 
 from runtime.data.errors import DataError
-from runtime.model.loss import IGNORE_INDEX
 
 
 @dataclass
@@ -167,6 +165,12 @@ def window_batch(
     -> dict of int64 tensors [R, S]: tokens, labels, positions and, with document masking,
     document_ids (see the module docstring for the rules).
     """
+    # Imported here, not at the top: a `prepare` worker process (Documents, TextEncoder) never
+    # loads torch (seconds of start-up and hundreds of MB per worker).
+    import torch
+
+    from runtime.model.loss import IGNORE_INDEX
+
     R, S = windows.shape[0], windows.shape[1] - 1
     cols = np.broadcast_to(np.arange(S, dtype=np.int64), (R, S))  # [R, S]
     if document_masking:

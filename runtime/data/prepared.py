@@ -1,11 +1,13 @@
 """Prepared data: a source tokenized once into memory-mapped token files plus a document index,
 so that any rank reads exactly its own windows by offset.
 
-`prepare(source, encode, out_dir)` writes (never pickles; numpy raw files and JSON only):
+`prepare(source, encode, out_dir)` (runtime.data.preparing) writes (never pickles; numpy raw
+files and JSON only):
 
   meta.json          format, version, token dtype, counts, tokenizer, token files, checksums
   tokens-NNNNN.bin   the documents' tokens back to back (uint16 when the vocab fits, else
-                     uint32), [BOS] ... [EOS] included; a document never spans two files
+                     uint32), [BOS] ... [EOS] included; a document never spans two files;
+                     one or more per part of the prepare (runtime.data.prepare_parts)
   trained.bin        uint8 per token, 1 = a loss target (only when a source masks tokens)
   doc_offsets.npy    int64 [docs + 1]  global token offset of each document (+ the end)
   doc_record.npy     int64 [docs]      its ordinal among its shard's records
@@ -28,10 +30,8 @@ this rank's share of them (`files_for_rank`, as checkpoints are); the trainer ru
 every rank before the model is built and agrees on the first problem. A token id >= the
 vocabulary that still reaches a read (an unverified folder, a file changed after the start)
 is a DataError naming the file and offset, never an index error in the embedding (a
-device-side assert on a GPU). `prepare` publishes by one rename of a temporary sibling and
-holds an flock on `.<name>.lock` beside the output while writing: a second `prepare` into
-the same folder fails at once with one line naming the holder (and, without flock support,
-at its rename); the first one's folder is never touched.
+device-side assert on a GPU). Writing (worker pools, shards, resuming, the atomic publish
+and its lock): runtime.data.preparing.
 
 `PreparedStream` serves exactly the stream `PackedStream` builds from the same source (same
 documents, same order, same shuffles, blank documents skipped, cursor-compatible state),
@@ -46,25 +46,15 @@ on the local batch only, never on the dp degree.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import os
-import shutil
-import socket
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
-from runtime.atomic_dir import make_temp_dir
-from runtime.checksums import (check_checksums, check_sizes, describe_files, files_for_rank,
-                               valid_records)
+from runtime.checksums import check_checksums, check_sizes, files_for_rank, valid_records
 from runtime.data.errors import DataError, DataFileNotFoundError
-from runtime.data.packing import Document
-from runtime.data.sources import DocumentSource, permutation
+from runtime.data.sources import permutation
 
 FORMAT = "gptoss-runtime-prepared"
 VERSION = 3  # 3: meta.json "files" (size + CRC32); 2: shard_docs.npy, index memory-mapped
@@ -80,176 +70,6 @@ def tokenizer_info(tokenizer) -> dict:
         "bos_id": int(tokenizer.bos_id),
         "eos_id": int(tokenizer.eos_id),
     }
-
-
-# ============================================================================ writing
-class _Writer:
-    """Appends documents to token files of at most `file_tokens` tokens, records the index."""
-
-    def __init__(self, out: Path, dtype: np.dtype, file_tokens: int):
-        self.out, self.dtype, self.file_tokens = out, dtype, file_tokens
-        self.files: list[dict] = []
-        self._fh = None
-        self._trained = open(out / "trained.bin", "wb")
-        self.masked = False
-        self.offsets, self.record, self.index = [0], [], []
-        self.shard_docs: list[int] = []
-        self.max_id = -1
-
-    def _open_next(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-        name = f"tokens-{len(self.files):05d}.bin"
-        self.files.append({"name": name, "tokens": 0})
-        self._fh = open(self.out / name, "wb")
-
-    def add(self, doc: Document, shard: int, record: int, index: int) -> None:
-        tokens = np.asarray(doc.tokens)
-        n = len(tokens)
-        if self._fh is None or (self.files[-1]["tokens"] and
-                                self.files[-1]["tokens"] + n > self.file_tokens):
-            self._open_next()
-        if n and int(tokens.min()) < 0:
-            raise DataError(f"data: negative token id in shard {shard} record {index}")
-        self.max_id = max(self.max_id, int(tokens.max()) if n else -1)
-        self._fh.write(tokens.astype(self.dtype).tobytes())
-        trained = np.ones(n, np.uint8) if doc.trained is None else np.asarray(doc.trained, np.uint8)
-        self.masked |= doc.trained is not None and not trained.all()
-        self._trained.write(trained.tobytes())
-        self.files[-1]["tokens"] += n
-        self.offsets.append(self.offsets[-1] + n)
-        self.shard_docs.extend([0] * (shard + 1 - len(self.shard_docs)))
-        self.shard_docs[shard] += 1
-        self.record.append(record)
-        self.index.append(index)
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-        self._trained.close()
-        if not self.masked:
-            (self.out / "trained.bin").unlink()
-
-
-def _records(source: DocumentSource) -> Iterator[tuple[int, int, int, object]]:
-    """(shard, record ordinal, record index, item) of every kept document in natural order,
-    plus a (shard, count, -1, None) marker at the end of each shard."""
-    for shard in range(source.num_shards()):
-        count = 0
-        for record, (index, item) in enumerate(source.shard_items(shard)):
-            count = record + 1
-            if source.keep(item):
-                yield shard, record, index, item
-        yield shard, count, -1, None
-
-
-def prepare(
-    source: DocumentSource,
-    encode: Callable[[list], list[Document]],
-    out_dir: str | os.PathLike,
-    tokenizer,
-    *,
-    batch_docs: int = 256,
-    file_tokens: int = DEFAULT_FILE_TOKENS,
-    log: Callable[[str], None] | None = None,
-    wait: bool = False,
-) -> dict:
-    """Tokenize `source` once into `out_dir` (written to a temporary sibling, then renamed:
-    a crash never leaves a half-written dataset). One writer per output folder: another
-    `prepare` writing it is a DataError at once (`wait`: wait for it instead; the caller then
-    gets "already exists" and may use its folder). Returns the meta dict."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out, wait):
-        if out.exists():
-            raise DataError(f"{out}: already exists; remove it or choose another output folder")
-        if log:
-            log(f"preparing {source.name} into {out}")
-        tmp = make_temp_dir(out)  # mkdir's mode (mkdtemp's 0700 would hide it from a team)
-        try:
-            meta = _write(source, encode, tmp, tokenizer, batch_docs, file_tokens, log)
-            os.rename(tmp, out)  # atomic on one filesystem; fails if `out` appeared meanwhile
-        except OSError as e:
-            if out.exists():  # without flock support, two writers meet here: the first won
-                raise DataError(f"{out}: already exists (another prepare finished first; "
-                                f"its folder is kept)") from None
-            raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return meta
-
-
-@contextlib.contextmanager
-def _exclusive(out: Path, wait: bool):
-    """Hold an exclusive flock on `.<out name>.lock` beside `out` while it is written. The
-    kernel drops an flock when its process dies (kill -9 too): nothing stale to clean up.
-    On a filesystem without flock the final rename still lets only the first writer win."""
-    lock_path = out.parent / f".{out.name}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    held = False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            held = True
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-            raise DataError(f"{out}: another prepare ({holder}) is writing it; wait for it to "
-                            f"finish or choose another output folder") from None
-        except OSError:
-            pass  # no flock here (some network filesystems): the rename decides
-        if held:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        yield
-    finally:
-        if held:  # a waiter may hold the unlinked file next: harmless, it finds `out`
-            lock_path.unlink(missing_ok=True)
-        os.close(fd)
-
-
-def _write(source, encode, tmp: Path, tokenizer, batch_docs, file_tokens, log) -> dict:
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
-    writer = _Writer(tmp, dtype, file_tokens)
-    shard_records: list[int] = []
-    pending: list[tuple[int, int, int, object]] = []
-
-    def flush():
-        docs = encode([item for *_, item in pending])
-        for (shard, record, index, _), doc in zip(pending, docs, strict=True):
-            writer.add(doc, shard, record, index)
-        pending.clear()
-
-    for shard, record, index, item in _records(source):
-        if index == -1:  # end of a shard
-            shard_records.append(record)
-            if log:
-                log(f"prepared shard {shard + 1}/{source.num_shards()}: "
-                    f"{len(writer.record) + len(pending)} documents so far")
-            continue
-        pending.append((shard, record, index, item))
-        if len(pending) >= batch_docs:
-            flush()
-    if pending:
-        flush()
-    writer.close()
-    if not writer.record:
-        raise DataError(f"data: no non-empty documents in {source.name}")
-    shard_docs = writer.shard_docs + [0] * (len(shard_records) - len(writer.shard_docs))
-    arrays = {"doc_offsets": writer.offsets, "doc_record": writer.record,
-              "doc_index": writer.index, "shard_records": shard_records,
-              "shard_docs": shard_docs}
-    for name, values in arrays.items():
-        np.save(tmp / f"{name}.npy", np.asarray(values, dtype=np.int64), allow_pickle=False)
-    meta = {
-        "format": FORMAT, "version": VERSION, "source": source.name, "dtype": dtype.name,
-        "num_tokens": writer.offsets[-1], "num_docs": len(writer.record),
-        "max_token_id": writer.max_id, "masked": writer.masked, "token_files": writer.files,
-        "tokenizer": tokenizer_info(tokenizer),
-        # re-read from disk (page cache): the checksums say what the files hold
-        "files": describe_files(tmp, sorted(p.name for p in tmp.iterdir())),
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    return meta
 
 
 # ============================================================================ reading
@@ -546,39 +366,3 @@ class PreparedStream:
                             f"the tokenizer changed?")
         self.position = (epoch * self.ds.num_tokens + order.start(position)
                          + int(shard.ends[k]) - length + offset)
-
-
-# ============================================================================ the embedded corpus
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gptoss-runtime" / "data"
-
-
-def cached_prepared(source: DocumentSource, source_file: Path, tokenizer, encode,
-                    cache_dir: str | os.PathLike = "") -> Path:
-    """`source` (one file, e.g. the embedded corpus) prepared for `tokenizer` in the cache,
-    keyed by the file's and the tokenizer's hashes; prepared on first use. Several ranks
-    may race: the first takes the folder's lock and writes, the others wait for it. An unwritable
-    default cache falls back to the temporary directory; an unwritable data.cache_dir is an
-    error naming it."""
-    digest = hashlib.sha256(source_file.read_bytes()).hexdigest()[:16]
-    name = f"{source_file.name.split('.')[0]}-{digest}-{tokenizer.fingerprint}-v{VERSION}"
-    roots = [Path(cache_dir).expanduser()] if cache_dir else [
-        default_cache_dir(), Path(tempfile.gettempdir()) / "gptoss-runtime-data"]
-    error: OSError | None = None
-    for root in roots:
-        out = root / name
-        try:
-            if not (out / "meta.json").is_file():  # the first rank writes, the others wait
-                prepare(source, encode, out, tokenizer, wait=True)
-            return out
-        except OSError as e:  # unwritable, or another rank renamed its copy first
-            if (out / "meta.json").is_file():
-                return out
-            error = e
-        except DataError:  # "already exists": another rank finished first
-            if (out / "meta.json").is_file():
-                return out
-            raise
-    key = "data.cache_dir" if cache_dir else "the data cache"
-    raise DataError(f"{key} {roots[-1]}: cannot write: {' '.join(str(error).split())}")

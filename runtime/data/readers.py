@@ -1,9 +1,16 @@
 """Local data files -> (record index, text) in file order.
 
-Formats: `.jsonl` / `.json` (+ `.gz`): one JSON object per line with a text key (a `.json`
+Formats (each also compressed: `.gz`, or `.zst` with the zstandard package):
+`.jsonl` / `.json`: one JSON object per line with a text key (a `.json`
 file may also be one JSON array of objects); `.parquet`: one row per document (needs
 pyarrow); `.txt` / `.md`: the whole file is ONE document. `resolve_files` turns a path,
 directory (recursive), glob or list of them into the sorted file list a source reads.
+
+A plain `.jsonl` file can also be read in byte ranges (`byte_range=(lo, hi)`: the lines that
+start in [lo, hi), lo at a line start): `prepare` splits one large file over its workers and
+nodes that way (`splittable`, `line_start`). Indices are then lines within the range; an
+error still names the file's own line (`LineOf` counts the lines before the range only
+when the message is printed).
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from typing import Iterator, Sequence
 
 from runtime.data.errors import DataDependencyError, DataError, DataFileNotFoundError
 
-JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+COMPRESSED = (".gz", ".zst")
+JSON_SUFFIXES = tuple(f"{s}{c}" for s in (".jsonl", ".json") for c in ("", *COMPRESSED))
 PARQUET_SUFFIXES = (".parquet",)
-TEXT_SUFFIXES = (".txt", ".md")
+TEXT_SUFFIXES = tuple(f"{s}{c}" for s in (".txt", ".md") for c in ("", *COMPRESSED))
 SUPPORTED_SUFFIXES = JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
 
 
@@ -29,14 +37,24 @@ def has_suffix(path: Path, suffixes: Sequence[str]) -> bool:
     return any(name.endswith(s) for s in suffixes)
 
 
-def _open_text(path: Path):
-    if path.name.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
 def _open_bytes(path: Path):
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+    """The file's (decompressed) bytes as a binary stream that iterates by line."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        try:
+            import zstandard  # optional dependency: only .zst files need it
+        except ImportError:
+            raise DataDependencyError(f"reading {path} needs zstandard: pip install "
+                                      f"'gptoss-runtime[data]' (or zstandard)") from None
+        raw = open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return open(path, "rb")
+
+
+def _bad_compression(e: Exception) -> bool:
+    return type(e).__module__.startswith("zstandard") or type(e).__name__ == "ZstdError"
 
 
 def _decode(raw: bytes, path: Path, line: int) -> str:
@@ -66,14 +84,79 @@ def text_of(obj, text_key: str, where: str) -> str:
     return text
 
 
-def read_json_records(path: Path, start: int = 0) -> Iterator[tuple[int, object, str]]:
+def splittable(path: Path) -> bool:
+    """Whether `path` can be read in byte ranges (plain JSON lines: seekable, one record
+    per newline-terminated line; .json may split lines on other breaks or be one array)."""
+    return path.name.lower().endswith(".jsonl")
+
+
+def line_start(path: Path, at: int) -> int:
+    """The first line start at or after byte `at` (the file's size when none)."""
+    if at <= 0:
+        return 0
+    with open(path, "rb") as f:
+        f.seek(at - 1)
+        f.readline()  # the rest of the line holding byte at - 1 (only its newline at a line start)
+        return f.tell()
+
+
+class LineOf:
+    """`file:line` of line `i` of the range starting at byte `lo`: the lines before the range
+    are counted only when the text is needed (an error message), never per record."""
+
+    def __init__(self, path: Path, lo: int, i: int):
+        self.path, self.lo, self.i = path, lo, i
+
+    def line(self) -> int:
+        before, left = 0, self.lo
+        with open(self.path, "rb") as f:
+            while left > 0 and (block := f.read(min(1 << 24, left))):
+                before, left = before + block.count(b"\n"), left - len(block)
+        return before + self.i + 1
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line()}"
+
+
+def _read_range(path: Path, lo: int, hi: int) -> Iterator[tuple[int, object, LineOf]]:
+    """read_json_records over the lines starting in [lo, hi) of a plain JSON-lines file."""
+    with open(path, "rb") as f:
+        f.seek(lo)
+        pos, i = lo, 0
+        while pos < hi and (raw := f.readline()):
+            pos += len(raw)
+            where = LineOf(path, lo, i)
+            i += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = _decode(raw, path, where.line())  # raises, naming the file's line
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{where}: invalid JSON: {e}") from None
+            yield i - 1, obj, where
+
+
+def read_json_records(path: Path, start: int = 0,
+                      byte_range: tuple[int, int] | None = None
+                      ) -> Iterator[tuple[int, object, str]]:
     """(index, parsed record, where) for each record from `start`; blank lines keep their
-    index but yield nothing. `where` is "file:line" (or "file[i]" in a JSON array)."""
+    index but yield nothing. `where` is "file:line" (or "file[i]" in a JSON array).
+    `byte_range`: only the lines starting in it (a `splittable` file), indexed from 0."""
+    if byte_range is not None:
+        try:
+            yield from _read_range(path, *byte_range)
+        except OSError as e:
+            raise DataError(f"{path}: cannot read: {e}") from None
+        return
     try:
         # Bytes, decoded line by line: a text stream decodes in blocks, so its error could
         # not say which line holds the bad byte.
         with _open_bytes(path) as f:
-            if path.name.lower().endswith((".json", ".json.gz")):
+            if path.name.lower().endswith(tuple(f".json{c}" for c in ("", *COMPRESSED))):
                 content = _decode(f.read(), path, 1)
                 if content.lstrip().startswith("["):
                     try:
@@ -98,11 +181,16 @@ def read_json_records(path: Path, start: int = 0) -> Iterator[tuple[int, object,
         raise DataError(f"{path}: not UTF-8 text (binary data?): {e.reason}") from None
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read: {e}") from None
+    except Exception as e:
+        if _bad_compression(e):
+            raise DataError(f"{path}: cannot read: {e}") from None
+        raise
 
 
-def read_json_docs(path: Path, text_key: str, start: int = 0) -> Iterator[tuple[int, str]]:
+def read_json_docs(path: Path, text_key: str, start: int = 0,
+                   byte_range: tuple[int, int] | None = None) -> Iterator[tuple[int, str]]:
     """(index, text) for each line from `start`; blank lines keep their index but yield nothing."""
-    for i, obj, where in read_json_records(path, start):
+    for i, obj, where in read_json_records(path, start, byte_range):
         yield i, text_of(obj, text_key, where)
 
 
@@ -145,12 +233,21 @@ def read_text_doc(path: Path, start: int = 0) -> Iterator[tuple[int, str]]:
     """A text file is one document (index 0)."""
     if start == 0:
         try:
-            yield 0, path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text (binary data?): {e.reason}") from None
+            with _open_bytes(path) as f:
+                raw = f.read()
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: cannot read: {e}") from None
+        except Exception as e:
+            if _bad_compression(e):
+                raise DataError(f"{path}: cannot read: {e}") from None
+            raise
+        yield 0, _decode(raw, path, 1)
 
 
-def read_docs(path: Path, text_key: str, start: int = 0) -> Iterator[tuple[int, str]]:
+def read_docs(path: Path, text_key: str, start: int = 0,
+              byte_range: tuple[int, int] | None = None) -> Iterator[tuple[int, str]]:
+    if byte_range is not None:  # a `splittable` file
+        return read_json_docs(path, text_key, byte_range=byte_range)
     if has_suffix(path, JSON_SUFFIXES):
         return read_json_docs(path, text_key, start)
     if has_suffix(path, PARQUET_SUFFIXES):

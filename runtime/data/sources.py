@@ -26,7 +26,7 @@ import numpy as np
 
 from runtime.data.errors import DataDependencyError, DataError, DataFileNotFoundError
 from runtime.data.packing import Document, PackedStream, TextEncoder
-from runtime.data.readers import read_docs, resolve_files, text_of
+from runtime.data.readers import read_docs, resolve_files, splittable, text_of
 from runtime.data.schema import DataConfig, data_option
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -67,6 +67,16 @@ class DocumentSource:
 
     def shard_items(self, shard: int) -> Iterator[tuple[int, object]]:
         """(index, item) of every record of natural shard `shard`, blank ones included."""
+        raise NotImplementedError
+
+    def shard_size(self, shard: int) -> tuple[int, Path | None] | None:
+        """(bytes, the file when byte ranges of it can be read alone) of natural shard
+        `shard`, or None when unknown (not a local file): `prepare` plans its parts with it."""
+        return None
+
+    def range_items(self, shard: int, byte_range: tuple[int, int]) -> Iterator[tuple[int, object]]:
+        """shard_items of the records in one byte range of a splittable shard, indexed
+        from 0 at the range's first line."""
         raise NotImplementedError
 
     def encoder(self, tokenizer) -> Callable[[list], list[Document]]:
@@ -121,15 +131,24 @@ class FileSource(DocumentSource):
             return self.files
         return [self.files[i] for i in permutation(len(self.files), self.seed, epoch)]
 
-    def read(self, path: Path, start: int = 0) -> Iterator[tuple[int, object]]:
-        """(index, item) of one file from `start` (a chat source reads conversations)."""
-        return read_docs(path, self.text_key, start)
+    def read(self, path: Path, start: int = 0,
+             byte_range: tuple[int, int] | None = None) -> Iterator[tuple[int, object]]:
+        """(index, item) of one file from `start`, or of its lines in `byte_range` (a chat
+        source reads conversations)."""
+        return read_docs(path, self.text_key, start, byte_range)
 
     def num_shards(self) -> int:
         return len(self.files)
 
     def shard_items(self, shard: int) -> Iterator[tuple[int, object]]:
         return self.read(self.files[shard])
+
+    def shard_size(self, shard: int) -> tuple[int, Path | None]:
+        path = self.files[shard]
+        return path.stat().st_size, path if splittable(path) else None
+
+    def range_items(self, shard: int, byte_range: tuple[int, int]) -> Iterator[tuple[int, object]]:
+        return self.read(self.files[shard], 0, byte_range)
 
     def documents(self, epoch: int, shard: int, index: int) -> Iterator[tuple[int, int, object]]:
         order = self.shard_order(epoch)

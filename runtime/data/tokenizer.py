@@ -154,6 +154,12 @@ class Tokenizer:
             )
         return tid
 
+    def __setstate__(self, state: dict) -> None:
+        # A pickled `tokenizers.Tokenizer` (a prepare worker's copy) forgets
+        # encode_special_tokens: without this it would match "<|endoftext|>" in raw text.
+        self.__dict__.update(state)
+        self._set_split_specials(True)
+
     def _set_split_specials(self, split: bool) -> None:
         # `encode_special_tokens=True` makes the Rust side tokenize "<|endoftext|>" in text
         # as ordinary characters instead of matching the added token.

@@ -1,0 +1,148 @@
+"""`prepare` at scale (issue #23): worker pools, resuming, shards; every way of splitting the
+work writes the same bytes as one process, and the same token stream as the streamed source."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.data import FileSource, TextEncoder, Tokenizer
+from runtime.data.prepared import PreparedDataset
+from runtime.data.preparing import PrepareStopped, prepare, work_dir
+
+PART = 2048  # input bytes per part: the inputs below make ~20 parts
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = ["data", "token", "shard", "node", "prepare", "résumé", "naïve", "日本語", "<|endoftext|>"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) for _ in range(n)]
+
+
+def _lines(texts: list[str]) -> str:
+    return "".join(json.dumps({"text": t}) + "\n" for t in texts)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, list[Path]]:
+    """A multi-file corpus (several small files share a part; .gz, .zst, a JSON array and
+    text files are read whole) and one large JSON-lines file cut into byte ranges (blank
+    lines, blank texts, an unterminated last line)."""
+    d = tmp_path_factory.mktemp("inputs")
+    many = []
+    for i in range(6):
+        many.append(d / f"m{i}.jsonl")
+        many[-1].write_text(_lines(_texts(8 + i, seed=i)))
+    with gzip.open(d / "m6.jsonl.gz", "wt") as f:
+        f.write(_lines(_texts(20, seed=6)))
+    (d / "m7.json").write_text(json.dumps([{"text": t} for t in _texts(5, seed=7)]))
+    (d / "m8.txt").write_text("one whole text file\n")
+    zstandard = pytest.importorskip("zstandard")
+    (d / "m9.jsonl.zst").write_bytes(zstandard.compress(_lines(_texts(12, seed=10)).encode()))
+    with gzip.open(d / "m10.txt.gz", "wt") as f:
+        f.write("a compressed text file\n")
+    many += [d / "m6.jsonl.gz", d / "m7.json", d / "m8.txt", d / "m9.jsonl.zst", d / "m10.txt.gz"]
+    big = _lines(_texts(300, seed=9)).splitlines(keepends=True)
+    big[17] = "\n"  # a blank line keeps its index
+    big[40] = json.dumps({"text": "  "}) + "\n"  # a blank text: a record, no document
+    (d / "big.jsonl").write_text("".join(big).rstrip("\n"))  # no newline at the end
+    return {"many": many, "big": [d / "big.jsonl"]}
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.load()
+
+
+def _prepare(files, out: Path, tok, **kw) -> dict:
+    return prepare(FileSource(files), TextEncoder(tok), out, tok, part_bytes=PART,
+                   batch_docs=7, **kw)
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def one_process(inputs, tok, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("one")
+    for name, files in inputs.items():
+        _prepare(files, d / name, tok, workers=1)
+    return {name: d / name for name in inputs}
+
+
+@pytest.mark.parametrize("case", ["many", "big"])
+def test_workers_write_the_bytes_of_one_process(inputs, tok, one_process, tmp_path, case):
+    meta = _prepare(inputs[case], tmp_path / "w2", tok, workers=2)
+    assert len(meta["token_files"]) >= 4  # several parts: the work really was split
+    assert _contents(tmp_path / "w2") == _contents(one_process[case])  # meta.json included
+    assert not work_dir(tmp_path / "w2").exists()  # the parts are gone once published
+    # The parts change the file layout only: one part per file gives the same token stream
+    # and document index (a range's record ordinals and line indices continue the file's).
+    whole = prepare(FileSource(inputs[case]), TextEncoder(tok), tmp_path / "whole", tok,
+                    part_bytes=1 << 30)
+    a, b = PreparedDataset(tmp_path / "w2"), PreparedDataset(tmp_path / "whole")
+    assert len(whole["token_files"]) == 1
+    assert np.array_equal(a.tokens_at(np.arange(a.num_tokens)), b.tokens_at(np.arange(b.num_tokens)))
+    for name in ("doc_offsets", "doc_record", "doc_index", "shard_records", "shard_docs"):
+        assert np.array_equal(np.load(tmp_path / "w2" / f"{name}.npy"),
+                              np.load(tmp_path / "whole" / f"{name}.npy")), name
+    # and the stream is the streamed source's: [BOS] text [EOS] of every kept record in order
+    texts = [t for s in range(len(inputs[case])) for _, t in FileSource(inputs[case]).shard_items(s)
+             if t.strip()]
+    expected = np.concatenate([[tok.bos_id, *ids, tok.eos_id] for ids in tok.encode_batch(texts)])
+    assert np.array_equal(a.tokens_at(np.arange(a.num_tokens)), expected)
+
+
+def test_a_killed_worker_resumes_from_its_finished_parts(inputs, tok, one_process, tmp_path,
+                                                         monkeypatch):
+    """A worker killed inside part 3 (deterministic: the fault hook) stops the run with one
+    message; nothing is published, its half part is a temporary folder. The rerun verifies
+    the finished parts, writes a damaged one again, keeps the others and publishes the same
+    bytes as one uninterrupted process."""
+    out, logs = tmp_path / "out", []
+    monkeypatch.setenv("GPTOSS_PREPARE_FAULT", "kill:3")
+    with pytest.raises(PrepareStopped, match="a prepare worker died .* run the same command "
+                                             "again to resume"):
+        _prepare(inputs["big"], out, tok, workers=2)
+    monkeypatch.delenv("GPTOSS_PREPARE_FAULT")
+    work = work_dir(out)
+    assert not out.exists()
+    assert [p.name for p in work.glob(".part-00003.tmp-*")]  # the half-written part ...
+    finished = sorted(p.name for p in work.glob("part-*"))
+    assert "part-00003" not in finished and len(finished) >= 1  # ... never counts as done
+    # 2 workers: part 3 started after one of parts 0-2 finished
+    damaged = work / finished[0] / "tokens-00.bin"
+    data = bytearray(damaged.read_bytes())
+    data[10] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    kept = {(work / p / "tokens-00.bin").stat().st_ino for p in finished[1:]}
+    _prepare(inputs["big"], out, tok, workers=2, log=logs.append)
+    assert f"part {int(finished[0][5:])} tokens-00.bin fails its checksum: writing it again" \
+        in logs, logs
+    assert any(line.startswith(f"resuming: {len(finished) - 1} of ") for line in logs), logs
+    assert _contents(out) == _contents(one_process["big"])
+    assert not work.exists()
+    # the kept parts were not written again: the published token files are theirs (linked)
+    assert kept <= {p.stat().st_ino for p in out.glob("tokens-*.bin")}
+
+
+def test_a_plan_of_other_inputs_is_refused(inputs, tok, tmp_path, monkeypatch):
+    from runtime.data.errors import DataError
+
+    files = [tmp_path / "a.jsonl"]
+    shutil.copy(inputs["big"][0], files[0])
+    monkeypatch.setenv("GPTOSS_PREPARE_FAULT", "kill:1")
+    with pytest.raises(PrepareStopped):
+        _prepare(files, tmp_path / "out", tok, workers=2)
+    monkeypatch.delenv("GPTOSS_PREPARE_FAULT")
+    with files[0].open("a") as f:
+        f.write("\n" + json.dumps({"text": "appended later"}) + "\n")
+    with pytest.raises(DataError, match=r"holds the parts of another prepare \(its inputs differ"):
+        _prepare(files, tmp_path / "out", tok, workers=2)
