@@ -669,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     if not folder.is_absolute():
         folder = Path.cwd() / folder
     env, env_defaults = job_env_vars(args)
+    if args.skip_memory_check:  # the trainer's own pre-flight memory check is skipped too
+        overrides = [*overrides, "--training.skip_memory_check=true"]
     call = GptOssTrain(str(REPO), config_abs, overrides, env, env_defaults)
 
     if args.dry_run:

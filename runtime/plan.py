@@ -30,6 +30,7 @@ from runtime.errors import EXIT_OK, ConfigError, one_line, report_config_error
 from runtime.parallel.dims import ParallelDims
 from runtime.train.config import JobConfig, build_parser, parse_args, validate_job
 from runtime.train.memory_plan import (DEFAULT_GPU_MEMORY_GIB, GIB, MemoryPlan,
+                                       available_memory, does_not_fit,
                                        fsdp_param_dtype_name, plan_job,
                                        target_compute_dtype_name)
 
@@ -92,7 +93,8 @@ def format_plan(plan: MemoryPlan, cfg: JobConfig) -> str:
         lines.append(f"pipeline: {cfg.parallelism.pipeline_parallel_schedule}, stages cut as the "
                      "trainer cuts them; each pipeline rank keeps its stages' layers of the "
                      "sharded model (the worst rank is shown)")
-    lines.append("buffers and activations: first-order formulas (documented in runtime/train/memory_plan.py)")
+    lines.append("buffers and activations: first-order formulas "
+                 "(documented in runtime/train/memory_plan.py)")
     lines.append(f"per rank [{plan.rank}]: {_count(plan.rank_params)} parameters "
                  f"(dense {_count(plan.rank_dense)}, experts {_count(plan.rank_experts)})")
     if plan.total_trainable < plan.total_params:
@@ -115,9 +117,9 @@ def format_plan(plan: MemoryPlan, cfg: JobConfig) -> str:
     for line in (x for x in plan.lines if x.label == "reserve"):
         lines.append(f"  {line.label:<14}{_gib(line.bytes)}   {line.note}")
     total = plan.total_bytes
-    verdict = "fits" if plan.fits else "DOES NOT FIT"
-    lines.append(f"  {'total':<14}{_gib(total)}   of {plan.gpu_gib:g} GiB per GPU: {verdict} "
-                 f"({100 * total / (plan.gpu_gib * GIB):.0f}%)")
+    verdict = "fits" if does_not_fit(plan, cfg) is None else "DOES NOT FIT"
+    lines.append(f"  {'total':<14}{_gib(total)}   of {plan.gpu_gib:.4g} GiB {plan.limit_note}: "
+                 f"{verdict} ({100 * total / (plan.gpu_gib * GIB):.0f}%)")
     return "\n".join(lines)
 
 
@@ -131,9 +133,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="number of ranks (GPUs) of the job")
     parser.add_argument("--check-only", action="store_true",
                         help="only validate the config and mesh (no torch import); exit 0 or 2")
-    parser.add_argument("--gpu-memory-gib", type=float, default=DEFAULT_GPU_MEMORY_GIB,
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
                         metavar="G",
-                        help=f"memory per GPU (default {DEFAULT_GPU_MEMORY_GIB:g}: H100)")
+                        help=f"memory per GPU (default {DEFAULT_GPU_MEMORY_GIB:g}: H100; with "
+                             "training.device=cpu: this machine's available memory / ranks, as "
+                             "the trainer's check)")
     trace = parser.add_argument_group("dry run (runtime/dry_run.py)")
     trace.add_argument("--trace", action="store_true",
                        help="also run the real training step of one rank on fake CUDA tensors "
@@ -196,13 +200,25 @@ def run_trace(plan: MemoryPlan, cfg: JobConfig, *, steps: int = 2, rank: int | N
     return EXIT_OK
 
 
+def _memory_limit(cfg: JobConfig, ns) -> tuple[float, str]:
+    """(GiB per rank, what it is): --gpu-memory-gib, else for a CPU job this machine's share as
+    the trainer's pre-flight check computes it, else an H100's."""
+    if ns.gpu_memory_gib is not None:
+        return ns.gpu_memory_gib, "per GPU"
+    if cfg.training.device == "cpu":
+        limit = available_memory("cpu", ranks_here=ns.world_size)
+        if limit is not None:
+            return limit
+    return DEFAULT_GPU_MEMORY_GIB, "per GPU"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, ns = parse_args(argv, build_arg_parser())
         if ns.print_config:
             print(cfg.to_toml_str(), end="")
             return EXIT_OK
-        if not ns.gpu_memory_gib > 0:
+        if ns.gpu_memory_gib is not None and not ns.gpu_memory_gib > 0:
             raise ConfigError(f"command line: --gpu-memory-gib must be > 0, "
                               f"got {ns.gpu_memory_gib}")
         model_args = cfg.model_args()
@@ -224,22 +240,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{dims.describe().split(': ', 1)[1]}",
               flush=True)
         return EXIT_OK
+    limit = _memory_limit(cfg, ns)
     try:
-        plan = plan_job(cfg, ns.world_size, ns.gpu_memory_gib, config_name, dims=dims,
+        plan = plan_job(cfg, ns.world_size, limit[0], config_name, dims=dims,
                         model_args=model_args)
+        plan.limit_note = limit[1]
     except ValueError as e:  # ConfigError, or a parallel pass refusing this model/mesh
         return report_config_error(e if isinstance(e, ConfigError) else f"parallel plan: {e}")
     print(format_plan(plan, cfg), flush=True)
     if ns.trace:
         return run_trace(plan, cfg, steps=ns.steps, rank=ns.rank, imbalance=ns.imbalance)
-    if not plan.fits:
-        big = sorted(plan.lines, key=lambda x: -x.bytes)[:3]
-        parts = ", ".join(f"{x.label} {x.bytes / GIB:.1f}" for x in big)
-        print(f"error: does not fit: {plan.total_bytes / GIB:.1f} GiB per rank > "
-              f"{plan.gpu_gib:g} GiB per GPU (largest: {parts} GiB); shard more "
-              "(data_parallel_shard_degree, tensor/expert/pipeline degrees), lower "
-              "training.local_batch_size or enable activation_checkpoint.mode",
-              file=sys.stderr, flush=True)
+    reason = does_not_fit(plan, cfg)
+    if reason:
+        print(f"error: {reason}", file=sys.stderr, flush=True)
         return EXIT_DOES_NOT_FIT
     return EXIT_OK
 

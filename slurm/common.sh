@@ -32,7 +32,8 @@
 #   MAX_REQUEUES      stop requeueing after this many restarts                 [50]
 #   RANK_EXIT_GRACE_S srun --wait: once one rank exited (cleanly), kill the others after this long [600]
 #   GPU_MEMORY_GIB    memory per GPU for the memory check           [nvidia-smi, else 80]
-#   SKIP_MEMORY_CHECK 1: check the config and mesh only, not memory per rank
+#   SKIP_MEMORY_CHECK 1: check the config and mesh only, not memory per rank (the trainer's
+#                     check too: --training.skip_memory_check=true)
 #   SKIP_MESH_CHECK   1: no `python -m runtime.plan` check at all before srun
 #   SIGNAL_LEAD_S     the --signal lead in seconds, if the submit line/header cannot tell
 #   LAUNCHER          srun (one task per GPU, default) | torchrun (one task per node)
@@ -403,6 +404,8 @@ gptoss_main() {
   gptoss_job_time_check
   gptoss_container_setup
   gptoss_checks "$world" "${overrides[@]}"
+  # the trainer's own pre-flight memory check is skipped too
+  if [[ "${SKIP_MEMORY_CHECK:-0}" == 1 ]]; then overrides+=(--training.skip_memory_check=true); fi
 
   # ---- the training step --------------------------------------------------------------
   local srun_args=(

@@ -1184,6 +1184,7 @@ def test_submit_checks_memory_before_queueing():
     assert "memory ok for 141 GiB per GPU (h200 in --partition)" in out.stdout
     out = run_submit(*base, "--skip-memory-check", timeout=600)
     assert out.returncode == 0 and "memory check skipped" in out.stdout, out.stderr
+    assert "--training.skip_memory_check=true" in out.stdout  # the trainer's check skipped too
 
 
 def test_submitit_pinned_and_its_helpers_used():

@@ -140,6 +140,9 @@ class TrainingSection:
                                   help="on_nonfinite='skip': steps skipped over the whole run "
                                        "(resumes included) before the run stops with exit 2")
     deterministic: bool = _opt(False, help="deterministic algorithms (slower)")
+    skip_memory_check: bool = _opt(False, help="start even when the memory estimate exceeds "
+                                               "the device's (runtime/train/memory_plan.py); "
+                                               "also --skip-memory-check")
     loss_chunk_size: int = _opt(1024, check=_non_negative,
                                 help="tokens per chunk of the fused output head + cross entropy "
                                      "(never materialises all logits); 0 = plain logits path")

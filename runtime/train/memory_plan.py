@@ -63,17 +63,22 @@ block backward  (FSDP, not accumulating: the sharded grads) + one checkpointed l
 reduce-scatter  FSDP: (not accumulating: the sharded grads +) the root unit's gradients
               copied to the reduce dtype at the end of backward (the optimizer step, params
               + grads + optimizer state, is below it).
-reserve       2 GiB for the CUDA context, NCCL buffers and allocator fragmentation.
+reserve       2 GiB for the CUDA context, NCCL buffers and allocator fragmentation (not on CPU).
 Not modelled: expert-load imbalance (the dry run's --imbalance traces it), temporary buffers
 of collectives, compile workspaces.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import math
+import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.errors import ConfigError, one_line
 from runtime.model.args import ModelArgs
 from runtime.parallel.dims import ParallelDims, pipeline_num_stages
 from runtime.train import memory_plan_lora
@@ -233,11 +238,12 @@ class MemoryPlan:
     lines: list[Line]
     total_trainable: int  # parameters with gradients (all of them without LoRA)
     rank_trainable: int
-    gpu_gib: float
+    gpu_gib: float  # the limit per rank (a GPU's memory; on CPU the machine's share)
     tokens_per_microbatch: int
     grad_accum: int
     global_batch: int
     notes: list[str] = field(default_factory=list)
+    limit_note: str = "per GPU"  # what gpu_gib is, for the verdict and its message
 
     @property
     def resident_bytes(self) -> float:
@@ -450,7 +456,8 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
             head=param_bytes * unsharded("output.weight")
             if applied.fsdp and share.last and head_trained else 0,
             root_grads=reduce_bytes * root_grad if applied.fsdp else 0))
-        lines.append(Line("reserve", RESERVE_GIB * GIB, "CUDA context, NCCL, fragmentation"))
+        if cfg.training.device != "cpu":  # a CPU run has no CUDA context or NCCL buffers
+            lines.append(Line("reserve", RESERVE_GIB * GIB, "CUDA context, NCCL, fragmentation"))
         candidate = MemoryPlan(
             config=config_name, world_size=world_size, dims=dims, applied=applied,
             model_args=model_args, total_params=sum(full_numel.values()), active_params=0,
@@ -479,3 +486,109 @@ def plan_job(cfg: JobConfig, world_size: int, gpu_memory_gib: float = DEFAULT_GP
     applied = apply_plan(cfg, dims, model_args)
     return estimate(cfg, config_name, world_size, dims, model_args, applied, gpu_memory_gib)
 
+
+# --------------------------------------------------------------------------- the verdict
+
+def does_not_fit(plan: MemoryPlan, cfg: JobConfig) -> str | None:
+    """None when the plan fits its limit, else the one-line reason naming the estimate, the
+    limit and the keys that lower it. Shared by `python -m runtime.plan` and the trainer's
+    pre-flight check, so both give the same verdict."""
+    need = plan.total_bytes
+    if need <= plan.gpu_gib * GIB:
+        return None
+    big = sorted(plan.lines, key=lambda x: -x.bytes)[:3]
+    parts = ", ".join(f"{x.label} {x.bytes / GIB:.1f}" for x in big)
+    t = cfg.training
+    ac = ("enable activation_checkpoint.mode" if cfg.activation_checkpoint.mode == "none"
+          else "set activation_checkpoint.mode=full")
+    return (f"does not fit: {need / GIB:.1f} GiB per rank > {plan.gpu_gib:.4g} GiB "
+            f"{plan.limit_note} (largest: {parts} GiB); lower training.local_batch_size "
+            f"({t.local_batch_size}) or training.seq_len ({t.seq_len}), {ac} or shard more "
+            f"(data_parallel_shard_degree, tensor/expert/pipeline/context degrees)")
+
+
+def available_memory(device_type: str, device_index: int | None = None,
+                     ranks_here: int = 1) -> tuple[float, str] | None:
+    """(GiB one rank may use, what that is) for a device: a GPU's total memory, or on CPU the
+    machine's MemAvailable (/proc/meminfo) shared by the ranks on this machine; None where it
+    cannot be read (no /proc: nothing is checked)."""
+    if device_type == "cuda":
+        # imported here: this module is on `runtime.plan --check-only`'s torch-free path
+        import torch
+
+        total = torch.cuda.get_device_properties(device_index).total_memory
+        return total / GIB, f"per GPU (cuda:{device_index})"
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    share = kib * 1024 / max(ranks_here, 1) / GIB
+    return share, (f"per rank (MemAvailable in /proc/meminfo"
+                   f"{f' / {ranks_here} ranks on this machine' if ranks_here > 1 else ''})")
+
+
+def check_memory(cfg: JobConfig, world_size: int, device_type: str, device_index: int | None,
+                 ranks_here: int) -> tuple[str | None, str | None]:
+    """The trainer's pre-flight check, before anything is built: (refusal, warning), each one
+    line or None. Runs before the trainer's real process group (apply_plan brings up a fake
+    one). A config the estimate cannot take is left to the trainer's own checks (they name
+    the key); an estimate that fails otherwise is a warning, never a refusal."""
+    limit = available_memory(device_type, device_index, ranks_here)
+    if limit is None:
+        return None, "warning: memory check not done: the available memory cannot be read"
+    if world_size == 1:  # no mesh is built: nothing of the fake group outlives it
+        return _judge(cfg, world_size, device_type, limit)
+    return _in_child(lambda: _judge(cfg, world_size, device_type, limit))
+
+
+def _judge(cfg: JobConfig, world_size: int, device_type: str,
+           limit: tuple[float, str]) -> tuple[str | None, str | None]:
+    resolved = copy.deepcopy(cfg)  # estimated for the device the run resolved ("auto")
+    resolved.training.device = device_type
+    try:
+        plan = plan_job(resolved, world_size, limit[0])
+    except ConfigError:
+        return None, None
+    except Exception as e:  # noqa: BLE001 - a bug in the estimate must not stop a valid run
+        return None, f"warning: memory check not done: the estimate failed ({one_line(e)})"
+    plan.limit_note = limit[1]
+    reason = does_not_fit(plan, resolved)
+    if reason is None:
+        return None, None
+    if cfg.training.skip_memory_check:
+        return None, f"warning: memory check skipped (training.skip_memory_check): {reason}"
+    plan_cmd = "python -m runtime.plan" + (" --training.device=cpu" if device_type == "cpu" else "")
+    return (f"memory check: {reason}; or --skip-memory-check (training.skip_memory_check) to "
+            f"start anyway; `{plan_cmd}` shows the estimate"), None
+
+
+def _in_child(judge) -> tuple[str | None, str | None]:
+    """judge() in a forked child, its two lines back as JSON. With a mesh, the fake process
+    group leaves state in torch that the real mesh then picks up (seen with torch 2.13: rank 1's
+    FSDP parameters on a mesh with rank 0's coordinate, so its checkpoint shards overwrote
+    rank 0's); a child process takes all of it away. Costs milliseconds (no new interpreter)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        os.close(read)
+        try:
+            result = judge()
+        except BaseException as e:  # noqa: BLE001 - a start-up signal too: report, leave
+            result = (None, f"warning: memory check not done: {one_line(repr(e))}")
+        with os.fdopen(write, "w") as f:
+            f.write(json.dumps(result))
+        os._exit(0)
+    os.close(write)
+    text = None
+    try:
+        with os.fdopen(read) as f:
+            text = f.read()
+    finally:
+        if text is None:  # a signal in the parent while it waited: the child goes too
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    if not text:
+        return None, "warning: memory check not done: the estimate's process died"
+    refusal, warning = json.loads(text)
+    return refusal, warning

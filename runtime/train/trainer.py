@@ -48,6 +48,7 @@ from runtime.train.faults import (NonFiniteLossError, StartupStopped, StopSignal
                                   startup_exit)
 from runtime.train.metrics import MetricsLogger
 from runtime.train.optim import build_lr_scheduler, build_optimizer
+from runtime.train.memory_plan import check_memory
 from runtime.train.handback import check_export_target, check_lora_export, save_last_in_hf
 from runtime.train.profiling import StepProfiler
 from runtime.train.runner import LocalRunner, materialize
@@ -100,6 +101,7 @@ class Trainer:
         self.model_args = cfg.model_args()
         self.lora_spec = cfg.lora_spec()  # None without [lora] enable
         self.dims = validate_job(cfg, self.world_size, self.model_args)
+        self._refuse_over_memory()  # a batch the device cannot hold: exit 2 before any reading
         self.tokenizer = Tokenizer.load(cfg.model.tokenizer_path)
         if self.tokenizer.vocab_size > self.model_args.vocab_size:
             raise ConfigError(
@@ -121,11 +123,30 @@ class Trainer:
         env = setup_distributed_env()  # Slurm's per-task variables -> RANK, WORLD_SIZE, ...
         self.world_size, self.rank, self.local_rank = env.world_size, env.rank, env.local_rank
         self.device = resolve_device(self.cfg.training.device, self.local_rank)
+        # The memory estimate brings up a fake process group: before the real one (a group
+        # made by the caller, as in the tests' harness, means no check).
+        self.memory_check = None
+        if not dist.is_initialized():
+            self.memory_check, warning = check_memory(
+                self.cfg, self.world_size, self.device.type, self.device.index,
+                env.local_world_size)
+            if warning:
+                self.log(warning)
         if self.world_size > 1 and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend=backend, device_id=self.device if backend == "nccl" else None)
         if self.device.type == "cpu" and self.world_size > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+
+    def _refuse_over_memory(self) -> None:
+        """Every rank raises the first refusal of any rank (the limits may differ by node)."""
+        refusal = self.memory_check
+        if self.world_size > 1 and dist.is_initialized():
+            refusals: list = [None] * self.world_size
+            dist.all_gather_object(refusals, refusal)
+            refusal = next((r for r in refusals if r), None)
+        if refusal:
+            raise ConfigError(refusal)
 
     def _check_data(self) -> None:
         """check_data on every rank (each verifies its share of prepared data's checksums, as
@@ -483,11 +504,16 @@ def main(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
 
 def _main(argv: list[str] | None, stop: StopSignal, job: dict) -> int:
     parser = build_parser("python -m runtime.train")
+    parser.add_argument("--skip-memory-check", action="store_true",
+                        help="start even when the memory estimate exceeds the device's "
+                             "(= --training.skip_memory_check=true)")
     try:
         cfg, ns = parse_args(argv, parser)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    if ns.skip_memory_check:
+        cfg.training.skip_memory_check = True
     job["cfg"] = cfg
     if ns.print_config:
         print(cfg.to_toml_str(), end="")
