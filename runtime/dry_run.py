@@ -130,6 +130,7 @@ class StandIns:
                   _outside_fake_mode(init.compute_local_shape_and_global_offset))
         self._set(expert_parallel, "split_sizes", balanced_split_sizes(self.imbalance))
         self._set(trainer, "read_scalars", lambda *values, device: [1.0] * len(values))
+        self._set(trainer, "max_over_ranks", lambda count, device: count)  # LoRA's startup line
         # eager flex attention: the higher-order op itself (no compiled kernel, no dynamo
         # wrapper, which refuses to trace under the memory tracker's dispatch mode)
         self._set(attention, "_compiled_flex_attention", lambda: flex.flex_attention)

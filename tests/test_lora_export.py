@@ -15,10 +15,11 @@ from hf_reference import build_hf_model
 from tolerances import assert_close_to_scale, scaled_error
 
 from runtime.hf.adapter import (CONFIG_FILE, WEIGHTS_FILE, adapter_config, base_key, lora_keys,
-                                peft_state_dict, scaling, write_adapter)
+                                peft_state_dict, write_adapter)
 from runtime.hf.fingerprint import header_fingerprint
 from runtime.hf.keymap import hf_state_dict_to_runtime, runtime_state_dict_to_hf
 from runtime.model.lora import fold
+from runtime.model.lora_spec import lora_scaling
 from runtime.model import ModelArgs
 
 peft = pytest.importorskip("peft")
@@ -108,7 +109,7 @@ def test_peft_loads_the_adapter_with_the_merged_logits(hf_model, tokens, tmp_pat
 
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), path).eval()
     merged = copy.deepcopy(hf_model)
-    merged.load_state_dict(merged_hf_state(hf_model, adapters, scaling(rank, alpha, use_rslora)))
+    merged.load_state_dict(merged_hf_state(hf_model, adapters, lora_scaling(rank, alpha, use_rslora)))
     with torch.no_grad():
         got, want = loaded(tokens).logits, merged(tokens).logits
         base = hf_model(tokens).logits
@@ -138,7 +139,7 @@ def test_a_wrong_expert_layout_is_caught(hf_model, tokens, tmp_path):
         adapter._to_param_wrapper = real
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), path).eval()
     merged = copy.deepcopy(hf_model)
-    merged.load_state_dict(merged_hf_state(hf_model, adapters, scaling(2, 2)))
+    merged.load_state_dict(merged_hf_state(hf_model, adapters, lora_scaling(2, 2)))
     with torch.no_grad():
         assert scaled_error(loaded(tokens).logits, merged(tokens).logits) > 1e-3
 
@@ -222,3 +223,43 @@ def test_fingerprint_of_garbage_is_one_line(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(ValueError, match="not a safetensors file"):
         header_fingerprint(tmp_path)
+
+
+@pytest.mark.parametrize("extra", [("router",), ("norms",), ("embeddings", "output")])
+def test_trainable_extra_round_trips_through_peft_modules_to_save(hf_model, tokens, tmp_path,
+                                                                  extra):
+    """lora.trainable_extra -> PEFT modules_to_save: PeftModel.from_pretrained(our folder)
+    computes what transformers computes on the base with those modules replaced and the
+    adapters folded in, and PEFT's own state dict of what it loaded is our file."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from runtime.model.lora_spec import is_trainable_extra
+
+    adapters = random_adapters(ARGS, 2)
+    g = torch.Generator().manual_seed(3)
+    base = hf_state_dict_to_runtime(hf_model.state_dict())
+    trained = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in base.items()
+               if is_trainable_extra(k, extra)}
+    assert trained
+    path = write_adapter(tmp_path / "adapter", {**adapters, **trained}, ARGS.n_layers, rank=2,
+                         alpha=4, dtype=torch.float32)
+    assert json.loads((path / CONFIG_FILE).read_text())["modules_to_save"]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), path).eval()
+    want_model = copy.deepcopy(hf_model)
+    replaced = copy.deepcopy(hf_model)
+    replaced.load_state_dict(runtime_state_dict_to_hf({**base, **trained}))
+    want_model.load_state_dict(merged_hf_state(replaced, adapters, lora_scaling(2, 4)))
+    with torch.no_grad():
+        got, want = loaded(tokens).logits, want_model(tokens).logits
+        without = copy.deepcopy(hf_model)
+        without.load_state_dict(merged_hf_state(hf_model, adapters, lora_scaling(2, 4)))
+        control = without(tokens).logits
+    assert_close_to_scale(got, want, 1e-5, "PEFT with modules_to_save vs replaced + merged")
+    assert scaled_error(control, want) > 1e-3  # negative control: the extras matter
+    ours = load_file(str(path / WEIGHTS_FILE))
+    again = peft.get_peft_model_state_dict(loaded)
+    assert sorted(again) == sorted(ours)
+    for key, value in ours.items():
+        assert torch.equal(again[key], value), key

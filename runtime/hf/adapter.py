@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from runtime.hf.keymap import runtime_to_hf_key
+from runtime.model.lora_spec import is_lora_name
 
 ADAPTER_DIR = "adapter"
 CONFIG_FILE = "adapter_config.json"
@@ -44,10 +45,6 @@ PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<owner>.+?)\.(?:(?P<param>\w+?)_)?lora_(?P<which>[AB])$")
 # HF parameters of one module in declaration order: PEFT wraps them in this order (nesting).
 _PARAM_ORDER = ("gate_up_proj", "down_proj")
-
-
-def is_lora_key(key: str) -> bool:
-    return bool(_LORA_KEY.match(key))
 
 
 def base_key(lora_key: str) -> str:
@@ -69,11 +66,6 @@ def lora_keys(base: str) -> tuple[str, str]:
     return f"{stem}.lora_A", f"{stem}.lora_B"
 
 
-def scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
-    """PEFT's: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    return alpha / (rank ** 0.5 if use_rslora else rank)
-
-
 # ---------------------------------------------------------------------------- PEFT layout
 def _hf_target(base: str) -> tuple[str, str | None]:
     """(HF module name, HF parameter name or None for a module target) of a runtime weight."""
@@ -87,7 +79,7 @@ def peft_state_dict(adapters: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     Other keys (whole modules trained in full: lora.trainable_extra) are PEFT
     `modules_to_save`, stored under their HF names."""
     by_module: dict[str, set[str]] = {}  # HF module -> its targeted parameters (nesting)
-    extras = {key for key in adapters if not is_lora_key(key)}
+    extras = {key for key in adapters if not is_lora_name(key)}
     out: dict[str, torch.Tensor] = {}
     for key in sorted(extras):
         out[PEFT_PREFIX + runtime_to_hf_key(key)] = adapters[key]
@@ -125,7 +117,7 @@ def peft_targets(adapter_keys: Iterable[str], n_layers: int) -> tuple[list[str],
     matches a target by name suffix; its layers_to_transform does not apply to parameters)."""
     found: tuple[dict, dict] = ({}, {})  # short name -> {layer: full name}, modules / params
     for key in adapter_keys:
-        if not is_lora_key(key):
+        if not is_lora_name(key):
             continue
         module, param = _hf_target(base_key(key))
         layer = int(module.split(".")[2])  # model.layers.{i}. ...
@@ -148,7 +140,7 @@ def modules_to_save(keys: Iterable[str]) -> list[str]:
     among `keys`. Only modules can be: a bare parameter such as the attention sinks cannot."""
     names = set()
     for key in keys:
-        if is_lora_key(key):
+        if is_lora_name(key):
             continue
         module, _, param = runtime_to_hf_key(key).rpartition(".")
         if param not in ("weight", "bias"):

@@ -77,7 +77,7 @@ class LoRASpec:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return lora_scaling(self.rank, self.alpha, self.use_rslora)
 
     @property
     def targets(self) -> frozenset[str]:
@@ -89,6 +89,11 @@ class LoRASpec:
 
     def adapts(self, layer: int, target: str) -> bool:
         return (layer, target) in self.pairs
+
+
+def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's: alpha / r, or alpha / sqrt(r) with rsLoRA (the one definition)."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
 def _matches(target: str, name: str) -> bool:

@@ -67,7 +67,8 @@ from runtime.train.disk_space import (free_bytes, is_out_of_space, out_of_space_
 from runtime.train.dump_lock import DumpFolderError, DumpLock, make_folder
 from runtime.train.resume_checks import (base_identity, base_mismatch, config_differences,
                                          describe_changes, global_batch_change,
-                                         identity_differences, model_identity, model_mismatch,
+                                         identity_differences, lora_change, model_identity,
+                                         model_mismatch,
                                          shape_differences, stored_model_shapes,
                                          unhonoured_changes)
 from runtime.safe_dcp import UnsafeCheckpointError, dcp_load, read_metadata_file
@@ -399,7 +400,8 @@ def check_model_early(cfg, model_args, global_batch: int | None = None, dp: int 
             raise CheckpointError(model_mismatch(path, saved, current, {}, {}))
         lora = getattr(cfg, "lora", None)
         base = base_identity(ckpt, cfg.training.seed) if lora is not None and lora.enable else None
-        problem = base_mismatch(path, saved_base, base)
+        problem = base_mismatch(path, saved_base, base) or (
+            lora_change(path, record.get("config"), lora, model_args) if base else None)
         if problem:
             raise CheckpointError(problem)
         if global_batch is not None:
@@ -533,7 +535,8 @@ class CheckpointManager:
 
     def _resume_from(self, path: Path, record: dict[str, Any]) -> int:
         train: TrainState = self.states["train"]
-        self._check_model(path, record.get("model"), record.get("lora_base"))
+        self._check_model(path, record.get("model"), record.get("lora_base"),
+                          record.get("config"))
         self._check_history(path)
         self._check_config(path, record.get("config", {}))
         self._check_global_batch(path, record.get("train"))
@@ -549,11 +552,14 @@ class CheckpointManager:
         return _step_of(path)
 
     def _check_model(self, path: Path, saved_identity: dict | None,
-                     saved_base: dict | None = None) -> None:
-        """Same ModelArgs, the same LoRA base, and the same tensor names and shapes, before
-        anything is loaded."""
+                     saved_base: dict | None = None, saved_config: dict | None = None) -> None:
+        """Same ModelArgs, the same LoRA base and adapter settings, and the same tensor names
+        and shapes, before anything is loaded."""
         train: TrainState = self.states["train"]
         problem = base_mismatch(path, saved_base, train.base_identity())
+        if problem is None and train.base_identity() is not None:
+            t = train.trainer
+            problem = lora_change(path, saved_config, t.cfg.lora, t.model_args)
         if problem:
             raise CheckpointError(problem)
         try:

@@ -35,10 +35,11 @@ from torch.distributed.tensor import DTensor
 from runtime.atomic_dir import make_temp_dir, replace_dir, restore_aside
 from runtime.errors import ConfigError
 from runtime.hf import save_hf
-from runtime.hf.adapter import ADAPTER_DIR, is_lora_key, write_adapter
+from runtime.hf.adapter import ADAPTER_DIR, write_adapter
 from runtime.hf.convert import dcp_to_hf, read_dcp_model_entries
 from runtime.hf.handback import write_tokenizer_files
 from runtime.hf.keymap import RUNTIME_ONLY, canonical_runtime_key
+from runtime.model.lora_spec import is_lora_name
 from runtime.safe_dcp import dcp_load
 
 EXPORT_DIR = "hf"
@@ -93,9 +94,10 @@ def check_lora_export(cfg, pp: int) -> None:
                           "a PEFT adapter has no place for the attention sinks (a bare parameter); "
                           "use lora.export = 'merged'")
     if lora.export in ("merged", "both") and pp > 1:
-        raise ConfigError(f"lora.export = {lora.export!r} under pipeline parallelism is not "
-                          "supported yet (no rank holds the whole base); use lora.export = "
-                          "'adapter' and merge with PEFT's merge_and_unload")
+        raise ConfigError(f"lora.export = {lora.export!r} (a merged checkpoint) with "
+                          f"parallelism.pipeline_parallel_degree = {pp} is not supported yet "
+                          "(no rank holds the whole base); use lora.export = 'adapter' and "
+                          "merge with PEFT's merge_and_unload")
 
 
 def save_last_in_hf(trainer) -> Path:
@@ -166,9 +168,9 @@ def _adapters_from_model(model) -> dict[str, torch.Tensor]:
     """Full adapter tensors (and whole modules trained in full) on rank 0; every rank gathers,
     in the same order (full_tensor is a collective)."""
     params = {canonical_runtime_key(n): p for n, p in model.named_parameters()}
-    trained = {k for k, p in params.items() if p.requires_grad and not is_lora_key(k)}
+    trained = {k for k, p in params.items() if p.requires_grad and not is_lora_name(k)}
     modules = {k.rpartition(".")[0] for k in trained}  # PEFT saves these modules whole
-    keys = sorted(k for k in params if is_lora_key(k) or k.rpartition(".")[0] in modules)
+    keys = sorted(k for k in params if is_lora_name(k) or k.rpartition(".")[0] in modules)
     out = {}
     for key in keys:
         p = params[key]

@@ -3,6 +3,8 @@
 - The model: the checkpoint's runtime.json names the flavor and the ModelArgs that shape the
   weights, and its DCP index holds every tensor's name and full shape. Both must equal this
   run's; DCP alone would happily load the subset a smaller model asks for.
+- LoRA: the [lora] keys that shape or scale the adapters (rank, targets, layers, alpha, ...)
+  must be the checkpoint's: one line naming the key and both values (`lora_change`).
 - The config: the keys that differ from the checkpoint's are listed; the few a resume cannot
   honour (the restored optimizer / lr scheduler / data position win) are an error or a named
   warning, each with the `checkpoint.exclude_from_loading` part that lets the config win.
@@ -18,12 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from runtime.errors import ConfigError
 from runtime.hf.fingerprint import header_fingerprint
+from runtime.model.lora_spec import resolve_spec
 from runtime.safe_dcp import read_metadata_file
 
 # ModelArgs fields that do not change the weights' meaning: may differ on resume.
@@ -135,6 +139,44 @@ def base_mismatch(path: Path, saved: dict | None, current: dict | None) -> str |
             f"{_setting(saved)}")
 
 
+# [lora] keys that shape or scale the adapters a checkpoint holds (runtime/model/lora_spec.py):
+# a resume keeps them; targets and layers compare as the (layer, module) pairs they select,
+# so another spelling of the same adapters ("q_proj" / "wq") resumes.
+LORA_KEYS = ("rank", "targets", "layers", "alpha", "use_rslora", "trainable_extra")
+
+
+def lora_change(path: Path, saved_config: dict | None, lora, model_args) -> str | None:
+    """One line naming the first [lora] key whose value differs from the checkpoint's (both
+    values), or None. Only between two LoRA runs: a LoRA <-> full switch is base_mismatch's."""
+    saved = (saved_config or {}).get("lora") if isinstance(saved_config, dict) else None
+    if not isinstance(saved, dict) or not saved.get("enable") or not lora.enable:
+        return None
+    same_pairs = _same_adapters(saved, lora, model_args)
+    for key in LORA_KEYS:
+        if key not in saved:
+            continue
+        old, new = saved[key], getattr(lora, key)
+        if key in ("targets", "layers") and same_pairs:
+            continue
+        if (list(old) if isinstance(old, (list, tuple)) else old) == \
+                (list(new) if isinstance(new, (list, tuple)) else new):
+            continue
+        return (f"checkpoint {path}: lora.{key} = {_fmt(new)} here, {_fmt(old)} in the "
+                f"checkpoint, whose adapters it shapes or scales; nothing was loaded or deleted. "
+                f"Set lora.{key} = {_fmt(old)} to continue the checkpoint, or use a new "
+                f"job.dump_folder to train these adapters fresh")
+    return None
+
+
+def _same_adapters(saved: dict, lora, model_args) -> bool:
+    try:
+        old = resolve_spec(SimpleNamespace(**{**vars(lora), **saved}), model_args)
+        new = resolve_spec(lora, model_args)
+    except (ValueError, TypeError):
+        return False  # the saved section does not resolve here: compare the raw values
+    return old.pairs == new.pairs
+
+
 def _setting(base: dict) -> str:
     if "seed" in base:
         return f"training.seed={base['seed']}"
@@ -153,8 +195,6 @@ RESUME_RULES = [
     ("optimizer.weight_decay", "optimizer", "the restored optimizer state keeps {old}", False),
     ("training.seed", None, "weights and RNG state come from the checkpoint", False),
     ("checkpoint.initial_load_", None, "the weights come from the checkpoint", False),
-    ("lora.alpha", None, "the adapters were trained with scaling from {old}", True),
-    ("lora.use_rslora", None, "the adapters were trained with use_rslora = {old}", True),
     ("data.", "dataloader", "the data loader resumes at the checkpoint's position "
                             "(a position in the old data)", False),
 ]

@@ -233,11 +233,9 @@ class Trainer:
                  f"grad accumulation {self.grad_accum}")
         self.trainable_params = (total_trainable, rank_trainable)
         if self.lora_spec is not None:
-            most = rank_trainable
-            if self.world_size > 1:  # the largest share, for the step line (at startup only)
-                counts = torch.tensor([rank_trainable], dtype=torch.int64, device=self.device)
-                dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-                most = int(counts[0])
+            # the largest share, for the step line (at startup only)
+            most = max_over_ranks(rank_trainable, self.device) if self.world_size > 1 \
+                else rank_trainable
             self.trainable_params = (total_trainable, most)
             spec = self.lora_spec
             self.log(f"LoRA rank {spec.rank}, alpha {spec.alpha:g} (scaling {spec.scaling:g}) on "
@@ -480,6 +478,13 @@ def _millions(n: int) -> str:
 def frozen_dtype_name(trainer) -> str:
     dtype = resolve_compute_dtype(trainer.model_args.compute_dtype, trainer.device)
     return str(dtype).removeprefix("torch.")
+
+
+def max_over_ranks(count: int, device: torch.device) -> int:
+    """The largest of every rank's `count` (a collective; exact for int64 counts)."""
+    counts = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    return int(counts[0])
 
 
 def read_scalars(*values: torch.Tensor | float, device: torch.device) -> list[float]:
