@@ -43,7 +43,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, device: torch.device)
     whole model). With more than one rank, `dims.build_mesh` must have run."""
     check_async_tp(cfg, device)
     # Float8 / MXFP8 module swaps on the meta model, before TP/EP/FSDP (quantize.py).
-    apply_quantization(model, cfg, device, dims)
+    apply_quantization(model, cfg, device, dims.tp)
     if dims.tp > 1:
         apply_tp(model, dims.get_mesh("tp"),
                  loss_parallel=not cfg.parallelism.disable_loss_parallel)

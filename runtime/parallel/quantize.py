@@ -159,11 +159,10 @@ def _filtered(fqn: str, filter_fqns) -> bool:
     return any(f and f in fqn for f in filter_fqns) or any(s in fqn for s in _ALWAYS_SKIPPED)
 
 
-def _linear_filter(cfg, dims, align: int):
+def _linear_filter(cfg, tp: int, align: int):
     """Which nn.Linear to convert: not filtered, and every GEMM dimension a multiple of
     `align` on each rank (under TP, tensor_parallel.py shards the attention output
     projection `wo` along its input features, every other linear along its outputs)."""
-    tp = getattr(dims, "tp", 1)
     skip = list(cfg.quantize.filter_fqns)
     if cfg.training.loss_chunk_size > 0 and tp == 1:
         skip.append("output")  # the fused loss reads output.weight, not the module
@@ -198,17 +197,18 @@ def _experts(model: nn.Module, filter_fqns, align: int, tp: int) -> list[tuple[s
     return out
 
 
-def apply_quantization(model: nn.Module, cfg, device: torch.device, dims=None) -> nn.Module:
-    """Convert `model` (on meta, before TP/EP/FSDP) for quantize.mode; returns it.
+def apply_quantization(model: nn.Module, cfg, device: torch.device, tp: int = 1) -> nn.Module:
+    """Convert `model` (on meta, before TP/EP/FSDP) for quantize.mode; returns it. `tp`: the
+    tensor-parallel degree the model will be sharded over (GEMM shapes are checked per rank).
     Sets `model.quantize_summary` (what was converted, for logs and tests)."""
     q = cfg.quantize
     check_quantization(cfg, device)
     if q.mode == "none":
         return model
     if q.mode == "float8":
-        summary = _apply_float8(model, cfg, device, dims)
+        summary = _apply_float8(model, cfg, device, tp)
     else:
-        summary = _apply_mxfp8(model, cfg, device, dims)
+        summary = _apply_mxfp8(model, cfg, device, tp)
     model.quantize_summary = summary
     model.register_state_dict_post_hook(_plain_state_dict)
     return model
@@ -245,7 +245,7 @@ def _unwrapped(t):
     return t
 
 
-def _apply_float8(model, cfg, device, dims) -> dict:
+def _apply_float8(model, cfg, device, tp: int) -> dict:
     # optional dependency (torchao): imported only when quantizing
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
@@ -254,10 +254,10 @@ def _apply_float8(model, cfg, device, dims) -> dict:
     config = dataclasses.replace(
         config, emulate=q.emulate,
         enable_fsdp_float8_all_gather=q.enable_fsdp_float8_all_gather)
-    keep = _linear_filter(cfg, dims, FLOAT8_ALIGN)
+    keep = _linear_filter(cfg, tp, FLOAT8_ALIGN)
     converted = [fqn for fqn, m in model.named_modules() if keep(m, fqn)]
     convert_to_float8_training(model, config=config, module_filter_fn=keep)
-    experts = _experts(model, q.filter_fqns, FLOAT8_ALIGN, getattr(dims, "tp", 1))
+    experts = _experts(model, q.filter_fqns, FLOAT8_ALIGN, tp)
     if experts and q.emulate:
         warnings.warn(
             "quantize.emulate=true: torchao has no emulated float8 grouped GEMM, so the "
@@ -282,7 +282,7 @@ def _apply_float8(model, cfg, device, dims) -> dict:
             "linears": converted, "experts": [fqn for fqn, _ in experts]}
 
 
-def _apply_mxfp8(model, cfg, device, dims) -> dict:
+def _apply_mxfp8(model, cfg, device, tp: int) -> dict:
     # optional dependency (torchao): imported only when quantizing
     from torchao.prototype.moe_training.config import MXFP8TrainingOpConfig, MXFP8TrainingRecipe
     from torchao.prototype.moe_training.tensor import MXFP8TrainingWeightWrapperTensor
@@ -296,7 +296,7 @@ def _apply_mxfp8(model, cfg, device, dims) -> dict:
         MXFP8TrainingOpConfig.from_recipe(recipe),
         out_dtype=torch.bfloat16 if q.emulate else _compute_dtype(cfg, device),
         pad_token_groups_for_grouped_mm=not q.emulate)
-    keep = _linear_filter(cfg, dims, MXFP8_BLOCK)
+    keep = _linear_filter(cfg, tp, MXFP8_BLOCK)
     converted = []
     for fqn, module in list(model.named_modules()):
         if keep(module, fqn):
@@ -304,7 +304,7 @@ def _apply_mxfp8(model, cfg, device, dims) -> dict:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, name, MXFP8Linear.from_linear(module, op_config))
             converted.append(fqn)
-    experts = _experts(model, q.filter_fqns, MXFP8_BLOCK, getattr(dims, "tp", 1))
+    experts = _experts(model, q.filter_fqns, MXFP8_BLOCK, tp)
     for _, module in experts:
         _wrap_expert_weights(module, MXFP8TrainingWeightWrapperTensor, op_config)
     return {"mode": "mxfp8", "emulate": q.emulate, "linears": converted,

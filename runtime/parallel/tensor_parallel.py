@@ -145,18 +145,14 @@ def _wait_async_output(module, args, out):
 def check_async_tp(cfg, device: torch.device) -> None:
     """Refuse parallelism.enable_async_tensor_parallel where it cannot work (before any weight
     is allocated). Async TP is an inductor pass (micro-pipelined all-gather/reduce-scatter
-    matmuls over CUDA symmetric memory): it needs CUDA and the compiled model."""
-    if not cfg.parallelism.enable_async_tensor_parallel:
-        return
-    if device.type != "cuda":
+    matmuls over CUDA symmetric memory): it needs CUDA and the compiled model. The config's
+    cross-key rules (config_schema.py) own the compile requirement; the device is known only
+    here."""
+    if cfg.parallelism.enable_async_tensor_parallel and device.type != "cuda":
         raise ConfigError(
             f"parallelism.enable_async_tensor_parallel=true needs CUDA (this run's device is "
             f"{device.type}): async TP is an inductor pass over CUDA symmetric memory; set it "
             "to false")
-    if not (cfg.compile.enable and "model" in cfg.compile.components):
-        raise ConfigError(
-            "parallelism.enable_async_tensor_parallel=true needs compile.enable=true with "
-            "'model' in compile.components (async TP is a compiler pass)")
 
 
 def enable_async_tp(tp_mesh) -> None:

@@ -1,4 +1,5 @@
-"""A config checked against a world size and its model: the run's `ParallelDims`.
+"""A config checked against a world size and its model: the run's `ParallelDims`, and the
+sequences of one optimizer step on that mesh (`step_batch`, the one place that computes them).
 
 The config layer reads the [parallelism] keys and hands `ParallelDims` plain integers (as
 torchtitan does), so runtime.parallel never imports the config. Pure Python until a mesh is
@@ -6,6 +7,8 @@ built: `python -m runtime.plan --check-only` runs this without importing torch.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from runtime.model.args import ModelArgs
 from runtime.parallel.dims import ParallelDims
@@ -27,6 +30,20 @@ def parallel_dims(job: JobConfig, world_size: int) -> ParallelDims:
     )
 
 
+class StepBatch(NamedTuple):
+    """One optimizer step: local_batch_size sequences x dp ranks x grad_accum micro-steps."""
+
+    grad_accum: int
+    global_batch: int
+
+
+def step_batch(job: JobConfig, dp: int) -> StepBatch:
+    """The step's accumulation and global batch over `dp` data-parallel ranks (raises
+    ConfigError when training.global_batch_size does not split)."""
+    grad_accum = job.training.gradient_accumulation_steps(dp)
+    return StepBatch(grad_accum, job.training.local_batch_size * dp * grad_accum)
+
+
 def validate_job(job: JobConfig, world_size: int, model: ModelArgs | None = None) -> ParallelDims:
     """All parallelism checks for a config at a world size (model: default job.model_args())."""
     p = job.parallelism
@@ -38,5 +55,5 @@ def validate_job(job: JobConfig, world_size: int, model: ModelArgs | None = None
         pp_schedule=p.pipeline_parallel_schedule,
         pp_layers_per_stage=p.pipeline_parallel_layers_per_stage,
     )
-    job.training.gradient_accumulation_steps(dims.dp)  # raises if global batch doesn't split
+    step_batch(job, dims.dp)  # raises if the global batch doesn't split
     return dims

@@ -83,6 +83,7 @@ from runtime.model.args import ModelArgs
 from runtime.parallel.dims import ParallelDims, pipeline_num_stages
 from runtime.train import memory_plan_lora
 from runtime.train.config import JobConfig, validate_job
+from runtime.train.job import step_batch
 
 DEFAULT_GPU_MEMORY_GIB = 80.0  # H100 80GB
 RESERVE_GIB = 2.0
@@ -378,7 +379,7 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
     per_token = _activation_bytes_per_token(model_args, a)
     modes = _layer_modes(cfg, n_layers)
 
-    grad_accum = t.gradient_accumulation_steps(dims.dp)
+    grad_accum, global_batch = step_batch(cfg, dims.dp)
     tokens = t.local_batch_size * t.seq_len // dims.cp  # per micro-batch (no PP)
     in_flight, n_micro = 1, 1
     if dims.pp > 1:
@@ -465,7 +466,7 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
             rank_experts=experts, lines=lines,
             total_trainable=sum(full_numel[n] for n in applied.trainable),
             rank_trainable=sum(local[n] for n in trained), gpu_gib=gpu_gib, tokens_per_microbatch=tokens,
-            grad_accum=grad_accum, global_batch=t.local_batch_size * dims.dp * grad_accum)
+            grad_accum=grad_accum, global_batch=global_batch)
         if worst is None or candidate.total_bytes > worst.total_bytes:
             worst = candidate
     assert worst is not None

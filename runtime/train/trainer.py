@@ -48,6 +48,7 @@ from runtime.train.faults import (NonFiniteLossError, StartupStopped, StopSignal
                                   startup_exit)
 from runtime.train.metrics import MetricsLogger
 from runtime.train.optim import build_lr_scheduler, build_optimizer
+from runtime.train.job import step_batch
 from runtime.train.memory_plan import check_memory
 from runtime.train.handback import check_export_target, check_lora_export, save_last_in_hf
 from runtime.train.profiling import StepProfiler
@@ -108,8 +109,7 @@ class Trainer:
                 f"model.tokenizer_path: tokenizer has {self.tokenizer.vocab_size} tokens but "
                 f"model.flavor={cfg.model.flavor!r} has vocab_size {self.model_args.vocab_size}")
         self._check_data()  # bad data is one line (exit 2) before any weight
-        self.grad_accum = cfg.training.gradient_accumulation_steps(self.dims.dp)
-        self.global_batch = cfg.training.local_batch_size * self.dims.dp * self.grad_accum
+        self.grad_accum, self.global_batch = step_batch(cfg, self.dims.dp)
         # a resume into another model or global batch: exit 2 now
         check_model_early(cfg, self.model_args, self.global_batch, self.dims.dp)
         if cfg.checkpoint.last_save_in_hf:  # an `hf` the export cannot replace: exit 2 now
