@@ -18,8 +18,11 @@ loads are tiny), the measuring parts alone, one after the other:
                torchrun   check_fsdp_step.py under torchrun --nproc-per-node 1 (NCCL,
                           FSDP2 bf16, full AC)                                            90 / 150
                pytest     pytest -m gpu tests (the GPU test set)                         120 / 170
-  reference    train      check_reference.py: the reference config's tokens/s, first step,
-                          peak memory, runtime.plan's estimate                           130 /  90
+  reference    dryrun     check_dry_run.py: the CUDA dry run's prediction for the reference
+                          config (fake CUDA tensors, on the CPU: beside part 1)          150 / 150
+               train      check_reference.py: the reference config's tokens/s, first step,
+                          peak memory, runtime.plan's estimate and the dry run's beside
+                          the measured peak                                             130 /  90
   profile      phases     check_profile.py: one step in phases, idle gaps, host-sync audit 70 /  90
   block        block      check_block.py: bench_block.py, 20b block sliding vs full
                           + the attention core alone                                      90 /  90
@@ -76,6 +79,7 @@ def plan_steps(py: str, jsonl: str, smoke: bool, scratch: str) -> list[Step]:
     tiny GPU loads); the measuring parts run alone, one after the other."""
     flag = ["--smoke"] if smoke else []
     junit = os.path.join(scratch, "pytest-gpu.xml")
+    dry_run = os.path.join(scratch, "dry_run.jsonl")  # check_reference.py copies it into jsonl
     checks = [py, "benchmarks/check_correctness.py", "--out", jsonl, *flag, "--only"]
     return [
         Step("correctness", "flex", checks + ["flex"], 150, 150, wave=1),
@@ -84,7 +88,11 @@ def plan_steps(py: str, jsonl: str, smoke: bool, scratch: str) -> list[Step]:
                                          "benchmarks/check_fsdp_step.py", "--out", jsonl] + flag, 90, 150, wave=1),
         Step("correctness", "pytest", [py, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
                                        "--junitxml", junit, "tests"], 120, 170, junit=junit, wave=1),
-        Step("reference", "train", [py, "benchmarks/check_reference.py", "--out", jsonl] + flag, 130, 90, wave=2),
+        # The dry run traces on the CPU (fake CUDA tensors): beside part 1, before the GPU measures.
+        Step("reference", "dryrun", [py, "benchmarks/check_dry_run.py", "--out", dry_run] + flag, 150, 150,
+             wave=1),
+        Step("reference", "train", [py, "benchmarks/check_reference.py", "--out", jsonl, "--dry-run", dry_run]
+             + flag, 130, 90, wave=2),
         Step("profile", "phases", [py, "benchmarks/check_profile.py", "--out", jsonl] + flag, 70, 90, wave=3),
         Step("block", "block", [py, "benchmarks/check_block.py", "--out", jsonl] + flag, 90, 90, wave=4),
     ]
@@ -236,7 +244,14 @@ def describe(r: dict) -> str:
         bits.append(f"{_fmt(r.get('tokens_per_s'), ',.0f')} tokens/s, MFU {_fmt(r.get('mfu'), '.1%')}, "
                     f"first step {_fmt(r.get('first_step_s'), '.1f')} s, peak {_fmt(r.get('peak_memory_gib'), '.2f')} "
                     f"GiB allocated / {_fmt(r.get('peak_memory_reserved_gib'), '.2f')} reserved, plan "
-                    f"{_fmt(r.get('plan_total_gib'), '.2f')} GiB (plan / measured {_fmt(r.get('plan_over_measured'), '.2f')})")
+                    f"{_fmt(r.get('plan_total_gib'), '.2f')} GiB (plan / measured {_fmt(r.get('plan_over_measured'), '.2f')}), "
+                    f"dry run {_fmt(r.get('dry_run_peak_gib'), '.2f')} GiB (dry run / measured "
+                    f"{_fmt(r.get('dry_run_over_measured'), '.2f')}), dry-run FLOPs / formula "
+                    f"{_fmt(r.get('dry_run_flops_over_formula'), '.3f')}")
+    if r.get("check") == "dry run":
+        bits.append(f"traced peak {_fmt(r.get('dry_run_peak_gib'), '.2f')} GiB on fake CUDA tensors (eager), plan "
+                    f"{_fmt(r.get('dry_run_plan_gib'), '.2f')} GiB, FLOPs/step {_fmt(r.get('dry_run_flops_per_step'), '.4g')}"
+                    f" (formula {_fmt(r.get('flops_formula_per_step'), '.4g')}), exit {r.get('dry_run_exit')}")
     if r.get("check") == "phases":
         cats = ", ".join(f"{k} {v:.2f}" for k, v in (r.get("phases_ms") or {}).items())
         bits.append(f"step {_fmt(r.get('step_ms'), '.2f')} ms: {cats}; profiled step idle "

@@ -325,6 +325,11 @@ def test_gpu_check_cpu_smoke_end_to_end(tmp_path):
     assert checks["(process) pytest"]["tests"] >= 1
     ref = checks["reference config"]
     assert ref["tokens_per_s"] > 0 and ref["plan_total_gib"] > 0 and ref["first_step_s"] > 0
+    # the dry run's prediction, recorded beside the measurement (its record copied before it)
+    dry = checks["dry run"]
+    assert dry["dry_run_exit"] == 0 and dry["dry_run_flops_per_step"] > 0
+    assert ref["dry_run_peak_gib"] == dry["dry_run_peak_gib"] > 0
+    assert parts.index("reference") < rows.index(dry) < rows.index(ref)
     phases = checks["phases"]
     assert phases["step_ms"] == pytest.approx(sum(phases["phases_ms"].values()))
     marked = [d["phase"] for d in phases["detail_ms"]]  # every boundary was found in the runtime

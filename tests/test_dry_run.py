@@ -111,12 +111,14 @@ def test_dry_run_of_120b_at_its_world_size():
     _cli_dry_run("configs/gptoss_120b.toml", 128)
 
 
-def test_dry_runs_of_20b_and_120b_sft_and_a_planted_memory_regression():
+def test_dry_runs_of_20b_one_gpu_120b_sft_and_a_planted_memory_regression():
     """20b at 16 ranks (gradient accumulation: FSDP's unsharded fp32 gradients between
-    micro-batches), 120b SFT at 64, and the same 120b SFT run with an extra saved activation:
-    its peak moves up past the plan and the dry run exits 4 naming the excess."""
-    specs = ["configs/gptoss_20b.toml:16:clean", "configs/gptoss_120b_sft.toml:64:clean",
-             "configs/gptoss_120b_sft.toml:64:planted"]
+    micro-batches), the benchmarks' reference config on one GPU (no FSDP: fp32 weights under
+    bf16 autocast, no activation checkpointing), 120b SFT at 64, and the same 120b SFT run with
+    an extra saved activation: its peak moves up past the plan and the dry run exits 4 naming
+    the excess."""
+    specs = ["configs/gptoss_20b.toml:16:clean", "benchmarks/configs/20b_2layer_seq4096.toml:1:clean",
+             "configs/gptoss_120b_sft.toml:64:clean", "configs/gptoss_120b_sft.toml:64:planted"]
     proc = _run(specs, code=RUNS)
     out, err = proc.stdout.splitlines(), proc.stderr.splitlines()
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -128,7 +130,7 @@ def test_dry_runs_of_20b_and_120b_sft_and_a_planted_memory_regression():
         peak, _, ratio = _trace_line(out[start + 1:end])
         assert _within_tolerance(ratio) == spec.endswith("clean"), out[end - 1]
         peaks[spec] = peak
-    clean, planted = peaks[specs[1]], peaks[specs[2]]
+    clean, planted = peaks[specs[2]], peaks[specs[3]]
     assert planted > clean + 1.0, (clean, planted)  # four fp32 chunks of logits, > 1 GiB
     errors = [line for line in err if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

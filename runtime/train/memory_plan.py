@@ -16,11 +16,14 @@ Checked against the CUDA dry run (--trace, runtime/dry_run.py: torch's FSDPMemTr
 real step); the table is in docs/parallelism.md.
 Resident (held through the step):
 params        fp32 master weights: the rank's shards (FSDP pads dim 0: rank 0 gets the ceil)
-grads         fp32, same shards. Without FSDP plain .grad tensors, held through the step.
-              With FSDP they appear at each unit's reduce-scatter during backward (the loss
-              phase has none: zero_grad(set_to_none) freed them): counted in the "block
-              backward" and "reduce-scatter" peaks; when accumulating, each replaces the
-              larger unsharded accumulated gradient it was reduced from ("grad accum").
+grads         fp32, same shards. They appear during backward (FSDP: at each unit's
+              reduce-scatter) and the loss phase has none (zero_grad(set_to_none) freed
+              them): counted in the "block backward" and "reduce-scatter" peaks. Accumulating
+              over micro-batches, plain .grad tensors are held through the step; with FSDP
+              each replaces the larger unsharded accumulated gradient it was reduced from
+              ("grad accum").
+weight casts  without FSDP, compute dtype below fp32: autocast's copies of the fp32 weights
+              each matmul uses, saved for backward (all trained weights but the embeddings).
 optimizer     AdamW exp_avg + exp_avg_sq: 2 x fp32 per parameter
               With [lora] (runtime/train/memory_plan_lora.py): the frozen base in the compute
               dtype, no grads or optimizer state; adapters (+ trainable_extra) as above, and
@@ -56,7 +59,7 @@ logits + loss on the rank holding the output head. Whole logits (TP/PP): tokens 
               one chunk of logits) and its backward (+ the scaled fp32 copies of both and
               their casts to the inputs' dtypes: a second fp32 [vocab, dim] head gradient);
               a frozen head (LoRA) gets no [vocab, dim] gradient at all.
-block backward  (FSDP, not accumulating: the sharded grads) + one checkpointed layer's
+block backward  (not held through the step: the grads) + one checkpointed layer's
               recompute (its full activations minus what was kept) + one block's unsharded
               gradients in the reduce dtype + (FSDP, head rank) the head's unsharded
               gradient, held until the root's reduce-scatter.
@@ -340,10 +343,10 @@ def _loss_line(args, tokens: int, vocab: int, chunk: int, a: int, weight_bytes: 
 def _backward_lines(cfg: JobConfig, *, grads: float, recompute: float, block_grads: float,
                     head: float, root_grads: float) -> list[Line]:
     """The backward's transient peaks: a block's backward, the root's reduce-scatter. `grads`:
-    FSDP's sharded gradients, counted here (0 when accumulating: each replaces the larger
-    accumulated gradient it was reduced from)."""
+    the gradients made in backward, counted here (0 when they are held through the step, or,
+    FSDP accumulating, replace the larger accumulated gradients they were reduced from)."""
     reduce = cfg.training.mixed_precision_reduce
-    grads_text = f"sharded fp32 grads {grads / GIB:.2f}"
+    grads_text = f"fp32 grads {grads / GIB:.2f}"
     parts = [(grads_text, grads), ("recompute of one checkpointed layer", recompute),
              (f"one block's unsharded grads in {reduce}", block_grads),
              (f"the head's unsharded grad in {fsdp_param_dtype_name(cfg)}", head)]
@@ -411,9 +414,18 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
             names, local, applied.trainable.__contains__, target_compute_dtype_name(cfg),
             a, cfg.optimizer.name)}
         grads = state["grads"].bytes  # fp32, sharded like the params (trainable only)
-        # Without FSDP plain .grad tensors live from the first backward to zero_grad; with it
-        # they are part of the backward peaks below.
-        lines = [state["params"], *([] if applied.fsdp else [state["grads"]]), state["optimizer"]]
+        # Gradients exist from their backward (FSDP: their reduce-scatter) to zero_grad: part of
+        # the backward peaks below, except plain .grad tensors accumulating over micro-batches.
+        held_grads = not applied.fsdp and (grad_accum > 1 or n_micro > 1)
+        lines = [state["params"], *([state["grads"]] if held_grads else []), state["optimizer"]]
+        if not applied.fsdp and a < 4:
+            # autocast casts each fp32 weight a matmul uses and the matmul saves the copy for
+            # backward (FSDP instead gathers compute-dtype weights: "FSDP buffers")
+            # (LoRA: the frozen base is stored in the compute dtype already)
+            cast = sum(local[n] for n in trained if not n.startswith("tok_embeddings."))
+            lines.append(Line("weight casts", a * cast,
+                              f"{target_compute_dtype_name(cfg)} copies of the weights used in "
+                              "forward, saved for backward"))
 
         def unit_sizes(params: list[str]) -> tuple[int, list[int]]:
             """(root unit, each block) unsharded elements of `params`, blocks largest first."""
@@ -448,7 +460,7 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
             lines.append(_loss_line(model_args, tokens, vocab, t.loss_chunk_size if fused else 0,
                                     a, param_bytes if applied.fsdp else 4, head_trained))
         lines.extend(_backward_lines(
-            cfg, grads=grads if applied.fsdp and not accumulating else 0,
+            cfg, grads=0 if accumulating or held_grads else grads,
             recompute=max((per_token["none"] - per_token[modes[i]] for i in share.layers
                            if modes[i] != "none"), default=0.0) * tokens / dims.tp,
             block_grads=reduce_bytes * block_grads[0] if applied.fsdp and block_grads else 0,
