@@ -6,6 +6,7 @@ optimizer (no decay, no schedule advance) and counts against training.max_skippe
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -126,12 +127,17 @@ def test_untrained_step_skips_the_optimizer(tmp_path, monkeypatch, capsys):
     trainer.optimizer.register_step_post_hook(lambda *_: seen.append(trainer.step))
     assert trainer.run() == 0
     assert seen == [1, 4]  # steps 2 and 3: no optimizer step, so no weight decay either
-    assert trainer.lr_scheduler.last_epoch == 2 and trainer.skipped_steps == 2  # no advance
+    # the schedule is a function of the step: it advanced through the skipped steps too
+    assert trainer.lr_scheduler.last_epoch == 4 and trainer.skipped_steps == 2
     out = capsys.readouterr().out
     assert "step 2: no trained token in the global batch, step skipped (1 of at most 3)" in out
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["trained_tokens"] for r in rows][1:3] == [0, 0] and rows[1]["loss"] is None
-    assert rows[1]["lr"] == rows[2]["lr"] == rows[3]["lr"]  # step 4 runs at step 2's lr
+    lrs = [r["lr"] for r in rows]
+    schedule = trainer.lr_scheduler
+    assert lrs == pytest.approx([schedule.base_lrs[0] * schedule.lr_lambdas[0](s)
+                                 for s in range(4)], rel=1e-12)  # as if nothing were skipped
+    assert len(set(lrs)) == 4  # (a schedule that changes every step: the check can fail)
 
 
 def test_untrained_steps_are_capped(tmp_path, monkeypatch):
@@ -141,3 +147,22 @@ def test_untrained_steps_are_capped(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLossError, match="no trained token in the global batch at step "
                                                  "3: 3 steps skipped, more than training.max_"):
         trainer.run()
+
+
+def test_a_resume_with_this_configs_schedule_lands_on_the_saved_one(tmp_path, monkeypatch):
+    # Skipped steps advance the schedule, so excluding lr_scheduler from a resume (this
+    # config's schedule at the resumed step) gives what resuming the saved scheduler gives.
+    _untrained_steps(monkeypatch, {2, 3})
+    steps = "--training.steps=6"  # the same schedule in all three
+    assert make_trainer(tmp_path, steps, "--checkpoint.interval=3").run() == 0
+    ckpt = tmp_path / "checkpoints"
+    shutil.rmtree(ckpt / "step-6")  # resume from step-3: saved after the skipped steps 2 and 3
+    (ckpt / "latest").write_text("step-3\n")
+    loaded = make_trainer(tmp_path, steps)
+    restarted = make_trainer(tmp_path, steps, "--checkpoint.exclude_from_loading=['lr_scheduler']")
+    assert loaded.step == restarted.step == 3
+    assert loaded.lr_scheduler.last_epoch == restarted.lr_scheduler.last_epoch == 3
+    assert loaded.lr_scheduler.get_last_lr() == pytest.approx(restarted.lr_scheduler.get_last_lr(),
+                                                              rel=1e-12)
+    for trainer in (loaded, restarted):
+        trainer.dump_lock.release()

@@ -371,27 +371,32 @@ class Trainer:
         """Everything of one training step but logging and checkpointing (also used by the
         benchmarks): forward/backward, clipping, optimizer, lr schedule, expert-bias update.
         Returns (loss, grad_norm, lr used)."""
-        policy = self.cfg.training.on_nonfinite
+        policy, limit = self.cfg.training.on_nonfinite, self.cfg.training.max_skipped_steps
         loss, grad_norm = self.train_step(batch)
         self.tokens_seen += self.global_batch * self.cfg.training.seq_len
-        if self.last_trained_tokens == 0:  # no decay, no schedule advance, no bias update
+        trained = self.last_trained_tokens > 0
+        if not trained:  # no forward ran: no update, no decay, nothing routed
             self.skipped_steps += 1
-            self.log(count_skipped_step(self.skipped_steps, self.cfg.training.max_skipped_steps,
-                                        self.step, "no trained token in the global batch"))
-            return loss, grad_norm, self.lr_scheduler.get_last_lr()[0]
-        if check_finite(loss, self.step, policy, "loss") and \
+            self.log(count_skipped_step(self.skipped_steps, limit, self.step,
+                                        "no trained token in the global batch"))
+        elif check_finite(loss, self.step, policy, "loss") and \
                 check_finite(grad_norm, self.step, policy, "grad norm"):
             self.optimizer.step()
             after_optimizer_step(self.model_parts)  # float8: FSDP all-gather scales (quantize.py)
         else:
             self.skipped_steps += 1
             quantity, value = ("loss", loss) if not math.isfinite(loss) else ("grad norm", grad_norm)
-            self.log(count_skipped_step(self.skipped_steps, self.cfg.training.max_skipped_steps,
-                                        self.step, f"non-finite {quantity} {value}"))
+            self.log(count_skipped_step(self.skipped_steps, limit, self.step,
+                                        f"non-finite {quantity} {value}"))
         self.optimizer.zero_grad(set_to_none=True)
+        # The schedule advances with every step, skipped or not: it is a function of the step
+        # number (warmup and decay end where the config says, whatever the data held), and a
+        # resume that takes this config's schedule (_restart_schedule_at) lands where a
+        # resumed scheduler would.
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
-        update_expert_bias(self.model, self._routing_group())  # every stage's layers
+        if trained:
+            update_expert_bias(self.model, self._routing_group())  # every stage's layers
         return loss, grad_norm, lr
 
     # ------------------------------------------------------------------ the loop
