@@ -97,8 +97,11 @@ def highlighted(tokens: list[int], labels: list[int], tokenizer: Tokenizer, colo
                   f"{len(m.group(0)) // len(tokenizer.decode([tokenizer.pad_id]))}", "".join(out))
 
 
-def show(batch: dict, tokenizer: Tokenizer, as_json: bool, out=sys.stdout,
+def show(batch: dict, tokenizer: Tokenizer, as_json: bool, out=None,
          color: bool | None = None) -> None:
+    # sys.stdout at call time (a default argument would be the stream of import time, which
+    # pytest's capture may have closed since: test_docs failed after another test's capture)
+    out = sys.stdout if out is None else out
     if color is None:
         color = out.isatty()
     for i in range(batch["tokens"].shape[0]):
