@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from parallel_harness import process_context
+
 from runtime.hf.keymap import is_transposed, runtime_to_hf_key
 from runtime.model import GptOssModel, ModelArgs
 
@@ -207,7 +209,9 @@ def checkpoints(tmp_path_factory):
 
 def test_sharded_load_equals_single_process_and_reads_only_owned_slices(checkpoints, tmp_path):
     dense, mxfp4 = checkpoints
-    mp.spawn(_worker, args=(_free_port(), dense, mxfp4, tmp_path), nprocs=WORLD, join=True)
+    process_context()  # ranks fork from the harness's forkserver (torch already imported)
+    mp.start_processes(_worker, args=(_free_port(), dense, mxfp4, tmp_path), nprocs=WORLD,
+                       join=True, start_method="forkserver")
 
 
 def test_expected_reads_helper_matches_chunk_semantics():
