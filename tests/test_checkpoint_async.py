@@ -107,3 +107,29 @@ def test_a_recovered_save_never_moves_latest_backwards(saved, tmp_path):
     assert make_trainer(folder, "--training.steps=6").step == 4
     assert (ckpts / "latest").read_text().strip() == "step-4"
     assert (ckpts / "step-2" / manifest.MANIFEST).is_file()
+
+
+def test_a_complete_save_whose_manifest_cannot_be_written_is_kept(saved, tmp_path, capsys,
+                                                                     monkeypatch):
+    # Killed while checksumming; at restart the disk is full: one warning, the save is kept
+    # as it is (no traceback, no rank left in a collective), and the next start publishes it.
+    import errno
+
+    folder = copy_run(saved, tmp_path / "run")
+    _interrupt(folder, lambda tmp: (tmp / manifest.MANIFEST).unlink())
+    real = manifest.write_manifest
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(manifest, "write_manifest", full)
+    trainer = make_trainer(folder, "--training.steps=6")
+    assert trainer.step == 2
+    trainer.dump_lock.release()
+    warnings = [x for x in capsys.readouterr().out.splitlines() if x.startswith("warning:")]
+    tmp = folder / "checkpoints" / ".step-4.tmp"
+    assert warnings == [f"warning: the interrupted save {tmp} is complete but its manifest cannot "
+                        "be written ([Errno 28] No space left on device): left as it is"]
+    assert (tmp / ".metadata").is_file()
+    monkeypatch.setattr(manifest, "write_manifest", real)
+    assert make_trainer(folder, "--training.steps=6").step == 4

@@ -154,3 +154,48 @@ def test_signal_during_startup_is_one_line_and_frees_the_folder(tmp_path):
     finally:
         for proc in jobs.values():
             proc.kill()
+
+
+def test_a_signal_while_the_loader_starts_still_frees_the_folder(tmp_path, monkeypatch):
+    # run() starts the loader before its first step, still in start-up: the signal raises
+    # StartupStopped there, and the lock must be released (os._exit skips atexit on a rank).
+    from checkpoint_helpers import BASE
+
+    from runtime.data.loader import ParallelAwareDataLoader
+    from runtime.train.config import load_config
+    from runtime.train.faults import StartupStopped, StopSignal
+    from runtime.train.trainer import Trainer
+
+    stop = StopSignal().install(starting=True)
+    try:
+        trainer = Trainer(load_config(None, BASE + [f"--job.dump_folder={tmp_path}"]), stop)
+        assert (tmp_path / LOCK_NAME).exists()
+        real = ParallelAwareDataLoader.__iter__
+
+        def starting(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises in this frame
+            return real(self)
+
+        monkeypatch.setattr(ParallelAwareDataLoader, "__iter__", starting)
+        with pytest.raises(StartupStopped):
+            trainer.run()
+        assert not (tmp_path / LOCK_NAME).exists()
+    finally:
+        stop.uninstall()
+
+
+def test_an_error_met_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
+    # the entry point prints every config/data error through one_line (a record's text or an
+    # OS message can carry a newline)
+    from checkpoint_helpers import BASE
+
+    from runtime.errors import ConfigError
+    from runtime.train.trainer import Trainer, main
+
+    def bad(self):
+        raise ConfigError("data.dataset_path: bad record at x.jsonl:7:\n  {\"text\": 1}")
+
+    monkeypatch.setattr(Trainer, "run", bad)
+    assert main(BASE + [f"--job.dump_folder={tmp_path}"]) == 2
+    assert capsys.readouterr().err == ("error: data.dataset_path: bad record at x.jsonl:7: "
+                                       "{\"text\": 1}\n")

@@ -60,7 +60,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
-from runtime.errors import ConfigError, DiskFullError
+from runtime.errors import ConfigError, DiskFullError, one_line
 from runtime.train import manifest
 from runtime.train.disk_space import (free_bytes, is_out_of_space, out_of_space_message,
                                       refuse_if_short, state_bytes, tree_bytes)
@@ -466,8 +466,12 @@ class CheckpointManager:
             problem, has_manifest = _from_rank0(
                 (_unfinished(tmp, step), (tmp / manifest.MANIFEST).is_file())
                 if _rank() == 0 else None)
-            if problem is None and not has_manifest:
-                self._write_manifest(tmp, step)  # killed while checksumming: finish that
+            if problem is None and not has_manifest:  # killed while checksumming: finish that
+                error = self._write_manifest(tmp, step)
+                if error is not None:  # a full or read-only disk: kept for a later start
+                    self._warn(f"the interrupted save {tmp} is complete but its manifest "
+                               f"cannot be written ({error}): left as it is")
+                    continue
             if problem is None:
                 problem = verify_checkpoint(tmp)
             if _rank() == 0:
@@ -775,10 +779,17 @@ class CheckpointManager:
             files.update(part)
         return files
 
-    def _write_manifest(self, tmp: Path, step: int) -> None:
+    def _write_manifest(self, tmp: Path, step: int) -> str | None:
+        """Rank 0 writes the manifest; every rank gets its failure (one line) or None, so no
+        rank goes on to a collective the others never reach."""
         files = self._checksums(tmp)
+        error = None
         if _rank() == 0:
-            manifest.write_manifest(tmp, files, step)
+            try:
+                manifest.write_manifest(tmp, files, step)
+            except OSError as e:
+                error = one_line(e)
+        return _from_rank0(error)
 
     # ---------------------------------------------------------------- failed saves
     def _on_rank0(self, job: _PendingSave, fn, group=None) -> None:

@@ -28,8 +28,8 @@ from runtime.data.loader import validation_data_config
 from runtime.data.schema import data_option
 from runtime.data.sources import source_kind
 from runtime.data.validate import check_data
-from runtime.errors import (EXIT_CONFIG_ERROR, EXIT_DISK_FULL, ConfigError, DiskFullError,
-                            one_line)
+from runtime.errors import (EXIT_DISK_FULL, ConfigError, DiskFullError, one_line,
+                            report_config_error)
 from runtime.hf import load_hf_into
 from runtime.model import GptOssModel
 from runtime.model.lora import apply_lora, count_trainable
@@ -405,15 +405,19 @@ class Trainer:
         own_stop = self.stop is None or not self.stop.installed
         stop = StopSignal().install() if own_stop else self.stop
         last_step = cfg.training.steps
-        if self.step >= last_step:
-            self.log(f"nothing to do: already at step {self.step} of {last_step}")
-        if cfg.compile.enable and self.step < last_step:
-            self.log("compiling the transformer blocks during the first step (can take minutes)")
-        self.metrics.reset_timer()
-        data = iter(self.dataloader)
-        profiler = StepProfiler(cfg.profiling, cfg.job.dump_folder, self.rank, self.device,
-                                self.step, self.log).start()
+        profiler = None
+        # Everything from here is inside the try: a start-up signal while the loader starts
+        # (workers, files) still releases the lock and closes what was opened.
         try:
+            if self.step >= last_step:
+                self.log(f"nothing to do: already at step {self.step} of {last_step}")
+            if cfg.compile.enable and self.step < last_step:
+                self.log("compiling the transformer blocks during the first step "
+                         "(can take minutes)")
+            self.metrics.reset_timer()
+            data = iter(self.dataloader)
+            profiler = StepProfiler(cfg.profiling, cfg.job.dump_folder, self.rank, self.device,
+                                    self.step, self.log).start()
             if cfg.checkpoint.enable and self.step < last_step:
                 self.checkpointer.check_space()  # a still-full disk: stop before training
             stop.started()  # from here a signal finishes the step and saves
@@ -452,10 +456,12 @@ class Trainer:
                          f"{save_last_in_hf(self)}")
             return 0
         except torch.OutOfMemoryError:
-            profiler.dump_oom_snapshot(self.step)  # with enable_memory_snapshot, on CUDA
+            if profiler is not None:
+                profiler.dump_oom_snapshot(self.step)  # with enable_memory_snapshot, on CUDA
             raise
         finally:
-            profiler.close()
+            if profiler is not None:
+                profiler.close()
             if own_stop:
                 stop.uninstall()
             try:
@@ -506,6 +512,9 @@ def main(argv: list[str] | None = None, stop: StopSignal | None = None) -> int:
     try:
         return _main(argv, stop, job)
     except StartupStopped as e:  # one line; the Trainer released the dump-folder lock
+        trainer = job.get("trainer")
+        if trainer is not None and trainer.dump_lock is not None:  # between Trainer() and run()
+            trainer.dump_lock.release()
         cfg = job.get("cfg")
         return startup_exit(e.signum, can_resume=cfg is not None and cfg.checkpoint.enable)
     finally:
@@ -520,8 +529,7 @@ def _main(argv: list[str] | None, stop: StopSignal, job: dict) -> int:
     try:
         cfg, ns = parse_args(argv, parser)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return report_config_error(e)
     if ns.skip_memory_check:
         cfg.training.skip_memory_check = True
     job["cfg"] = cfg
@@ -529,10 +537,9 @@ def _main(argv: list[str] | None, stop: StopSignal, job: dict) -> int:
         print(cfg.to_toml_str(), end="")
         return 0
     try:
-        trainer = Trainer(cfg, stop)
+        trainer = job["trainer"] = Trainer(cfg, stop)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return report_config_error(e)
     start = time.perf_counter()
     try:
         code = trainer.run()
@@ -542,8 +549,7 @@ def _main(argv: list[str] | None, stop: StopSignal, job: dict) -> int:
     except (NonFiniteLossError, ConfigError) as e:
         # the user's data or settings, not a bug: one line (e.g. a bad record deep in a file,
         # met mid-run: the pre-flight check reads only the head of each file)
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return report_config_error(e)
     trainer.log(f"finished at step {trainer.step} in {time.perf_counter() - start:.1f}s (exit {code})")
     if dist.is_initialized() and not trainer.abandoned:
         dist.barrier()
