@@ -26,13 +26,14 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 
 from runtime.data.errors import DataError
 from runtime.data.loader import build_dataloader
 from runtime.data.prepare_parts import DEFAULT_PART_BYTES
 from runtime.data.prepared import PreparedDataset
 from runtime.data.preparing import (PrepareStopped, default_workers, finalize, plan_of,
-                                    prepare)
+                                    prepare, work_dir)
 from runtime.data.schema import data_option
 from runtime.data.sources import build_source, source_kind
 from runtime.data.tokenizer import Tokenizer
@@ -175,6 +176,10 @@ def run_prepare(cfg, ns) -> int:
                            log=log, progress=True, **opts)
     except OSError as e:  # an unwritable parent, a full disk: nothing was published
         raise DataError(f"--out {out}: cannot write: {' '.join(str(e).split())}") from None
+    except KeyboardInterrupt:  # Ctrl-C: one line, the finished parts stay for a resume
+        print(f"error: interrupted; finished parts are kept in {work_dir(Path(out))}: run the "
+              f"same command again to resume", file=sys.stderr)
+        return 130
     if meta is None:
         print(f"prepared shard {shard[0]}/{shard[1]} of {source.name} in "
               f"{time.perf_counter() - start:.1f}s; when every shard is done: prepare "

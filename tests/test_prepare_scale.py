@@ -146,3 +146,52 @@ def test_a_plan_of_other_inputs_is_refused(inputs, tok, tmp_path, monkeypatch):
         f.write("\n" + json.dumps({"text": "appended later"}) + "\n")
     with pytest.raises(DataError, match=r"holds the parts of another prepare \(its inputs differ"):
         _prepare(files, tmp_path / "out", tok, workers=2)
+
+
+def test_shards_then_finalize_equal_one_process(inputs, tok, one_process, tmp_path):
+    """--shard i/n writes parts i, i + n, ...; finalize refuses while a shard is missing (one
+    line naming the parts), then publishes the bytes one process writes."""
+    from runtime.data.errors import DataError
+    from runtime.data.preparing import finalize, plan_of
+
+    out = tmp_path / "out"
+    plan = plan_of(FileSource(inputs["big"]), tok, part_bytes=PART)
+    assert _prepare(inputs["big"], out, tok, shard=(0, 3)) is None
+    assert _prepare(inputs["big"], out, tok, shard=(2, 3)) is None
+    missing = [k for k in range(len(plan["parts"])) if k % 3 == 1]
+    with pytest.raises(DataError, match=rf"{len(missing)} of {len(plan['parts'])} parts not "
+                                        rf"finished: part {missing[0]} \(missing\)"):
+        finalize(out, plan)
+    assert not out.exists()
+    _prepare(inputs["big"], out, tok, shard=(1, 3))
+    finalize(out, plan, workers=2)
+    assert _contents(out) == _contents(one_process["big"])
+    with pytest.raises(DataError, match="already exists"):
+        _prepare(inputs["big"], out, tok, shard=(1, 3))
+
+
+def test_progress_lines():
+    import io
+
+    from runtime.data.progress import Progress
+
+    now = [0.0]
+    log = io.StringIO()
+    p = Progress(1000, 4, done_bytes=250, done_parts=1, out=log, every=30, clock=lambda: now[0])
+    now[0] = 10
+    p.update(250, 2_000_000)  # 10 s after the start: within `every`, no line yet
+    assert log.getvalue() == ""
+    now[0] = 40
+    p.update(250, 1_000_000)
+    # this run: 500 bytes in 40 s -> the last 250 bytes take 20 s
+    assert log.getvalue() == ("prepare: 75% done, 3/4 parts, 3.0M tokens, 75.0k tokens/s, "
+                              "ETA 0:00:20\n")
+    now[0] = 41
+    p.update(250, 0)  # the last part: always a line
+    assert log.getvalue().splitlines()[-1].startswith("prepare: 100% done, 4/4 parts")
+    tty = io.StringIO()
+    bar = Progress(100, 2, out=tty, tty=True, clock=lambda: now[0])
+    bar.update(50, 10)
+    bar.close()
+    assert tty.getvalue().startswith("\rprepare [############            ]  50% 1/2 parts")
+    assert tty.getvalue().endswith("\n")
