@@ -314,7 +314,20 @@ def _tracker(trainer):
     else:
         tracker = type("Tracker", (_HopAware, MemTracker), {})()
         tracker.track_external(trainer.model, trainer.optimizer)
+    # MemTracker hooks every parameter's gradient, which torch refuses for a frozen one (a
+    # LoRA base): mark those as hooked already (they never get a gradient to track).
+    for p in trainer.model.parameters():
+        if not p.requires_grad:
+            tracker._param_to_grad_hook_handles[p] = (_NO_HOOK, _NO_HOOK)
     return tracker
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+_NO_HOOK = _NoHook()
 
 
 def _reset_module_stats_per_forward(runner, tracker) -> None:
@@ -460,7 +473,8 @@ def trace(cfg, dims, model_args, rank: int = 0, steps: int = 2, imbalance: float
             modules.close()
         dist.destroy_process_group()
     tokens = cfg.training.local_batch_size * trainer.grad_accum * cfg.training.seq_len
-    formula = training_flops_per_token(model_args, cfg.training.seq_len) * tokens
+    formula = training_flops_per_token(model_args, cfg.training.seq_len,
+                                       frozen_base=cfg.lora_spec() is not None) * tokens
     return TraceResult(rank=rank, steps=steps, peak_bytes=peak, by_kind=by_kind,
                        tokens_per_step=tokens, flops=flops, flops_formula=formula,
                        seconds=time.perf_counter() - start)

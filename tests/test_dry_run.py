@@ -32,8 +32,8 @@ sys.exit(plan.main(sys.argv[1:]))
 """
 
 
-# Several dry runs in one process (one import of torch; FLOPs not counted): "config:world:
-# clean|planted" each. The planted memory regression: the fused loss keeps every chunk's fp32
+# Several dry runs in one process (one import of torch): "config:world:clean|flops|planted"
+# each (flops: also counted, against the MFU formula). The planted memory regression: the fused loss keeps every chunk's fp32
 # logits until its backward (an extra saved activation).
 RUNS = """
 import sys
@@ -64,7 +64,7 @@ for spec in sys.argv[1:]:
     memory = plan.plan_job(cfg, int(world), config_name=config)
     undo = plant_saved_logits() if kind == "planted" else None
     try:
-        code = plan.run_trace(memory, cfg, count_flops=False)
+        code = plan.run_trace(memory, cfg, count_flops=kind == "flops")
     finally:
         if undo is not None:
             undo()
@@ -111,13 +111,15 @@ def test_dry_run_of_120b_at_its_world_size():
     _cli_dry_run("configs/gptoss_120b.toml", 128)
 
 
-def test_dry_runs_of_20b_one_gpu_120b_sft_and_a_planted_memory_regression():
+def test_dry_runs_of_20b_one_gpu_lora_120b_sft_and_a_planted_memory_regression():
     """20b at 16 ranks (gradient accumulation: FSDP's unsharded fp32 gradients between
     micro-batches), the benchmarks' reference config on one GPU (no FSDP: fp32 weights under
-    bf16 autocast, no activation checkpointing), 120b SFT at 64, and the same 120b SFT run with
-    an extra saved activation: its peak moves up past the plan and the dry run exits 4 naming
-    the excess."""
+    bf16 autocast, no activation checkpointing), 120b LoRA at 8 (frozen base; FSDP without EP:
+    6 GiB blocks, three of them gathered in a block's forward), 120b SFT at 64, and the same
+    120b SFT run with an extra saved activation: its peak moves up past the plan and the dry
+    run exits 4 naming the excess."""
     specs = ["configs/gptoss_20b.toml:16:clean", "benchmarks/configs/20b_2layer_seq4096.toml:1:clean",
+             "configs/gptoss_120b_lora.toml:8:flops",
              "configs/gptoss_120b_sft.toml:64:clean", "configs/gptoss_120b_sft.toml:64:planted"]
     proc = _run(specs, code=RUNS)
     out, err = proc.stdout.splitlines(), proc.stderr.splitlines()
@@ -125,12 +127,17 @@ def test_dry_runs_of_20b_one_gpu_120b_sft_and_a_planted_memory_regression():
     peaks, ends = {}, [i for i, line in enumerate(out) if line.startswith("exit ")]
     assert len(ends) == len(specs), proc.stdout[-3000:]
     for start, end, spec in zip([-1, *ends], ends, specs):
-        assert out[end] == f"exit {spec} {0 if spec.endswith('clean') else 4}", \
+        clean = not spec.endswith("planted")
+        assert out[end] == f"exit {spec} {0 if clean else 4}", \
             "\n".join(out[start + 1:end + 1]) + proc.stderr[-2000:]
         peak, _, ratio = _trace_line(out[start + 1:end])
-        assert _within_tolerance(ratio) == spec.endswith("clean"), out[end - 1]
+        assert _within_tolerance(ratio) == clean, out[end - 1]
         peaks[spec] = peak
-    clean, planted = peaks[specs[2]], peaks[specs[3]]
+        flops = [line for line in out[start + 1:end] if line.strip().startswith("flops:")]
+        assert len(flops) == spec.endswith("flops")
+        if flops:  # LoRA: a frozen base gets no weight gradients (4 FLOPs per weight, not 6)
+            assert abs(float(flops[0].rsplit("ratio", 1)[1]) - 1.0) < 0.05, flops[0]
+    clean, planted = peaks[specs[-2]], peaks[specs[-1]]
     assert planted > clean + 1.0, (clean, planted)  # four fp32 chunks of logits, > 1 GiB
     errors = [line for line in err if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

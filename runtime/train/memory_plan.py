@@ -59,6 +59,8 @@ logits + loss on the rank holding the output head. Whole logits (TP/PP): tokens 
               one chunk of logits) and its backward (+ the scaled fp32 copies of both and
               their casts to the inputs' dtypes: a second fp32 [vocab, dim] head gradient);
               a frozen head (LoRA) gets no [vocab, dim] gradient at all.
+block forward  FSDP: one more block in the param dtype (an all-gather output lives until the
+              next all-gather: the running block's copy + its output + the next block's).
 block backward  (not held through the step: the grads) + one checkpointed layer's
               recompute (its full activations minus what was kept) + one block's unsharded
               gradients in the reduce dtype + (FSDP, head rank) the head's unsharded
@@ -456,6 +458,13 @@ def estimate(cfg: JobConfig, config_name: str, world_size: int, dims: ParallelDi
                           f"{f' / tp {dims.tp}' if dims.tp > 1 else ''}"))
         # The transient peaks; the largest one counts.
         head_trained = "output.weight" in applied.trainable
+        if applied.fsdp and blocks and not keep_gathered:
+            # FSDP2 frees an all-gather's output only at its next all-gather (no stream
+            # juggling): a block's forward holds its own unsharded copy, its all-gather output
+            # and the next block's (traced: 120b without EP, 3 x 6.04 GiB blocks + root).
+            lines.append(Line("block forward", param_bytes * blocks[0],
+                              f"one more block's all-gather output in {fsdp_param_dtype_name(cfg)}",
+                              alternative=True))
         if share.last:
             lines.append(_loss_line(model_args, tokens, vocab, t.loss_chunk_size if fused else 0,
                                     a, param_bytes if applied.fsdp else 4, head_trained))

@@ -51,12 +51,16 @@ def active_matmul_params(args: ModelArgs) -> int:
     return args.n_layers * (attention + router + experts) + head
 
 
-def training_flops_per_token(args: ModelArgs, seq_len: int) -> float:
+def training_flops_per_token(args: ModelArgs, seq_len: int, frozen_base: bool = False) -> float:
+    """Matmul FLOPs of one trained token: 6 per active weight (forward, input and weight
+    gradients) + attention. frozen_base (LoRA): the base weights get no weight gradient, 4 per
+    weight (checked against the dry run's FlopCounterMode count); the adapters' own FLOPs
+    (< 1% at rank 16) are left out."""
     attention = 0.0
     for layer in range(args.n_layers):
         window = args.sliding_window if args.is_sliding(layer) else None
         attention += 6 * args.n_heads * args.head_dim * 2 * mean_attended_keys(seq_len, window)
-    return 6 * active_matmul_params(args) + attention
+    return (4 if frozen_base else 6) * active_matmul_params(args) + attention
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -132,7 +136,8 @@ class MetricsLogger:
         self.is_writer = is_writer
         self.world_size = world_size
         self.tokens_per_step = global_tokens_per_step
-        self.flops_per_token = training_flops_per_token(model_args, seq_len)
+        self.flops_per_token = training_flops_per_token(model_args, seq_len,
+                                                        frozen_base=trainable_params is not None)
         self.peak = peak_flops(device)
         self.jsonl = None
         self.tb = None
