@@ -441,8 +441,12 @@ def trace(cfg, dims, model_args, rank: int = 0, steps: int = 2, imbalance: float
     start = time.perf_counter()
     cfg = traceable_config(cfg)
     if dims.pp > 1:
-        raise DryRunError("pipeline parallelism cannot be traced: the schedules exchange "
-                          "Python objects between ranks, which the fake process group "
+        # Tried (torch 2.13): every schedule's first step runs _initialize_pp_stages, whose
+        # P2P warm-up vote reads a tensor received from the neighbour stage with .item() and
+        # whose shape inference exchanges metadata between stages: neither has values here.
+        raise DryRunError("pipeline parallelism cannot be traced: the schedules' start-up (a "
+                          "P2P warm-up vote read with .item(), shape metadata exchanged between "
+                          "stages) needs values from other ranks, which the fake process group "
                           "does not deliver")
     if dist.is_initialized():
         raise RuntimeError("the dry run needs its own process: a process group already exists")
