@@ -32,8 +32,8 @@ sys.exit(plan.main(sys.argv[1:]))
 """
 
 
-# Several dry runs in one process (one import of torch): "config:world:clean|flops|planted"
-# each (flops: also counted, against the MFU formula). The planted memory regression: the fused loss keeps every chunk's fp32
+# Several dry runs in one process (one import of torch): "config:world:clean|flops|planted
+# [:--override ...]" each (flops: also counted, against the MFU formula). The planted memory regression: the fused loss keeps every chunk's fp32
 # logits until its backward (an extra saved activation).
 RUNS = """
 import sys
@@ -59,8 +59,8 @@ def plant_saved_logits():
     return undo
 
 for spec in sys.argv[1:]:
-    config, world, kind = spec.split(":")
-    cfg, _ = parse_args(["--config", config, "--model.n_layers=2"], build_parser("test"))
+    config, world, kind, *overrides = spec.split(":")
+    cfg, _ = parse_args(["--config", config, "--model.n_layers=2", *overrides], build_parser("test"))
     memory = plan.plan_job(cfg, int(world), config_name=config)
     undo = plant_saved_logits() if kind == "planted" else None
     try:
@@ -114,12 +114,13 @@ def test_dry_run_of_120b_at_its_world_size():
 def test_dry_runs_of_20b_one_gpu_lora_120b_sft_and_a_planted_memory_regression():
     """20b at 16 ranks (gradient accumulation: FSDP's unsharded fp32 gradients between
     micro-batches), the benchmarks' reference config on one GPU (no FSDP: fp32 weights under
-    bf16 autocast, no activation checkpointing), 120b LoRA at 8 (frozen base; FSDP without EP:
-    6 GiB blocks, three of them gathered in a block's forward), 120b SFT at 64, and the same
+    bf16 autocast, no activation checkpointing), 120b LoRA at 8 without EP (frozen base; 6 GiB
+    FSDP blocks, three of them gathered in a block's forward; FLOPs of a frozen base), 120b SFT
+    at 64, and the same
     120b SFT run with an extra saved activation: its peak moves up past the plan and the dry
     run exits 4 naming the excess."""
     specs = ["configs/gptoss_20b.toml:16:clean", "benchmarks/configs/20b_2layer_seq4096.toml:1:clean",
-             "configs/gptoss_120b_lora.toml:8:flops",
+             "configs/gptoss_120b_lora.toml:8:flops:--parallelism.expert_parallel_degree=1",
              "configs/gptoss_120b_sft.toml:64:clean", "configs/gptoss_120b_sft.toml:64:planted"]
     proc = _run(specs, code=RUNS)
     out, err = proc.stdout.splitlines(), proc.stderr.splitlines()
@@ -134,7 +135,7 @@ def test_dry_runs_of_20b_one_gpu_lora_120b_sft_and_a_planted_memory_regression()
         assert _within_tolerance(ratio) == clean, out[end - 1]
         peaks[spec] = peak
         flops = [line for line in out[start + 1:end] if line.strip().startswith("flops:")]
-        assert len(flops) == spec.endswith("flops")
+        assert len(flops) == (":flops" in spec)
         if flops:  # LoRA: a frozen base gets no weight gradients (4 FLOPs per weight, not 6)
             assert abs(float(flops[0].rsplit("ratio", 1)[1]) - 1.0) < 0.05, flops[0]
     clean, planted = peaks[specs[-2]], peaks[specs[-1]]
