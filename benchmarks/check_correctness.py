@@ -92,7 +92,7 @@ def _verdict(errors: dict[str, float], tols: dict[str, float]) -> dict:
 @contextlib.contextmanager
 def cpu_flex_backward(device: torch.device):
     """torch refuses flex attention's backward on the CPU; its eager path is differentiable, so
-    the CPU smoke run (and tests/test_model_units.py) lift that one device check."""
+    the CPU smoke run (and tests/model/test_model_units.py) lift that one device check."""
     if device.type == "cuda":
         yield
         return
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         block_shape, backend, flavor = (2, 32), "aot_eager", "tiny"
         shapes = ["--model.flavor=tiny", "--training.seq_len=32", "--training.local_batch_size=2"]
     else:
-        # flex shape = tests/test_model_units.py's GPU test: `pytest -m gpu` then reuses these kernels
+        # flex shape = tests/model/test_model_units.py's GPU test: `pytest -m gpu` then reuses these kernels
         flex_shape, exp_dims, counts = (2, 4, 2, 256, 64), (8, 512, 256), [300, 0, 129, 57, 512, 1, 64, 200]
         block_shape, backend, flavor = (2, 512), "inductor", "debugmodel"
         shapes = ["--training.seq_len=512", "--training.local_batch_size=4"]

@@ -5,7 +5,7 @@
 #   bash scripts/test.sh --quick      the edit-test loop (< 3 min on 2 cores): unit tests and one
 #                                     parity case per parallelism (pytest -m quick; the list is
 #                                     in tests/conftest.py); more pytest arguments may follow
-#   bash scripts/test.sh ARGS...      pytest ARGS in one process, e.g. tests/test_data.py -k hf
+#   bash scripts/test.sh ARGS...      pytest ARGS in one process, e.g. tests/data/test_data.py -k hf
 #   TEST_WORKERS=N                    workers (default: CPUs, at most 2; 0 = no xdist)
 # Workers take tests one at a time (--dist loadgroup); tests that share one resource carry an
 # xdist_group (conftest.py): all Slurm tests run on one worker, one after the other, as they

@@ -17,9 +17,9 @@ image=${1:?usage: scripts/test_in_image.sh IMAGE [PYTEST ARGS...]}
 shift
 tests=("$@")
 if (( ${#tests[@]} == 0 )); then
-  tests=(tests/test_checkpoint_pickle_forms.py tests/test_checkpoint_safety.py
-         tests/test_checkpoint_resume.py tests/test_checkpoint_integrity.py
-         tests/test_checkpoint_lock.py tests/test_checkpoint_distributed.py)
+  tests=(tests/checkpoint/test_checkpoint_pickle_forms.py tests/checkpoint/test_checkpoint_safety.py
+         tests/checkpoint/test_checkpoint_resume.py tests/checkpoint/test_checkpoint_integrity.py
+         tests/checkpoint/test_checkpoint_lock.py tests/checkpoint/test_checkpoint_distributed.py)
 fi
 ca=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 # pytest is not the container's PID 1 (bash would exec a last command): the lock tests look

@@ -1,4 +1,4 @@
-"""Shared fixtures of the parity suites (tests/test_parallel_*.py): seed checkpoints and
+"""Shared fixtures of the parity suites (tests/parallel/test_parallel_*.py): seed checkpoints and
 single-process reference runs, written once per pytest session and shared by every suite that
 asks for the same model (running the trainer and comparing runs: parallel_harness.py; its
 STEPS and GLOBAL_BATCH are the suites' defaults).
@@ -10,10 +10,17 @@ STEPS and GLOBAL_BATCH are the suites' defaults).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from parallel_harness import BASE, GLOBAL_BATCH, STEPS, global_batch_overrides, run_single, seeded
+
+# tests/<area>/ mirrors runtime/<area>/; the helpers shared by several areas live in
+# tests/helpers/ and are imported by module name (parallel ranks get this sys.path too).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+
+from parallel_harness import BASE, GLOBAL_BATCH, STEPS, global_batch_overrides, run_single, seeded  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 Used when the tokenizer directory has no chat template (the embedded debug tokenizer).
 It renders the same text as the chat template shipped with gpt-oss checkpoints for the
-conversations the chat data path accepts (tests/test_chat_render.py compares the two):
+conversations the chat data path accepts (tests/data/test_chat_render.py compares the two):
 
     <|start|>system<|message|>{identity, knowledge cutoff, date, reasoning, channels}<|end|>
     <|start|>developer<|message|># Instructions\\n\\n{system prompt}\\n\\n# Tools ...<|end|>

@@ -5,7 +5,7 @@
 
 The page is a view of the schema, so it is never edited by hand: a new key in config_schema.py
 (or runtime/data/schema.py) is a new row after one run of this module, and
-tests/test_docs.py fails while the committed page differs from `render()`.
+tests/docs/test_docs.py fails while the committed page differs from `render()`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ _HEADER = """\
 # Config reference
 
 Generated from `runtime/train/config_schema.py` (and `runtime/data/schema.py` for `[data]`) by
-`python -m runtime.train.config_reference`; do not edit by hand (`tests/test_docs.py` fails
+`python -m runtime.train.config_reference`; do not edit by hand (`tests/docs/test_docs.py` fails
 when this page is stale). `python -m runtime.train --help` prints the same keys.
 
 Set a key in the TOML config (`[section]` then `key = value`) or on the command line as

@@ -55,7 +55,7 @@ gradients after backward and before clipping, or to add module hooks to `trainer
 PARALLEL_HARNESS_HOOK=module:function adds a hook to every multi-process run (world > 1)
 only, leaving single-process references untouched: a whole parity suite can be rerun with a
 deliberately broken parallel path to see each test fail, e.g.
-    PARALLEL_HARNESS_HOOK=my_bugs:skip_grad_sync pytest tests/test_parallel_parity.py
+    PARALLEL_HARNESS_HOOK=my_bugs:skip_grad_sync pytest tests/parallel/test_parallel_parity.py
 (with my_bugs.py importable, e.g. via PYTHONPATH).
 """
 
@@ -99,7 +99,7 @@ BASE = [
 STEPS = 3
 GLOBAL_BATCH = 4
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TIMEOUT_S = 180.0
 _RESULT = "result.pt"
 

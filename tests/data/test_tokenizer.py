@@ -15,7 +15,7 @@ import pytest
 
 from runtime.data.tokenizer import EMBEDDED_TOKENIZER, Tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "runtime" / "assets"
 
 

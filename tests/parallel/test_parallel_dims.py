@@ -11,7 +11,7 @@ from runtime.errors import ConfigError
 from runtime.parallel import ParallelDims, ParallelismError, pipeline_num_stages
 from runtime.train.config import load_config, parallel_dims, validate_job
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 
 def dims(world_size, dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1, ep=1, etp=1):

@@ -14,7 +14,7 @@ import pytest
 
 from runtime.train import config_reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 PAGES = ("training", "checkpoints", "fine-tuning", "parallelism", "data", "cluster",
          "benchmarks", "architecture", "config-reference")
@@ -99,11 +99,11 @@ _BASH = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
 
 # The real runs of what `check` only validates (the test asserts each file exists).
 COVERED = {
-    "configs/debugmodel.toml": "tests/test_trainer.py",
-    "configs/debugmodel_sft.toml": "tests/test_chat_train.py",
-    "configs/debugmodel_lora.toml": "tests/test_lora.py",
-    "runtime.hf.convert": "tests/test_hf_interop.py",
-    "gpu_check.sh --cpu-smoke": "tests/test_benchmarks.py",
+    "configs/debugmodel.toml": "tests/train/test_trainer.py",
+    "configs/debugmodel_sft.toml": "tests/train/test_chat_train.py",
+    "configs/debugmodel_lora.toml": "tests/model/test_lora.py",
+    "runtime.hf.convert": "tests/hf/test_hf_interop.py",
+    "gpu_check.sh --cpu-smoke": "tests/launch/test_benchmarks.py",
     "scripts/test.sh": ".ci/run",
 }
 
@@ -184,7 +184,7 @@ def run_doc_command(command: str) -> str:
     if argv[:3] == ["bash", "benchmarks/gpu_check.sh", "--cpu-smoke"]:
         assert '"--cpu-smoke"' in (ROOT / COVERED["gpu_check.sh --cpu-smoke"]).read_text()
         return "covered"
-    raise AssertionError(f"no doc-test handler for `{command}`: add one to tests/test_docs.py "
+    raise AssertionError(f"no doc-test handler for `{command}`: add one to tests/docs/test_docs.py "
                          "or start its block with a marker (# gpu-only: / # cluster-only: / "
                          "# needs-download: <why>)")
 

@@ -1,4 +1,4 @@
-"""Helpers for tests/test_launch.py: the local Slurm, job polling, and a stand-in trainer.
+"""Helpers for tests/launch/test_launch.py: the local Slurm, job polling, and a stand-in trainer.
 
 The stand-in ("fake") trainer lets the launcher mechanics (sbatch templates, rank env, signal ->
 checkpoint -> exit 75 -> requeue -> resume) be tested independently of the real trainer: a
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LOCAL_SLURM = REPO.parent / "shared" / "tools" / "local_slurm.sh"
 
 FAKE_TRAIN = r'''

@@ -440,7 +440,7 @@ def test_documents_with_per_token_loss_mask(tmp_path):
 def test_show_command_prints_what_the_trainer_gets(tmp_path):
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     path = write_jsonl(tmp_path / "c.jsonl", ["hello world", "second document"])
     cmd = [sys.executable, "-m", "runtime.data", "--config", str(root / "configs/debugmodel.toml"),
            "--data.dataset=path", f"--data.dataset_path={path}", "--training.seq_len=8",
@@ -640,7 +640,7 @@ def _bad_inputs(tmp: Path) -> dict:
 def test_bad_data_or_tokenizer_is_one_line_exit_2_before_the_model(tmp_path, case):
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     overrides, message = _bad_inputs(tmp_path)[case]
     r = subprocess.run(
         [sys.executable, "-m", "runtime.train", "--config", str(root / "configs/debugmodel.toml"),
@@ -659,7 +659,7 @@ def test_bad_record_met_mid_run_is_one_line_exit_2(tmp_path):
     training (by the prefetch thread): still one line naming file:line, exit 2."""
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     lines = [json.dumps({"text": f"document {i} with a few words"}) for i in range(150)]
     (tmp_path / "d.jsonl").write_text("\n".join(lines + ["{not json"]) + "\n")
     r = subprocess.run(
@@ -680,7 +680,7 @@ def test_bad_record_met_mid_run_is_one_line_exit_2(tmp_path):
 def test_prepare_and_bench_commands(tmp_path):
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     write_jsonl(tmp_path / "a.jsonl", random_docs(40, seed=1))
     write_jsonl(tmp_path / "b.jsonl", random_docs(30, seed=2))
     env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
@@ -745,7 +745,7 @@ def test_embedded_cache_unwritable(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------- prepared data is verified, never trusted
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(tmp_path: Path) -> dict:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from parallel_harness import BASE, global_batch_overrides, run_distributed, run_single, seeded
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SFT = str(ROOT / "configs" / "debugmodel_sft.toml")
 
 

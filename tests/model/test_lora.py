@@ -250,7 +250,7 @@ def test_every_parallelism_matches_one_process(lora_reference, name, tmp_path):
 # Negative controls (run by hand, no suite time; each fails tp2_sp_accum2_ac_full and
 # etp_fsdp2_tp2_ep2 on the parameters, by 1.4e-2 and 7e-3):
 #   PYTHONPATH=tests PARALLEL_HARNESS_HOOK=test_lora:broken_<name> \
-#       pytest tests/test_lora.py -k "tp2_sp or etp"
+#       pytest tests/model/test_lora.py -k "tp2_sp or etp"
 def broken_adapter_grads_not_summed(rank, world_size):
     """mlp1_lora_A / mlp2_lora_B keep each TP rank's partial gradient."""
     import runtime.parallel.moe_parallel as moe_parallel

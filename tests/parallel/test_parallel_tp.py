@@ -30,7 +30,7 @@ router gate and the attention sinks checked by name.
 Tolerances (parallel_harness.assert_parity defaults): losses 1e-5 relative (observed ~2e-7),
 grad norms 1e-4 relative (observed ~2e-5: fp32 norm rounding of the large output head, see
 the harness), parameters |diff| <= 1e-6 + 1e-5 |ref| (observed ~6e-8). First-step gradients:
-max |diff| <= 1e-5 x max |ref| per tensor (tests/tolerances.py: fp32 sums in another order
+max |diff| <= 1e-5 x max |ref| per tensor (tests/helpers/tolerances.py: fp32 sums in another order
 round differently on another CPU, so the bound follows the tensor's scale, not each element;
 observed ~1e-8 absolute; TP changes summation order only).
 
@@ -151,7 +151,7 @@ def expert_bias_on_every_rank(rank: int, world_size: int):
 def common(seeded_overrides) -> list[str]:
     # The reference takes the plain logits path too (TP always does: loss parallel needs the
     # vocab-sharded logits), so the recorded logits can be compared; the fused chunked loss
-    # has its own equality tests (tests/test_model_loss.py).
+    # has its own equality tests (tests/model/test_model_loss.py).
     return seeded_overrides() + ["--training.loss_chunk_size=0"]
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from runtime.train.config import load_config
 from runtime.safe_dcp import read_metadata_file
 from runtime.train.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BASE = ["--model.flavor=tiny", "--training.seq_len=32", "--training.local_batch_size=4",
         "--training.steps=4", "--lr_scheduler.warmup_steps=1", "--metrics.log_freq=1",
         "--checkpoint.interval=2", "--optimizer.lr=3e-3", "--checkpoint.enable=true"]
@@ -77,6 +78,25 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def losses(folder: Path) -> dict[int, float]:
+    """Step -> loss from the run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def stop_after(trainer: Trainer, step: int) -> None:
+    """Deliver SIGUSR1 to ourselves right after `step` is logged (as Slurm would)."""
+    original = trainer.metrics.log
+
+    def log(s, *args, **kwargs):
+        record = original(s, *args, **kwargs)
+        if s == step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return record
+
+    trainer.metrics.log = log
 
 
 def rewrite_manifest(ckpt: Path) -> None:

@@ -13,7 +13,8 @@ import shutil
 
 import pytest
 import torch
-from checkpoint_helpers import copy_run, error_lines, make_trainer, run_job, seeded_model
+from checkpoint_helpers import (copy_run, error_lines, losses, make_trainer, run_job, seeded_model,
+                                stop_after)
 from tolerances import assert_close_to_scale, scaled_error
 
 from runtime.hf import save_hf
@@ -21,7 +22,6 @@ from runtime.hf.adapter import CONFIG_FILE, WEIGHTS_FILE
 from runtime.train.checkpoint import CheckpointError, find_latest_checkpoint
 from runtime.train.resume_checks import stored_model_shapes
 from runtime.train.slurm_env import EXIT_REQUEUE
-from test_trainer import losses, stop_after
 
 LORA = ["--lora.enable=true", "--lora.rank=4", "--lora.alpha=64", "--model.compute_dtype=float32",
         "--model.attn_backend=math"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -416,7 +416,7 @@ def test_gpu_check_sync_audit_lists_repository_sites():
     r = check_profile.sync_audit(Trainer(), {}, torch.device("cpu"))
     assert r["syncs"] == 2 and len(r["sites"]) == 1
     site = r["sites"][0]
-    assert site["count"] == 2 and site["site"].startswith("tests/test_benchmarks.py:")
+    assert site["count"] == 2 and site["site"].startswith("tests/launch/test_benchmarks.py:")
     assert "optimizer_step: warnings.warn(" in site["site"]
 
 

@@ -11,7 +11,7 @@ Negative control: `test_broken_ep_over_tp_is_caught` treats the TP ranks inside 
 like data-parallel ranks (grad scale 1/ep, load counts not summed over tp) and the parity
 check rejects it (loss 2e-4 rel, params 4e-3 off after 3 steps).
 The auxiliary balance loss stays off: with ranks routing different tokens it is the mean of
-per-rank losses, not the whole-batch loss (see tests/test_parallel_tp.py).
+per-rank losses, not the whole-batch loss (see tests/parallel/test_parallel_tp.py).
 Tolerances: parallel_harness.assert_parity defaults (losses 1e-5 relative, parameters
 1e-6 + 1e-5 |ref|); differences are summation order only. Uneven splits are the norm here:
 top-2 routing of 64-128 tokens over 4 experts never splits evenly.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAST_LINE = re.compile(r"^trace: peak (\d+\.\d+) GiB, plan (\d+\.\d+) GiB, ratio (\d+\.\d+)$")
 
 # The planted device mismatch: RMSNorm multiplies by a CPU tensor. fake_cuda must be set up

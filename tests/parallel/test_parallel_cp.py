@@ -1,7 +1,7 @@
 """Context parallelism equals the single-process model: logits and every gradient, with
 sliding windows, document masks, sinks and both load balancers (gloo, 2 and 4 ranks).
 
-Tolerances are relative to each tensor's scale (tests/tolerances.py): the gradients are sums
+Tolerances are relative to each tensor's scale (tests/helpers/tolerances.py): the gradients are sums
 of many terms of magnitude ~500 and their fp32 rounding depends on the summation order, i.e.
 on the CPU (an elementwise atol of 2e-5 failed on a Xeon without AVX-512: 1.3e-4 off, 2.6e-7
 of the scale). 1e-5 of the scale leaves that 40x headroom; a CP bug (a missed key chunk, a

@@ -16,7 +16,7 @@ import pytest
 from runtime import plan as plan_module
 from runtime.train.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 SHIPPED = {"gptoss_20b": 16, "gptoss_120b": 128}
 

@@ -14,7 +14,7 @@ from runtime.plan import build_arg_parser
 from runtime.plan import main as plan_main
 from runtime.train.config import SECTIONS, JobConfig, config_from_dict, load_config, parse_args
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.toml"))
 
 

@@ -2,12 +2,11 @@
 LR schedules, signals, non-finite losses, config errors (tiny model, CPU)."""
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_helpers import losses, stop_after
 
 from runtime.train import checkpoint as checkpoint_module
 from runtime.train.checkpoint import find_latest_checkpoint
@@ -25,24 +24,6 @@ BASE = ["--model.flavor=tiny", "--training.seq_len=32", "--training.local_batch_
 def make_trainer(tmp_path: Path, *extra: str) -> Trainer:
     torch.manual_seed(0)
     return Trainer(load_config(None, BASE + [f"--job.dump_folder={tmp_path}", *extra]))
-
-
-def losses(folder: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
-
-
-def stop_after(trainer: Trainer, step: int) -> None:
-    """Deliver SIGUSR1 to ourselves right after `step` is logged (as Slurm would)."""
-    original = trainer.metrics.log
-
-    def log(s, *args, **kwargs):
-        record = original(s, *args, **kwargs)
-        if s == step:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return record
-
-    trainer.metrics.log = log
 
 
 @pytest.mark.parametrize("async_mode", ["disabled", "async"])

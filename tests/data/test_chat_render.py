@@ -21,7 +21,7 @@ from runtime.data.chat_template import (ChatTemplateError, HarmonyRenderer, Temp
 from runtime.data.tokenizer import Tokenizer
 from chat_conversations import CONVERSATIONS
 
-FIXTURE = Path(__file__).resolve().parent.parent / "runtime" / "assets" / "harmony_chat_template.jinja"
+FIXTURE = Path(__file__).resolve().parents[2] / "runtime" / "assets" / "harmony_chat_template.jinja"
 DATE = "2026-01-15"
 
 
