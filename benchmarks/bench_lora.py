@@ -157,8 +157,8 @@ def bench_rss() -> dict:
         record[f"measured_gib_{mode}"] = (child["peak_rss"] - child["rss_before"]) / 2**30
         record[f"peak_rss_gib_{mode}"] = child["peak_rss"] / 2**30
         record[f"step_s_{mode}"] = child["step_s"]
-        record[f"plan_gib_{mode}"] = plan["total"] - plan["reserve"]  # no CUDA reserve on CPU
-        record[f"plan_state_gib_{mode}"] = plan["params"] + plan["grads"] + plan["optimizer"]
+        record[f"plan_gib_{mode}"] = plan["total"] - plan.get("reserve", 0)  # no CUDA reserve on CPU
+        record[f"plan_state_gib_{mode}"] = plan["params"] + plan.get("grads", 0) + plan["optimizer"]
         record[f"params_{mode}"] = plan["params"]
         record[f"trainable_{mode}"] = plan["trainable"]
     record["measured_ratio_lora_over_full"] = record["measured_gib_lora"] / record["measured_gib_full"]
