@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.data.errors import DataError
 from runtime.data.loader import build_dataloader
 from runtime.data.prepare_parts import DEFAULT_PART_BYTES
 from runtime.data.prepared import PreparedDataset
@@ -37,7 +36,7 @@ from runtime.data.preparing import (PrepareStopped, default_workers, finalize, p
 from runtime.data.schema import data_option
 from runtime.data.sources import build_source, source_kind
 from runtime.data.tokenizer import Tokenizer
-from runtime.errors import ConfigError, report_config_error
+from runtime.errors import ConfigError, DataError, report_config_error
 from runtime.model.loss import IGNORE_INDEX
 from runtime.train.config import build_parser, parse_args
 

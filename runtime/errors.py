@@ -2,7 +2,7 @@
 
 A user error (bad config key, impossible mesh, missing file) is one line on stderr naming the
 key / file, and exit code 2, raised before anything large is built; never a traceback.
-Layers below train (model, parallel, hf, data) raise `ConfigError`; the entry points
+Layers below train (model, parallel, hf, data) raise `ConfigError` (data: its `DataError`s); the entry points
 (runtime.train, runtime.plan, submit.py, the Slurm helpers) turn it into
 `report_config_error(e)` -> exit `EXIT_CONFIG_ERROR`.
 """
@@ -31,6 +31,19 @@ class ConfigError(ValueError):
 
 class ParallelismError(ConfigError):
     """Parallelism degrees that do not fit the world size or the model."""
+
+
+class DataError(ConfigError):
+    """Bad data or tokenizer input (a missing file, a broken record, a wrong key, an unusable
+    tokenizer); one line naming the file (file:line for a record) or the key."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data or tokenizer path that does not exist (still a FileNotFoundError for callers)."""
+
+
+class DataDependencyError(DataError, ImportError):
+    """An optional package a data source needs (pyarrow, datasets) is not installed."""
 
 
 class DiskFullError(RuntimeError):

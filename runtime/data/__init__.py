@@ -1,7 +1,6 @@
 """Data: sources -> documents -> packed windows -> this rank's rows of the global batch.
 
   schema.py    the [data] keys (DataConfig: the job config's [data] section)
-  errors.py    DataError (a ConfigError): bad data / tokenizer input, one line, exit 2
   tokenizer.py Tokenizer (HF `tokenizers`), embedded or from a file / HF checkpoint dir
   readers.py   local files (.jsonl/.json/.parquet/.txt) -> records, file:line in errors
   sources.py   DocumentSource: embedded corpus, local files, HF datasets; shuffling
@@ -20,16 +19,17 @@
   harmony.py        the built-in harmony (gpt-oss) renderer, written from the format
   chat_masks.py     trained tokens (data.loss_on) found from the token ids
   chat_pack.py      WholeDocumentStream: one conversation per window document, overflow
-  validate.py  check_data(): the source and tokenizer spot-checked before the model is built
+  input_check.py  check_data(): the source and tokenizer spot-checked before the model is built
   __main__.py  `python -m runtime.data` (a shim: the command is runtime/data_cli.py)
 
 Only runtime.model (IGNORE_INDEX) and the leaf runtime.errors are imported from the rest of
-the runtime: ranks and degrees arrive as plain ints. The names below load on first use, so
+the runtime (DataError, a ConfigError: bad data / tokenizer input, one line, exit 2, lives in
+runtime.errors): ranks and degrees arrive as plain ints. The names below load on first use, so
 `runtime.data.schema` (read by the config on login nodes) never imports torch.
 """
 
 _EXPORTS = {
-    "runtime.data.errors": ("DataError", "DataFileNotFoundError"),
+    "runtime.errors": ("DataError", "DataFileNotFoundError"),
     "runtime.data.loader": ("STATE_VERSION", "ParallelAwareDataLoader", "build_dataloader"),
     "runtime.data.packing": ("Document", "PackedStream", "TextEncoder", "split_microbatches",
                              "window_batch"),
@@ -41,7 +41,7 @@ _EXPORTS = {
     "runtime.data.sources": ("DocumentSource", "EmbeddedSource", "FileSource", "HFSource",
                              "build_source"),
     "runtime.data.tokenizer": ("Tokenizer",),
-    "runtime.data.validate": ("check_data",),
+    "runtime.data.input_check": ("check_data",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from runtime.data.errors import DataError
+from runtime.errors import DataError
 from runtime.data.packing import Document
 
 OVERFLOW = ("cut_turns", "truncate", "drop")

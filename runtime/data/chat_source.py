@@ -27,7 +27,7 @@ from runtime.data.chat_masks import LOSS_ON, HarmonyIds, apply_overrides, traine
 from runtime.data.chat_pack import WholeDocumentStream
 from runtime.data.chat_records import ChatRecordError, Conversation, parse_record
 from runtime.data.chat_template import ChatTemplateError, build_renderer
-from runtime.data.errors import DataError
+from runtime.errors import DataError
 from runtime.data.packing import Document
 from runtime.data.readers import read_json_records, resolve_files
 from runtime.data.schema import data_option

@@ -20,7 +20,7 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
-from runtime.data.errors import DataError
+from runtime.errors import DataError
 from runtime.data.chat_source import build_chat_source
 from runtime.data.packing import Document, window_batch
 from runtime.data.prefetch import Prefetcher

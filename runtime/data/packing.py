@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from runtime.data.errors import DataError
+from runtime.errors import DataError
 
 
 @dataclass

@@ -34,7 +34,7 @@ import numpy as np
 
 from runtime.atomic_dir import make_temp_dir
 from runtime.checksums import check_checksums, check_sizes, describe_files, valid_records
-from runtime.data.errors import DataError
+from runtime.errors import DataError
 from runtime.data.packing import Document
 from runtime.data.readers import line_start
 

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.checksums import check_checksums, check_sizes, files_for_rank, valid_records
-from runtime.data.errors import DataError, DataFileNotFoundError
+from runtime.errors import DataError, DataFileNotFoundError
 from runtime.data.sources import permutation
 
 FORMAT = "gptoss-runtime-prepared"

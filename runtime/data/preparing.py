@@ -44,7 +44,7 @@ import numpy as np
 
 from runtime.atomic_dir import make_temp_dir
 from runtime.checksums import describe_files
-from runtime.data.errors import DataError
+from runtime.errors import DataError
 from runtime.data.prepare_parts import (DEFAULT_PART_BYTES, check_part, ensure_plan, make_plan,
                                         part_name, read_part, write_part)
 from runtime.data.prepared import (DEFAULT_FILE_TOKENS, FORMAT, VERSION, tokenizer_info)

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from runtime.data.errors import DataDependencyError, DataError, DataFileNotFoundError
+from runtime.errors import DataDependencyError, DataError, DataFileNotFoundError
 
 COMPRESSED = (".gz", ".zst")
 JSON_SUFFIXES = tuple(f"{s}{c}" for s in (".jsonl", ".json") for c in ("", *COMPRESSED))

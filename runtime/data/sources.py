@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from runtime.data.errors import DataDependencyError, DataError, DataFileNotFoundError
+from runtime.errors import DataDependencyError, DataError, DataFileNotFoundError
 from runtime.data.packing import Document, PackedStream, TextEncoder
 from runtime.data.readers import read_docs, resolve_files, splittable, text_of
 from runtime.data.schema import DataConfig, data_option

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 
-from runtime.data.errors import DataError
+from runtime.errors import DataError
 from runtime.data.sources import DocumentSource
 
 SIDES = ("train", "validation")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from runtime.data.errors import DataError, DataFileNotFoundError
+from runtime.errors import DataError, DataFileNotFoundError
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_TOKENIZER = ASSETS_DIR / "tokenizer.json"

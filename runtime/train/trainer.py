@@ -27,7 +27,7 @@ from runtime.data import Tokenizer, build_dataloader, split_microbatches
 from runtime.data.loader import validation_data_config
 from runtime.data.schema import data_option
 from runtime.data.sources import source_kind
-from runtime.data.validate import check_data
+from runtime.data.input_check import check_data
 from runtime.errors import (EXIT_DISK_FULL, ConfigError, DiskFullError, one_line,
                             report_config_error)
 from runtime.hf import load_hf_into
@@ -50,11 +50,11 @@ from runtime.train.metrics import MetricsLogger
 from runtime.train.optim import build_lr_scheduler, build_optimizer
 from runtime.train.job import step_batch
 from runtime.train.memory_plan import check_memory
-from runtime.train.handback import check_export_target, check_lora_export, save_last_in_hf
+from runtime.train.hf_export import check_export_target, check_lora_export, save_last_in_hf
 from runtime.train.profiling import StepProfiler
 from runtime.train.runner import LocalRunner, materialize
 from runtime.train.slurm_env import setup_distributed_env
-from runtime.train.validate import Validator
+from runtime.train.validation_loss import Validator
 from runtime.train.wandb_logger import WandbLogger, require_wandb
 
 

@@ -139,7 +139,7 @@ def test_lora_settings_a_resume_cannot_honour(lora_run, base, tmp_path, change, 
 @pytest.fixture(scope="module")
 def exported(lora_run, base, tmp_path_factory):
     """The trained LoRA model (resumed at step 4) and its hand-back in each lora.export mode."""
-    from runtime.train.handback import save_last_in_hf
+    from runtime.train.hf_export import save_last_in_hf
 
     folder = copy_run(lora_run, tmp_path_factory.mktemp("export") / "run")
     trainer = make_trainer(folder, *LORA, f"--checkpoint.initial_load_hf={base / 'fp32'}",
@@ -217,7 +217,7 @@ def test_merged_export_has_our_logits_in_transformers(exported, ours):
 def test_an_export_this_run_cannot_write_is_a_config_error(extra, pp, named):
     from runtime.errors import ConfigError
     from runtime.train.config import load_config
-    from runtime.train.handback import check_lora_export
+    from runtime.train.hf_export import check_lora_export
 
     cfg = load_config(None, ["--model.flavor=tiny", "--lora.enable=true",
                              "--checkpoint.last_save_in_hf=true", *extra])

@@ -712,7 +712,7 @@ def test_prepare_and_bench_commands(tmp_path):
 
 def test_prepared_data_refuses_another_tokenizer(tmp_path):
     from runtime.data import Tokenizer
-    from runtime.data.errors import DataError
+    from runtime.errors import DataError
     from runtime.data.prepared import PreparedDataset
     from runtime.data.preparing import prepare
 
@@ -730,7 +730,7 @@ def test_prepared_data_refuses_another_tokenizer(tmp_path):
 
 def test_embedded_cache_unwritable(tmp_path, monkeypatch):
     from runtime.data import Tokenizer
-    from runtime.data.errors import DataError
+    from runtime.errors import DataError
 
     blocked = tmp_path / "a_file"
     blocked.write_text("folders cannot be made under a file, even by root")
@@ -777,7 +777,7 @@ def test_damaged_prepared_data_is_one_line_exit_2(tmp_path):
     import subprocess
 
     from runtime.data import Tokenizer
-    from runtime.data.errors import DataError
+    from runtime.errors import DataError
     from runtime.data.prepared import PreparedDataset
     from runtime.data.preparing import prepare
 

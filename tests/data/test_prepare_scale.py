@@ -134,7 +134,7 @@ def test_a_killed_worker_resumes_from_its_finished_parts(inputs, tok, one_proces
 
 
 def test_a_plan_of_other_inputs_is_refused(inputs, tok, tmp_path, monkeypatch):
-    from runtime.data.errors import DataError
+    from runtime.errors import DataError
 
     files = [tmp_path / "a.jsonl"]
     shutil.copy(inputs["big"][0], files[0])
@@ -151,7 +151,7 @@ def test_a_plan_of_other_inputs_is_refused(inputs, tok, tmp_path, monkeypatch):
 def test_shards_then_finalize_equal_one_process(inputs, tok, one_process, tmp_path):
     """--shard i/n writes parts i, i + n, ...; finalize refuses while a shard is missing (one
     line naming the parts), then publishes the bytes one process writes."""
-    from runtime.data.errors import DataError
+    from runtime.errors import DataError
     from runtime.data.preparing import finalize, plan_of
 
     out = tmp_path / "out"

@@ -16,7 +16,7 @@ from runtime.data.chat_records import parse_record
 from runtime.data.chat_template import HarmonyRenderer
 from runtime.data.tokenizer import EMBEDDED_TOKENIZER, Tokenizer
 from runtime.hf import save_hf
-from runtime.hf.handback import write_tokenizer_files
+from runtime.hf.tokenizer_files import write_tokenizer_files
 
 transformers = pytest.importorskip("transformers")
 

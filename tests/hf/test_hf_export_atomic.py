@@ -12,7 +12,7 @@ import pytest
 from checkpoint_helpers import error_lines, make_trainer, run_job
 
 from runtime import atomic_dir
-from runtime.train import handback
+from runtime.train import hf_export
 
 HF = ["--checkpoint.last_save_in_hf=true", "--checkpoint.last_save_hf_dtype=float32"]
 
@@ -89,7 +89,7 @@ def test_a_kill_between_the_renames_is_undone_at_start(tmp_path, monkeypatch):
         atomic_dir.replace_dir(tmp, hf)
     monkeypatch.setattr(os, "rename", real_rename)
     assert not hf.exists()
-    handback.check_export_target(str(tmp_path), rank=0)
+    hf_export.check_export_target(str(tmp_path), rank=0)
     assert (hf / "config.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.glob(".hf*")) == []
 

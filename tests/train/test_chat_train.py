@@ -96,8 +96,8 @@ def test_validation_says_what_it_measures_and_caps_steps_at_one_pass(tmp_path, m
     from chat_conversations import CONVERSATIONS
     from runtime.data import Tokenizer
     from runtime.train.config import load_config
-    from runtime.train import validate
-    from runtime.train.validate import Validator
+    from runtime.train import validation_loss
+    from runtime.train.validation_loss import Validator
 
     # 104, 149 and 185 tokens: one conversation per 200-token window.
     rows = [CONVERSATIONS[k] for k in ("single_turn", "system_and_thinking", "multi_turn")]
@@ -126,7 +126,7 @@ def test_validation_says_what_it_measures_and_caps_steps_at_one_pass(tmp_path, m
     assert validator(-1, 1).steps == 3 and len(lines) == 1
     assert "3 conversations, " in lines[0] and "(one pass over the held-out set)" in lines[0]
     # A long read logs progress (every PROGRESS_EVERY_S seconds; here every batch).
-    monkeypatch.setattr(validate, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(validation_loss, "PROGRESS_EVERY_S", 0.0)
     assert validator(2, 1).steps == 2
     assert [re.sub(r"\(\d+ s\)$", "(N s)", line) for line in lines[:2]] == [
         f"validation: reading the held-out set: {k}/2 global batches (N s)" for k in (1, 2)], lines

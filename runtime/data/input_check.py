@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from itertools import islice
 
-from runtime.data.errors import DataError
+from runtime.errors import DataError
 from runtime.data.loader import open_source
 from runtime.data.prepared import PreparedDataset
 from runtime.data.sources import DocumentSource, FileSource

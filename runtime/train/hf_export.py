@@ -6,7 +6,7 @@ rank gathers the full tensors one at a time, rank 0 writes) in
 `checkpoint.last_save_hf_dtype`, experts dense or MXFP4 (`last_save_hf_experts`). Under
 pipeline parallelism no rank holds every stage, so rank 0 converts the final DCP checkpoint
 (saved synchronously at the last step) instead. Then rank 0 adds the tokenizer files and
-chat template (`runtime.hf.handback.write_tokenizer_files`).
+chat template (`runtime.hf.tokenizer_files.write_tokenizer_files`).
 
 The export is written into a temporary sibling (`<dump_folder>/.hf.tmp-*`) and renamed to
 `hf/` only when complete (runtime/atomic_dir.py: an older export is swapped out in one step),
@@ -37,7 +37,7 @@ from runtime.errors import ConfigError
 from runtime.hf import save_hf
 from runtime.hf.adapter import ADAPTER_DIR, write_adapter
 from runtime.hf.convert import dcp_to_hf, read_dcp_model_entries
-from runtime.hf.handback import write_tokenizer_files
+from runtime.hf.tokenizer_files import write_tokenizer_files
 from runtime.hf.keymap import RUNTIME_ONLY, canonical_runtime_key
 from runtime.model.lora_spec import is_lora_name
 from runtime.safe_dcp import dcp_load
