@@ -1,6 +1,7 @@
-"""The [data] keys, one schema: `DataConfig` IS the job config's [data] section.
+"""The [data] and [validation] keys, one schema each: `DataConfig` IS the job config's [data]
+section and `ValidationConfig` its [validation] section.
 
-The trainer's config (runtime/train/config_schema.py) lists `DataConfig` as its `data` section:
+The trainer's config (runtime/train/config_schema.py) lists them as its sections:
 each field's `choices` / `check` / `help` metadata is what the config loader validates and
 prints in --help, and `problems()` holds the rules that involve several [data] keys. The data
 package reads the same names from a DataConfig, a dict or any object (`data_option`), so
@@ -9,9 +10,18 @@ library callers and tests need no config. Pure Python: importing it never import
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
+
+from runtime.config_fields import (
+    auto_or_positive,
+    date_or_empty,
+    non_empty,
+    non_negative,
+    option,
+    positive,
+    unit_interval,
+)
 
 DATASETS = ("embedded", "path", "hf", "chat", "prepared")
 LOSS_ON = ("last_assistant", "last_user_turn", "all_assistant", "all")
@@ -19,81 +29,55 @@ CHAT_OVERFLOW = ("cut_turns", "truncate", "drop")
 PACKING = ("sequential", "best_fit")
 
 
-def _key(default, *, choices=None, check: Callable | None = None, help: str = ""):
-    """A [data] key: the config schema's field convention (allowed values or a check that
-    returns None when fine, else a phrase such as "must be > 0")."""
-    return field(default=default, metadata={"choices": choices, "check": check, "help": help})
-
-
-def _non_empty(v):
-    return None if v else "must not be empty"
-
-
-def _non_negative(v):
-    return None if v >= 0 else "must be >= 0"
-
-
-def _positive(v):
-    return None if v > 0 else "must be > 0"
-
-
-def _fraction(v):
-    return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
-
-
-def _date_or_empty(v):
-    return None if not v or re.fullmatch(r"\d{4}-\d{2}-\d{2}", v) else "must be YYYY-MM-DD or ''"
-
-
 @dataclass
 class DataConfig:
-    dataset: str = _key("embedded", choices=DATASETS,
+    dataset: str = option("embedded", choices=DATASETS,
                         help="embedded sample text | local files | HF datasets | chat JSONL "
                              "(dataset_path / hf_dataset; neither: the embedded chat sample) | "
                              "prepared (dataset_path: a folder of `python -m runtime.data "
                              "prepare`)")
-    dataset_path: str = _key("", help="file, directory or glob of .jsonl/.json/.parquet/.txt "
+    dataset_path: str = option("", help="file, directory or glob of .jsonl/.json/.parquet/.txt "
                                       "(a prepared folder for dataset = 'prepared')")
-    text_key: str = _key("text", check=_non_empty, help="field holding the text in records")
-    hf_dataset: str = _key("", help="HF datasets name, local path or save_to_disk folder "
+    text_key: str = option("text", check=non_empty, help="field holding the text in records")
+    hf_dataset: str = option("", help="HF datasets name, local path or save_to_disk folder "
                                        "(data.dataset = 'hf' or 'chat')")
-    hf_config: str = _key("", help="HF dataset config name ('' = its default)")
-    hf_split: str = _key("train", check=_non_empty, help="HF split")
-    hf_streaming: bool = _key(True, help="stream instead of downloading the whole dataset")
-    document_mask: bool = _key(True, help="packed documents do not attend to each other")
-    shuffle: bool = _key(False, help="a new document order each epoch, seeded by shuffle_seed: "
+    hf_config: str = option("", help="HF dataset config name ('' = its default)")
+    hf_split: str = option("train", check=non_empty, help="HF split")
+    hf_streaming: bool = option(True, help="stream instead of downloading the whole dataset")
+    document_mask: bool = option(True, help="packed documents do not attend to each other")
+    shuffle: bool = option(False, help="a new document order each epoch, seeded by shuffle_seed: "
                                      "shards (files) permuted, then the records inside each")
-    shuffle_seed: int = _key(0, check=_non_negative,
+    shuffle_seed: int = option(0, check=non_negative,
                              help="seed of data.shuffle (same seed: same order, exact resume)")
-    shuffle_buffer: int = _key(10000, check=_positive,
+    shuffle_buffer: int = option(10000, check=positive,
                                help="HF streaming: documents in the shuffle buffer")
-    tokenize_batch_docs: int = _key(64, check=_positive,
+    tokenize_batch_docs: int = option(64, check=positive,
                                     help="streamed sources: documents per tokenizer call")
-    prefetch: int = _key(2, check=_non_negative,
+    prefetch: int = option(2, check=non_negative,
                          help="batches prepared ahead on a background thread; 0 = on the "
                               "training thread")
-    cache_dir: str = _key("", help="where the embedded corpus is prepared on first use; '' = "
+    cache_dir: str = option("", help="where the embedded corpus is prepared on first use; '' = "
                                    "$XDG_CACHE_HOME/gptoss-runtime/data (~/.cache/...)")
     # chat data (dataset = "chat"; runtime.data.chat_source)
-    loss_on: str = _key("last_assistant", choices=LOSS_ON,
+    loss_on: str = option("last_assistant", choices=LOSS_ON,
                         help="chat: which tokens are trained (the rest are IGNORE_INDEX)")
-    chat_overflow: str = _key("cut_turns", choices=CHAT_OVERFLOW,
+    chat_overflow: str = option("cut_turns", choices=CHAT_OVERFLOW,
                               help="chat: a conversation longer than training.seq_len: earlier "
                                    "turns cut from the left (system/developer kept) | its "
                                    "first seq_len tokens | dropped; one that would train no "
                                    "token is always dropped")
-    max_dropped_fraction: float = _key(0.5, check=_fraction,
+    max_dropped_fraction: float = option(0.5, check=unit_interval,
                                        help="chat: stop (exit 2) when more than this share of "
                                             "the conversations seen is dropped (checked from "
                                             "100 seen or one epoch); 1 = never")
-    pack: str = _key("sequential", choices=PACKING,
+    pack: str = option("sequential", choices=PACKING,
                      help="chat: windows filled in order, or best fit (the longest that fits "
                           "among the next pack_buffer conversations)")
-    pack_buffer: int = _key(64, check=_positive,
+    pack_buffer: int = option(64, check=positive,
                             help="chat, pack = 'best_fit': conversations looked ahead")
-    chat_template: str = _key("", help="chat: a .jinja template file; '' = the tokenizer dir's "
+    chat_template: str = option("", help="chat: a .jinja template file; '' = the tokenizer dir's "
                                        "chat template, else the built-in harmony renderer")
-    chat_date: str = _key("", check=_date_or_empty,
+    chat_date: str = option("", check=date_or_empty,
                           help="chat: YYYY-MM-DD shown as the system message's date; '' = today")
 
     def problems(self, name: Callable[[str], str] = lambda k: f"data.{k}") -> Iterator[tuple[str, str]]:
@@ -126,19 +110,26 @@ def data_option(cfg, name: str):
     return getattr(cfg, name, default)
 
 
+VALIDATION_DATASETS = ("", "embedded", "path", "hf", "chat")
+
+
 @dataclass
 class ValidationConfig:
-    """The [validation] keys (torchtitan's enable/freq/steps, plus where the held-out data is)."""
+    """The [validation] keys (torchtitan's enable/freq/steps, plus where the held-out data is);
+    the job config's [validation] section is this class."""
 
-    enable: bool = False
-    freq: int = 100  # evaluate every `freq` steps (and after the last one)
-    steps: int = 10  # batches of the global batch size per evaluation (-1: the whole source once)
-    split_fraction: float = 0.0  # > 0: this fraction of the training source (content hash)
-    dataset: str = ""  # a held-out source ("" keeps the training kind) ...
-    dataset_path: str | list[str] = ""
-    hf_dataset: str = ""
-    hf_config: str = ""
-    hf_split: str = "validation"
+    enable: bool = option(False, help="log validation_loss on held-out data")
+    freq: int = option(100, check=positive, help="steps between evaluations (and after the last)")
+    steps: int = option(10, check=auto_or_positive,
+                        help="global batches per evaluation; -1: the whole held-out set once")
+    split_fraction: float = option(0.0, check=unit_interval,
+                                   help=">0: hold out this fraction of the training data "
+                                        "(by content hash) instead of a separate source")
+    dataset: str = option("", choices=VALIDATION_DATASETS, help="'' = the training data's kind")
+    dataset_path: str = option("", help="held-out files (as data.dataset_path)")
+    hf_dataset: str = option("", help="held-out HF dataset (default: the training one)")
+    hf_config: str = option("", help="HF config of the held-out dataset ('' = its default)")
+    hf_split: str = option("validation", check=non_empty, help="HF split of the held-out data")
 
 
 def validation_option(cfg, name: str):

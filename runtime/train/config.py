@@ -30,6 +30,7 @@ from runtime.train.config_schema import (
     ProfilingSection,
     QuantizeSection,
     TrainingSection,
+    ValidationSection,
     validate_config,
 )
 
@@ -37,6 +38,6 @@ __all__ = [
     "SECTIONS", "ActivationCheckpointSection", "CheckpointSection", "CompileSection",
     "ConfigError", "DataSection", "JobConfig", "JobSection", "LoRASection", "LRSchedulerSection",
     "MetricsSection", "ModelSection", "OptimizerSection", "ParallelismSection", "ProfilingSection",
-    "QuantizeSection", "TrainingSection", "build_parser", "config_from_dict", "load_config",
-    "parallel_dims", "parse_args", "validate_config", "validate_job",
+    "QuantizeSection", "TrainingSection", "ValidationSection", "build_parser", "config_from_dict",
+    "load_config", "parallel_dims", "parse_args", "validate_config", "validate_job",
 ]

@@ -22,7 +22,7 @@ PAGE = Path(__file__).resolve().parents[2] / "docs" / "config-reference.md"
 _HEADER = """\
 # Config reference
 
-Generated from `runtime/train/config_schema.py` (and `runtime/data/schema.py` for `[data]`) by
+Generated from `runtime/train/config_schema.py` (and `runtime/data/schema.py` for `[data]` and `[validation]`) by
 `python -m runtime.train.config_reference`; do not edit by hand (`tests/docs/test_docs.py` fails
 when this page is stale). `python -m runtime.train --help` prints the same keys.
 

@@ -1,6 +1,6 @@
 """The config schema: one dataclass per TOML section, each field with its rule, and `JobConfig`.
 
-A field is `_opt(default, choices=..., check=...)`; `validate_config` applies every field's rule
+A field is `option(default, choices=..., check=...)`; `validate_config` applies every field's rule
 and then the rules that involve several keys (`_cross_check`). Errors name the key and where its
 value came from (`Origins`: the file, or `--section.key` on the command line). Pure Python, no
 torch. Reading TOML and command lines is loader.py's job.
@@ -9,51 +9,30 @@ torch. Reading TOML and command lines is loader.py's job.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from runtime.data.schema import DataConfig
+from runtime.config_fields import (
+    auto_or_positive,
+    degree,
+    half_open_unit,
+    non_empty,
+    non_negative,
+    option,
+    positive,
+    subset,
+    unit_interval,
+)
+from runtime.data.schema import DataConfig, ValidationConfig
 from runtime.errors import ConfigError
 from runtime.model.args import ATTN_BACKENDS, COMPUTE_DTYPES, FLAVORS, MOE_IMPLS, ModelArgs
 from runtime.model.lora_spec import DEFAULT_TARGETS, TRAINABLE_EXTRA, LoRASpec, resolve_spec
 
 # --------------------------------------------------------------------------- field rules
-# Each option is a dataclass field whose metadata carries its allowed values or a check.
-# A check returns None when the value is fine, else a phrase such as "must be > 0".
-
-def _opt(default: Any, *, choices: Any = None, check: Callable | None = None, help: str = ""):
-    meta = {"choices": choices, "check": check, "help": help}
-    if isinstance(default, list):
-        return field(default_factory=functools.partial(list, default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _positive(v):
-    return None if v > 0 else "must be > 0"
-
-
-def _non_negative(v):
-    return None if v >= 0 else "must be >= 0"
-
-
-def _unit_interval(v):
-    return None if 0 <= v <= 1 else "must be in [0, 1]"
-
-
-def _beta(v):
-    return None if 0 <= v < 1 else "must be in [0, 1)"
-
-
-def _non_empty(v):
-    return None if v else "must not be empty"
-
-
-def _degree(v):
-    return None if v >= 1 else "must be >= 1"
-
+# The field convention and the common checks are runtime/config_fields.py's (shared with
+# data/schema.py); the checks below are this file's own keys'.
 
 def _shard_degree(v):
     return None if v == -1 or v >= 1 else "must be -1 (infer from the world size) or >= 1"
@@ -64,10 +43,6 @@ def _global_batch(v):
     return None if ok else "must be -1 (local_batch_size x data-parallel degree) or > 0"
 
 
-def _auto_or_positive(v):
-    return None if v == -1 or v >= 1 else "must be -1 (auto) or >= 1"
-
-
 def _load_step(v):
     return None if v >= -1 else "must be -1 (latest) or >= 0"
 
@@ -75,13 +50,6 @@ def _load_step(v):
 def _selective_ac(v):
     ok = v == "op" or (v.isdigit() and int(v) > 0)
     return None if ok else "must be 'op' or a positive integer N (checkpoint every N-th layer)"
-
-
-def _subset(allowed: tuple[str, ...]):
-    def check(v):
-        bad = [x for x in v if x not in allowed]
-        return f"entries must be in {list(allowed)}" if bad else None
-    return check
 
 
 NO_DECAY_GROUPS = ("norms", "biases", "sinks", "embeddings")
@@ -95,24 +63,24 @@ PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZB
 
 @dataclass
 class JobSection:
-    dump_folder: str = _opt("./outputs", check=_non_empty, help="root of all outputs of the run")
-    description: str = _opt("", help="free text, logged at start")
+    dump_folder: str = option("./outputs", check=non_empty, help="root of all outputs of the run")
+    description: str = option("", help="free text, logged at start")
 
 
 @dataclass
 class ModelSection:
-    name: str = _opt("gpt_oss", choices=("gpt_oss",), help="model family")
-    flavor: str = _opt("debugmodel", choices=lambda: tuple(FLAVORS),
+    name: str = option("gpt_oss", choices=("gpt_oss",), help="model family")
+    flavor: str = option("debugmodel", choices=lambda: tuple(FLAVORS),
                        help="a key of runtime.model.args.FLAVORS")
-    n_layers: int = _opt(0, check=_non_negative, help="0: the flavor's; >0: reduced-layer runs")
-    attn_backend: str = _opt("auto", choices=ATTN_BACKENDS, help="auto: flex on CUDA, else math")
-    compute_dtype: str = _opt("auto", choices=COMPUTE_DTYPES,
+    n_layers: int = option(0, check=non_negative, help="0: the flavor's; >0: reduced-layer runs")
+    attn_backend: str = option("auto", choices=ATTN_BACKENDS, help="auto: flex on CUDA, else math")
+    compute_dtype: str = option("auto", choices=COMPUTE_DTYPES,
                               help="auto: bfloat16 on CUDA, else float32")
-    moe_impl: str = _opt("grouped", choices=MOE_IMPLS, help="grouped matmul or reference loop")
-    load_balance_coeff: float = _opt(1e-3, check=_non_negative,
+    moe_impl: str = option("grouped", choices=MOE_IMPLS, help="grouped matmul or reference loop")
+    load_balance_coeff: float = option(1e-3, check=non_negative,
                                      help="aux-loss-free expert-bias update rate; 0 disables")
-    aux_loss_coeff: float = _opt(0.0, check=_non_negative, help="auxiliary balance loss; 0 = off")
-    tokenizer_path: str = _opt("", help="'' = embedded; a tokenizer.json or an HF checkpoint dir")
+    aux_loss_coeff: float = option(0.0, check=non_negative, help="auxiliary balance loss; 0 = off")
+    tokenizer_path: str = option("", help="'' = embedded; a tokenizer.json or an HF checkpoint dir")
 
 
 # The [data] section is the data package's own schema (one owner for the data keys).
@@ -121,29 +89,29 @@ DataSection = DataConfig
 
 @dataclass
 class TrainingSection:
-    steps: int = _opt(100, check=_positive, help="optimizer steps")
-    seq_len: int = _opt(256, check=_positive, help="tokens per sample")
-    local_batch_size: int = _opt(8, check=_positive,
+    steps: int = option(100, check=positive, help="optimizer steps")
+    seq_len: int = option(256, check=positive, help="tokens per sample")
+    local_batch_size: int = option(8, check=positive,
                                  help="samples per data-parallel rank per micro-step")
-    global_batch_size: int = _opt(-1, check=_global_batch,
+    global_batch_size: int = option(-1, check=_global_batch,
                                   help="-1 = local x dp; a multiple -> gradient accumulation")
-    seed: int = _opt(0, check=_non_negative, help="parameter init and data seed")
-    max_norm: float = _opt(1.0, check=_non_negative, help="gradient clipping norm; 0 disables")
-    mixed_precision_param: str = _opt("bfloat16", choices=("bfloat16", "float32"),
+    seed: int = option(0, check=non_negative, help="parameter init and data seed")
+    max_norm: float = option(1.0, check=non_negative, help="gradient clipping norm; 0 disables")
+    mixed_precision_param: str = option("bfloat16", choices=("bfloat16", "float32"),
                                       help="FSDP compute dtype of parameters")
-    mixed_precision_reduce: str = _opt("float32", choices=("float32", "bfloat16"),
+    mixed_precision_reduce: str = option("float32", choices=("float32", "bfloat16"),
                                        help="gradient reduce-scatter dtype")
-    device: str = _opt("auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available")
-    on_nonfinite: str = _opt("error", choices=("error", "skip"),
+    device: str = option("auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available")
+    on_nonfinite: str = option("error", choices=("error", "skip"),
                              help="on a NaN/inf loss or grad norm: stop, or skip the step")
-    max_skipped_steps: int = _opt(3, check=_non_negative,
+    max_skipped_steps: int = option(3, check=non_negative,
                                   help="on_nonfinite='skip': steps skipped over the whole run "
                                        "(resumes included) before the run stops with exit 2")
-    deterministic: bool = _opt(False, help="deterministic algorithms (slower)")
-    skip_memory_check: bool = _opt(False, help="start even when the memory estimate exceeds "
+    deterministic: bool = option(False, help="deterministic algorithms (slower)")
+    skip_memory_check: bool = option(False, help="start even when the memory estimate exceeds "
                                                "the device's (runtime/train/memory_plan.py); "
                                                "also --skip-memory-check")
-    loss_chunk_size: int = _opt(1024, check=_non_negative,
+    loss_chunk_size: int = option(1024, check=non_negative,
                                 help="tokens per chunk of the fused output head + cross entropy "
                                      "(never materialises all logits); 0 = plain logits path")
 
@@ -163,67 +131,67 @@ class TrainingSection:
 
 @dataclass
 class OptimizerSection:
-    name: str = _opt("AdamW", choices=("AdamW", "Adam"), help="torch.optim class")
-    lr: float = _opt(8e-4, check=_positive, help="peak learning rate")
-    beta1: float = _opt(0.9, check=_beta)
-    beta2: float = _opt(0.95, check=_beta)
-    eps: float = _opt(1e-8, check=_positive)
-    weight_decay: float = _opt(0.1, check=_non_negative)
-    no_decay: list = _opt(list(NO_DECAY_GROUPS), check=_subset(NO_DECAY_GROUPS),
+    name: str = option("AdamW", choices=("AdamW", "Adam"), help="torch.optim class")
+    lr: float = option(8e-4, check=positive, help="peak learning rate")
+    beta1: float = option(0.9, check=half_open_unit)
+    beta2: float = option(0.95, check=half_open_unit)
+    eps: float = option(1e-8, check=positive)
+    weight_decay: float = option(0.1, check=non_negative)
+    no_decay: list = option(list(NO_DECAY_GROUPS), check=subset(NO_DECAY_GROUPS),
                           help="parameter groups exempt from weight decay")
-    implementation: str = _opt("auto", choices=("auto", "fused", "foreach", "for-loop"),
+    implementation: str = option("auto", choices=("auto", "fused", "foreach", "for-loop"),
                                help="auto: fused on CUDA, foreach elsewhere")
 
 
 @dataclass
 class LRSchedulerSection:
-    warmup_steps: int = _opt(10, check=_non_negative, help="linear warmup (clamped to steps)")
-    decay_type: str = _opt("cosine", choices=("linear", "cosine", "wsd", "constant"))
-    decay_ratio: float = _opt(0.2, check=_unit_interval, help="wsd: fraction of steps decaying")
-    min_lr_factor: float = _opt(0.1, check=_unit_interval, help="final lr = lr x this")
+    warmup_steps: int = option(10, check=non_negative, help="linear warmup (clamped to steps)")
+    decay_type: str = option("cosine", choices=("linear", "cosine", "wsd", "constant"))
+    decay_ratio: float = option(0.2, check=unit_interval, help="wsd: fraction of steps decaying")
+    min_lr_factor: float = option(0.1, check=unit_interval, help="final lr = lr x this")
 
 
 @dataclass
 class ParallelismSection:
-    data_parallel_replicate_degree: int = _opt(1, check=_degree, help="DDP / HSDP replicas")
-    data_parallel_shard_degree: int = _opt(-1, check=_shard_degree, help="FSDP; -1 = the rest")
-    tensor_parallel_degree: int = _opt(1, check=_degree, help="TP + sequence parallel")
-    expert_parallel_degree: int = _opt(1, check=_degree,
+    data_parallel_replicate_degree: int = option(1, check=degree, help="DDP / HSDP replicas")
+    data_parallel_shard_degree: int = option(-1, check=_shard_degree, help="FSDP; -1 = the rest")
+    tensor_parallel_degree: int = option(1, check=degree, help="TP + sequence parallel")
+    expert_parallel_degree: int = option(1, check=degree,
                                        help="experts split over dp_shard x cp (x tp) ranks")
-    expert_tensor_parallel_degree: int = _opt(1, check=_degree, help="1 or tensor_parallel_degree")
-    context_parallel_degree: int = _opt(1, check=_degree, help="sequence split for attention")
-    context_parallel_load_balancer: str = _opt("headtail", choices=("headtail", "none"),
+    expert_tensor_parallel_degree: int = option(1, check=degree, help="1 or tensor_parallel_degree")
+    context_parallel_degree: int = option(1, check=degree, help="sequence split for attention")
+    context_parallel_load_balancer: str = option("headtail", choices=("headtail", "none"),
                                                help="headtail: causal-balanced chunks")
-    pipeline_parallel_degree: int = _opt(1, check=_degree)
-    pipeline_parallel_schedule: str = _opt("1F1B", choices=PP_SCHEDULES)
-    pipeline_parallel_microbatch_size: int = _opt(1, check=_positive)
-    pipeline_parallel_layers_per_stage: int = _opt(-1, check=_auto_or_positive,
+    pipeline_parallel_degree: int = option(1, check=degree)
+    pipeline_parallel_schedule: str = option("1F1B", choices=PP_SCHEDULES)
+    pipeline_parallel_microbatch_size: int = option(1, check=positive)
+    pipeline_parallel_layers_per_stage: int = option(-1, check=auto_or_positive,
                                                    help="-1: split layers evenly over stages")
-    pipeline_parallel_overlap_ep: bool = _opt(
+    pipeline_parallel_overlap_ep: bool = option(
         True, help="DualPipeV with EP: overlap all-to-alls with the other microbatch")
-    enable_async_tensor_parallel: bool = _opt(False, help="needs compile.enable and CUDA")
-    disable_loss_parallel: bool = _opt(False, help="gather logits before the loss under TP")
-    fsdp_reshard_after_forward: str = _opt("default", choices=("default", "always", "never"))
+    enable_async_tensor_parallel: bool = option(False, help="needs compile.enable and CUDA")
+    disable_loss_parallel: bool = option(False, help="gather logits before the loss under TP")
+    fsdp_reshard_after_forward: str = option("default", choices=("default", "always", "never"))
 
 
 @dataclass
 class CheckpointSection:
-    enable: bool = _opt(False)
-    folder: str = _opt("checkpoints", check=_non_empty, help="relative to job.dump_folder")
-    interval: int = _opt(500, check=_positive, help="steps between saves")
-    keep_latest_k: int = _opt(0, check=_non_negative, help="0 keeps all")
-    async_mode: str = _opt("disabled", choices=("disabled", "async"))
-    initial_load_hf: str = _opt("", help="HF checkpoint dir to start from (no saved step yet)")
-    initial_load_path: str = _opt("", help="DCP checkpoint dir to start from (no saved step yet)")
-    load_step: int = _opt(-1, check=_load_step, help="-1: latest")
-    last_save_in_hf: bool = _opt(False, help="after the last step, write the model as an HF "
+    enable: bool = option(False)
+    folder: str = option("checkpoints", check=non_empty, help="relative to job.dump_folder")
+    interval: int = option(500, check=positive, help="steps between saves")
+    keep_latest_k: int = option(0, check=non_negative, help="0 keeps all")
+    async_mode: str = option("disabled", choices=("disabled", "async"))
+    initial_load_hf: str = option("", help="HF checkpoint dir to start from (no saved step yet)")
+    initial_load_path: str = option("", help="DCP checkpoint dir to start from (no saved step yet)")
+    load_step: int = option(-1, check=_load_step, help="-1: latest")
+    last_save_in_hf: bool = option(False, help="after the last step, write the model as an HF "
                                              "checkpoint (+ tokenizer, chat template) in "
                                              "<dump_folder>/hf/")
-    last_save_hf_dtype: str = _opt("bfloat16", choices=("bfloat16", "float16", "float32"),
+    last_save_hf_dtype: str = option("bfloat16", choices=("bfloat16", "float16", "float32"),
                                    help="dtype of the HF export")
-    last_save_hf_experts: str = _opt("dense", choices=("dense", "mxfp4"),
+    last_save_hf_experts: str = option("dense", choices=("dense", "mxfp4"),
                                      help="experts of the HF export: dense or MXFP4 as released")
-    exclude_from_loading: list = _opt([], check=_subset(CHECKPOINT_PARTS),
+    exclude_from_loading: list = option([], check=subset(CHECKPOINT_PARTS),
                                       help="resume parts taken from this config instead: "
                                            "lr_scheduler (optimizer.lr + [lr_scheduler] at the "
                                            "resumed step), optimizer (fresh state), "
@@ -232,92 +200,75 @@ class CheckpointSection:
 
 @dataclass
 class ActivationCheckpointSection:
-    mode: str = _opt("none", choices=("none", "full", "selective"))
-    selective_ac_option: str = _opt("op", check=_selective_ac, help="'op' or every N-th layer")
+    mode: str = option("none", choices=("none", "full", "selective"))
+    selective_ac_option: str = option("op", check=_selective_ac, help="'op' or every N-th layer")
 
 
 @dataclass
 class CompileSection:
-    enable: bool = _opt(False, help="torch.compile each transformer block")
-    components: list = _opt(list(COMPILE_COMPONENTS), check=_subset(COMPILE_COMPONENTS))
+    enable: bool = option(False, help="torch.compile each transformer block")
+    components: list = option(list(COMPILE_COMPONENTS), check=subset(COMPILE_COMPONENTS))
 
 
 @dataclass
 class QuantizeSection:
-    mode: str = _opt("none", choices=("none", "float8", "mxfp8"), help="mxfp8: Blackwell only")
-    float8_recipe: str = _opt("tensorwise", choices=("tensorwise", "rowwise"))
-    emulate: bool = _opt(False, help="emulated float8 (tests on hardware without it)")
-    filter_fqns: list = _opt(["output", "router"], help="linears left in high precision")
-    enable_fsdp_float8_all_gather: bool = _opt(False, help="tensorwise only")
+    mode: str = option("none", choices=("none", "float8", "mxfp8"), help="mxfp8: Blackwell only")
+    float8_recipe: str = option("tensorwise", choices=("tensorwise", "rowwise"))
+    emulate: bool = option(False, help="emulated float8 (tests on hardware without it)")
+    filter_fqns: list = option(["output", "router"], help="linears left in high precision")
+    enable_fsdp_float8_all_gather: bool = option(False, help="tensorwise only")
 
 
 @dataclass
 class MetricsSection:
-    log_freq: int = _opt(1, check=_positive, help="steps between log lines")
-    enable_jsonl: bool = _opt(True, help="write metrics.jsonl in dump_folder")
-    enable_tensorboard: bool = _opt(False)
-    save_tb_folder: str = _opt("tb", check=_non_empty, help="relative to job.dump_folder")
-    enable_wandb: bool = _opt(False, help="log to Weights & Biases (pip install '.[wandb]')")
-    wandb_project: str = _opt("", help="'' = $WANDB_PROJECT, else 'gptoss-runtime'")
-    wandb_run_name: str = _opt("", help="'' = $WANDB_NAME, else the Slurm job name-id, "
+    log_freq: int = option(1, check=positive, help="steps between log lines")
+    enable_jsonl: bool = option(True, help="write metrics.jsonl in dump_folder")
+    enable_tensorboard: bool = option(False)
+    save_tb_folder: str = option("tb", check=non_empty, help="relative to job.dump_folder")
+    enable_wandb: bool = option(False, help="log to Weights & Biases (pip install '.[wandb]')")
+    wandb_project: str = option("", help="'' = $WANDB_PROJECT, else 'gptoss-runtime'")
+    wandb_run_name: str = option("", help="'' = $WANDB_NAME, else the Slurm job name-id, "
                                         "else the dump folder's name")
-    wandb_mode: str = _opt("", choices=("", "online", "offline", "disabled"),
+    wandb_mode: str = option("", choices=("", "online", "offline", "disabled"),
                            help="'' = $WANDB_MODE (wandb's default: online)")
 
 
 @dataclass
 class ProfilingSection:
-    enable_profiling: bool = _opt(False, help="torch.profiler traces, every rank")
-    save_traces_folder: str = _opt("profile_traces", check=_non_empty,
+    enable_profiling: bool = option(False, help="torch.profiler traces, every rank")
+    save_traces_folder: str = option("profile_traces", check=non_empty,
                                    help="relative to job.dump_folder")
-    profile_freq: int = _opt(10, check=_positive,
+    profile_freq: int = option(10, check=positive,
                              help="steps per profiling cycle (traces, memory snapshots)")
-    profiler_warmup: int = _opt(3, check=_non_negative,
+    profiler_warmup: int = option(3, check=non_negative,
                                 help="steps traced but discarded before the active ones")
-    profiler_active: int = _opt(1, check=_positive, help="steps recorded per cycle")
-    enable_memory_snapshot: bool = _opt(False, help="CUDA allocator snapshots (and on OOM)")
-    save_memory_snapshot_folder: str = _opt("memory_snapshot", check=_non_empty,
+    profiler_active: int = option(1, check=positive, help="steps recorded per cycle")
+    enable_memory_snapshot: bool = option(False, help="CUDA allocator snapshots (and on OOM)")
+    save_memory_snapshot_folder: str = option("memory_snapshot", check=non_empty,
                                             help="relative to job.dump_folder")
 
 
-@dataclass
-class ValidationSection:
-    enable: bool = _opt(False, help="log validation_loss on held-out data")
-    freq: int = _opt(100, check=_positive, help="steps between evaluations (and after the last)")
-    steps: int = _opt(10, check=_auto_or_positive,
-                      help="global batches per evaluation; -1: the whole held-out set once")
-    split_fraction: float = _opt(0.0, check=_unit_interval,
-                                 help=">0: hold out this fraction of the training data "
-                                      "(by content hash) instead of a separate source")
-    dataset: str = _opt("", choices=("", "embedded", "path", "hf", "chat"),
-                        help="'' = the training data's kind")
-    dataset_path: str = _opt("", help="held-out files (as data.dataset_path)")
-    hf_dataset: str = _opt("", help="held-out HF dataset (default: the training one)")
-    hf_split: str = _opt("validation", check=_non_empty, help="HF split of the held-out data")
-
-
-def _dropout(v):
-    return None if 0 <= v < 1 else "must be in [0, 1)"
+ValidationSection = ValidationConfig  # one owner: runtime/data/schema.py
 
 
 @dataclass
 class LoRASection:
-    enable: bool = _opt(False, help="LoRA fine-tuning: frozen base (compute dtype), adapters "
+    enable: bool = option(False, help="LoRA fine-tuning: frozen base (compute dtype), adapters "
                                     "trained (runtime/model/lora.py)")
-    rank: int = _opt(16, check=_positive, help="adapter rank r")
-    alpha: float = _opt(32.0, check=_positive, help="scaling = alpha / r (rsLoRA: / sqrt(r))")
-    dropout: float = _opt(0.0, check=_dropout, help="on the adapters' input; attention "
+    rank: int = option(16, check=positive, help="adapter rank r")
+    alpha: float = option(32.0, check=positive, help="scaling = alpha / r (rsLoRA: / sqrt(r))")
+    dropout: float = option(0.0, check=half_open_unit, help="on the adapters' input; attention "
                                                     "targets only (0 with expert targets)")
-    targets: list = _opt(list(DEFAULT_TARGETS),
+    targets: list = option(list(DEFAULT_TARGETS),
                          help="q_proj k_proj v_proj o_proj experts.gate_up_proj "
                               "experts.down_proj all-linear (= the 4 attention projections), "
                               "or our names (wq ... mlp1 mlp2), as module-path suffixes")
-    layers: str = _opt("all", check=_non_empty,
+    layers: str = option("all", check=non_empty,
                        help="'all' or layer ids and ranges, e.g. '0-11,14'")
-    use_rslora: bool = _opt(False, help="scaling alpha / sqrt(r) instead of alpha / r")
-    trainable_extra: list = _opt([], check=_subset(TRAINABLE_EXTRA),
+    use_rslora: bool = option(False, help="scaling alpha / sqrt(r) instead of alpha / r")
+    trainable_extra: list = option([], check=subset(TRAINABLE_EXTRA),
                                  help="base groups trained in full as well")
-    export: str = _opt("both", choices=("adapter", "merged", "both"),
+    export: str = option("both", choices=("adapter", "merged", "both"),
                        help="with checkpoint.last_save_in_hf: <dump>/hf/adapter (PEFT), "
                             "<dump>/hf (merged HF checkpoint), or both")
 
