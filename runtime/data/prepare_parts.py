@@ -1,7 +1,8 @@
 """The parts of a `prepare`: the plan that cuts a source into parts, and one part written.
 
-A part is a run of records in source order: several small shards (files) together, or one
-byte range of a large plain `.jsonl` file (cut at line starts near every `part_bytes`). The
+A part is a run of records in source order: several small shards (files) together, one
+byte range of a large plain `.jsonl` file (cut at line starts near every `part_bytes`), or
+one row range of an HF dataset read by index (a save_to_disk folder, hf_streaming = false). The
 plan depends on the input and the settings only, never on the worker or node count, so any
 split of the work (`--workers`, `--shard i/n`, a resumed run) writes the same parts, and the
 finished folder is the same bytes.
@@ -36,14 +37,13 @@ from runtime.atomic_dir import make_temp_dir
 from runtime.checksums import check_checksums, check_sizes, describe_files, valid_records
 from runtime.errors import DataError
 from runtime.data.packing import Document
-from runtime.data.readers import line_start
 
 PLAN_FORMAT = "gptoss-runtime-prepare-plan"
 PLAN_VERSION = 1
 DEFAULT_PART_BYTES = 128 << 20  # of input: ~30M tokens of English text per part
 PART_ARRAYS = ("doc_offsets", "doc_record", "doc_index", "piece_docs")
 
-Piece = tuple  # (shard, lo, hi): hi == -1 is the whole shard, else the lines in bytes [lo, hi)
+Piece = tuple  # (shard, lo, hi): hi == -1 is the whole shard, else a range (runtime.data.sources)
 
 
 # ============================================================================ the plan
@@ -70,11 +70,10 @@ def plan_parts(source, part_bytes: int) -> tuple[list[list[Piece]], list[int]]:
             parts.append([(shard, 0, -1)])
             sizes.append(0)
             continue
-        size, path = known
-        if path is not None and size > part_bytes:
+        size, split = known
+        if split and size > part_bytes:
             close()
-            cuts = sorted({0, size, *(line_start(path, at)
-                                      for at in range(part_bytes, size, part_bytes))})
+            cuts = source.cut_points(shard, part_bytes)
             for lo, hi in zip(cuts, cuts[1:]):
                 parts.append([(shard, lo, hi)])
                 sizes.append(hi - lo)
@@ -90,6 +89,9 @@ def plan_parts(source, part_bytes: int) -> tuple[list[list[Piece]], list[int]]:
 def inputs_of(source) -> list:
     """What the plan was made from: each shard's file, size and mtime (else its name)."""
     files = getattr(source, "files", None)
+    if getattr(source, "saved", ""):  # a save_to_disk folder: its files
+        root = Path(source.dataset).expanduser()
+        files = sorted(p for p in root.rglob("*") if p.is_file())
     if files is None:
         return [source.name]
     out = []
@@ -189,18 +191,6 @@ class _PartWriter:
             (self.out / "trained.bin").unlink()
 
 
-def _count_lines(path: Path, lo: int, hi: int) -> int:
-    """Lines starting in [lo, hi) of a file (lo at a line start): the next range's first
-    record index in the file."""
-    n, last = 0, b"\n"
-    with open(path, "rb") as f:
-        f.seek(lo)
-        left = hi - lo
-        while left > 0 and (block := f.read(min(1 << 24, left))):
-            n, left, last = n + block.count(b"\n"), left - len(block), block[-1:]
-    return n + (last != b"\n")  # an unterminated last line
-
-
 def _fault(k: int) -> bool:
     return os.environ.get("GPTOSS_PREPARE_FAULT", "") == f"kill:{k}"
 
@@ -230,7 +220,7 @@ def _fill(tmp: Path, k: int, pieces: list[Piece], source, encode: Callable, dtyp
                     flush()
         if pending:
             flush()
-        lines = _count_lines(source.shard_size(shard)[1], lo, hi) if hi >= 0 else records
+        lines = source.range_length(shard, (lo, hi)) if hi >= 0 else records
         out.append({"shard": shard, "lo": lo, "hi": hi, "records": records, "lines": lines,
                     "docs": len(writer.record) - docs_before})
     writer.close()

@@ -190,6 +190,10 @@ class _Job:
             for future in cf.as_completed(futures):
                 yield futures[future], future.result()
         except cf.process.BrokenProcessPool:
+            # Python 3.11's executor then joins the surviving workers, which wait for work
+            # forever (3.12 terminates them): end them here, or shutdown hangs.
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
             raise PrepareStopped(
                 f"a prepare worker died (killed, or out of memory?); the finished parts are "
                 f"kept in {self.work}: run the same command again to resume") from None

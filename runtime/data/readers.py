@@ -8,9 +8,9 @@ directory (recursive), glob or list of them into the sorted file list a source r
 
 A plain `.jsonl` file can also be read in byte ranges (`byte_range=(lo, hi)`: the lines that
 start in [lo, hi), lo at a line start): `prepare` splits one large file over its workers and
-nodes that way (`splittable`, `line_start`). Indices are then lines within the range; an
-error still names the file's own line (`LineOf` counts the lines before the range only
-when the message is printed).
+nodes that way (`splittable`, `line_start`, `count_lines`). Indices are then lines within the
+range; an error still names the file's own line (`LineOf` counts the lines before the range
+only when the message is printed).
 """
 
 from __future__ import annotations
@@ -98,6 +98,18 @@ def line_start(path: Path, at: int) -> int:
         f.seek(at - 1)
         f.readline()  # the rest of the line holding byte at - 1 (only its newline at a line start)
         return f.tell()
+
+
+def count_lines(path: Path, lo: int, hi: int) -> int:
+    """Lines starting in [lo, hi) of a file (lo at a line start): the next range's first
+    record index in the file."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        f.seek(lo)
+        left = hi - lo
+        while left > 0 and (block := f.read(min(1 << 24, left))):
+            n, left, last = n + block.count(b"\n"), left - len(block), block[-1:]
+    return n + (last != b"\n")  # an unterminated last line
 
 
 class LineOf:

@@ -26,7 +26,8 @@ import numpy as np
 
 from runtime.errors import DataDependencyError, DataError, DataFileNotFoundError
 from runtime.data.packing import Document, PackedStream, TextEncoder
-from runtime.data.readers import read_docs, resolve_files, splittable, text_of
+from runtime.data.readers import (count_lines, line_start, read_docs, resolve_files,
+                                  splittable, text_of)
 from runtime.data.schema import DataConfig, data_option
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -69,14 +70,23 @@ class DocumentSource:
         """(index, item) of every record of natural shard `shard`, blank ones included."""
         raise NotImplementedError
 
-    def shard_size(self, shard: int) -> tuple[int, Path | None] | None:
-        """(bytes, the file when byte ranges of it can be read alone) of natural shard
-        `shard`, or None when unknown (not a local file): `prepare` plans its parts with it."""
+    def shard_size(self, shard: int) -> tuple[int, bool] | None:
+        """(bytes, whether ranges of it can be read alone) of natural shard `shard`, or None
+        when unknown (a streamed dataset): `prepare` plans its parts with it."""
         return None
 
-    def range_items(self, shard: int, byte_range: tuple[int, int]) -> Iterator[tuple[int, object]]:
-        """shard_items of the records in one byte range of a splittable shard, indexed
-        from 0 at the range's first line."""
+    def cut_points(self, shard: int, every: int) -> list[int]:
+        """Range bounds [0, ..., end] cutting a splittable shard about every `every` bytes
+        (a file: at line starts; a dataset: in rows)."""
+        raise NotImplementedError
+
+    def range_items(self, shard: int, bounds: tuple[int, int]) -> Iterator[tuple[int, object]]:
+        """shard_items of the records in one range of a splittable shard, indexed from 0 at
+        the range's first record."""
+        raise NotImplementedError
+
+    def range_length(self, shard: int, bounds: tuple[int, int]) -> int:
+        """Record indices one range covers (blank lines included): where the next starts."""
         raise NotImplementedError
 
     def encoder(self, tokenizer) -> Callable[[list], list[Document]]:
@@ -143,12 +153,20 @@ class FileSource(DocumentSource):
     def shard_items(self, shard: int) -> Iterator[tuple[int, object]]:
         return self.read(self.files[shard])
 
-    def shard_size(self, shard: int) -> tuple[int, Path | None]:
+    def shard_size(self, shard: int) -> tuple[int, bool]:
         path = self.files[shard]
-        return path.stat().st_size, path if splittable(path) else None
+        return path.stat().st_size, splittable(path)
 
-    def range_items(self, shard: int, byte_range: tuple[int, int]) -> Iterator[tuple[int, object]]:
-        return self.read(self.files[shard], 0, byte_range)
+    def cut_points(self, shard: int, every: int) -> list[int]:
+        path = self.files[shard]
+        size = path.stat().st_size
+        return sorted({0, size, *(line_start(path, at) for at in range(every, size, every))})
+
+    def range_items(self, shard: int, bounds: tuple[int, int]) -> Iterator[tuple[int, object]]:
+        return self.read(self.files[shard], 0, bounds)
+
+    def range_length(self, shard: int, bounds: tuple[int, int]) -> int:
+        return count_lines(self.files[shard], *bounds)
 
     def documents(self, epoch: int, shard: int, index: int) -> Iterator[tuple[int, int, object]]:
         order = self.shard_order(epoch)
@@ -259,6 +277,27 @@ class HFSource(DocumentSource):
     def shard_items(self, shard: int) -> Iterator[tuple[int, object]]:
         for i, example in enumerate(self._load()):
             yield i, self.item_of(example, f"{self.name} example {i}")
+
+    # A dataset read by index (a save_to_disk folder, or not streamed) is cut into row ranges
+    # for `prepare`'s workers; a streamed one is one part.
+    def shard_size(self, shard: int) -> tuple[int, bool] | None:
+        if self.streaming:
+            return None
+        return int(self._load().data.nbytes), True
+
+    def cut_points(self, shard: int, every: int) -> list[int]:
+        ds = self._load()
+        rows, nbytes = len(ds), max(int(ds.data.nbytes), 1)
+        step = max(1, rows * every // nbytes)
+        return sorted({0, rows, *range(step, rows, step)})
+
+    def range_items(self, shard: int, bounds: tuple[int, int]) -> Iterator[tuple[int, object]]:
+        lo, hi = bounds
+        for i, example in enumerate(self._load().select(range(lo, hi))):
+            yield i, self.item_of(example, f"{self.name} example {lo + i}")
+
+    def range_length(self, shard: int, bounds: tuple[int, int]) -> int:
+        return bounds[1] - bounds[0]
 
     def documents(self, epoch: int, shard: int, index: int) -> Iterator[tuple[int, int, object]]:
         ds = self._load()

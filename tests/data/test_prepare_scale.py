@@ -89,7 +89,8 @@ def test_workers_write_the_bytes_of_one_process(inputs, tok, one_process, tmp_pa
                     part_bytes=1 << 30)
     a, b = PreparedDataset(tmp_path / "w2"), PreparedDataset(tmp_path / "whole")
     assert len(whole["token_files"]) == 1
-    assert np.array_equal(a.tokens_at(np.arange(a.num_tokens)), b.tokens_at(np.arange(b.num_tokens)))
+    assert np.array_equal(a.tokens_at(np.arange(a.num_tokens)),
+                          b.tokens_at(np.arange(b.num_tokens)))
     for name in ("doc_offsets", "doc_record", "doc_index", "shard_records", "shard_docs"):
         assert np.array_equal(np.load(tmp_path / "w2" / f"{name}.npy"),
                               np.load(tmp_path / "whole" / f"{name}.npy")), name
@@ -195,3 +196,32 @@ def test_progress_lines():
     bar.close()
     assert tty.getvalue().startswith("\rprepare [############            ]  50% 1/2 parts")
     assert tty.getvalue().endswith("\n")
+
+
+def test_a_saved_dataset_is_cut_into_row_ranges(tok, tmp_path):
+    """A save_to_disk folder is read by index: its rows are cut into parts (workers split
+    it), the same bytes as one worker and the same stream and index as one part."""
+    datasets = pytest.importorskip("datasets")
+    from runtime.data.sources import HFSource
+
+    texts = _texts(200, seed=4)
+    texts[7] = " "  # a blank text: a record, no document
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+
+    def run(out, part_bytes, workers):
+        src = HFSource(str(tmp_path / "saved"))
+        return prepare(src, TextEncoder(tok), tmp_path / out, tok, part_bytes=part_bytes,
+                       workers=workers)
+
+    meta = run("w2", PART, 2)
+    run("w1", PART, 1)
+    run("whole", 1 << 30, 1)
+    assert len(meta["token_files"]) >= 4
+    assert _contents(tmp_path / "w2") == _contents(tmp_path / "w1")
+    a, b = PreparedDataset(tmp_path / "w2"), PreparedDataset(tmp_path / "whole")
+    assert np.array_equal(a.tokens_at(np.arange(a.num_tokens)),
+                          b.tokens_at(np.arange(b.num_tokens)))
+    for name in ("doc_offsets", "doc_record", "doc_index", "shard_records", "shard_docs"):
+        assert np.array_equal(np.load(tmp_path / "w2" / f"{name}.npy"),
+                              np.load(tmp_path / "whole" / f"{name}.npy")), name
+    assert int(np.load(tmp_path / "w2" / "shard_records.npy")[0]) == 200
