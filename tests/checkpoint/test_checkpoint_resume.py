@@ -11,7 +11,7 @@ import time
 
 import pytest
 from checkpoint_helpers import (ROOT, copy_run, error_lines, finished_run, job_command, make_trainer,
-                                metrics_steps, run_job)
+                                metrics_steps, run_job, run_job_ranks)
 
 from runtime.train.checkpoint import CheckpointError, find_latest_checkpoint
 from runtime.train.faults import NonFiniteLossError
@@ -229,26 +229,10 @@ def test_another_world_size_never_changes_the_global_batch_silently(saved, tmp_p
     (4 x 2) would double the batch. Two real ranks refuse before the model is built, with one
     line saying how to keep it or accept it; an explicit global_batch_size resumes, and the
     named exclude accepts the new batch with a warning."""
-    import os
-    import socket
-
     folder = copy_run(saved, tmp_path / "run")
-    with socket.socket() as s:  # a free port for the two ranks' rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in (0, 1):
-        cmd, env = job_command(folder, "--training.steps=6")
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [2, 2], outs
+    ranks = run_job_ranks(folder, "--training.steps=6")
+    outs = [(out, err) for _, out, err in ranks]
+    assert [code for code, _, _ in ranks] == [2, 2], outs
     want = (f"error: checkpoint {folder}/checkpoints/step-4: the checkpoint was trained with a "
             f"global batch of 4 sequences per step, this run's is 8 (training.global_batch_size "
             f"= -1: local_batch_size 4 x data-parallel degree 2); set "

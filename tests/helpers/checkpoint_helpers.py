@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,28 @@ def run_job(folder: Path, *extra: str, timeout: int = 300) -> subprocess.Complet
     """The real entry point in a fresh process (what Slurm runs)."""
     cmd, env = job_command(folder, *extra)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_job_ranks(folder: Path, *extra: str, world: int = 2,
+                  timeout: int = 300) -> list[tuple[int, str, str]]:
+    """The real entry point as `world` local ranks (what torchrun starts): (returncode, stdout,
+    stderr) per rank. A rank still running at the timeout is killed and the test fails there."""
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        cmd, env = job_command(folder, *extra)
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:

@@ -393,30 +393,15 @@ def test_two_real_ranks_after_the_check_save_every_shard(tmp_path):
     # The estimate runs in a forked child with more than one rank; the saved step must hold
     # every element of every sharded tensor exactly once.
     import math
-    import socket
 
-    from checkpoint_helpers import job_command
+    from checkpoint_helpers import run_job_ranks
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from runtime.safe_dcp import read_metadata_file
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in (0, 1):
-        cmd, env = job_command(tmp_path, "--training.steps=1", "--checkpoint.interval=1",
-                               "--checkpoint.enable=true")
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outs
+    ranks = run_job_ranks(tmp_path, "--training.steps=1", "--checkpoint.interval=1",
+                          "--checkpoint.enable=true")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks
     meta = read_metadata_file(tmp_path / "checkpoints" / "step-1" / ".metadata")
     sharded = 0
     for key, item in meta.state_dict_metadata.items():
