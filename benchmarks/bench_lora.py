@@ -77,7 +77,7 @@ def bench_steps(steps: int) -> dict:
         t = trainers[mode] = Trainer(cfg)
         data = iter(t.dataloader)
         batches[mode] = [next(data) for _ in range(steps)]
-        val[mode] = [t.validator.evaluate(t)["validation_loss"]]
+        val[mode] = [t.validation_metrics()["validation_loss"]]
         times[mode], losses[mode] = [], []
     for i in range(steps):  # interleaved: full, lora, full, lora, ...
         for mode, t in trainers.items():
@@ -87,7 +87,7 @@ def bench_steps(steps: int) -> dict:
             times[mode].append(time.perf_counter() - start)
             losses[mode].append(float(loss))
     for mode, t in trainers.items():
-        val[mode].append(t.validator.evaluate(t)["validation_loss"])
+        val[mode].append(t.validation_metrics()["validation_loss"])
     lora = trainers["lora"]
     trainable = sum(p.numel() for p in lora.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in lora.model.parameters())

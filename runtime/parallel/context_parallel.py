@@ -71,3 +71,13 @@ def apply_cp(model: nn.Module, cp_mesh, load_balancer: str) -> None:
     model.context_parallel = cp
     for block in model.layers.values():
         block.attention.context_parallel = cp
+
+
+def shard_batch(model: nn.Module, batch: dict, seq_len: int) -> dict:
+    """This rank's share of every sequence of a batch under context parallel (positions
+    travel along, so RoPE and masks stay right); the batch itself without CP. The train step
+    and validation both cut through here, so they see the same tokens."""
+    cp = model.context_parallel
+    if cp is None:
+        return batch
+    return {k: cp.shard(v, seq_len) for k, v in batch.items()}

@@ -264,6 +264,21 @@ class ParallelDims:
             warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
             return self._meshes["world"][name]
 
+    def group(self, name: str):
+        """The process group of a mesh dim or flattened view (e.g. "dp_cp": the ranks with
+        different tokens), or None when it holds one rank or no mesh was built (one process):
+        callers then skip the collective."""
+        if not self._meshes:
+            return None
+        mesh = self.get_mesh(name)
+        return mesh.get_group() if mesh.size() > 1 else None
+
+    def local_rank(self, name: str) -> int:
+        """This rank's index in a mesh dim or flattened view (0 without a mesh)."""
+        if not self._meshes:
+            return 0
+        return self.get_mesh(name).get_local_rank()
+
 
 def pipeline_num_stages(pp: int, schedule: str, n_layers: int, layers_per_stage: int = -1) -> int:
     """Total pipeline stages (pp x stages per rank) for a schedule; raises when impossible."""

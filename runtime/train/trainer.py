@@ -37,6 +37,7 @@ from runtime.model.lora_spec import is_lora_name
 from runtime.model.model import resolve_compute_dtype
 from runtime.model.loss import IGNORE_INDEX
 from runtime.model.moe import moe_layers, update_expert_bias
+from runtime.parallel.context_parallel import shard_batch
 from runtime.parallel.parallelize import parallelize
 from runtime.parallel.pipeline import PipelineParallel
 from runtime.parallel.quantize import after_optimizer_step
@@ -262,13 +263,15 @@ class Trainer:
         cfg = self.cfg
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
-        dp_rank = self._dp_rank()
+        dp_rank = self.dims.local_rank("dp")
         v = cfg.validation  # with split_fraction, the held-out conversations are never trained on
         self.dataloader = build_dataloader(
             cfg.data, self.tokenizer, cfg.training.seq_len, self.global_batch,
             dp_rank=dp_rank, dp_world_size=self.dims.dp, document_masking=cfg.data.document_mask,
             prefetch=cfg.data.prefetch, holdout=v.split_fraction if v.enable else 0.0)
-        self.validator = Validator(self) if v.enable else None
+        self.validator = Validator(
+            cfg, self.tokenizer, self.global_batch, dp_rank=dp_rank, dp_world_size=self.dims.dp,
+            log=self.log) if v.enable else None
         # Aux-loss gradients average over every forward of a step (pipeline microbatches too).
         forwards = self.grad_accum * self.runner.microbatches
         for moe in moe_layers(self.model):
@@ -292,42 +295,25 @@ class Trainer:
             sinks=[WandbLogger(self._wandb, cfg, cfg.job.dump_folder)]
             if self._wandb is not None and self.rank == 0 else [])
 
-    def _dp_rank(self) -> int:
-        if self.mesh is None or self.dims.dp == 1:
-            return 0
-        return self.dims.get_mesh("dp").get_local_rank()
-
-    def _token_group(self):
-        """All ranks that process different tokens (data parallel x context parallel): losses,
-        token counts and MoE load statistics are summed over it."""
-        if self.mesh is None or self.dims.dp * self.dims.cp == 1:
-            return None
-        return self.dims.get_mesh("dp_cp").get_group()
-
     def _routing_group(self):
-        """All ranks that route different tokens: the token group, and the TP ranks too when
-        EP borrows them (each TP rank then routes its own sequence shard)."""
-        if self.mesh is not None and self.dims.tp_in_ep > 1:
-            return self.dims.get_mesh("dp_cp_tp").get_group()
-        return self._token_group()
+        """All ranks that route different tokens: the token group (dp_cp), and the TP ranks
+        too when EP borrows them (each TP rank then routes its own sequence shard)."""
+        return self.dims.group("dp_cp_tp" if self.dims.tp_in_ep > 1 else "dp_cp")
+
+    def validation_metrics(self) -> dict:
+        """{"validation_loss", "validation_tokens"} of the held-out set (validation.enable)."""
+        return self.validator.evaluate(
+            self.runner, self.model, self.model_parts[0], optimizer=self.optimizer,
+            grad_accum=self.grad_accum, seq_len=self.cfg.training.seq_len,
+            token_group=self.dims.group("dp_cp"), device=self.device, log=self.log)
 
     # ------------------------------------------------------------------ one step
-    def eval_loss_sum(self, micro: dict) -> torch.Tensor:
-        """Summed token loss of a micro-batch without training on it (validation.py)."""
-        return self.runner.eval_loss_sum(micro)
-
-    def share_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
-        """The loss summed where it was computed (pipeline: the last stage) on every rank."""
-        return self.runner.share_loss(loss_sum)
-
     def train_step(self, batch: dict) -> tuple[float, float]:
         """One optimizer step's forward/backward on this rank's slice of the global batch, then
         clipping; returns (loss, grad_norm) where loss is the mean token loss over the whole
         global batch. Both are read in one transfer, the step's one host sync on one GPU: the
         non-finite policy must see them before the optimizer steps."""
-        if self.dims.cp > 1:  # this rank's share of every sequence (positions travel along)
-            cp = self.model_parts[0].context_parallel
-            batch = {k: cp.shard(v, self.cfg.training.seq_len) for k, v in batch.items()}
+        batch = shard_batch(self.model_parts[0], batch, self.cfg.training.seq_len)  # CP
         global_tokens = self._global_trained_tokens(batch)
         # Gradient reduction averages over the ranks that saw different tokens (dp x cp),
         # hence that factor: any mesh and any accumulation split give the same gradient.
@@ -342,8 +328,9 @@ class Trainer:
             last = i == len(micro_batches) - 1
             loss_sum += self.runner.forward_backward(micro, loss_scale, sync_grads=last)
         loss_sum = self.runner.share_loss(loss_sum)
-        if self._token_group() is not None:
-            dist.all_reduce(loss_sum, group=self._token_group())
+        token_group = self.dims.group("dp_cp")  # every rank with different tokens
+        if token_group is not None:
+            dist.all_reduce(loss_sum, group=token_group)
         loss, grad_norm = read_scalars(loss_sum / max(global_tokens, 1), self.clip_grad_norm_(),
                                        device=self.device)
         return loss, grad_norm
@@ -354,10 +341,11 @@ class Trainer:
         CPU); with data-parallel ranks one all-reduce, whose read is a host sync: the backward
         needs the normaliser as a number."""
         count = int((batch["labels"] != IGNORE_INDEX).sum())
-        if self._token_group() is None:
+        token_group = self.dims.group("dp_cp")
+        if token_group is None:
             return count
         total = torch.tensor(float(count), device=self.device)
-        dist.all_reduce(total, group=self._token_group())
+        dist.all_reduce(total, group=token_group)
         return int(total.item())
 
     def clip_grad_norm_(self) -> torch.Tensor:
@@ -435,7 +423,7 @@ class Trainer:
                 extras = {**self._moe_extras(), **self._data_extras()}
                 validate = self.validator is not None and self.validator.due(self.step, last_step)
                 if validate:
-                    extras.update(self.validator.evaluate(self))
+                    extras.update(self.validation_metrics())
                 self.metrics.log(self.step, loss, grad_norm, lr, extras,
                                  force=self.step == last_step or validate)
                 if validate:

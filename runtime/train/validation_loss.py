@@ -29,6 +29,7 @@ from runtime.data import build_dataloader, split_microbatches
 from runtime.data.loader import validation_data_config
 from runtime.model.loss import IGNORE_INDEX
 from runtime.model.moe import moe_layers
+from runtime.parallel.context_parallel import shard_batch
 
 
 PROGRESS_EVERY_S = 30.0  # a long read or evaluation logs where it is this often
@@ -50,31 +51,32 @@ class _Progress:
 
 
 class Validator:
-    def __init__(self, trainer):
-        cfg = trainer.cfg
+    def __init__(self, cfg, tokenizer, global_batch: int, *, dp_rank: int, dp_world_size: int,
+                 log):
         self.cfg = cfg.validation
+        self.log = log
         data_cfg, holdout = validation_data_config(cfg.validation, cfg.data)
 
         def make_loader():
             return build_dataloader(
-                data_cfg, trainer.tokenizer, cfg.training.seq_len, trainer.global_batch,
-                dp_rank=trainer._dp_rank(), dp_world_size=trainer.dims.dp,
+                data_cfg, tokenizer, cfg.training.seq_len, global_batch,
+                dp_rank=dp_rank, dp_world_size=dp_world_size,
                 document_masking=cfg.data.document_mask, split="validation", holdout=holdout)
 
         self._make_loader = make_loader
         census = build_dataloader(  # the global batches, the same on every rank
-            data_cfg, trainer.tokenizer, cfg.training.seq_len, trainer.global_batch,
+            data_cfg, tokenizer, cfg.training.seq_len, global_batch,
             document_masking=cfg.data.document_mask, split="validation", holdout=holdout)
         self.source_name = census.source.name
-        self.steps = self._count(census, trainer)  # bad input fails before training
+        self.steps = self._count(census)  # bad input fails before training
 
-    def _count(self, loader, trainer) -> int:
+    def _count(self, loader) -> int:
         """Read what one evaluation reads (at most one pass over the held-out set), log it
         once, and return the global batches per evaluation: `validation.steps`, capped at
         one pass (more would repeat held-out windows and weigh them twice)."""
         asked = self.cfg.steps
         batches = tokens = 0
-        progress = _Progress(trainer.log, "validation: reading the held-out set", asked)
+        progress = _Progress(self.log, "validation: reading the held-out set", asked)
         while (asked < 0 or batches < asked) and loader.epoch == 0:
             tokens += int((next(loader)["labels"] != IGNORE_INDEX).sum())
             batches += 1
@@ -90,42 +92,44 @@ class Validator:
         if dropped:
             what = f"{seen - dropped:,} conversations ({dropped:,} dropped), "
         span = "one pass over the held-out set" if one_pass else "the held-out set is longer"
-        trainer.log(f"validation: {self.source_name}: {what}{tokens:,} trained tokens in "
+        self.log(f"validation: {self.source_name}: {what}{tokens:,} trained tokens in "
                     f"{batches} global batch{'es' if batches != 1 else ''} per evaluation "
                     f"({span}), every {self.cfg.freq} steps and after the last")
         if one_pass and 0 < batches < asked:
-            trainer.log(f"validation: steps = {asked} capped at {batches}: one pass over the "
+            self.log(f"validation: steps = {asked} capped at {batches}: one pass over the "
                         f"held-out set (a longer evaluation would repeat it)")
         return batches
 
     def due(self, step: int, last_step: int) -> bool:
         return step % self.cfg.freq == 0 or step == last_step
 
-    def evaluate(self, trainer) -> dict:
-        """{"validation_loss", "validation_tokens"}, identical on every rank."""
+    def evaluate(self, runner, model, first_part, *, optimizer, grad_accum: int, seq_len: int,
+                 token_group, device, log) -> dict:
+        """{"validation_loss", "validation_tokens"}, identical on every rank.
+
+        runner: the train runner (eval_loss_sum, share_loss); model: whose MoE statistics are
+        restored; first_part: the model part that carries the CP handle (shard_batch);
+        optimizer: its gradients are dropped after; token_group: every rank with different
+        tokens (ParallelDims.group("dp_cp"), None alone)."""
         loader = self._make_loader()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)
-        tokens = torch.zeros((), dtype=torch.float64, device=trainer.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        tokens = torch.zeros((), dtype=torch.float64, device=device)
         batches = 0
-        progress = _Progress(trainer.log, "validation: evaluating", self.steps)
-        with _moe_statistics_restored(trainer.model):
+        progress = _Progress(log, "validation: evaluating", self.steps)
+        with _moe_statistics_restored(model):
             while batches < self.steps:
-                batch = next(loader)
+                batch = shard_batch(first_part, next(loader), seq_len)  # as the train step does
                 batches += 1
                 progress.tick(batches)
-                if trainer.dims.cp > 1:
-                    cp = trainer.model_parts[0].context_parallel
-                    batch = {k: cp.shard(v, trainer.cfg.training.seq_len) for k, v in batch.items()}
                 tokens += float((batch["labels"] != IGNORE_INDEX).sum())
-                batch_loss = torch.zeros((), device=trainer.device)
-                for micro in split_microbatches(batch, trainer.grad_accum):
-                    batch_loss += trainer.eval_loss_sum(micro)
-                loss_sum += trainer.share_loss(batch_loss).double()
-        trainer.optimizer.zero_grad(set_to_none=True)  # the pipeline's zero-scaled backward
-        group = trainer._token_group()
-        if group is not None:
-            dist.all_reduce(loss_sum, group=group)
-            dist.all_reduce(tokens, group=group)
+                batch_loss = torch.zeros((), device=device)
+                for micro in split_microbatches(batch, grad_accum):
+                    batch_loss += runner.eval_loss_sum(micro)
+                loss_sum += runner.share_loss(batch_loss).double()
+        optimizer.zero_grad(set_to_none=True)  # the pipeline's zero-scaled backward
+        if token_group is not None:
+            dist.all_reduce(loss_sum, group=token_group)
+            dist.all_reduce(tokens, group=token_group)
         return {"validation_loss": (loss_sum / tokens.clamp(min=1)).item(),
                 "validation_tokens": int(tokens.item())}
 

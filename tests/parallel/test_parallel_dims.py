@@ -274,6 +274,15 @@ def test_mesh_with_tp_cp_and_etp(fake_world):
     assert d.get_mesh("ep").mesh.tolist() == [0, 2]
     assert d.get_mesh("dp_shard").mesh.tolist() == [0, 4, 8, 12]
     assert d.get_mesh("dp_shard_cp").size() == 8 and d.get_mesh("dp").size() == 4
+    # Groups by name: None where a dim holds one rank (the caller skips the collective).
+    assert d.group("dp_cp") is d.get_mesh("dp_cp").get_group() is not None
+    assert d.group("pp") is None and d.group("dp_replicate") is None
+    assert d.local_rank("dp") == 0 and d.local_rank("cp") == 0
+
+
+def test_groups_without_a_mesh():
+    d = dims(4, cp=2)  # one process never builds the mesh: no group, rank 0
+    assert d.group("dp_cp") is None and d.local_rank("dp") == 0
 
 
 def test_hsdp_views_with_ep(fake_world, recwarn):

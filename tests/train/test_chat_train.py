@@ -91,7 +91,6 @@ def test_validation_and_hand_back_equal_one_process(reference, tmp_path, name, w
 def test_validation_says_what_it_measures_and_caps_steps_at_one_pass(tmp_path, monkeypatch):
     """The start-up line counts what one evaluation reads; validation.steps longer than the
     held-out set is capped at one pass (with a line), shorter is kept; -1 is one pass."""
-    from types import SimpleNamespace
 
     from chat_conversations import CONVERSATIONS
     from runtime.data import Tokenizer
@@ -109,10 +108,9 @@ def test_validation_says_what_it_measures_and_caps_steps_at_one_pass(tmp_path, m
         cfg = load_config(SFT, ["--model.flavor=tiny", "--training.seq_len=200",
                                 f"--validation.dataset_path={held_out}",
                                 f"--validation.steps={steps}", "--data.chat_date=2026-01-15"])
-        trainer = SimpleNamespace(cfg=cfg, tokenizer=Tokenizer.load(""), dims=SimpleNamespace(dp=1),
-                                  global_batch=global_batch, _dp_rank=lambda: 0, log=lines.append)
         lines.clear()
-        return Validator(trainer)
+        return Validator(cfg, Tokenizer.load(""), global_batch, dp_rank=0, dp_world_size=1,
+                         log=lines.append)
 
     assert validator(10, 3).steps == 1
     assert lines[0].startswith(f"validation: {held_out}: 3 conversations, ") and lines[0].endswith(
