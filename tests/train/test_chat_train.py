@@ -72,6 +72,9 @@ def reference(tmp_path_factory):
                 "--parallelism.pipeline_parallel_schedule=1F1B",
                 "--parallelism.pipeline_parallel_microbatch_size=1",
                 "--checkpoint.enable=true"], 1),
+    # validation cuts its batches with the train step's CP helper (shard_batch)
+    ("CP2", 2, ["--parallelism.data_parallel_shard_degree=1",
+                "--parallelism.context_parallel_degree=2"], 1),
 ])
 def test_validation_and_hand_back_equal_one_process(reference, tmp_path, name, world, extra, dp):
     common, ref_dir = reference
