@@ -33,7 +33,6 @@ from runtime.data.prepare_parts import DEFAULT_PART_BYTES
 from runtime.data.prepared import PreparedDataset
 from runtime.data.preparing import (PrepareStopped, default_workers, finalize, plan_of,
                                     prepare, work_dir)
-from runtime.data.schema import data_option
 from runtime.data.sources import build_source, source_kind
 from runtime.data.tokenizer import Tokenizer
 from runtime.errors import ConfigError, DataError, report_config_error
@@ -210,12 +209,12 @@ def run_bench(cfg, steps: int, dp_degree: int, dp_rank: int) -> int:
     global_batch = bench_global_batch(cfg, dp_degree)
     start = time.perf_counter()
     loader = build_dataloader(cfg.data, tokenizer, cfg.training.seq_len, global_batch,
-                              dp_rank, dp_degree, prefetch=data_option(cfg.data, "prefetch"))
+                              dp_rank, dp_degree, prefetch=cfg.data.prefetch)
     next(loader)  # startup: preparing the embedded corpus on first use, the prefetch thread
     startup = time.perf_counter() - start
     kind = "prepared, read by offset" if isinstance(loader.source, PreparedDataset) else \
         "streamed, every rank encodes the global batch"
-    print(f"data: {loader.source.name} ({kind}), prefetch {data_option(cfg.data, 'prefetch')}")
+    print(f"data: {loader.source.name} ({kind}), prefetch {cfg.data.prefetch}")
     print(f"rank {dp_rank} of {dp_degree}: {loader.local_batch_size} x {cfg.training.seq_len} "
           f"tokens per step of a global {global_batch}; first batch {startup * 1e3:.0f} ms")
     start, cpu_start = time.perf_counter(), time.process_time()

@@ -30,7 +30,7 @@ from runtime.data.chat_template import ChatTemplateError, build_renderer
 from runtime.errors import DataError
 from runtime.data.packing import Document
 from runtime.data.readers import read_json_records, resolve_files
-from runtime.data.schema import data_option
+from runtime.data.schema import DataConfig
 from runtime.data.sources import ASSETS_DIR, FileSource, HFSource
 
 CHAT_SAMPLE_DIR = ASSETS_DIR / "chat_sample"
@@ -113,7 +113,7 @@ class ChatEncoder:
 class _ChatMixin:
     """What makes a source a chat source: conversation items, whole-document packing."""
 
-    data_cfg = None
+    data_cfg: DataConfig = DataConfig()
 
     def keep(self, item) -> bool:
         return True  # every record is a conversation (parse_record rejected the others)
@@ -121,32 +121,33 @@ class _ChatMixin:
     def encoder(self, tokenizer) -> ChatEncoder:
         try:
             renderer = build_renderer(
-                tokenizer.directory, data_option(self.data_cfg, "chat_template"),
-                date=data_option(self.data_cfg, "chat_date"),
+                tokenizer.directory, self.data_cfg.chat_template,
+                date=self.data_cfg.chat_date,
                 special_tokens={"bos_token": tokenizer.decode([tokenizer.bos_id]),
                                 "eos_token": tokenizer.decode([tokenizer.eos_id])})
         except ChatTemplateError as e:
             raise DataError(str(e)) from None
-        return ChatEncoder(tokenizer, renderer, data_option(self.data_cfg, "loss_on"))
+        return ChatEncoder(tokenizer, renderer, self.data_cfg.loss_on)
 
     def packer(self, tokenizer, encode, seq_len: int, batch_docs: int,
                items=None, name: str | None = None) -> WholeDocumentStream:
         cfg = self.data_cfg
         return WholeDocumentStream(
             items or self.stream, encode, seq_len, pad_id=tokenizer.pad_id,
-            overflow=data_option(cfg, "chat_overflow"), batch_docs=batch_docs,
+            overflow=cfg.chat_overflow, batch_docs=batch_docs,
             shorten=getattr(encode, "shorten", None),
-            max_dropped_fraction=data_option(cfg, "max_dropped_fraction"),
-            pack=data_option(cfg, "pack"), pack_buffer=data_option(cfg, "pack_buffer"),
+            max_dropped_fraction=cfg.max_dropped_fraction,
+            pack=cfg.pack, pack_buffer=cfg.pack_buffer,
             name=name or self.name)
 
 
 class ChatFileSource(_ChatMixin, FileSource):
     """Conversations of local .jsonl / .json (+ .gz) files, one record per line."""
 
-    def __init__(self, files, data_cfg=None, name: str | None = None):
-        super().__init__(files, "messages", bool(data_option(data_cfg, "shuffle")),
-                         int(data_option(data_cfg, "shuffle_seed")), name=name)
+    def __init__(self, files, data_cfg: DataConfig | None = None, name: str | None = None):
+        data_cfg = data_cfg or DataConfig()
+        super().__init__(files, "messages", bool(data_cfg.shuffle),
+                         int(data_cfg.shuffle_seed), name=name)
         self.data_cfg = data_cfg
 
     def read(self, path: Path, start: int = 0,
@@ -158,23 +159,24 @@ class ChatFileSource(_ChatMixin, FileSource):
 class ChatHFSource(_ChatMixin, HFSource):
     """Conversations of an HF dataset whose examples hold `messages` (optional extra)."""
 
-    def __init__(self, data_cfg):
-        super().__init__(data_option(data_cfg, "hf_dataset"), data_option(data_cfg, "hf_config"),
-                         data_option(data_cfg, "hf_split"), "messages",
-                         bool(data_option(data_cfg, "shuffle")),
-                         int(data_option(data_cfg, "shuffle_seed")),
-                         int(data_option(data_cfg, "shuffle_buffer")),
-                         bool(data_option(data_cfg, "hf_streaming")))
+    def __init__(self, data_cfg: DataConfig):
+        super().__init__(data_cfg.hf_dataset, data_cfg.hf_config,
+                         data_cfg.hf_split, "messages",
+                         bool(data_cfg.shuffle),
+                         int(data_cfg.shuffle_seed),
+                         int(data_cfg.shuffle_buffer),
+                         bool(data_cfg.hf_streaming))
         self.data_cfg = data_cfg
 
     def item_of(self, example, where: str) -> Conversation:
         return _conversation(dict(example), where, arrow=True)
 
 
-def build_chat_source(data_cfg, split: str = "train"):
+def build_chat_source(data_cfg: DataConfig | None, split: str = "train"):
     """The chat source a [data] (or [validation]) config names; with neither dataset_path
     nor hf_dataset, the `split` ("train" | "validation") of the embedded chat sample."""
-    path, hf = data_option(data_cfg, "dataset_path"), data_option(data_cfg, "hf_dataset")
+    data_cfg = data_cfg or DataConfig()
+    path, hf = data_cfg.dataset_path, data_cfg.hf_dataset
     if path and hf:
         raise DataError("data: both dataset_path and hf_dataset are set for chat data")
     if hf:

@@ -17,6 +17,7 @@ with a different layout (it then continues the same token stream).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Callable
 
@@ -26,7 +27,7 @@ from runtime.data.packing import Document, window_batch
 from runtime.data.prefetch import Prefetcher
 from runtime.data.prepared import PreparedDataset, PreparedStream
 from runtime.data.preparing import cached_prepared
-from runtime.data.schema import DataConfig, ValidationConfig, data_option, validation_option
+from runtime.data.schema import DataConfig, ValidationConfig
 from runtime.data.sources import (
     EMBEDDED_CORPUS,
     DocumentSource,
@@ -165,29 +166,30 @@ class ParallelAwareDataLoader:
             self._handed_state = None
 
 
-def open_source(data_cfg, tokenizer, split: str = "train",
+def open_source(data_cfg: DataConfig | None, tokenizer, split: str = "train",
                 streamed: bool = False) -> DocumentSource | PreparedDataset:
     """What a [data] config reads: prepared data (data.dataset = 'prepared', and the embedded
     corpus, prepared into the cache on first use unless `streamed`) or a streamed
     DocumentSource. `split` picks the embedded chat sample's split when chat data names no
     files."""
+    data_cfg = data_cfg or DataConfig()
     kind = source_kind(data_cfg)
     if kind == "chat":
         return build_chat_source(data_cfg, split)
-    shuffle = bool(data_option(data_cfg, "shuffle"))
-    seed = int(data_option(data_cfg, "shuffle_seed"))
+    shuffle = bool(data_cfg.shuffle)
+    seed = int(data_cfg.shuffle_seed)
     if kind == "prepared":
         if streamed:
             raise DataError("validation.split_fraction needs a streamed source, not prepared "
                             "data: prepare a held-out validation set and name it in [validation]")
-        path = data_option(data_cfg, "dataset_path")
+        path = data_cfg.dataset_path
         if not path or not isinstance(path, str):
             raise DataError("data.dataset is 'prepared' but data.dataset_path is not one folder")
         dataset = PreparedDataset(path, shuffle, seed)
     elif kind == "embedded" and not streamed and getattr(tokenizer, "fingerprint", None):
         source = EmbeddedSource()
         folder = cached_prepared(source, EMBEDDED_CORPUS, tokenizer, source.encoder(tokenizer),
-                                 data_option(data_cfg, "cache_dir"))
+                                 data_cfg.cache_dir)
         dataset = PreparedDataset(folder, shuffle, seed, name=source.name)
     else:
         return build_source(data_cfg)
@@ -196,7 +198,7 @@ def open_source(data_cfg, tokenizer, split: str = "train",
 
 
 def build_dataloader(
-    data_cfg,
+    data_cfg: DataConfig | None,
     tokenizer,
     seq_len: int,
     global_batch_size: int,
@@ -208,13 +210,14 @@ def build_dataloader(
     holdout: float = 0.0,
     prefetch: int = 0,
 ) -> ParallelAwareDataLoader:
-    """The loader a [data] config describes (`data_cfg`: DataConfig, dict, any object, or None).
+    """The loader a [data] config describes (`data_cfg`: a DataConfig, None: the defaults).
     `split` ("train" | "validation") picks the embedded chat sample's split when chat data
     names no files, and the side of a content-hash split when `holdout` (a fraction) > 0.
     `prefetch` batches are produced ahead on a background thread (the trainer passes
     data.prefetch; 0, the default, produces on the caller's thread)."""
+    data_cfg = data_cfg or DataConfig()
     if document_masking is None:
-        document_masking = bool(data_option(data_cfg, "document_mask"))
+        document_masking = bool(data_cfg.document_mask)
     if holdout:  # a content-hash split filters documents: streamed
         source = HeldOutSplit(open_source(data_cfg, tokenizer, "train", streamed=True),
                               holdout, split)
@@ -228,7 +231,7 @@ def build_dataloader(
         dp_rank,
         dp_world_size,
         document_masking=document_masking,
-        tokenize_batch_docs=int(data_option(data_cfg, "tokenize_batch_docs")),
+        tokenize_batch_docs=int(data_cfg.tokenize_batch_docs),
         prefetch=prefetch,
     )
 
@@ -236,7 +239,8 @@ def build_dataloader(
 VALIDATION_SOURCE_KEYS = ("dataset", "dataset_path", "hf_dataset", "hf_config", "hf_split")
 
 
-def validation_data_config(val_cfg, data_cfg) -> tuple[dict, float]:
+def validation_data_config(val_cfg: ValidationConfig,
+                           data_cfg: DataConfig) -> tuple[DataConfig, float]:
     """(data config, holdout fraction) of the [validation] source.
 
     `val_cfg` holds enable/freq/steps and these keys: `split_fraction` (> 0: that fraction
@@ -245,23 +249,24 @@ def validation_data_config(val_cfg, data_cfg) -> tuple[dict, float]:
     `dataset` keeps the training kind, so chat stays chat). The other [data] keys (loss_on,
     chat template, text_key, ...) are the training data's. With neither, chat data on the
     embedded sample validates on the sample's validation split."""
-    merged = {name: data_option(data_cfg, name) for name in DataConfig.__dataclass_fields__}
-    merged["shuffle"] = False  # the same validation batches at every evaluation
-    fraction = float(validation_option(val_cfg, "split_fraction") or 0.0)
-    named = {k: validation_option(val_cfg, k) for k in VALIDATION_SOURCE_KEYS
-             if validation_option(val_cfg, k) != getattr(ValidationConfig, k)}
+    # the same validation batches at every evaluation
+    merged = dataclasses.replace(data_cfg, shuffle=False, shuffle_seed=0)
+    fraction = float(val_cfg.split_fraction or 0.0)
+    named = {k: getattr(val_cfg, k) for k in VALIDATION_SOURCE_KEYS
+             if getattr(val_cfg, k) != getattr(ValidationConfig, k)}
     if fraction and (named.keys() - {"dataset"}):
         raise DataError("validation: give either split_fraction or a held-out source, not both")
     if fraction:
         return merged, fraction
     if named.keys() - {"dataset"}:
-        chat = merged["dataset"] == "chat"
-        for key in VALIDATION_SOURCE_KEYS:  # the held-out source replaces the training one
-            merged[key] = validation_option(val_cfg, key)
-        merged["dataset"] = named.get("dataset") or ("chat" if chat else "")
+        chat = merged.dataset == "chat"
+        # the held-out source replaces the training one; '' infers the kind from its paths
+        merged = dataclasses.replace(merged, **{k: getattr(val_cfg, k)
+                                                for k in VALIDATION_SOURCE_KEYS})
+        merged.dataset = named.get("dataset") or ("chat" if chat else "")
         return merged, 0.0
     embedded_chat = source_kind(merged) == "chat" and not (
-        merged["dataset_path"] or merged["hf_dataset"])
+        merged.dataset_path or merged.hf_dataset)
     if not embedded_chat:
         raise DataError("validation.enable needs validation.dataset_path (or hf_dataset) or "
                         "validation.split_fraction")

@@ -4,8 +4,8 @@ section and `ValidationConfig` its [validation] section.
 The trainer's config (runtime/train/config_schema.py) lists them as its sections:
 each field's `choices` / `check` / `help` metadata is what the config loader validates and
 prints in --help, and `problems()` holds the rules that involve several [data] keys. The data
-package reads the same names from a DataConfig, a dict or any object (`data_option`), so
-library callers and tests need no config. Pure Python: importing it never imports torch.
+package takes these typed objects (None: the defaults) and reads their attributes. Pure
+Python: importing it never imports torch.
 """
 
 from __future__ import annotations
@@ -100,16 +100,6 @@ class DataConfig:
             yield "shuffle_seed", f"has no effect unless {name('shuffle')} = true"
 
 
-def data_option(cfg, name: str):
-    """`cfg.name` for a DataConfig-like object, dict or None (the default when absent)."""
-    default = DataConfig.__dataclass_fields__[name].default
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
-
-
 VALIDATION_DATASETS = ("", "embedded", "path", "hf", "chat")
 
 
@@ -130,13 +120,3 @@ class ValidationConfig:
     hf_dataset: str = option("", help="held-out HF dataset (default: the training one)")
     hf_config: str = option("", help="HF config of the held-out dataset ('' = its default)")
     hf_split: str = option("validation", check=non_empty, help="HF split of the held-out data")
-
-
-def validation_option(cfg, name: str):
-    """`cfg.name` for a ValidationConfig-like object, dict or None."""
-    default = getattr(ValidationConfig, name)
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)

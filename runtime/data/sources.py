@@ -28,7 +28,7 @@ from runtime.errors import DataDependencyError, DataError, DataFileNotFoundError
 from runtime.data.packing import Document, PackedStream, TextEncoder
 from runtime.data.readers import (count_lines, line_start, read_docs, resolve_files,
                                   splittable, text_of)
-from runtime.data.schema import DataConfig, data_option
+from runtime.data.schema import DataConfig
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_CORPUS = ASSETS_DIR / "corpus.jsonl.gz"
@@ -318,47 +318,47 @@ class HFSource(DocumentSource):
         return text_of(example, self.text_key, where)
 
 
-def source_kind(data_cfg) -> str:
-    """'embedded' | 'path' | 'hf' | 'chat' | 'prepared'. A dict (or None) without `dataset`
-    infers it from the paths given; a DataConfig must pass its own cross-key rules."""
-    if isinstance(data_cfg, DataConfig):
-        for key, problem in data_cfg.problems():
-            raise DataError(f"data.{key} {problem}")
-    kind = "" if data_cfg is None else data_option(data_cfg, "dataset") if not isinstance(
-        data_cfg, dict) else data_cfg.get("dataset", "")
-    if kind:
-        return kind
-    path, hf = data_option(data_cfg, "dataset_path"), data_option(data_cfg, "hf_dataset")
+def source_kind(data_cfg: DataConfig | None) -> str:
+    """'embedded' | 'path' | 'hf' | 'chat' | 'prepared'. The DataConfig (None: the defaults)
+    must pass its own cross-key rules; an empty `dataset` (a [validation] source that keeps
+    the training kind) is inferred from the paths given."""
+    data_cfg = data_cfg or DataConfig()
+    for key, problem in data_cfg.problems():
+        raise DataError(f"data.{key} {problem}")
+    if data_cfg.dataset:
+        return data_cfg.dataset
+    path, hf = data_cfg.dataset_path, data_cfg.hf_dataset
     if hf and path:
         raise DataError("data: both dataset_path and hf_dataset are set; choose data.dataset")
     return "hf" if hf else "path" if path else "embedded"
 
 
-def build_source(data_cfg=None) -> DocumentSource:
+def build_source(data_cfg: DataConfig | None = None) -> DocumentSource:
     """The DocumentSource a [data] config names (the embedded corpus by default)."""
+    data_cfg = data_cfg or DataConfig()
     kind = source_kind(data_cfg)
-    shuffle = bool(data_option(data_cfg, "shuffle"))
-    seed = int(data_option(data_cfg, "shuffle_seed"))
-    text_key = data_option(data_cfg, "text_key")
+    shuffle = bool(data_cfg.shuffle)
+    seed = int(data_cfg.shuffle_seed)
+    text_key = data_cfg.text_key
     if kind == "embedded":
         return EmbeddedSource(shuffle, seed)
     if kind == "path":
-        path = data_option(data_cfg, "dataset_path")
+        path = data_cfg.dataset_path
         if not path:
             raise DataError("data.dataset is 'path' but data.dataset_path is empty")
         return FileSource(resolve_files(path), text_key, shuffle, seed)
     if kind == "hf":
-        hf = data_option(data_cfg, "hf_dataset")
+        hf = data_cfg.hf_dataset
         if not hf:
             raise DataError("data.dataset is 'hf' but data.hf_dataset is empty")
         return HFSource(
             hf,
-            data_option(data_cfg, "hf_config"),
-            data_option(data_cfg, "hf_split"),
+            data_cfg.hf_config,
+            data_cfg.hf_split,
             text_key,
             shuffle,
             seed,
-            int(data_option(data_cfg, "shuffle_buffer")),
-            bool(data_option(data_cfg, "hf_streaming")),
+            int(data_cfg.shuffle_buffer),
+            bool(data_cfg.hf_streaming),
         )
     raise DataError(f"data.dataset must be 'embedded', 'path', 'hf' or 'chat', got {kind!r}")

@@ -25,7 +25,6 @@ import torch.distributed as dist
 
 from runtime.data import Tokenizer, build_dataloader, split_microbatches
 from runtime.data.loader import validation_data_config
-from runtime.data.schema import data_option
 from runtime.data.sources import source_kind
 from runtime.data.input_check import check_data
 from runtime.errors import (EXIT_DISK_FULL, ConfigError, DiskFullError, one_line,
@@ -163,7 +162,7 @@ class Trainer:
             for data_cfg, split in checks:
                 if source_kind(data_cfg) == "prepared":  # reads every file: say so first
                     self.log(f"data: verifying the checksums of the prepared {split} data "
-                             f"({data_option(data_cfg, 'dataset_path')}) ...")
+                             f"({data_cfg.dataset_path}) ...")
                 sources.append(check_data(data_cfg, self.tokenizer, split, self.rank,
                                           self.world_size))
         except ConfigError as e:

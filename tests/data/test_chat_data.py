@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from chat_conversations import CONVERSATIONS
-from runtime.data import DataError, Tokenizer, build_dataloader
+from runtime.data import DataConfig, DataError, Tokenizer, build_dataloader
 from runtime.data.chat_masks import HarmonyIds, trained_tokens
 from runtime.data.chat_records import parse_record
 from runtime.data.chat_source import CHAT_SAMPLE
@@ -37,7 +38,7 @@ def _write(tmp_path: Path, records: list[dict], name="chats.jsonl") -> Path:
 
 
 def _cfg(path, **kw):
-    return {"dataset": "chat", "dataset_path": str(path), "chat_date": DATE, **kw}
+    return DataConfig(**{"dataset": "chat", "dataset_path": str(path), "chat_date": DATE, **kw})
 
 
 def _encoded(tok, record, loss_on="last_assistant"):
@@ -249,31 +250,31 @@ def test_hf_arrow_dataset_saved_to_disk(tmp_path, tok, monkeypatch):
     saved = tmp_path / "saved"
     datasets.DatasetDict({"train": ds, "validation": ds.select([1])}).save_to_disk(str(saved))
     jsonl = _write(tmp_path, records)
-    cfg = {"dataset": "chat", "hf_dataset": str(saved), "chat_date": DATE}
-    from_arrow = build_dataloader({**cfg, "hf_split": "train"}, tok, 1024, len(records))
+    cfg = DataConfig(dataset="chat", hf_dataset=str(saved), chat_date=DATE)
+    from_arrow = build_dataloader(replace(cfg, hf_split="train"), tok, 1024, len(records))
     from_json = build_dataloader(_cfg(jsonl), tok, 1024, len(records))
     assert from_arrow.source.saved == "dict"
     a, b = next(from_arrow), next(from_json)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    val = build_dataloader({**cfg, "hf_split": "validation"}, tok, 1024, 1)
+    val = build_dataloader(replace(cfg, hf_split="validation"), tok, 1024, 1)
     one = build_dataloader(_cfg(_write(tmp_path, records[1:2], "one.jsonl")), tok, 1024, 1)
     assert torch.equal(next(val)["tokens"], next(one)["tokens"])
     with pytest.raises(DataError, match="has no split 'test' \\(it has train, validation\\)"):
-        next(build_dataloader({**cfg, "hf_split": "test"}, tok, 1024, 1))
+        next(build_dataloader(replace(cfg, hf_split="test"), tok, 1024, 1))
     single = tmp_path / "single"
     ds.save_to_disk(str(single))
-    cfg["hf_dataset"] = str(single)
-    assert torch.equal(next(build_dataloader({**cfg, "hf_split": "train"}, tok, 1024, 5))[
-        "tokens"], b["tokens"])
+    cfg.hf_dataset = str(single)
+    whole = next(build_dataloader(replace(cfg, hf_split="train"), tok, 1024, 5))
+    assert torch.equal(whole["tokens"], b["tokens"])
     with pytest.raises(DataError, match="one saved Dataset \\(no splits\\)"):
-        next(build_dataloader({**cfg, "hf_split": "validation"}, tok, 1024, 1))
+        next(build_dataloader(replace(cfg, hf_split="validation"), tok, 1024, 1))
     bad = datasets.Dataset.from_list([records[0], {**records[0], "tools": [
         {"type": "function", "function": {"name": None, "description": "nameless"}}]}])
     bad.save_to_disk(str(tmp_path / "bad"))
-    cfg["hf_dataset"] = str(tmp_path / "bad")
+    cfg.hf_dataset = str(tmp_path / "bad")
     with pytest.raises(DataError, match=r"example 1: tools\[0\]: a tool needs function.name"):
         for _ in range(3):
-            next(build_dataloader({**cfg, "tokenize_batch_docs": 1}, tok, 1024, 1))
+            next(build_dataloader(replace(cfg, tokenize_batch_docs=1), tok, 1024, 1))
 
 
 def test_embedded_chat_sample(tok):
@@ -284,7 +285,7 @@ def test_embedded_chat_sample(tok):
         assert {r["task"] for r in records} == {"reverse", "sort", "add", "followup", "tool"}
         for r in records[:50]:
             assert r["messages"][-1]["content"] == r["answer"]
-    loader = build_dataloader({"dataset": "chat", "chat_date": DATE}, tok, 512, 2,
+    loader = build_dataloader(DataConfig(dataset="chat", chat_date=DATE), tok, 512, 2,
                               split="validation")
     assert loader.source.name == "embedded chat sample (validation)"
     batch = next(loader)
@@ -303,6 +304,7 @@ def test_chat_sample_is_reproducible():
 
 def test_held_out_split_is_disjoint_and_stable(tmp_path, tok):
     from runtime.data.loader import validation_data_config
+    from runtime.data.schema import ValidationConfig
     from runtime.data.split import held_out
 
     records = [{"messages": [{"role": "user", "content": f"q{i}"},
@@ -322,16 +324,16 @@ def test_held_out_split_is_disjoint_and_stable(tmp_path, tok):
     assert 5 <= len(sides["validation"]) <= 25  # about a quarter
     assert held_out("x", 0.5) == held_out("x", 0.5)
 
-    merged, fraction = validation_data_config({"split_fraction": 0.1}, cfg)
-    assert fraction == 0.1 and merged["shuffle"] is False
-    merged, fraction = validation_data_config({"dataset_path": "v.jsonl"}, cfg)
-    assert (merged["dataset"], merged["dataset_path"], fraction) == ("chat", "v.jsonl", 0.0)
-    merged, _ = validation_data_config({}, {"dataset": "chat"})
-    assert merged["dataset"] == "chat" and not merged["dataset_path"]
+    merged, fraction = validation_data_config(ValidationConfig(split_fraction=0.1), cfg)
+    assert fraction == 0.1 and merged.shuffle is False and cfg.shuffle is True
+    merged, fraction = validation_data_config(ValidationConfig(dataset_path="v.jsonl"), cfg)
+    assert (merged.dataset, merged.dataset_path, fraction) == ("chat", "v.jsonl", 0.0)
+    merged, _ = validation_data_config(ValidationConfig(), DataConfig(dataset="chat"))
+    assert merged.dataset == "chat" and not merged.dataset_path
     with pytest.raises(DataError, match="validation.split_fraction"):
-        validation_data_config({}, {"dataset": "embedded"})
+        validation_data_config(ValidationConfig(), DataConfig())
     with pytest.raises(DataError, match="not both"):
-        validation_data_config({"split_fraction": 0.1, "dataset_path": "v"}, cfg)
+        validation_data_config(ValidationConfig(split_fraction=0.1, dataset_path="v"), cfg)
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -40,6 +40,11 @@ class CharTokenizer:
         return [self.encode(t) for t in texts]
 
 
+def _files(path, **kw) -> DataConfig:
+    """A [data] config reading local files."""
+    return DataConfig(dataset="path", dataset_path=str(path), **kw)
+
+
 def ids(s: str) -> list[int]:
     """'^' is BOS, '$' is EOS, anything else its code point."""
     return [BOS if c == "^" else EOS if c == "$" else ord(c) for c in s]
@@ -267,14 +272,14 @@ def test_jsonl_json_gz_and_text_key(tmp_path):
     assert first_texts(FileSource([tmp_path / "a.jsonl"]), 3) == ["one", "two", "one"]
     assert first_texts(FileSource([tmp_path / "b.json"], text_key="body"), 2) == ["three", "four"]
     assert first_texts(FileSource([tmp_path / "c.jsonl.gz"]), 1) == ["five"]
-    src = build_source({"dataset_path": str(tmp_path / "b.json"), "text_key": "body"})
+    src = build_source(_files(tmp_path / "b.json", text_key="body"))
     assert first_texts(src, 1) == ["three"]
 
 
 def test_txt_is_one_document_per_file(tmp_path):
     (tmp_path / "a.txt").write_text("first paragraph\n\nsecond paragraph\n")
     (tmp_path / "b.md").write_text("# title\n")
-    src = build_source({"dataset_path": str(tmp_path)})
+    src = build_source(_files(tmp_path))
     assert first_texts(src, 3) == [
         "first paragraph\n\nsecond paragraph\n",
         "# title\n",
@@ -302,7 +307,7 @@ def test_directory_glob_and_list(tmp_path):
         "sub/c.jsonl",
         "b.jsonl",
     ]
-    assert first_texts(build_source({"dataset_path": str(tmp_path)}), 4) == ["a", "b", "c", "a"]
+    assert first_texts(build_source(_files(tmp_path)), 4) == ["a", "b", "c", "a"]
 
 
 def test_parquet(tmp_path):
@@ -311,12 +316,12 @@ def test_parquet(tmp_path):
     texts = [f"row {i}" for i in range(7)]
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table({"id": list(range(7)), "text": texts}), path, row_group_size=2)
-    assert first_texts(build_source({"dataset_path": str(path)}), 8) == texts + texts[:1]
+    assert first_texts(build_source(_files(path)), 8) == texts + texts[:1]
     # Resuming inside the third row group decodes only from there.
     assert [t for _, t in read_parquet_docs(path, "text", start=5)] == texts[5:]
     with pytest.raises(ValueError, match=r"d\.parquet: no column 'body'"):
         first_texts(FileSource([path], text_key="body"), 1)
-    it = build_dataloader({"dataset_path": str(path)}, CharTokenizer(), 6, 2)
+    it = build_dataloader(_files(path), CharTokenizer(), 6, 2)
     assert next(it)["tokens"][0].tolist() == ids("^row 0")
 
 
@@ -336,15 +341,15 @@ def test_embedded_corpus_with_real_tokenizer():
 # ----------------------------------------------------------------------------- errors
 def test_missing_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl does not exist"):
-        build_source({"dataset_path": str(tmp_path / "nope.jsonl")})
+        build_source(_files(tmp_path / "nope.jsonl"))
     with pytest.raises(FileNotFoundError, match=r"no files match .*\*\.parquet"):
-        build_source({"dataset_path": str(tmp_path / "*.parquet")})
+        build_source(_files(tmp_path / "*.parquet"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .* files under .*empty"):
-        build_source({"dataset_path": str(tmp_path / "empty")})
+        build_source(_files(tmp_path / "empty"))
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="x.csv: unsupported data file type"):
-        build_source({"dataset_path": str(tmp_path / "x.csv")})
+        build_source(_files(tmp_path / "x.csv"))
 
 
 def test_empty_corpus(tmp_path):
@@ -358,7 +363,7 @@ def test_empty_corpus(tmp_path):
 def test_missing_text_key_names_the_file(tmp_path):
     write_jsonl(tmp_path / "ok.jsonl", ["fine"])
     write_jsonl(tmp_path / "wrong.jsonl", ["x"], key="content")
-    it = loader(build_source({"dataset_path": str(tmp_path)}), seq_len=64)
+    it = loader(build_source(_files(tmp_path)), seq_len=64)
     with pytest.raises(ValueError, match=r"wrong\.jsonl:1: no 'text' key \(keys: content\)"):
         next(it)
     (tmp_path / "ok.jsonl").write_text('{"text": 3}\n')
@@ -372,15 +377,15 @@ def test_missing_text_key_names_the_file(tmp_path):
 def test_hf_dataset_needs_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     with pytest.raises(ImportError, match="hf_dataset='some/corpus' needs the `datasets` package"):
-        build_source({"hf_dataset": "some/corpus"})
+        build_source(DataConfig(dataset="hf", hf_dataset="some/corpus"))
     with pytest.raises(ValueError, match="both dataset_path and hf_dataset are set"):
-        build_source({"hf_dataset": "some/corpus", "dataset_path": "/x"})
+        build_source(DataConfig(dataset="", hf_dataset="some/corpus", dataset_path="/x"))
     with pytest.raises(ValueError, match="data.dataset is 'hf' but data.hf_dataset is empty"):
-        build_source({"dataset": "hf"})
+        build_source(DataConfig(dataset="hf"))
     with pytest.raises(ValueError, match="data.dataset is 'path' but data.dataset_path is empty"):
-        build_source({"dataset": "path"})
+        build_source(DataConfig(dataset="path"))
     with pytest.raises(ValueError, match="data.dataset must be"):
-        build_source({"dataset": "s3"})
+        build_source(DataConfig(dataset="s3"))
 
 
 @pytest.mark.parametrize("streaming", [True, False])
@@ -392,9 +397,10 @@ def test_hf_dataset_local(tmp_path, monkeypatch, streaming):
     data = tmp_path / "data"
     data.mkdir()
     write_jsonl(data / "train.jsonl", [f"doc {i}" for i in range(6)])
-    cfg = {"hf_dataset": str(data), "hf_split": "train", "hf_streaming": streaming}
+    cfg = DataConfig(dataset="hf", hf_dataset=str(data), hf_split="train",
+                     hf_streaming=streaming)
     assert first_texts(build_source(cfg), 7) == [f"doc {i}" for i in range(6)] + ["doc 0"]
-    cfg["shuffle"] = True
+    cfg.shuffle = True
     _resume_check(lambda: build_dataloader(cfg, CharTokenizer(), 5, 2), 4, 4)
 
 
@@ -736,7 +742,7 @@ def test_embedded_cache_unwritable(tmp_path, monkeypatch):
     blocked.write_text("folders cannot be made under a file, even by root")
     tok = Tokenizer.load()
     with pytest.raises(DataError, match=r"data.cache_dir .*a_file/c: cannot write"):
-        build_dataloader({"cache_dir": str(blocked / "c")}, tok, 16, 1)
+        build_dataloader(DataConfig(cache_dir=str(blocked / "c")), tok, 16, 1)
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # default cache unwritable: tmp instead
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()

@@ -10,7 +10,7 @@ import torch
 
 from parallel_harness import (BASE, assert_parity, global_batch_overrides, run_distributed,
                               run_single, seeded, summarize)
-from runtime.data import Tokenizer, build_dataloader
+from runtime.data import DataConfig, Tokenizer, build_dataloader
 from runtime.model.loss import IGNORE_INDEX
 
 STEPS = 3
@@ -22,8 +22,8 @@ CHAT = BASE + ["--data.dataset=chat", "--data.chat_date=2026-01-15",
 def test_the_masks_are_uneven():
     """The premise: rows (hence micro-batches and dp ranks) train different token counts,
     so a per-micro-batch or per-rank mean would weight tokens differently."""
-    loader = build_dataloader({"dataset": "chat", "chat_date": "2026-01-15"}, Tokenizer.load(""),
-                              SEQ_LEN, 4)
+    loader = build_dataloader(DataConfig(dataset="chat", chat_date="2026-01-15"),
+                              Tokenizer.load(""), SEQ_LEN, 4)
     for _ in range(STEPS):
         counts = (next(loader)["labels"] != IGNORE_INDEX).sum(dim=1)
         assert len(set(counts.tolist())) > 1 and counts.min() > 0, counts
