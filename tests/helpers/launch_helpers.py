@@ -1,4 +1,5 @@
-"""Helpers for tests/launch/test_launch.py: the local Slurm, job polling, and a stand-in trainer.
+"""Helpers shared by the tests in tests/launch/: the local Slurm, job polling and sbatch, submit.py
+and bash runners, the skip marks, and a stand-in trainer.
 
 The stand-in ("fake") trainer lets the launcher mechanics (sbatch templates, rank env, signal ->
 checkpoint -> exit 75 -> requeue -> resume) be tested independently of the real trainer: a
@@ -17,8 +18,32 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # submit.py is a top-level script, not in the installed package
+    sys.path.insert(0, str(REPO))
 LOCAL_SLURM = REPO.parent / "shared" / "tools" / "local_slurm.sh"
+
+
+# The container test runs by default; GPTOSS_TEST_CONTAINER=0 opts out (no podman/debootstrap
+# wanted on this machine), and the skip says so.
+CONTAINER_TEST = os.environ.get("GPTOSS_TEST_CONTAINER", "1") != "0"
+TRAINER_PRESENT = (REPO / "runtime" / "train" / "trainer.py").exists()
+PLAN_PRESENT = (REPO / "runtime" / "plan.py").exists()
+needs_trainer = pytest.mark.skipif(
+    not TRAINER_PRESENT, reason="runtime/train/trainer.py not written yet"
+)
+needs_plan = pytest.mark.skipif(not PLAN_PRESENT, reason="runtime/plan.py not written yet")
+
+# A tiny, fast training run for the end-to-end tests (~0.1 s/step/rank on CPU).
+TINY = [
+    "--model.flavor=tiny",
+    "--training.seq_len=64",
+    "--training.local_batch_size=2",
+    "--metrics.log_freq=1",
+    "--lr_scheduler.warmup_steps=2",
+]
 
 FAKE_TRAIN = r'''
 """Stand-in for runtime.train (launcher tests only): same CLI, outputs, signals, exit codes."""
@@ -263,3 +288,84 @@ def dump_job_logs(log_root: Path, n: int = 40) -> str:
         if p.is_file() and p.suffix in {".out", ".log", ".err"}:
             parts.append(f"==== {p}\n{tail(p, n)}")
     return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- runners, job checks
+def find_tool(name: str) -> str | None:
+    """A console script next to this interpreter (a venv's bin/, not always on PATH) or on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def run_submit(
+    *args: str, cwd: Path = REPO, timeout: float = 120, env=None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(cwd / "submit.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or python_env(),
+    )
+
+
+def sbatch(script: Path, *args: str, cwd: Path, env: dict, sbatch_opts=()) -> str:
+    out = subprocess.run(
+        ["sbatch", "--parsable", *sbatch_opts, str(script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def exit_code(job_id: str) -> str | None:
+    return job_field(job_id, "ExitCode")
+
+
+def interrupt_when(
+    metrics: Path, n: int, job_id: str, send, timeout: float = 120, logs: Path | None = None
+):
+    """Once `n` steps are logged, `send()` the interrupt; returns the steps seen by then."""
+    wait_for(
+        lambda: len(read_metrics(metrics)) >= n or job_state(job_id) in TERMINAL,
+        timeout,
+        f"{n} logged steps of job {job_id}",
+    )
+    state = job_state(job_id)
+    assert state not in TERMINAL, (
+        f"job {job_id} ended ({state}) before it could be interrupted\n"
+        + (dump_job_logs(logs) if logs else "")
+    )
+    send()
+    return len(read_metrics(metrics))
+
+
+def assert_resumed(steps: list[int], total: int, log: str):
+    """Every step logged once, the run finished, and the second attempt did not start at 0."""
+    assert steps, log
+    assert steps[-1] == total, log
+    if steps[0] == 1:  # metrics appended across attempts: a restart from 0 would repeat step 1
+        assert steps == sorted(set(steps)), f"steps repeat (restarted from 0?): {steps}\n{log}"
+    else:  # the file was rewritten by the resumed attempt: it starts after the saved step
+        assert steps[0] > 1, log
+
+
+def run_bash(script: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def fake_job(tmp_path: Path, name: str = "checkout"):
+    root = make_fake_checkout(tmp_path / name)
+    return root, python_env(CONFIG="configs/fake.toml", OMP_NUM_THREADS="1")
+
+
+def batch_log(root: Path, jid: str, n: int = 60) -> str:
+    return tail(root / "logs" / f"gptoss-debug-{jid}.out", n) + "\n" + dump_job_logs(
+        root / "logs" / f"gptoss-debug-{jid}"
+    )
