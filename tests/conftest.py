@@ -99,11 +99,15 @@ def _is_quick(item) -> bool:
     return file in QUICK_FILES and item.originalname not in NOT_QUICK
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Markers: `quick` (above); and xdist groups: scripts/test.sh runs the suite on 2
     pytest-xdist workers (--dist loadgroup), the tests of one xdist_group run on one worker,
     one after the other. The Slurm tests share the machine's one local slurmctld (its session
-    fixture starts and stops it), so they form one group."""
+    fixture starts and stops it), so they form one group. tryfirst: xdist reads the groups in
+    its own modifyitems hook (it appends `@group` to the ids); run after it, the groups were
+    missed, the Slurm tests spread over both workers, and the first worker to finish stopped
+    the slurmctld under the other's jobs."""
     for item in items:
         if _is_quick(item):
             item.add_marker(pytest.mark.quick)
