@@ -69,7 +69,7 @@ QUICK_FILES = {
     "test_config.py", "test_parallel_dims.py", "test_plan.py", "test_docs.py",
     "test_model_units.py", "test_model_masks.py", "test_model_loss.py", "test_model_hf_parity.py",
     "test_hf_interop.py", "test_lora.py", "test_lora_export.py", "test_tokenizer.py",
-    "test_data.py", "test_chat_render.py", "test_chat_data.py", "test_chat_pack_best_fit.py",
+    "test_data.py", "test_chat_render.py", "test_chat_source.py", "test_chat_pack.py",
     "test_checkpoint_pickle_forms.py", "test_checkpoint_safety.py",
 }
 QUICK_TESTS = {

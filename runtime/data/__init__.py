@@ -13,12 +13,7 @@
   loader.py    ParallelAwareDataLoader: same global batch on any dp degree, resumable;
                validation_data_config (the [validation] source)
   split.py     HeldOutSplit: validation.split_fraction of a source, by content hash
-  chat_source.py    data.dataset = "chat": JSONL / HF / embedded chat sample -> Documents
-  chat_records.py   one chat record validated and normalised (HF chat format)
-  chat_template.py  the checkpoint's chat template (jinja2 sandbox) or the built-in renderer
-  harmony.py        the built-in harmony (gpt-oss) renderer, written from the format
-  chat_masks.py     trained tokens (data.loss_on) found from the token ids
-  chat_pack.py      WholeDocumentStream: one conversation per window document, overflow
+  chat/        data.dataset = "chat": records -> rendered -> masked -> packed (its own map)
   input_check.py  check_data(): the source and tokenizer spot-checked before the model is built
   __main__.py  `python -m runtime.data` (a shim: the command is runtime/data_cli.py)
 

@@ -22,7 +22,7 @@ import warnings
 from typing import Callable
 
 from runtime.errors import DataError
-from runtime.data.chat_source import build_chat_source
+from runtime.data.chat.source import build_chat_source
 from runtime.data.packing import Document, window_batch
 from runtime.data.prefetch import Prefetcher
 from runtime.data.prepared import PreparedDataset, PreparedStream

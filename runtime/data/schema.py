@@ -58,7 +58,7 @@ class DataConfig:
                               "training thread")
     cache_dir: str = option("", help="where the embedded corpus is prepared on first use; '' = "
                                    "$XDG_CACHE_HOME/gptoss-runtime/data (~/.cache/...)")
-    # chat data (dataset = "chat"; runtime.data.chat_source)
+    # chat data (dataset = "chat"; runtime.data.chat.source)
     loss_on: str = option("last_assistant", choices=LOSS_ON,
                         help="chat: which tokens are trained (the rest are IGNORE_INDEX)")
     chat_overflow: str = option("cut_turns", choices=CHAT_OVERFLOW,

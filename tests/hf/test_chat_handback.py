@@ -12,8 +12,8 @@ import torch
 
 from chat_conversations import CONVERSATIONS
 from checkpoint_helpers import seeded_model
-from runtime.data.chat_records import parse_record
-from runtime.data.chat_template import HarmonyRenderer
+from runtime.data.chat.records import parse_record
+from runtime.data.chat.template import HarmonyRenderer
 from runtime.data.tokenizer import EMBEDDED_TOKENIZER, Tokenizer
 from runtime.hf import save_hf
 from runtime.hf.tokenizer_files import write_tokenizer_files

@@ -54,14 +54,14 @@ def test_all_dropped_exits_2_with_one_line(tmp_path, capsys):
 
 BLOCKING = """
 import sys, time
-from runtime.data import chat_pack
-real, calls = chat_pack.WholeDocumentStream._window, [0]
+from runtime.data.chat import pack
+real, calls = pack.WholeDocumentStream._window, [0]
 def window(self):  # the source stalls after {limit} windows (a stuck download, a slow disk)
     calls[0] += 1
     while calls[0] > {limit}:
         time.sleep(0.5)
     return real(self)
-chat_pack.WholeDocumentStream._window = window
+pack.WholeDocumentStream._window = window
 from runtime.data.loader import ParallelAwareDataLoader
 real_next, batches = ParallelAwareDataLoader.__next__, [0]
 def next_batch(self):  # says when the trainer starts waiting for the batch that never comes

@@ -5,15 +5,15 @@ chat sample) rendered, tokenized and masked into Documents packed one per window
     dataset = "chat"
     dataset_path = "chats/*.jsonl"   # files/dirs/globs; or hf_dataset = "org/name"; neither:
                                      # the embedded chat sample (runtime/assets/chat_sample)
-    loss_on = "last_assistant"       # | "all_assistant" | "all"   (runtime.data.chat_masks)
+    loss_on = "last_assistant"       # | "all_assistant" | "all"   (runtime.data.chat.masks)
     chat_overflow = "cut_turns"      # | "truncate" | "drop": conversations longer than seq_len
     max_dropped_fraction = 0.5       # more dropped conversations than this: stop (exit 2)
     pack = "sequential"              # | "best_fit" within pack_buffer documents
     chat_template = ""               # a .jinja file; "" = the tokenizer dir's, else built-in
     chat_date = ""                   # "Current date" of the system message; "" = today
 
-Records: runtime.data.chat_records; rendering: runtime.data.chat_template; masks:
-runtime.data.chat_masks; packing: runtime.data.chat_pack.
+Records: runtime.data.chat.records; rendering: runtime.data.chat.template; masks:
+runtime.data.chat.masks; packing: runtime.data.chat.pack.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Iterator
 
 import numpy as np
 
-from runtime.data.chat_masks import LOSS_ON, HarmonyIds, apply_overrides, trained_tokens
-from runtime.data.chat_pack import WholeDocumentStream
-from runtime.data.chat_records import ChatRecordError, Conversation, parse_record
-from runtime.data.chat_template import ChatTemplateError, build_renderer
+from runtime.data.chat.masks import LOSS_ON, HarmonyIds, apply_overrides, trained_tokens
+from runtime.data.chat.pack import WholeDocumentStream
+from runtime.data.chat.records import ChatRecordError, Conversation, parse_record
+from runtime.data.chat.template import ChatTemplateError, build_renderer
 from runtime.errors import DataError
 from runtime.data.packing import Document
 from runtime.data.readers import read_json_records, resolve_files

@@ -18,7 +18,7 @@ tokens are trained; every other token is context (IGNORE_INDEX in the labels).
   "all_assistant"             every assistant turn
   "all"                       every token after the first
 
-A record's per-message `"train": true/false` (runtime.data.chat_records) overrides that
+A record's per-message `"train": true/false` (runtime.data.chat.records) overrides that
 for the tokens its assistant message rendered to (apply_overrides): the k-th assistant
 message of the record is the k-th run of rendered assistant messages that ends in one not on
 the analysis channel (its thinking, if rendered, then its final answer or tool call).

@@ -20,7 +20,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from runtime.data import harmony
+from runtime.data.chat import harmony
 
 
 class ChatTemplateError(ValueError):

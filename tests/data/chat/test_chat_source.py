@@ -15,15 +15,15 @@ import torch
 
 from chat_conversations import CONVERSATIONS
 from runtime.data import DataConfig, DataError, Tokenizer, build_dataloader
-from runtime.data.chat_masks import HarmonyIds, trained_tokens
-from runtime.data.chat_records import parse_record
-from runtime.data.chat_source import CHAT_SAMPLE
-from runtime.data.chat_template import HarmonyRenderer
+from runtime.data.chat.masks import HarmonyIds, trained_tokens
+from runtime.data.chat.records import parse_record
+from runtime.data.chat.source import CHAT_SAMPLE
+from runtime.data.chat.template import HarmonyRenderer
 from runtime.data.tokenizer import EMBEDDED_TOKENIZER
 from runtime.model.loss import IGNORE_INDEX
 
 DATE = "2026-01-15"
-FIXTURE = Path(__file__).resolve().parents[2] / "runtime" / "assets" / "harmony_chat_template.jinja"
+FIXTURE = Path(__file__).resolve().parents[3] / "runtime" / "assets" / "harmony_chat_template.jinja"
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +296,7 @@ def test_chat_sample_is_reproducible():
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[2] / "scripts" / "build_chat_sample.py"
+    script = Path(__file__).resolve().parents[3] / "scripts" / "build_chat_sample.py"
     r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -360,7 +360,7 @@ def test_chat_configs_load_and_pass_the_plan_at_their_world_sizes(capsys):
     from runtime.plan import main as plan_main
     from runtime.train.config import load_config
 
-    root = Path(__file__).resolve().parents[2] / "configs"
+    root = Path(__file__).resolve().parents[3] / "configs"
     for name, world in (("debugmodel_sft", 1), ("gptoss_20b_sft", 8), ("gptoss_120b_sft", 64)):
         args = ["--config", str(root / f"{name}.toml"), "--world-size", str(world), "--check-only"]
         assert plan_main(args) == 0, capsys.readouterr()
@@ -377,7 +377,7 @@ def test_chat_configs_load_and_pass_the_plan_at_their_world_sizes(capsys):
 def test_show_marks_the_trained_tokens(capsys):
     from runtime.data.__main__ import main
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     assert main(["--config", str(root / "configs" / "debugmodel_sft.toml"), "--show", "2",
                  "--data.chat_date=2026-01-15"]) == 0
     text = capsys.readouterr().out

@@ -2,7 +2,7 @@
 
 Used when the tokenizer directory has no chat template (the embedded debug tokenizer).
 It renders the same text as the chat template shipped with gpt-oss checkpoints for the
-conversations the chat data path accepts (tests/data/test_chat_render.py compares the two):
+conversations the chat data path accepts (tests/data/chat/test_chat_render.py compares the two):
 
     <|start|>system<|message|>{identity, knowledge cutoff, date, reasoning, channels}<|end|>
     <|start|>developer<|message|># Instructions\\n\\n{system prompt}\\n\\n# Tools ...<|end|>
@@ -17,7 +17,7 @@ The first release's template differed and is not followed: it ended tool calls w
 instead of <|call|>, always kept a tool call's analysis, always wrote the `functions` note in
 the system message, and wrote tools as `type f = (_: {...,\\n}) => any;\\n` / `(\\n}) => any;`.
 
-Messages are in the normalised form of `runtime.data.chat_records` (HF chat format: role,
+Messages are in the normalised form of `runtime.data.chat.records` (HF chat format: role,
 content, optional thinking / tool_calls with dict arguments).
 """
 

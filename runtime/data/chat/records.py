@@ -21,7 +21,7 @@ with one schema for the whole column, so every key that any row has appears in e
 renderer see identical messages.
 
 `train` (assistant messages; Axolotl's `training` is accepted too) overrides data.loss_on
-for that message: true trains it, false masks it (runtime.data.chat_masks.apply_overrides).
+for that message: true trains it, false masks it (runtime.data.chat.masks.apply_overrides).
 
 Parallel tool calls (one assistant message with several `tool_calls`) are split into
 consecutive assistant messages, each followed by its result: harmony (and the gpt-oss

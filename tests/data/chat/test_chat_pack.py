@@ -4,7 +4,7 @@ and a resumed stream yields exactly the windows an uninterrupted one does."""
 import numpy as np
 import pytest
 
-from runtime.data.chat_pack import WholeDocumentStream
+from runtime.data.chat.pack import WholeDocumentStream
 from runtime.data.packing import Document
 
 SEQ_LEN = 64

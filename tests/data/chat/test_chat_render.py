@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.data import harmony
-from runtime.data.chat_masks import HarmonyIds, trained_tokens
-from runtime.data.chat_records import ChatRecordError, parse_record
-from runtime.data.chat_template import (ChatTemplateError, HarmonyRenderer, TemplateRenderer,
+from runtime.data.chat import harmony
+from runtime.data.chat.masks import HarmonyIds, trained_tokens
+from runtime.data.chat.records import ChatRecordError, parse_record
+from runtime.data.chat.template import (ChatTemplateError, HarmonyRenderer, TemplateRenderer,
                                         build_renderer, find_template)
 from runtime.data.tokenizer import Tokenizer
 from chat_conversations import CONVERSATIONS
 
-FIXTURE = Path(__file__).resolve().parents[2] / "runtime" / "assets" / "harmony_chat_template.jinja"
+FIXTURE = Path(__file__).resolve().parents[3] / "runtime" / "assets" / "harmony_chat_template.jinja"
 DATE = "2026-01-15"
 
 
@@ -253,7 +253,7 @@ def test_mask_details(tok):
 def _trained_text(tok, record, loss_on, renderer=None):
     """Each run of trained tokens of the record's rendering, decoded (with the encoder the
     loader uses: masks and per-message `train` flags)."""
-    from runtime.data.chat_source import ChatEncoder
+    from runtime.data.chat.source import ChatEncoder
 
     renderer = renderer or TemplateRenderer(FIXTURE.read_text(), str(FIXTURE), date=DATE)
     doc = ChatEncoder(tok, renderer, loss_on)([parse_record(record, "t")])[0]
