@@ -167,6 +167,13 @@ def local_region(param: torch.Tensor) -> tuple[torch.Tensor, Region]:
     return local, tuple((o, o + s) for o, s in zip(offset, shape))
 
 
+# Not torch's HuggingFaceStorageReader / QuantizedHuggingFaceStorageReader (dcp.load of an
+# HF-keyed state dict; tried for issue #24, benchmarks/bench_hf_parts.py, torch 2.11 = 2.13):
+# dense loads are equal (bitwise; 1.06 s vs 1.05 s for 246 M parameters on CPU), but the
+# quantized reader keeps the *_blocks chunk at its packed shape [E, R, G, 16] while the
+# tensor's size becomes [E, R, 32G], so dcp.load fills only the first G of 32G columns and
+# leaves the rest untouched, without an error. One path for dense and MXFP4 here, with
+# HFCheckpoint's one-line header checks before any read, is the smaller and correct code.
 def _load_parameter(ckpt: HFCheckpoint, source: Source, param: torch.Tensor) -> None:
     local, region = local_region(param)
     if local.ndim == 0:

@@ -110,6 +110,13 @@ def exported_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return {k: s for k, s in expected_parameter_shapes(args).items() if not RUNTIME_ONLY.match(k)}
 
 
+# Not torch's HuggingFaceStorageWriter (dcp.save of HF-keyed full tensors with our shard plan
+# as fqn_to_index_mapping; tried for issue #24, benchmarks/bench_hf_parts.py): same tensors,
+# but its files are not ours byte for byte (DCP_SHARDING_INFO/DCP_VERSION in every header),
+# one index needs one dcp.save of the whole state dict, so the writer holds a dtype copy of
+# the entire model (+545 MiB vs +130 MiB peak RSS, 2.31 s vs 2.03 s for 246 M parameters),
+# it has no MXFP4 or LoRA-merge export, and its sharded mode (every rank writes its DTensor
+# shards, rank 0 consolidates) needs twice the disk and a second pass over every byte.
 def write_hf_checkpoint(shapes: dict[str, tuple[int, ...]], fetch: Fetch, args: ModelArgs,
                         out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
                         max_shard_size: int | str = "5GB", experts_format: str = "dense",

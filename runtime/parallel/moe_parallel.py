@@ -45,9 +45,11 @@ multiply partial expert outputs) and into the MoE input. Hence:
       the all-reduced router gradient contains it once.
 Under "ep_over_tp" the router is replicated the same way; its local gradients (from different
 tokens) are summed over TP, and the aux loss, computed on each rank's own tokens, is scaled by
-1/tp so the summed gradient is their mean. Parameters the model reads directly (router gate,
-experts) are handed to the forward as local tensors by `swap_parameters` hooks; they stay
-registered DTensors (state dicts, optimizer, FSDP see the same names and placements).
+1/tp so the summed gradient is their mean. The router gate, which the model reads directly,
+is handed to the forward as a local tensor with a summed gradient by a `swap_parameters`
+hook; the experts take the local shards of their DTensor weights themselves, and only the
+expert tensors whose gradient must be summed over tp are swapped. All stay registered
+DTensors (state dicts, optimizer, FSDP see the same names and placements).
 
 Gradient scale of the experts under EP. Every rank's loss carries the factor (dp x cp) /
 global_tokens, and data-parallel reductions average over dp x cp ranks. Expert gradients
@@ -63,14 +65,10 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor.parallel import PrepareModuleOutput, parallelize_module
 
 from runtime.parallel.dims import ParallelDims
-from runtime.parallel.dtensor_utils import (
-    distributed_parameter,
-    sum_grad_over,
-    swap_parameters,
-    to_local,
-)
+from runtime.parallel.dtensor_utils import distributed_parameter, sum_grad_over, swap_parameters
 from runtime.parallel.expert_parallel import ExpertParallel
 
 __all__ = ["MOE_MODES", "apply_moe_parallel", "moe_mode"]
@@ -146,16 +144,11 @@ def _place_experts(experts: nn.Module, mesh, columns: tuple[int, ...], mode: str
     for name in names:
         placements = [_EXPERT_SPLIT[name][c] for c in columns]
         setattr(experts, name, distributed_parameter(getattr(experts, name), mesh, placements))
-    summed = [n for n in _SUM_GRAD_OVER_TP if n in names]
-    if mode == "tp":
-        # The experts' forward reads its weights directly: hand it the local shards.
-        swap_parameters(experts, experts, {
-            **{n: to_local for n in names},
-            **{n: sum_grad_over() for n in summed},
-            "mlp2_bias": sum_grad_over(count_once=True)})
-    elif mode == "etp":
-        # GroupedExperts takes the local shards of DTensor weights itself; the bias added to
-        # a partial sum is counted once over tp.
+    if mode in ("tp", "etp"):
+        # GroupedExperts takes the local shards of DTensor weights itself; only the tensors
+        # whose gradient is a partial sum over tp are swapped, and the bias added to a
+        # partial sum is counted once over tp.
+        summed = [n for n in _SUM_GRAD_OVER_TP if n in names]
         swap_parameters(experts, experts, {
             **{n: sum_grad_over("tp") for n in summed},
             "mlp2_bias": sum_grad_over("tp", count_once=True)})
@@ -163,7 +156,13 @@ def _place_experts(experts: nn.Module, mesh, columns: tuple[int, ...], mode: str
 
 def _replicate_router(router: nn.Module, tp_mesh) -> None:
     """Router gate weight/bias as Replicate DTensors whose local gradients are summed over TP
-    (swapped in around the router's forward, which reads them directly)."""
+    (swapped in around the router's forward, which reads them directly).
+
+    Not torchtitan's NoParallel recipe (torch has no such style; built from torch's
+    PrepareModuleInputOutput: Replicate DTensors in, local tensors out): its Replicate weight
+    gradient is each rank's partial sum, never summed over tp. Measured (TP=2, parity
+    harness, benchmarks/bench_moe_hooks.py): first-step router bias gradient off by 73% of
+    its largest value, losses by 3.5e-4 relative, against 7.5e-7 / 2.2e-7 here."""
     gate = router.gate
     names = [n for n in ("weight", "bias") if gate._parameters.get(n) is not None]
     for name in names:
@@ -173,7 +172,14 @@ def _replicate_router(router: nn.Module, tp_mesh) -> None:
 
 class _GatheredTokens:
     """Modes "tp" and "etp": every TP rank runs the MoE on the whole (gathered) sequence and
-    its partial output is reduce-scattered back to the rank's sequence shard."""
+    its partial output is reduce-scattered back to the rank's sequence shard (torch's
+    PrepareModuleOutput).
+
+    The input side is ours, not torch's PrepareModuleInput(use_local_output=True): its
+    `to_local()` declares the gradient Replicate, so backward keeps one rank's partial input
+    gradient instead of reduce-scattering the sum. Measured (TP=2, parity harness,
+    benchmarks/bench_moe_hooks.py): first-step ffn_norm gradient off by 87% of its largest
+    value with torch's input style, 7.5e-7 (summation order) with this one."""
 
     def __init__(self, tp_mesh):
         self.mesh = tp_mesh
@@ -181,7 +187,9 @@ class _GatheredTokens:
 
     def apply(self, moe: nn.Module) -> None:
         moe.register_forward_pre_hook(self._gather_input)
-        moe.register_forward_hook(self._reduce_scatter_output)
+        moe.register_forward_hook(self._restore_aux_scale)
+        parallelize_module(moe, self.mesh, PrepareModuleOutput(
+            output_layouts=Partial(), desired_output_layouts=Shard(1)))
 
     def _gather_input(self, moe, args):
         (x,) = args
@@ -193,10 +201,8 @@ class _GatheredTokens:
         _divide_aux_loss_scale(moe, self.size)
         return (full,)
 
-    def _reduce_scatter_output(self, moe, args, out):
+    def _restore_aux_scale(self, moe, args, out):
         _restore_aux_loss_scale(moe)
-        partial = DTensor.from_local(out, self.mesh, [Partial()], run_check=False)
-        return partial.redistribute(self.mesh, [Shard(1)]).to_local()
 
 
 class _LocalTokens:
