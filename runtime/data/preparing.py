@@ -184,22 +184,22 @@ class _Job:
                 yield k, fn(k, *args, source=self.source, encode=self.encode)
             return
         futures: dict[cf.Future, int] = {}
+        finished = False
         try:
             for k in tasks:
                 futures[pool.submit(fn, k, *args)] = k
             for future in cf.as_completed(futures):
                 yield futures[future], future.result()
+            finished = True
         except cf.process.BrokenProcessPool:
-            # Python 3.11's executor then joins the surviving workers, which wait for work
-            # forever (3.12 terminates them): end them here, or shutdown hangs.
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                proc.terminate()
             raise PrepareStopped(
                 f"a prepare worker died (killed, or out of memory?); the finished parts are "
                 f"kept in {self.work}: run the same command again to resume") from None
         finally:
             for f in futures:
                 f.cancel()
+            if not finished:  # an error (bad input, a dead worker, Ctrl-C): stop the others now
+                _terminate(pool)
 
     def check(self, parts) -> dict[int, str]:
         """{part: why it cannot be used} among `parts` (sizes and checksums)."""
@@ -249,6 +249,15 @@ class _Job:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _terminate(pool: cf.ProcessPoolExecutor) -> None:
+    """End a pool's workers now: their running parts are abandoned (temporary folders, never
+    read). The executor offers no such call before Python 3.14 (terminate_workers), and its
+    shutdown waits for the running parts (minutes each) or, on 3.11 after a worker died,
+    joins the survivors, which wait for work forever."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
 
 
 _WORKER: dict = {}

@@ -225,3 +225,37 @@ def test_a_saved_dataset_is_cut_into_row_ranges(tok, tmp_path):
         assert np.array_equal(np.load(tmp_path / "w2" / f"{name}.npy"),
                               np.load(tmp_path / "whole" / f"{name}.npy")), name
     assert int(np.load(tmp_path / "w2" / "shard_records.npy")[0]) == 200
+
+
+class _SlowEncoder(TextEncoder):
+    """TextEncoder taking `delay` seconds per batch: parts that run long whatever the CPU."""
+
+    def __init__(self, tokenizer, delay: float):
+        super().__init__(tokenizer)
+        self.delay = delay
+
+    def __call__(self, items):
+        import time
+
+        time.sleep(self.delay)
+        return super().__call__(items)
+
+
+def test_bad_input_stops_the_other_workers_at_once(tok, tmp_path):
+    """A bad record in the first part ends the run with its one error while the other worker
+    is inside a long part (8 batches of 1 s): that part is abandoned, not finished first,
+    and the parts queued behind it never start (before: every running and queued part was
+    written before the error came out)."""
+    from runtime.errors import DataError
+
+    files = [tmp_path / "a0.jsonl"]
+    files[0].write_text('{"text": "fine"}\n{"text": broken\n')
+    for i in range(1, 5):
+        files.append(tmp_path / f"a{i}.jsonl")
+        files[-1].write_text(_lines([f"document {j} of file {i}" for j in range(70)]))
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"a0\.jsonl:2: invalid JSON"):
+        prepare(FileSource(files), _SlowEncoder(tok, 1.0), out, tok, part_bytes=PART,
+                batch_docs=7, workers=2)
+    assert not out.exists()
+    assert not list(work_dir(out).glob("part-*"))  # no part finished after the error
