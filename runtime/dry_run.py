@@ -274,6 +274,7 @@ def _build_trainer(cfg, dims, model_args, rank: int, device):
     """A Trainer with the real model, runner, optimizer and lr schedule, and nothing of the
     run around them (no data loader, checkpoints, metrics or dump folder)."""
     from runtime.model.moe import moe_layers
+    from runtime.train.checkpoint import Progress
     from runtime.train.job import step_batch
     from runtime.train.optim import build_lr_scheduler, build_optimizer
     from runtime.train.trainer import Trainer
@@ -282,7 +283,7 @@ def _build_trainer(cfg, dims, model_args, rank: int, device):
     t.cfg, t.model_args, t.dims, t.device = cfg, model_args, dims, device
     t.world_size, t.rank, t.local_rank = dims.world_size, rank, 0
     t.lora_spec = cfg.lora_spec()  # as Trainer.__init__ (None without [lora] enable)
-    t.step = t.tokens_seen = t.last_trained_tokens = t.skipped_steps = 0
+    t.progress, t.last_trained_tokens = Progress(), 0  # step, tokens_seen, skipped_steps
     t.grad_accum, t.global_batch = step_batch(cfg, dims.dp)
     t._build_model()
     t.optimizer = build_optimizer(t.model, cfg.optimizer, device)

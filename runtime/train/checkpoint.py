@@ -201,62 +201,72 @@ class OptimizerState(Stateful):
             set_optimizer_state_dict(part, optim, state_dict)
 
 
+@dataclass
+class Progress:
+    """The run's counters: the trainer advances them, a checkpoint saves and restores them."""
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0  # non-finite or untrained steps skipped over the run
+
+
 class TrainState:
     """The trainer's non-tensor state as JSON (runtime.json; identical on every rank):
     step, lr scheduler, data-loader position, CPU RNG, counters; plus the model identity
-    and the config, which a resume checks against."""
+    and the config, which a resume checks against. `restore` writes into `progress`,
+    `lr_scheduler` and `dataloader` (the trainer's own objects)."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    def __init__(self, progress: Progress, lr_scheduler, dataloader, *, cfg, model_args,
+                 lora: bool, global_batch: int | None, dp: int):
+        """cfg: the JobConfig; lora: a LoRA run (its frozen base is not in the checkpoint);
+        global_batch: sequences per optimizer step over `dp` data-parallel ranks."""
+        self.progress, self.lr_scheduler, self.dataloader = progress, lr_scheduler, dataloader
+        self.cfg, self.model_args, self.lora = cfg, model_args, lora
+        self._global_batch, self.dp = global_batch, dp
 
     def snapshot(self) -> dict[str, Any]:
-        t = self.trainer
+        p = self.progress
         return {
-            "step": t.step,
-            "global_batch": getattr(t, "global_batch", None),  # sequences per optimizer step
-            "tokens_seen": t.tokens_seen,
-            "skipped_steps": getattr(t, "skipped_steps", 0),
-            "lr_scheduler": _plain(t.lr_scheduler.state_dict()),
-            "dataloader": _plain(t.dataloader.state_dict()),
+            "step": p.step,
+            "global_batch": self._global_batch,  # sequences per optimizer step
+            "tokens_seen": p.tokens_seen,
+            "skipped_steps": p.skipped_steps,
+            "lr_scheduler": _plain(self.lr_scheduler.state_dict()),
+            "dataloader": _plain(self.dataloader.state_dict()),
             "rng_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         }
 
     def restore(self, payload: dict[str, Any], exclude: list[str]) -> None:
-        t = self.trainer
-        t.step = int(payload["step"])
-        t.tokens_seen = int(payload.get("tokens_seen", 0))
-        if hasattr(t, "skipped_steps"):
-            t.skipped_steps = int(payload.get("skipped_steps", 0))
+        p = self.progress
+        p.step = int(payload["step"])
+        p.tokens_seen = int(payload.get("tokens_seen", 0))
+        p.skipped_steps = int(payload.get("skipped_steps", 0))
         if "lr_scheduler" in exclude:
-            _restart_schedule_at(t.lr_scheduler, t.step)
+            _restart_schedule_at(self.lr_scheduler, p.step)
         else:
-            t.lr_scheduler.load_state_dict(payload["lr_scheduler"])
+            self.lr_scheduler.load_state_dict(payload["lr_scheduler"])
         if "dataloader" not in exclude:
-            t.dataloader.load_state_dict(payload["dataloader"])
+            self.dataloader.load_state_dict(payload["dataloader"])
         rng = base64.b64decode(payload["rng_cpu"])
         torch.set_rng_state(torch.frombuffer(bytearray(rng), dtype=torch.uint8))
 
     def model_identity(self) -> dict[str, Any]:
-        return model_identity(self.trainer.cfg.model.flavor, self.trainer.model_args)
+        return model_identity(self.cfg.model.flavor, self.model_args)
 
     def base_identity(self) -> dict[str, Any] | None:
         """A LoRA run's frozen base (path + header fingerprint), computed once; None for a
         full fine-tune (its checkpoint holds every weight)."""
-        t = self.trainer
-        if getattr(t, "lora_spec", None) is None:
+        if not self.lora:
             return None
         if not hasattr(self, "_base"):
-            self._base = base_identity(t.cfg.checkpoint, t.cfg.training.seed)
+            self._base = base_identity(self.cfg.checkpoint, self.cfg.training.seed)
         return self._base
 
     def global_batch(self) -> tuple[int | None, str]:
         """This run's effective global batch and how it comes about (for resume messages)."""
-        t = self.trainer
-        return getattr(t, "global_batch", None), describe_global_batch(
-            t.cfg.training, getattr(getattr(t, "dims", None), "dp", 1))
+        return self._global_batch, describe_global_batch(self.cfg.training, self.dp)
 
     def config(self) -> dict[str, dict[str, Any]]:
-        return self.trainer.cfg.to_dict()
+        return self.cfg.to_dict()
 
 
 def _plain(obj: Any) -> Any:
@@ -562,8 +572,7 @@ class CheckpointManager:
         train: TrainState = self.states["train"]
         problem = base_mismatch(path, saved_base, train.base_identity())
         if problem is None and train.base_identity() is not None:
-            t = train.trainer
-            problem = lora_change(path, saved_config, t.cfg.lora, t.model_args)
+            problem = lora_change(path, saved_config, train.cfg.lora, train.model_args)
         if problem:
             raise CheckpointError(problem)
         try:

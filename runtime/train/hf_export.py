@@ -26,10 +26,13 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.tensor import DTensor
 
 from runtime.atomic_dir import make_temp_dir, replace_dir, restore_aside
@@ -100,64 +103,88 @@ def check_lora_export(cfg, pp: int) -> None:
                           "merge with PEFT's merge_and_unload")
 
 
-def save_last_in_hf(trainer) -> Path:
-    """Every rank calls this (gathers are collectives); returns the export directory."""
-    cfg = trainer.cfg
+@dataclass(frozen=True)
+class _Export:
+    """What one export reads (save_last_in_hf's arguments)."""
+    cfg: Any  # the JobConfig
+    model: nn.Module
+    model_args: Any
+    tokenizer: Any
+    lora_spec: Any
+    rank: int
+    step: int
+    checkpointer: Any  # CheckpointManager: the final checkpoint under pipeline parallelism
+    pipeline: bool
+
+
+def save_last_in_hf(cfg, model: nn.Module, tokenizer, *, model_args, lora_spec, rank: int,
+                    step: int, checkpointer, pipeline: bool) -> Path:
+    """Every rank calls this (gathers are collectives); returns the export directory.
+    model: every local parameter under the full model's names (the runner's `model`);
+    lora_spec: None for a full fine-tune; pipeline: no rank holds every stage, so rank 0
+    converts the final checkpoint of `step` (`checkpointer` waits for it and knows where
+    it is)."""
+    e = _Export(cfg, model, model_args, tokenizer, lora_spec, rank, step, checkpointer,
+                pipeline)
     out = export_dir(cfg.job.dump_folder)
-    spec = getattr(trainer, "lora_spec", None)
-    mode = cfg.lora.export if spec is not None else "merged"
-    tmp = make_temp_dir(out) if trainer.rank == 0 else out  # only rank 0 writes
+    mode = cfg.lora.export if lora_spec is not None else "merged"
+    tmp = make_temp_dir(out) if rank == 0 else out  # only rank 0 writes
     try:
         if mode in ("merged", "both"):
-            _save_merged(trainer, tmp, spec)
+            _save_merged(e, tmp)
         if mode in ("adapter", "both"):
-            _save_adapter(trainer, tmp / ADAPTER_DIR, spec)
-        if trainer.rank == 0:
+            _save_adapter(e, tmp / ADAPTER_DIR)
+        if rank == 0:
             replace_dir(tmp, out)
     finally:
-        if trainer.rank == 0 and tmp.exists() and tmp != out:
+        if rank == 0 and tmp.exists() and tmp != out:
             shutil.rmtree(tmp, ignore_errors=True)  # failed: `hf/` keeps the previous export
     if dist.is_initialized():
         dist.barrier()
     return out
 
 
-def _write_tokenizer(trainer, out: Path) -> list[str]:
-    tok = trainer.tokenizer
+def _write_tokenizer(e: _Export, out: Path) -> list[str]:
+    tok = e.tokenizer
     return write_tokenizer_files(out, tokenizer_file=tok.source, tokenizer_dir=tok.directory,
                                  bos=tok.decode([tok.bos_id]), eos=tok.decode([tok.eos_id]),
                                  pad=tok.decode([tok.pad_id]),
-                                 chat_template=trainer.cfg.data.chat_template)
+                                 chat_template=e.cfg.data.chat_template)
 
 
-def _save_merged(trainer, tmp: Path, spec) -> None:
+def _final_checkpoint(e: _Export) -> Path:
+    """The last step's DCP checkpoint, complete on disk (it was saved synchronously)."""
+    e.checkpointer.wait()
+    return e.checkpointer.folder / f"step-{e.step}"
+
+
+def _save_merged(e: _Export, tmp: Path) -> None:
     """The full HF checkpoint (a LoRA run's adapters folded into the base) into `tmp`."""
-    ck = trainer.cfg.checkpoint
+    ck = e.cfg.checkpoint
     dtype = getattr(torch, ck.last_save_hf_dtype)
-    if trainer.dims.pp > 1:
-        trainer.checkpointer.wait()  # the final save must be complete on disk
-        step_dir = trainer.checkpointer.folder / f"step-{trainer.step}"
-        if trainer.rank == 0:
-            dcp_to_hf(step_dir, tmp, dtype=dtype, args=trainer.model_args,
+    if e.pipeline:
+        step_dir = _final_checkpoint(e)
+        if e.rank == 0:
+            dcp_to_hf(step_dir, tmp, dtype=dtype, args=e.model_args,
                       experts_format=ck.last_save_hf_experts, progress=True)
     else:
-        save_hf(trainer.model, tmp, dtype=dtype, experts_format=ck.last_save_hf_experts,
-                progress=trainer.rank == 0, lora_scaling=spec.scaling if spec else None)
-    if trainer.rank == 0:
-        _write_tokenizer(trainer, tmp)
+        save_hf(e.model, tmp, dtype=dtype, experts_format=ck.last_save_hf_experts,
+                progress=e.rank == 0,
+                lora_scaling=e.lora_spec.scaling if e.lora_spec else None)
+    if e.rank == 0:
+        _write_tokenizer(e, tmp)
 
 
-def _save_adapter(trainer, out: Path, spec) -> None:
+def _save_adapter(e: _Export, out: Path) -> None:
     """`<export>/adapter/`: the PEFT adapter folder (+ the tokenizer files, so it is
     self-contained), written by rank 0."""
-    cfg = trainer.cfg
-    tensors = (_adapters_from_checkpoint(trainer) if trainer.dims.pp > 1
-               else _adapters_from_model(trainer.model))
-    if trainer.rank != 0:
+    cfg, spec = e.cfg, e.lora_spec
+    tensors = _adapters_from_checkpoint(e) if e.pipeline else _adapters_from_model(e.model)
+    if e.rank != 0:
         return
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tokenizer-") as tok_dir:
-        names = _write_tokenizer(trainer, Path(tok_dir))
-        write_adapter(out, tensors, trainer.model_args.n_layers, rank=spec.rank,
+        names = _write_tokenizer(e, Path(tok_dir))
+        write_adapter(out, tensors, e.model_args.n_layers, rank=spec.rank,
                       alpha=spec.alpha, use_rslora=spec.use_rslora, dropout=spec.dropout,
                       base_model=cfg.checkpoint.initial_load_hf or None,
                       dtype=getattr(torch, cfg.checkpoint.last_save_hf_dtype),
@@ -179,14 +206,13 @@ def _adapters_from_model(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _adapters_from_checkpoint(trainer) -> dict[str, torch.Tensor]:
+def _adapters_from_checkpoint(e: _Export) -> dict[str, torch.Tensor]:
     """Under pipeline parallelism no rank holds every stage: rank 0 reads the adapters from
     the final checkpoint (saved synchronously at the last step; a LoRA checkpoint holds
     exactly the trained tensors)."""
-    trainer.checkpointer.wait()
-    if trainer.rank != 0:
+    step_dir = _final_checkpoint(e)
+    if e.rank != 0:
         return {}
-    step_dir = trainer.checkpointer.folder / f"step-{trainer.step}"
     entries = read_dcp_model_entries(step_dir)
     wanted = {k: e for k, e in entries.items() if not RUNTIME_ONLY.match(k)}
     model = {e.name: torch.empty(e.shape, dtype=e.dtype) for e in wanted.values()}

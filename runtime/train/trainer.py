@@ -40,8 +40,8 @@ from runtime.parallel.context_parallel import shard_batch
 from runtime.parallel.parallelize import parallelize
 from runtime.parallel.pipeline import PipelineParallel
 from runtime.parallel.quantize import after_optimizer_step
-from runtime.train.checkpoint import (CheckpointManager, ModelState, OptimizerState, TrainState,
-                                      check_model_early, lock_dump_folder)
+from runtime.train.checkpoint import (CheckpointManager, ModelState, OptimizerState, Progress,
+                                      TrainState, check_model_early, lock_dump_folder)
 from runtime.train.config import JobConfig, build_parser, parse_args, validate_job
 from runtime.train.faults import (NonFiniteLossError, StartupStopped, StopSignal,
                                   StopWhileWaiting, check_finite, count_skipped_step,
@@ -67,18 +67,27 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _progress(name: str) -> property:
+    """trainer.step / tokens_seen / skipped_steps: the counters of `trainer.progress`, which
+    the checkpoint's TrainState saves and restores."""
+    return property(lambda self: getattr(self.progress, name),
+                    lambda self, value: setattr(self.progress, name, value))
+
+
 class Trainer:
+    step = _progress("step")
+    tokens_seen = _progress("tokens_seen")
+    skipped_steps = _progress("skipped_steps")  # non-finite or untrained steps (checkpointed)
+
     def __init__(self, cfg: JobConfig, stop: StopSignal | None = None):
         """`stop`: the entry point's StopSignal, installed in start-up mode (faults.py); a
         signal before the first step then raises StartupStopped out of here, the dump-folder
         lock released."""
         self.cfg = cfg
         self.stop = stop
-        self.step = 0
-        self.tokens_seen = 0
+        self.progress = Progress()  # step, tokens_seen, skipped_steps
         self.last_trained_tokens = 0
         self._wandb = require_wandb(cfg.metrics)  # not installed: a config error, nothing built
-        self.skipped_steps = 0  # non-finite or untrained steps skipped over the run (checkpointed)
         self.abandoned = False  # stopped while waiting for data: leave without collectives
         self._init_distributed()
         # One job per dump folder (dump_lock.py), before anything is read, built or written;
@@ -281,7 +290,9 @@ class Trainer:
             {"model": ModelState(self.model_parts,
                                  trainable_only=self.lora_spec is not None),
              "optimizer": OptimizerState([self.model], [self.optimizer]),
-             "train": TrainState(self)},
+             "train": TrainState(self.progress, self.lr_scheduler, self.dataloader, cfg=cfg,
+                                 model_args=self.model_args, lora=self.lora_spec is not None,
+                                 global_batch=self.global_batch, dp=self.dims.dp)},
             log=self.log)
         resumed = self.checkpointer.load_latest() if cfg.checkpoint.enable else None
         if resumed is not None:
@@ -440,7 +451,7 @@ class Trainer:
                     return code
             if cfg.checkpoint.last_save_in_hf:
                 self.log(f"HF checkpoint (weights, config, tokenizer, chat template): "
-                         f"{save_last_in_hf(self)}")
+                         f"{self.export_hf()}")
             return 0
         except torch.OutOfMemoryError:
             if profiler is not None:
@@ -457,6 +468,13 @@ class Trainer:
                 self.metrics.close()
                 if self.dump_lock is not None:
                     self.dump_lock.release()
+
+    def export_hf(self) -> Path:
+        """checkpoint.last_save_in_hf: this model as an HF checkpoint in <dump_folder>/hf
+        (hf_export.py; every rank calls it)."""
+        return save_last_in_hf(self.cfg, self.model, self.tokenizer, model_args=self.model_args,
+                               lora_spec=self.lora_spec, rank=self.rank, step=self.step,
+                               checkpointer=self.checkpointer, pipeline=self.dims.pp > 1)
 
     def _data_extras(self) -> dict:
         """Trained tokens of the step (loss-masked data); chat conversations cut or dropped so

@@ -139,8 +139,6 @@ def test_lora_settings_a_resume_cannot_honour(lora_run, base, tmp_path, change, 
 @pytest.fixture(scope="module")
 def exported(lora_run, base, tmp_path_factory):
     """The trained LoRA model (resumed at step 4) and its hand-back in each lora.export mode."""
-    from runtime.train.hf_export import save_last_in_hf
-
     folder = copy_run(lora_run, tmp_path_factory.mktemp("export") / "run")
     trainer = make_trainer(folder, *LORA, f"--checkpoint.initial_load_hf={base / 'fp32'}",
                            "--checkpoint.last_save_in_hf=true",
@@ -151,7 +149,7 @@ def exported(lora_run, base, tmp_path_factory):
         trainer.cfg.lora.export = mode
         trainer.cfg.job.dump_folder = str(folder / mode)
         (folder / mode).mkdir()
-        outs[mode] = save_last_in_hf(trainer)
+        outs[mode] = trainer.export_hf()
     return trainer, outs
 
 
