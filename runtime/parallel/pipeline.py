@@ -2,8 +2,8 @@
 placement, the schedules, and the pieces of a training step that must span every stage
 (loss, gradient-norm clipping, one optimizer over a rank's several stages).
 `PipelineParallel` is the pipeline runner: it offers the trainer the same calls as
-`runtime.train.runner.LocalRunner` (model_parts, model, microbatches, forward_backward,
-eval_loss_sum, share_loss, clip_grad_norm_).
+`runtime.train.runner.LocalRunner` (the `runtime.train.runner.Runner` protocol: model_parts,
+model, microbatches, forward_backward, eval_loss_sum, share_loss, clip_grad_norm_).
 
 Splitting (`stage_layer_ids`). The model is cut between transformer blocks; every stage
 gets at least one block.

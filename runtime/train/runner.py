@@ -5,16 +5,8 @@
     runtime.parallel.pipeline.PipelineParallel
                                          this rank's pipeline stages, run by a schedule
 
-The trainer drives either through the same calls and never asks which one it has:
-
-    model_parts      [nn.Module]: the model, or this rank's stage modules (checkpoints, float8)
-    model            one module holding every local parameter under the full model's names
-                     (the optimizer, its checkpoints, MoE bookkeeping, parameter counts)
-    microbatches     model forwards per gradient-accumulation micro-step
-    forward_backward(micro, loss_scale, sync_grads) -> summed token loss of `micro`
-    eval_loss_sum(micro)       -> the same without training on it (validation)
-    share_loss(loss_sum)       -> the loss summed over the ranks that each computed a part (pp)
-    clip_grad_norm_(max_norm)  -> the total gradient norm over every shard and stage, clipped
+The trainer drives either through the same calls, the `Runner` protocol below, and never
+asks which one it has (tests/train/test_runner.py checks that both conform).
 
 The loss contract: `forward_backward` backpropagates `loss_scale` x (sum over the micro-step's
 tokens of the cross entropy, IGNORE_INDEX labels skipped) and returns that sum, unscaled,
@@ -27,11 +19,43 @@ the parallel passes ran on the meta device; the pipeline calls it for its stages
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from torch import nn
 
 from runtime.model.loss import cross_entropy_sum, loss_parallel_context
 from runtime.parallel.gradients import clip_grad_norm_, no_gradient_sync
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What the trainer needs of a runner (LocalRunner, parallel/pipeline.py's
+    PipelineParallel)."""
+
+    model_parts: list[nn.Module]  # the model, or this rank's stage modules (checkpoints)
+    # One module holding every local parameter under the full model's names (the optimizer,
+    # its checkpoints, MoE bookkeeping, parameter counts).
+    model: nn.Module
+    microbatches: int  # model forwards per gradient-accumulation micro-step
+
+    def forward_backward(self, micro: dict, loss_scale: float,
+                         sync_grads: bool = True) -> torch.Tensor:
+        """Backpropagates loss_scale x the summed token loss of `micro`; returns the sum
+        (unscaled, detached, fp32). sync_grads=False: no data-parallel reduction yet."""
+        ...
+
+    def eval_loss_sum(self, micro: dict) -> torch.Tensor:
+        """The summed token loss of `micro` without training on it (validation)."""
+        ...
+
+    def share_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """The loss summed over the ranks that each computed a part of it (pipeline)."""
+        ...
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """The total gradient norm over every shard and stage, clipped to max_norm."""
+        ...
 
 
 def materialize(parts: list[nn.Module], device: torch.device, seed: int) -> None:

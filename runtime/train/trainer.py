@@ -52,7 +52,7 @@ from runtime.train.job import step_batch
 from runtime.train.memory_plan import check_memory
 from runtime.train.hf_export import check_export_target, check_lora_export, save_last_in_hf
 from runtime.train.profiling import StepProfiler
-from runtime.train.runner import LocalRunner, materialize
+from runtime.train.runner import LocalRunner, Runner, materialize
 from runtime.train.slurm_env import setup_distributed_env
 from runtime.train.validation_loss import Validator
 from runtime.train.wandb_logger import WandbLogger, require_wandb
@@ -219,6 +219,7 @@ class Trainer:
         def materialize_parts(parts):
             materialize(parts, self.device, cfg.training.seed)
 
+        self.runner: Runner
         if self.dims.pp > 1:  # this rank's pipeline stages, each parallelised on its own
             self.runner = PipelineParallel(model, self.dims, cfg, self.device,
                                            parallelize_part, materialize_parts)

@@ -467,11 +467,14 @@ def _describe(trainer, block_calls: dict[str, int]) -> dict[str, Any]:
 
 
 def _describe_pipeline(trainer) -> dict[str, Any]:
+    from runtime.train.runner import Runner
+
     pipe = trainer.runner
     if not hasattr(pipe, "schedule"):  # not the pipeline runner
         return {}
     overlap = getattr(pipe, "ep_overlap", None)
     return {"schedule": type(pipe.schedule).__name__, "stage_ids": pipe.stage_ids,
+            "is_runner": isinstance(pipe, Runner),  # the trainer's contract (runner.py)
             "microbatches": pipe.microbatches,
             "layers": [sorted(int(k) for k in part.layers) for part in _model_parts(trainer)],
             # DualPipeV x EP overlap: dualpipe_overlap.OverlapStats as a dict, None when off.

@@ -226,6 +226,7 @@ def _check_run(name, ref, got, *, schedule, stages_per_rank, pp, n_layers, micro
     infos = [r["info"] for r in got["ranks"]]
     # The mode under test was engaged: the schedule, the stages per rank, disjoint layers.
     assert {i["schedule"] for i in infos} == {schedule}
+    assert all(i["is_runner"] for i in infos)  # PipelineParallel is a runner.Runner
     assert all(len(i["stage_ids"]) == stages_per_rank for i in infos)
     assert infos[0]["microbatches"] == microbatches and infos[0]["grad_accum"] == accum
     by_pp_rank = {tuple(i["stage_ids"]): i["layers"] for i in infos}
