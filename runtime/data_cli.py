@@ -6,7 +6,8 @@
       (labels -100 on untrained tokens)
   python -m runtime.data prepare --config C [overrides] --out DIR
       tokenize the config's [data] source once into memory-mapped token files + a document
-      index (runtime/data/prepared.py); train on it with
+      index (runtime/data/prepared.py; chat: rendered, masked and cut for training.seq_len,
+      runtime/data/prepared_chat.py); train on it with
       --data.dataset=prepared --data.dataset_path=DIR
   python -m runtime.data --config C [overrides] --bench N [--dp-degree D] [--dp-rank R]
       ms per step of data-parallel rank R of D for the config's local batch (the global
@@ -30,7 +31,9 @@ from pathlib import Path
 
 from runtime.data.loader import build_dataloader
 from runtime.data.prepare_parts import DEFAULT_PART_BYTES
+from runtime.data.chat_source import build_chat_source
 from runtime.data.prepared import PreparedDataset
+from runtime.data.prepared_chat import ChatPrepareEncoder, chat_prepare_settings
 from runtime.data.preparing import (PrepareStopped, default_workers, finalize, plan_of,
                                     prepare, work_dir)
 from runtime.data.sources import build_source, source_kind
@@ -143,6 +146,34 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
+def prepare_inputs(data_cfg, seq_len: int, tokenizer) -> tuple:
+    """(source, encoder, plan settings) of a `prepare` of a [data] config. Chat is rendered,
+    masked and cut for `seq_len` (training.seq_len) now (runtime.data.prepared_chat); text
+    does not depend on seq_len."""
+    if source_kind(data_cfg) == "chat":
+        data_cfg, settings = chat_prepare_settings(data_cfg, seq_len, tokenizer)
+        source = build_chat_source(data_cfg)
+        encode = ChatPrepareEncoder(tokenizer, data_cfg, seq_len)
+    else:
+        source = build_source(data_cfg)
+        encode = source.encoder(tokenizer)
+        settings = {"data": {k: v for k, v in dataclasses.asdict(data_cfg).items()
+                             if k not in READ_TIME_KEYS}}
+    if getattr(source, "shuffle", False):
+        source.shuffle = False  # stored in natural order; data.shuffle applies when reading
+    return source, encode, settings
+
+
+def _rendered_date(out: Path) -> str:
+    """The render date of the chat parts already in `out`'s work folder (a resume, another
+    shard, the finalize may run on another day than the first part), else ''."""
+    try:
+        plan = json.loads((work_dir(out) / "plan.json").read_text())
+        return str(plan["settings"]["chat"]["chat_date"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def run_prepare(cfg, ns) -> int:
     out, shard = ns.out, _shard(ns.shard)
     workers = default_workers() if ns.workers is None else ns.workers
@@ -153,16 +184,14 @@ def run_prepare(cfg, ns) -> int:
     if shard and ns.finalize:
         raise DataError("--shard and --finalize are two steps: give one of them")
     kind = source_kind(cfg.data)
-    if kind in ("chat", "prepared"):  # prepared data packs text: whole conversations need
-        raise DataError(f"prepare: data.dataset = {kind!r} cannot be prepared (chat data is "
-                        f"read streamed, by conversation); use 'path', 'hf' or 'embedded'")
+    if kind == "prepared":
+        raise DataError("prepare: data.dataset = 'prepared' is prepared already; name the "
+                        "source ('path', 'hf', 'embedded' or 'chat')")
     tokenizer = Tokenizer.load(cfg.model.tokenizer_path)
-    source = build_source(cfg.data)
-    if getattr(source, "shuffle", False):
-        source.shuffle = False  # stored in natural order; data.shuffle applies when reading
-    encode = source.encoder(tokenizer)
-    settings = {"data": {k: v for k, v in dataclasses.asdict(cfg.data).items()
-                         if k not in READ_TIME_KEYS}}
+    data_cfg = cfg.data
+    if kind == "chat" and not data_cfg.chat_date:  # "" = today, unless parts exist already
+        data_cfg = dataclasses.replace(data_cfg, chat_date=_rendered_date(Path(out)))
+    source, encode, settings = prepare_inputs(data_cfg, cfg.training.seq_len, tokenizer)
     opts = dict(part_bytes=max(1, int(ns.part_mb * (1 << 20))), settings=settings)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     start = time.perf_counter()
@@ -183,7 +212,11 @@ def run_prepare(cfg, ns) -> int:
               f"{time.perf_counter() - start:.1f}s; when every shard is done: prepare "
               f"--finalize --out {out}")
         return 0
-    print(f"prepared {meta['num_docs']} documents, {meta['num_tokens']} tokens "
+    chat = meta.get("chat")
+    what = (f"{chat['conversations']} conversations ({chat['cut']} cut, {chat['dropped']} "
+            f"dropped for seq_len {chat['seq_len']}, data.chat_overflow = "
+            f"{chat['chat_overflow']!r})" if chat else f"{meta['num_docs']} documents")
+    print(f"prepared {what}, {meta['num_tokens']} tokens "
           f"({meta['dtype']}) of {meta['source']} into {out} in "
           f"{time.perf_counter() - start:.1f}s; train with --data.dataset=prepared "
           f"--data.dataset_path={out}")

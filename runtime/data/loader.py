@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from pathlib import Path
 from typing import Callable
 
 from runtime.errors import DataError
 from runtime.data.chat.source import build_chat_source
 from runtime.data.packing import Document, window_batch
 from runtime.data.prefetch import Prefetcher
-from runtime.data.prepared import PreparedDataset, PreparedStream
+from runtime.data.prepared import PreparedDataset, PreparedStream, read_meta
+from runtime.data.prepared_chat import PreparedChat
 from runtime.data.preparing import cached_prepared
 from runtime.data.schema import DataConfig, ValidationConfig
 from runtime.data.sources import (
@@ -84,7 +86,7 @@ class ParallelAwareDataLoader:
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
         self.local_batch_size = global_batch_size // dp_world_size
         self.document_masking = document_masking
-        if isinstance(source, PreparedDataset):
+        if isinstance(source, PreparedDataset) and not isinstance(source, PreparedChat):
             self.stream = PreparedStream(source, seq_len)
         else:
             encode = encoder or source.encoder(tokenizer)
@@ -185,7 +187,10 @@ def open_source(data_cfg: DataConfig | None, tokenizer, split: str = "train",
         path = data_cfg.dataset_path
         if not path or not isinstance(path, str):
             raise DataError("data.dataset is 'prepared' but data.dataset_path is not one folder")
-        dataset = PreparedDataset(path, shuffle, seed)
+        if "chat" in read_meta(Path(path).expanduser()):  # conversations, packed whole
+            dataset = PreparedChat(path, data_cfg)
+        else:
+            dataset = PreparedDataset(path, shuffle, seed)
     elif kind == "embedded" and not streamed and getattr(tokenizer, "fingerprint", None):
         source = EmbeddedSource()
         folder = cached_prepared(source, EMBEDDED_CORPUS, tokenizer, source.encoder(tokenizer),

@@ -38,6 +38,12 @@ class Document:
 
     tokens: np.ndarray  # int64 [n], specials included
     trained: np.ndarray | None = None  # bool [n]: token i is a loss target; None = all are
+    # chat `prepare`: tokens the conversation encoded to before data.chat_overflow (the
+    # stored tokens are what is packed; none when it is dropped); None elsewhere
+    length: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
 class TextEncoder:

@@ -14,7 +14,8 @@ The work folder `.<out name>.parts/` beside the output holds:
   part-NNNNN/      one finished part (written as `.part-NNNNN.tmp-*`, then renamed: a kill
                    leaves only a temporary folder, never read): tokens-NN.bin (documents never
                    span two; at most `file_tokens` each), trained.bin (when masked),
-                   doc_offsets/doc_record/doc_index/piece_docs.npy, and part.json with each
+                   doc_offsets/doc_record/doc_index/piece_docs.npy (+ doc_rendered.npy
+                   for chat), and part.json with each
                    piece's counts and every file's size and CRC32
 
 `write_part` runs in a worker process (or in the caller for one worker). Test hook:
@@ -156,6 +157,7 @@ class _PartWriter:
         self._trained = open(out / "trained.bin", "wb")
         self.masked = False
         self.offsets, self.record, self.index = [0], [], []
+        self.rendered: list[int] = []  # chat: each conversation's length before overflow
         self.max_id = -1
 
     def _open_next(self) -> None:
@@ -180,6 +182,8 @@ class _PartWriter:
         self._trained.write(trained.tobytes())
         self.files[-1]["tokens"] += n
         self.offsets.append(self.offsets[-1] + n)
+        if doc.length is not None:
+            self.rendered.append(int(doc.length))
         self.record.append(record)
         self.index.append(index)
 
@@ -226,6 +230,10 @@ def _fill(tmp: Path, k: int, pieces: list[Piece], source, encode: Callable, dtyp
     writer.close()
     arrays = {"doc_offsets": writer.offsets, "doc_record": writer.record,
               "doc_index": writer.index, "piece_docs": [p["docs"] for p in out]}
+    if writer.rendered:  # chat (runtime.data.prepared_chat): every document has one
+        if len(writer.rendered) != len(writer.record):
+            raise DataError(f"data: part {k}: a chat encoder gave some documents no length")
+        arrays["doc_rendered"] = writer.rendered
     for name, values in arrays.items():
         np.save(tmp / f"{name}.npy", np.asarray(values, dtype=np.int64), allow_pickle=False)
     return {"part": k, "pieces": out, "token_files": writer.files,

@@ -25,6 +25,12 @@ meta.json (format 3), every key:
   (runtime/checksums.py), so the same helpers write and check both. Version 2 folders (no
   "files") are still read, unverified. A writer that adds files lists them in "files" too.
 
+Version 4 is a prepared *chat* folder (runtime.data.prepared_chat): version 3 plus
+  "chat": {"seq_len", "chat_overflow", "loss_on", "chat_date", "template": {"source",
+  "sha256"}, "conversations", "cut", "dropped"} (the prepare-time settings the reader checks,
+  and counts) and doc_rendered.npy int64 [docs] (each conversation's length before
+  data.chat_overflow; a dropped one is stored with 0 tokens, so every record is a document).
+
 Trust: `PreparedDataset.verify(rank, world)` stats every file against "files" and checksums
 this rank's share of them (`files_for_rank`, as checkpoints are); the trainer runs it on
 every rank before the model is built and agrees on the first problem. A token id >= the
@@ -58,7 +64,9 @@ from runtime.data.sources import permutation
 
 FORMAT = "gptoss-runtime-prepared"
 VERSION = 3  # 3: meta.json "files" (size + CRC32); 2: shard_docs.npy, index memory-mapped
-READABLE_VERSIONS = (2, 3)  # 2: read without checksums (a warning says so)
+CHAT_VERSION = 4  # 3 + chat conversations: meta.json "chat", doc_rendered.npy (older
+# runtimes refuse it instead of packing conversations as text)
+READABLE_VERSIONS = (2, 3, 4)  # 2: read without checksums (a warning says so)
 DEFAULT_FILE_TOKENS = 1 << 31  # ~4 GiB of uint16 per token file
 INDEX_ARRAYS = ("doc_offsets", "doc_record", "doc_index", "shard_records", "shard_docs")
 
@@ -72,6 +80,14 @@ def tokenizer_info(tokenizer) -> dict:
     }
 
 
+def chat_counts(arrays: dict, seq_len: int) -> dict:
+    """meta.json "chat" counts of a prepared chat folder's index arrays."""
+    stored = np.diff(arrays["doc_offsets"])  # [docs]; 0 = dropped
+    longer = arrays["doc_rendered"] > seq_len
+    return {"conversations": int(len(stored)), "cut": int(((stored > 0) & longer).sum()),
+            "dropped": int((stored == 0).sum())}
+
+
 # ============================================================================ reading
 class PreparedDataset:
     """A prepared folder opened read-only: memory-mapped tokens and document index."""
@@ -79,7 +95,7 @@ class PreparedDataset:
     def __init__(self, path: str | os.PathLike, shuffle: bool = False, seed: int = 0,
                  name: str | None = None):
         self.path = Path(path).expanduser()
-        self.meta = _read_meta(self.path)
+        self.meta = read_meta(self.path)
         self.shuffle, self.seed = shuffle, seed
         # The original source's name: a streamed run's checkpoint resumes here without a warning.
         self.name = name or str(self.meta["source"])
@@ -183,7 +199,7 @@ class PreparedDataset:
         return None if self._trained is None else self._trained[offsets].astype(bool)
 
 
-def _read_meta(path: Path) -> dict:
+def read_meta(path: Path) -> dict:
     meta_file = path / "meta.json"
     if not path.is_dir():
         raise DataFileNotFoundError(f"data.dataset_path: prepared data folder {path} does not "
@@ -277,6 +293,9 @@ class PreparedStream:
     def __init__(self, dataset: PreparedDataset, seq_len: int):
         if seq_len < 1:
             raise DataError(f"data: seq_len must be >= 1, got {seq_len}")
+        if "chat" in dataset.meta:  # zero-length dropped conversations, whole-document packing
+            raise DataError(f"{dataset.path}: prepared chat data is read by "
+                            f"runtime.data.prepared_chat, not as a text stream")
         self.ds, self.seq_len = dataset, seq_len
         self.position = 0  # the next window's first token in the endless stream
         self._orders: dict[int, _EpochOrder] = {}

@@ -47,7 +47,8 @@ from runtime.checksums import describe_files
 from runtime.errors import DataError
 from runtime.data.prepare_parts import (DEFAULT_PART_BYTES, check_part, ensure_plan, make_plan,
                                         part_name, read_part, write_part)
-from runtime.data.prepared import (DEFAULT_FILE_TOKENS, FORMAT, VERSION, tokenizer_info)
+from runtime.data.prepared import (CHAT_VERSION, DEFAULT_FILE_TOKENS, FORMAT, VERSION,
+                                   chat_counts, tokenizer_info)
 from runtime.data.progress import Progress
 from runtime.data.sources import DocumentSource
 
@@ -325,12 +326,15 @@ def _assemble(work: Path, plan: dict, tmp: Path) -> dict:
         raise DataError(f"data: no non-empty documents in {plan['source']}")
     written = describe_files(tmp, [n for n in os.listdir(tmp) if n not in records])
     settings = plan["settings"]
+    extra = {}
+    if "chat" in settings:  # runtime.data.prepared_chat reads these folders
+        extra["chat"] = {**settings["chat"], **chat_counts(arrays, settings["chat"]["seq_len"])}
     return {
-        "format": FORMAT, "version": VERSION, "source": plan["source"],
+        "format": FORMAT, "version": CHAT_VERSION if extra else VERSION, "source": plan["source"],
         "dtype": settings["dtype"], "num_tokens": int(arrays["doc_offsets"][-1]),
         "num_docs": num_docs, "max_token_id": max(i["max_token_id"] for i in infos),
         "masked": masked, "token_files": token_files, "tokenizer": settings["tokenizer"],
-        "files": dict(sorted({**records, **written}.items())),
+        "files": dict(sorted({**records, **written}.items())), **extra,
     }
 
 
@@ -341,11 +345,14 @@ def _index(work: Path, plan: dict, infos: list[dict]) -> dict[str, np.ndarray]:
     shard_records = np.zeros(shards, np.int64)
     shard_lines = np.zeros(shards, np.int64)
     shard_docs = np.zeros(shards, np.int64)
-    offsets, record, index = [np.zeros(1, np.int64)], [], []
+    offsets, record, index, rendered = [np.zeros(1, np.int64)], [], [], []
+    chat = "chat" in plan["settings"]
     base = 0
     for k, info in enumerate(infos):
         a = {n: np.load(work / part_name(k) / f"{n}.npy", allow_pickle=False)
-             for n in ("doc_offsets", "doc_record", "doc_index")}
+             for n in ("doc_offsets", "doc_record", "doc_index") + (("doc_rendered",) * chat)}
+        if chat:
+            rendered.append(a["doc_rendered"])
         offsets.append(a["doc_offsets"][1:] + base)
         base += int(a["doc_offsets"][-1])
         first = 0
@@ -357,10 +364,13 @@ def _index(work: Path, plan: dict, infos: list[dict]) -> dict[str, np.ndarray]:
             shard_lines[s] += piece["lines"]
             shard_docs[s] += docs
             first += docs
-    return {"doc_offsets": np.concatenate(offsets),
-            "doc_record": np.concatenate(record or [np.zeros(0, np.int64)]),
-            "doc_index": np.concatenate(index or [np.zeros(0, np.int64)]),
-            "shard_records": shard_records, "shard_docs": shard_docs}
+    arrays = {"doc_offsets": np.concatenate(offsets),
+              "doc_record": np.concatenate(record or [np.zeros(0, np.int64)]),
+              "doc_index": np.concatenate(index or [np.zeros(0, np.int64)]),
+              "shard_records": shard_records, "shard_docs": shard_docs}
+    if chat:  # each conversation's length before data.chat_overflow (0 stored: dropped)
+        arrays["doc_rendered"] = np.concatenate(rendered or [np.zeros(0, np.int64)])
+    return arrays
 
 
 def _publish(out: Path, work: Path, plan: dict, log) -> dict:

@@ -81,11 +81,32 @@ class _Waiting:
     length: int = field(init=False)
 
     def __post_init__(self):
-        self.length = len(self.doc.tokens)
+        self.length = len(self.doc)
 
 
 def _trains(doc: Document) -> bool:
     return doc.trained is None or bool(np.asarray(doc.trained).any())
+
+
+def overflow_outcome(item, doc: Document, seq_len: int, overflow: str,
+                     shorten: Callable[[object, int], Document | None] | None
+                     ) -> tuple[Document | None, int, bool]:
+    """(the document as packed, or None when it is dropped; its encoded length; whether it
+    was longer than seq_len) of one encoded item under `overflow`. The one rule for the
+    streamed path and `prepare` (runtime.data.prepared_chat), so both keep the same tokens."""
+    n, cut = len(doc), False
+    if n > seq_len:
+        cut = True
+        if overflow == "truncate":
+            doc = Document(np.asarray(doc.tokens)[:seq_len],
+                           None if doc.trained is None else np.asarray(doc.trained)[:seq_len])
+        elif overflow == "cut_turns":
+            doc = shorten(item, seq_len)
+        else:
+            doc = None
+    if doc is None or not _trains(doc):
+        return None, n, cut
+    return doc, n, cut
 
 
 class WholeDocumentStream:
@@ -146,19 +167,9 @@ class WholeDocumentStream:
 
     def _admit(self, ordinal: int, cursor: tuple, item, doc: Document) -> None:
         self._watch(cursor)
-        n, cut = len(doc.tokens), False
-        if n > self.seq_len:
-            cut = True
-            if self.overflow == "truncate":
-                doc = Document(np.asarray(doc.tokens)[: self.seq_len],
-                               None if doc.trained is None
-                               else np.asarray(doc.trained)[: self.seq_len])
-            elif self.overflow == "cut_turns":
-                doc = self.shorten(item, self.seq_len)
-            else:
-                doc = None
+        doc, n, cut = self._outcome(item, doc)
         self.counts["seen"] += 1
-        if doc is None or not _trains(doc):
+        if doc is None:
             self._consumed.add(ordinal)
             self._epoch.drops.add(n, too_long=cut)
             self._drops.add(n, too_long=cut)
@@ -169,6 +180,11 @@ class WholeDocumentStream:
             self._waiting.append(_Waiting(ordinal, cursor, doc, cut))
         if self.counts["seen"] >= FRACTION_MIN_SEEN:
             self._check_fraction()
+
+    def _outcome(self, item, doc: Document) -> tuple[Document | None, int, bool]:
+        """data.chat_overflow applied to one encoded item (prepared chat data: applied when
+        it was prepared, runtime.data.prepared_chat)."""
+        return overflow_outcome(item, doc, self.seq_len, self.overflow, self.shorten)
 
     def _watch(self, cursor: tuple) -> None:
         epoch = int(cursor[0])
@@ -227,30 +243,41 @@ class WholeDocumentStream:
         return best
 
     # ------------------------------------------------------------------ windows
-    def _window(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _pack_window(self) -> list[Document]:
+        """The documents of the next window, placed (the counts advance)."""
+        docs, used = [], 0
+        while (k := self._choose(self.seq_len - used, used)) is not None:
+            docs.append(self._place(k))
+            used += len(docs[-1])
+        self.counts["window_tokens"] += self.seq_len
+        self.counts["padding_tokens"] += self.seq_len - used
+        return docs
+
+    def _window(self, docs: list[Document]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """tokens, document serials, trained [seq_len + 1] of one window's documents."""
         width = self.seq_len + 1
         tokens = np.full(width, self.pad_id, dtype=np.int64)
         serials = np.zeros(width, dtype=np.int64)
         trained = np.zeros(width, dtype=bool)
-        used = n_docs = 0
-        while (k := self._choose(self.seq_len - used, used)) is not None:
-            doc = self._place(k)
-            n = len(doc.tokens)
+        used = 0
+        for i, doc in enumerate(docs):
+            n = len(doc)
             tokens[used: used + n] = doc.tokens
-            serials[used: used + n] = n_docs
-            trained[used: used + n] = True if doc.trained is None else doc.trained
-            used, n_docs = used + n, n_docs + 1
-        serials[used:] = n_docs  # padding (and the extra last column) is one more document
-        self.counts["window_tokens"] += self.seq_len
-        self.counts["padding_tokens"] += self.seq_len - used
+            serials[used: used + n] = i
+            mask = doc.trained
+            trained[used: used + n] = True if mask is None else mask
+            used += n
+        serials[used:] = len(docs)  # padding (and the extra last column) is one more document
         return tokens, serials, trained
 
     def next_windows(self, n: int, rows: slice | None = None) -> tuple[np.ndarray, ...]:
         """The next `n` windows, (tokens, doc_serials, trained) each [len(rows), seq_len + 1];
-        all n are built (each starts where the previous one stopped)."""
-        windows = [self._window() for _ in range(n)]
-        picked = windows[rows] if rows is not None else windows
-        return tuple(np.stack(column) for column in zip(*picked, strict=True))
+        all n are placed (each starts where the previous one stopped), only `rows` filled
+        (prepared data reads only their tokens)."""
+        placed = [self._pack_window() for _ in range(n)]
+        picked = placed[rows] if rows is not None else placed
+        return tuple(np.stack(column) for column in
+                     zip(*(self._window(docs) for docs in picked), strict=True))
 
     def state_dict(self) -> dict:
         self._fill(1)  # the oldest document not yet placed names the position

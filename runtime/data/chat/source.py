@@ -110,6 +110,19 @@ class ChatEncoder:
                             f"{len(flags)}: its per-message 'train' flags cannot be placed")
 
 
+def chat_encoder(tokenizer, data_cfg: DataConfig) -> ChatEncoder:
+    """The ChatEncoder of a [data] config: its template (or the built-in renderer), date and
+    data.loss_on."""
+    try:
+        renderer = build_renderer(
+            tokenizer.directory, data_cfg.chat_template, date=data_cfg.chat_date,
+            special_tokens={"bos_token": tokenizer.decode([tokenizer.bos_id]),
+                            "eos_token": tokenizer.decode([tokenizer.eos_id])})
+    except ChatTemplateError as e:
+        raise DataError(str(e)) from None
+    return ChatEncoder(tokenizer, renderer, data_cfg.loss_on)
+
+
 class _ChatMixin:
     """What makes a source a chat source: conversation items, whole-document packing."""
 
@@ -119,15 +132,7 @@ class _ChatMixin:
         return True  # every record is a conversation (parse_record rejected the others)
 
     def encoder(self, tokenizer) -> ChatEncoder:
-        try:
-            renderer = build_renderer(
-                tokenizer.directory, self.data_cfg.chat_template,
-                date=self.data_cfg.chat_date,
-                special_tokens={"bos_token": tokenizer.decode([tokenizer.bos_id]),
-                                "eos_token": tokenizer.decode([tokenizer.eos_id])})
-        except ChatTemplateError as e:
-            raise DataError(str(e)) from None
-        return ChatEncoder(tokenizer, renderer, self.data_cfg.loss_on)
+        return chat_encoder(tokenizer, self.data_cfg)
 
     def packer(self, tokenizer, encode, seq_len: int, batch_docs: int,
                items=None, name: str | None = None) -> WholeDocumentStream:

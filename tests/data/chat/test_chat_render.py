@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from runtime.data.chat import harmony
@@ -20,6 +18,7 @@ from runtime.data.chat.template import (ChatTemplateError, HarmonyRenderer, Temp
                                         build_renderer, find_template)
 from runtime.data.tokenizer import Tokenizer
 from chat_conversations import CONVERSATIONS
+from chat_spans import mask_from_text
 
 FIXTURE = Path(__file__).resolve().parents[3] / "runtime" / "assets" / "harmony_chat_template.jinja"
 DATE = "2026-01-15"
@@ -176,43 +175,6 @@ def test_bad_records_name_the_field(record, match):
 
 
 # ------------------------------------------------------------------------------- masks
-MESSAGE_RE = re.compile(r"<\|start\|>(.*?)<\|message\|>.*?(?:<\|end\|>|<\|return\|>|<\|call\|>)",
-                        re.DOTALL)
-
-
-def _char_spans(text: str, loss_on: str) -> list[tuple[int, int]]:
-    """Trained character spans found in the text alone: assistant turns from right after
-    `<|start|>assistant` to the end of their last message's stop token."""
-    turns, prev_end = [], None
-    for m in MESSAGE_RE.finditer(text):
-        if not m.group(1).startswith("assistant"):
-            prev_end = None
-            continue
-        if prev_end == m.start():
-            turns[-1][1] = m.end()
-        else:
-            turns.append([m.start() + len("<|start|>assistant"), m.end()])
-        prev_end = m.end()
-    if loss_on == "last_assistant":
-        turns = turns[-1:]
-    if loss_on == "last_user_turn":
-        last_user = max(m.end() for m in MESSAGE_RE.finditer(text) if m.group(1) == "user")
-        turns = [t for t in turns if t[0] > last_user]
-    return [tuple(t) for t in turns]
-
-
-def _mask_from_text(tok: Tokenizer, text: str, loss_on: str) -> tuple[list[int], np.ndarray]:
-    backend = tok.backend
-    backend.encode_special_tokens = False
-    try:
-        enc = backend.encode(text, add_special_tokens=False)
-    finally:
-        backend.encode_special_tokens = True
-    spans = _char_spans(text, loss_on)
-    mask = np.array([any(a <= s and e <= b for a, b in spans) for s, e in enc.offsets])
-    return enc.ids, mask
-
-
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.load("")
@@ -225,7 +187,7 @@ def test_mask_equals_spans_found_in_text(tok, name, loss_on):
     text = harmony.render(conv.messages, tools=conv.tools, date=DATE,
                           reasoning_effort=conv.reasoning_effort or "medium")
     ids = tok.encode(text, allow_special=True)
-    expected_ids, expected = _mask_from_text(tok, text, loss_on)
+    expected_ids, expected = mask_from_text(tok, text, loss_on)
     assert ids == expected_ids
     mask = trained_tokens(ids, tok.decode, HarmonyIds.of(tok), loss_on)
     assert mask.any() and (mask == expected).all()
