@@ -7,7 +7,7 @@
   python -m runtime.data prepare --config C [overrides] --out DIR
       tokenize the config's [data] source once into memory-mapped token files + a document
       index (runtime/data/prepared.py; chat: rendered, masked and cut for training.seq_len,
-      runtime/data/prepared_chat.py); train on it with
+      runtime/data/chat/prepared.py); train on it with
       --data.dataset=prepared --data.dataset_path=DIR
   python -m runtime.data --config C [overrides] --bench N [--dp-degree D] [--dp-rank R]
       ms per step of data-parallel rank R of D for the config's local batch (the global
@@ -31,9 +31,9 @@ from pathlib import Path
 
 from runtime.data.loader import build_dataloader
 from runtime.data.prepare_parts import DEFAULT_PART_BYTES
-from runtime.data.chat_source import build_chat_source
+from runtime.data.chat.source import build_chat_source
 from runtime.data.prepared import PreparedDataset
-from runtime.data.prepared_chat import ChatPrepareEncoder, chat_prepare_settings
+from runtime.data.chat.prepared import ChatPrepareEncoder, chat_prepare_settings
 from runtime.data.preparing import (PrepareStopped, default_workers, finalize, plan_of,
                                     prepare, work_dir)
 from runtime.data.sources import build_source, source_kind
@@ -148,7 +148,7 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 def prepare_inputs(data_cfg, seq_len: int, tokenizer) -> tuple:
     """(source, encoder, plan settings) of a `prepare` of a [data] config. Chat is rendered,
-    masked and cut for `seq_len` (training.seq_len) now (runtime.data.prepared_chat); text
+    masked and cut for `seq_len` (training.seq_len) now (runtime.data.chat.prepared); text
     does not depend on seq_len."""
     if source_kind(data_cfg) == "chat":
         data_cfg, settings = chat_prepare_settings(data_cfg, seq_len, tokenizer)

@@ -27,7 +27,7 @@ from runtime.data.chat.source import build_chat_source
 from runtime.data.packing import Document, window_batch
 from runtime.data.prefetch import Prefetcher
 from runtime.data.prepared import PreparedDataset, PreparedStream, read_meta
-from runtime.data.prepared_chat import PreparedChat
+from runtime.data.chat.prepared import PreparedChat
 from runtime.data.preparing import cached_prepared
 from runtime.data.schema import DataConfig, ValidationConfig
 from runtime.data.sources import (

@@ -230,7 +230,7 @@ def _fill(tmp: Path, k: int, pieces: list[Piece], source, encode: Callable, dtyp
     writer.close()
     arrays = {"doc_offsets": writer.offsets, "doc_record": writer.record,
               "doc_index": writer.index, "piece_docs": [p["docs"] for p in out]}
-    if writer.rendered:  # chat (runtime.data.prepared_chat): every document has one
+    if writer.rendered:  # chat (runtime.data.chat.prepared): every document has one
         if len(writer.rendered) != len(writer.record):
             raise DataError(f"data: part {k}: a chat encoder gave some documents no length")
         arrays["doc_rendered"] = writer.rendered

@@ -25,7 +25,7 @@ meta.json (format 3), every key:
   (runtime/checksums.py), so the same helpers write and check both. Version 2 folders (no
   "files") are still read, unverified. A writer that adds files lists them in "files" too.
 
-Version 4 is a prepared *chat* folder (runtime.data.prepared_chat): version 3 plus
+Version 4 is a prepared *chat* folder (runtime.data.chat.prepared): version 3 plus
   "chat": {"seq_len", "chat_overflow", "loss_on", "chat_date", "template": {"source",
   "sha256"}, "conversations", "cut", "dropped"} (the prepare-time settings the reader checks,
   and counts) and doc_rendered.npy int64 [docs] (each conversation's length before
@@ -295,7 +295,7 @@ class PreparedStream:
             raise DataError(f"data: seq_len must be >= 1, got {seq_len}")
         if "chat" in dataset.meta:  # zero-length dropped conversations, whole-document packing
             raise DataError(f"{dataset.path}: prepared chat data is read by "
-                            f"runtime.data.prepared_chat, not as a text stream")
+                            f"runtime.data.chat.prepared, not as a text stream")
         self.ds, self.seq_len = dataset, seq_len
         self.position = 0  # the next window's first token in the endless stream
         self._orders: dict[int, _EpochOrder] = {}

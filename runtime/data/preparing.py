@@ -327,7 +327,7 @@ def _assemble(work: Path, plan: dict, tmp: Path) -> dict:
     written = describe_files(tmp, [n for n in os.listdir(tmp) if n not in records])
     settings = plan["settings"]
     extra = {}
-    if "chat" in settings:  # runtime.data.prepared_chat reads these folders
+    if "chat" in settings:  # runtime.data.chat.prepared reads these folders
         extra["chat"] = {**settings["chat"], **chat_counts(arrays, settings["chat"]["seq_len"])}
     return {
         "format": FORMAT, "version": CHAT_VERSION if extra else VERSION, "source": plan["source"],

@@ -93,7 +93,7 @@ def overflow_outcome(item, doc: Document, seq_len: int, overflow: str,
                      ) -> tuple[Document | None, int, bool]:
     """(the document as packed, or None when it is dropped; its encoded length; whether it
     was longer than seq_len) of one encoded item under `overflow`. The one rule for the
-    streamed path and `prepare` (runtime.data.prepared_chat), so both keep the same tokens."""
+    streamed path and `prepare` (runtime.data.chat.prepared), so both keep the same tokens."""
     n, cut = len(doc), False
     if n > seq_len:
         cut = True
@@ -183,7 +183,7 @@ class WholeDocumentStream:
 
     def _outcome(self, item, doc: Document) -> tuple[Document | None, int, bool]:
         """data.chat_overflow applied to one encoded item (prepared chat data: applied when
-        it was prepared, runtime.data.prepared_chat)."""
+        it was prepared, runtime.data.chat.prepared)."""
         return overflow_outcome(item, doc, self.seq_len, self.overflow, self.shorten)
 
     def _watch(self, cursor: tuple) -> None:

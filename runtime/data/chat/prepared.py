@@ -4,7 +4,7 @@
 Writing (`python -m runtime.data prepare` with data.dataset = "chat"): `ChatPrepareEncoder`
 renders each conversation with the configured template, encodes it, computes its loss mask
 (data.loss_on, per-message `train` flags) and applies data.chat_overflow for
-training.seq_len with the streamed path's own rule (chat_pack.overflow_outcome: cut_turns
+training.seq_len with the streamed path's own rule (pack.overflow_outcome: cut_turns
 re-renders, truncate, drop; a conversation that trains no token is dropped). The folder
 (runtime.data.prepared, version 4) stores the packed tokens, trained.bin (the mask, one byte
 per token) and doc_rendered.npy (each conversation's length before the overflow rule); a
@@ -33,9 +33,9 @@ from typing import Iterator
 
 import numpy as np
 
-from runtime.data.chat_pack import WholeDocumentStream, overflow_outcome
-from runtime.data.chat_source import chat_encoder
-from runtime.data.chat_template import ChatTemplateError, find_template, today
+from runtime.data.chat.pack import WholeDocumentStream, overflow_outcome
+from runtime.data.chat.source import chat_encoder
+from runtime.data.chat.template import ChatTemplateError, find_template, today
 from runtime.data.packing import Document
 from runtime.data.prepared import PreparedDataset, _EpochOrder, _load_index
 from runtime.data.schema import DataConfig

@@ -21,14 +21,14 @@ import pytest
 from chat_conversations import CONVERSATIONS
 from chat_spans import mask_from_text
 from runtime.data import DataConfig, DataError, Tokenizer, build_dataloader
-from runtime.data.chat_records import parse_record
-from runtime.data.chat_template import TemplateRenderer
+from runtime.data.chat.records import parse_record
+from runtime.data.chat.template import TemplateRenderer
 from runtime.data.prepared import PreparedDataset, PreparedStream
-from runtime.data.prepared_chat import PreparedChat
+from runtime.data.chat.prepared import PreparedChat
 from runtime.data.preparing import finalize, plan_of, prepare, work_dir
 from runtime.data_cli import main, prepare_inputs
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TEMPLATE = ROOT / "runtime" / "assets" / "harmony_chat_template.jinja"  # the released one's copy
 DATE = "2026-01-15"
 S = 240  # the tool conversations (286-389 tokens) and 4-5 turn chats are longer
@@ -265,8 +265,8 @@ def test_prepare_workers_never_import_torch(chats):
     code = (
         "import pickle, sys\n"
         "from runtime.data import DataConfig, Tokenizer\n"
-        "from runtime.data.chat_source import build_chat_source\n"
-        "from runtime.data.prepared_chat import ChatPrepareEncoder\n"
+        "from runtime.data.chat.source import build_chat_source\n"
+        "from runtime.data.chat.prepared import ChatPrepareEncoder\n"
         f"cfg = DataConfig(dataset='chat', dataset_path={str(chats)!r}, chat_date='{DATE}', "
         f"chat_template={str(TEMPLATE)!r})\n"
         "enc = pickle.loads(pickle.dumps(ChatPrepareEncoder(Tokenizer.load(''), cfg, 240)))\n"
