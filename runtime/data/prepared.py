@@ -54,6 +54,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,7 @@ CHAT_VERSION = 4  # 3 + chat conversations: meta.json "chat", doc_rendered.npy (
 # runtimes refuse it instead of packing conversations as text)
 READABLE_VERSIONS = (2, 3, 4)  # 2: read without checksums (a warning says so)
 DEFAULT_FILE_TOKENS = 1 << 31  # ~4 GiB of uint16 per token file
+MAX_OPEN_TOKEN_FILES = 64  # token files mapped at once per dataset (one descriptor each)
 INDEX_ARRAYS = ("doc_offsets", "doc_record", "doc_index", "shard_records", "shard_docs")
 
 
@@ -111,7 +114,9 @@ class PreparedDataset:
             raise DataError(f"{self.path}: the document index does not match meta.json (damaged?)")
         self.first_doc = np.concatenate([[0], np.cumsum(shard_docs)])  # [shards + 1]
         self.shard_tokens = np.diff(np.asarray(self.offsets[self.first_doc]))  # [shards]
-        self._tokens = self._map_tokens()
+        self._token_maps: OrderedDict[int, np.ndarray] = OrderedDict()  # file -> map, LRU
+        self._maps_lock = threading.Lock()  # the prefetch thread and the trainer may both read
+        self._check_token_files()
         self._trained = self._map("trained.bin", np.uint8, self.num_tokens) if self.meta[
             "masked"] else None
         # {name: {"size", "crc32"}}, or None for a version 2 folder (not verifiable)
@@ -135,13 +140,34 @@ class PreparedDataset:
             return np.empty(0, dtype)
         return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
-    def _map_tokens(self) -> list[np.ndarray]:
-        dtype = np.dtype(self.meta["dtype"])
+    def _check_token_files(self) -> None:
+        """Every token file there with its size (a stat each: no file stays open)."""
         files = self.meta["token_files"]
         self.file_starts = np.cumsum([0] + [int(f["tokens"]) for f in files])  # [files + 1]
         if int(self.file_starts[-1]) != self.num_tokens:
             raise DataError(f"{self.path}/meta.json: token file sizes do not add up")
-        return [self._map(f["name"], dtype, int(f["tokens"])) for f in files]
+        item = np.dtype(self.meta["dtype"]).itemsize
+        for f in files:
+            path, expected = self.path / f["name"], int(f["tokens"]) * item
+            if not path.is_file() or path.stat().st_size != expected:
+                raise DataError(f"{path}: missing or not {expected} bytes (damaged prepared "
+                                f"data?)")
+
+    def _token_file(self, f: int) -> np.ndarray:
+        """Token file `f` memory-mapped. A map holds a file descriptor, and a folder of 1T
+        tokens in 128 MB parts has ~30k token files (ulimit -n is often 1024): only the
+        last MAX_OPEN_TOKEN_FILES used stay mapped (reads move through the files in order)."""
+        with self._maps_lock:
+            tokens = self._token_maps.get(f)
+            if tokens is None:
+                if len(self._token_maps) >= MAX_OPEN_TOKEN_FILES:
+                    self._token_maps.popitem(last=False)  # unmapped with its last reference
+                info = self.meta["token_files"][f]
+                tokens = self._map(info["name"], self.meta["dtype"], int(info["tokens"]))
+                self._token_maps[f] = tokens
+            else:
+                self._token_maps.move_to_end(f)
+            return tokens
 
     def check_tokenizer(self, tokenizer) -> None:
         """Refuse a run whose tokenizer would not produce these token ids."""
@@ -174,12 +200,12 @@ class PreparedDataset:
         which = np.searchsorted(self.file_starts, offsets, side="right") - 1
         lo, hi = int(which.min()), int(which.max())
         if lo == hi:
-            out = self._tokens[lo][offsets - self.file_starts[lo]].astype(np.int64)
+            out = self._token_file(lo)[offsets - self.file_starts[lo]].astype(np.int64)
         else:
             out = np.empty(offsets.shape, dtype=np.int64)
             for f in np.unique(which):
                 m = which == f
-                out[m] = self._tokens[f][offsets[m] - self.file_starts[f]]
+                out[m] = self._token_file(int(f))[offsets[m] - self.file_starts[f]]
         if out.size and int(out.max()) >= self.vocab_size:  # one pass over the gathered batch
             self._bad_token(out, offsets)
         return out

@@ -259,3 +259,32 @@ def test_bad_input_stops_the_other_workers_at_once(tok, tmp_path):
                 batch_docs=7, workers=2)
     assert not out.exists()
     assert not list(work_dir(out).glob("part-*"))  # no part finished after the error
+
+
+def test_reading_many_token_files_needs_few_descriptors(inputs, tok, tmp_path):
+    """A folder of more token files than `ulimit -n` allows open (1T tokens in 128 MB parts
+    is ~30k files) reads whole in a process limited to 128 descriptors: only the last 64
+    token files used stay mapped (each map holds a descriptor). On the old code (every file
+    mapped at open) the open fails with 'Too many open files'."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    meta = _prepare(inputs["big"], out, tok, file_tokens=1)  # one document per token file
+    assert len(meta["token_files"]) > 200
+    expected = np.concatenate([np.fromfile(out / f["name"], dtype=meta["dtype"])
+                               for f in meta["token_files"]]).astype(np.int64)
+    code = (
+        "import resource, sys, numpy as np\n"
+        "from runtime.data.prepared import PreparedDataset\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit("
+        "resource.RLIMIT_NOFILE)[1]))\n"
+        "ds = PreparedDataset(sys.argv[1])\n"
+        "for _ in range(2):  # forwards twice: every file mapped, unmapped, mapped again\n"
+        "    tokens = np.concatenate([ds.tokens_at(np.arange(lo, min(lo + 97, ds.num_tokens)))"
+        " for lo in range(0, ds.num_tokens, 97)])\n"
+        "sys.stdout.buffer.write(tokens.tobytes())\n")
+    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    assert np.array_equal(np.frombuffer(run.stdout, np.int64), expected)
