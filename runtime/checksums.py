@@ -1,4 +1,4 @@
-"""File checksums shared by checkpoints (runtime/train/manifest.py) and prepared data
+"""File checksums shared by checkpoints (runtime/train/checkpoint/manifest.py) and prepared data
 (runtime/data/prepared.py): the size and CRC32 of each file, and the checks against them.
 A leaf module (no runtime imports), so every layer may use it.
 

@@ -1,4 +1,4 @@
-"""The config field convention, shared by every TOML section (train/config_schema.py, data/schema.py).
+"""The config field convention, shared by every TOML section (train/config/schema.py, data/schema.py).
 
 A key is a dataclass field whose metadata carries its allowed values (`choices`, a tuple or a
 callable returning one) or a `check`, plus its --help text. A check returns None when the

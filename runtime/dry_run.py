@@ -274,8 +274,8 @@ def _build_trainer(cfg, dims, model_args, rank: int, device):
     """A Trainer with the real model, runner, optimizer and lr schedule, and nothing of the
     run around them (no data loader, checkpoints, metrics or dump folder)."""
     from runtime.model.moe import moe_layers
-    from runtime.train.checkpoint import Progress
-    from runtime.train.job import step_batch
+    from runtime.train.checkpoint.manager import Progress
+    from runtime.train.config.job import step_batch
     from runtime.train.optim import build_lr_scheduler, build_optimizer
     from runtime.train.trainer import Trainer
 

@@ -1,7 +1,7 @@
 """The [data] and [validation] keys, one schema each: `DataConfig` IS the job config's [data]
 section and `ValidationConfig` its [validation] section.
 
-The trainer's config (runtime/train/config_schema.py) lists them as its sections:
+The trainer's config (runtime/train/config/schema.py) lists them as its sections:
 each field's `choices` / `check` / `help` metadata is what the config loader validates and
 prints in --help, and `problems()` holds the rules that involve several [data] keys. The data
 package takes these typed objects (None: the defaults) and reads their attributes. Pure

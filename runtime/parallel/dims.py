@@ -8,7 +8,7 @@ split into dp_shard_mod_ep x dp_shard_in_ep and
     ep = dp_shard_in_ep x cp x tp       (etp == 1: EP takes the TP ranks too)
 Expert weights are then FSDP-sharded over dp_shard_mod_ep (x dp_replicate for HSDP).
 
-`ParallelDims` takes plain integers (runtime.train.job builds it from a config).
+`ParallelDims` takes plain integers (runtime.train.config.job builds it from a config).
 Validation is pure Python and runs before any process group exists: every failure is a
 one-line `ParallelismError` (runtime.errors; a ConfigError, hence a ValueError) naming the
 [parallelism] keys the user writes.

@@ -146,8 +146,8 @@ def check_async_tp(cfg, device: torch.device) -> None:
     """Refuse parallelism.enable_async_tensor_parallel where it cannot work (before any weight
     is allocated). Async TP is an inductor pass (micro-pipelined all-gather/reduce-scatter
     matmuls over CUDA symmetric memory): it needs CUDA and the compiled model. The config's
-    cross-key rules (config_schema.py) own the compile requirement; the device is known only
-    here."""
+    cross-key rules (train/config/schema.py) own the compile requirement; the device is known
+    only here."""
     if cfg.parallelism.enable_async_tensor_parallel and device.type != "cuda":
         raise ConfigError(
             f"parallelism.enable_async_tensor_parallel=true needs CUDA (this run's device is "

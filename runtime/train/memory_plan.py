@@ -88,7 +88,7 @@ from runtime.model.args import ModelArgs
 from runtime.parallel.dims import ParallelDims, pipeline_num_stages
 from runtime.train import memory_plan_lora
 from runtime.train.config import JobConfig, validate_job
-from runtime.train.job import step_batch
+from runtime.train.config.job import step_batch
 
 DEFAULT_GPU_MEMORY_GIB = 80.0  # H100 80GB
 RESERVE_GIB = 2.0

@@ -3,7 +3,7 @@
 One Trainer owns the pieces, each from its own module:
   config (config.py) -> mesh (parallel/dims.py) -> model (model/) -> parallel passes
   (parallel/parallelize.py) -> runner (runner.py: the local one, or parallel/pipeline.py's) ->
-  optimizer + lr (optim.py) -> data (runtime/data/) -> checkpoints (checkpoint.py) ->
+  optimizer + lr (optim.py) -> data (runtime/data/) -> checkpoints (checkpoint/) ->
   metrics (metrics.py) -> signals/NaNs (faults.py).
 The trainer decides what a step is (batch split, loss normalisation, clipping, optimizer);
 the runner how this rank executes it; the trainer never asks which runner it has.
@@ -40,17 +40,19 @@ from runtime.parallel.context_parallel import shard_batch
 from runtime.parallel.parallelize import parallelize
 from runtime.parallel.pipeline import PipelineParallel
 from runtime.parallel.quantize import after_optimizer_step
-from runtime.train.checkpoint import (CheckpointManager, ModelState, OptimizerState, Progress,
-                                      TrainState, check_model_early, lock_dump_folder)
+from runtime.train.checkpoint.manager import (CheckpointManager, ModelState, OptimizerState,
+                                              Progress, TrainState, check_model_early,
+                                              lock_dump_folder)
 from runtime.train.config import JobConfig, build_parser, parse_args, validate_job
 from runtime.train.faults import (NonFiniteLossError, StartupStopped, StopSignal,
                                   StopWhileWaiting, check_finite, count_skipped_step,
                                   startup_exit)
 from runtime.train.metrics import MetricsLogger
 from runtime.train.optim import build_lr_scheduler, build_optimizer
-from runtime.train.job import step_batch
+from runtime.train.config.job import step_batch
 from runtime.train.memory_plan import check_memory
-from runtime.train.hf_export import check_export_target, check_lora_export, save_last_in_hf
+from runtime.train.checkpoint.hf_export import (check_export_target, check_lora_export,
+                                                save_last_in_hf)
 from runtime.train.profiling import StepProfiler
 from runtime.train.runner import LocalRunner, Runner, materialize
 from runtime.train.slurm_env import setup_distributed_env

@@ -10,7 +10,7 @@ import signal
 import pytest
 from checkpoint_helpers import copy_run, finished_run, make_trainer, parked_job, read_until, run_job
 
-from runtime.train import manifest
+from runtime.train.checkpoint import manifest
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import time
 
 from parallel_harness import BASE, run_distributed, run_single
 
-from runtime.train import manifest
+from runtime.train.checkpoint import manifest
 
 
 def wait_for_async_publish(rank, world_size):

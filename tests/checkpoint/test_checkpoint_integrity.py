@@ -8,8 +8,8 @@ import shutil
 import pytest
 from checkpoint_helpers import copy_run, error_lines, finished_run, make_trainer, metrics_steps, run_job
 
-from runtime.train import manifest
-from runtime.train.checkpoint import CheckpointError, find_latest_checkpoint
+from runtime.train.checkpoint import manifest
+from runtime.train.checkpoint.manager import CheckpointError, find_latest_checkpoint
 
 
 @pytest.fixture(scope="module")

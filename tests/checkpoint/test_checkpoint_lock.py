@@ -9,9 +9,10 @@ import sys
 import pytest
 from checkpoint_helpers import ROOT, error_lines, job_command, run_job
 
-from runtime.train.dump_lock import LOCK_NAME, DumpFolderLocked, DumpLock, _me, stale_reason
+from runtime.train.checkpoint.dump_lock import (LOCK_NAME, DumpFolderLocked, DumpLock, _me,
+                                               stale_reason)
 
-HOLD = "import sys, time; from runtime.train.dump_lock import DumpLock; " \
+HOLD = "import sys, time; from runtime.train.checkpoint.dump_lock import DumpLock; " \
        "DumpLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)"
 
 

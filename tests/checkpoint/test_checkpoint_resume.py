@@ -13,7 +13,7 @@ import pytest
 from checkpoint_helpers import (ROOT, copy_run, error_lines, finished_run, job_command, make_trainer,
                                 metrics_steps, run_job, run_job_ranks)
 
-from runtime.train.checkpoint import CheckpointError, find_latest_checkpoint
+from runtime.train.checkpoint.manager import CheckpointError, find_latest_checkpoint
 from runtime.train.faults import NonFiniteLossError
 from runtime.train.metrics import truncate_metrics
 from runtime.train.optim import lr_factor

@@ -10,7 +10,7 @@ from checkpoint_helpers import (Payload, copy_run, error_lines, finished_run, ma
                                 plant_metadata, run_job)
 
 from runtime.safe_dcp import UnsafeCheckpointError, read_metadata_file
-from runtime.train.checkpoint import CheckpointError
+from runtime.train.checkpoint.manager import CheckpointError
 
 
 @pytest.fixture(scope="module")

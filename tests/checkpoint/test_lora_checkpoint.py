@@ -19,8 +19,8 @@ from tolerances import assert_close_to_scale, scaled_error
 
 from runtime.hf import save_hf
 from runtime.hf.adapter import CONFIG_FILE, WEIGHTS_FILE
-from runtime.train.checkpoint import CheckpointError, find_latest_checkpoint
-from runtime.train.resume_checks import stored_model_shapes
+from runtime.train.checkpoint.manager import CheckpointError, find_latest_checkpoint
+from runtime.train.checkpoint.resume_checks import stored_model_shapes
 from runtime.train.slurm_env import EXIT_REQUEUE
 
 LORA = ["--lora.enable=true", "--lora.rank=4", "--lora.alpha=64", "--model.compute_dtype=float32",
@@ -215,7 +215,7 @@ def test_merged_export_has_our_logits_in_transformers(exported, ours):
 def test_an_export_this_run_cannot_write_is_a_config_error(extra, pp, named):
     from runtime.errors import ConfigError
     from runtime.train.config import load_config
-    from runtime.train.hf_export import check_lora_export
+    from runtime.train.checkpoint.hf_export import check_lora_export
 
     cfg = load_config(None, ["--model.flavor=tiny", "--lora.enable=true",
                              "--checkpoint.last_save_in_hf=true", *extra])

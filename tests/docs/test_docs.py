@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.train import config_reference
+from runtime.train.config import reference as config_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -75,10 +75,10 @@ def test_link_check_sees_a_broken_link(tmp_path):
 def test_config_reference_is_generated_from_the_schema():
     page = (DOCS / "config-reference.md").read_text(encoding="utf-8")
     assert page == config_reference.render(), (
-        "docs/config-reference.md is stale: run python -m runtime.train.config_reference")
+        "docs/config-reference.md is stale: run python -m runtime.train.config.reference")
     # Every schema key has its row (and the --help list is the same set of keys).
     # `python -m runtime.train --help` stays the full key list.
-    from runtime.train.config_loader import build_parser
+    from runtime.train.config.loader import build_parser
     help_text = build_parser("python -m runtime.train").format_help()
     for key in config_reference.keys():
         assert f"| `{key}` |" in page

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from runtime.model import GptOssModel
 from runtime.model.args import FLAVORS
-from runtime.train import manifest
+from runtime.train.checkpoint import manifest
 from runtime.train.config import load_config
 from runtime.safe_dcp import read_metadata_file
 from runtime.train.trainer import Trainer
@@ -182,7 +182,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 PARKED_JOB = r"""
 import os, shutil, sys, time
 import torch.distributed.checkpoint as dcp
-from runtime.train.checkpoint import CheckpointManager
+from runtime.train.checkpoint.manager import CheckpointManager
 from runtime.train.trainer import Trainer, main
 
 published = int(os.environ.get("WAIT_PUBLISHED", "-1"))

@@ -357,7 +357,7 @@ def _launch(world_size: int, overrides: list[str], steps: int, out_dir: Path, ho
 
 # Imported once by the forkserver, so that every rank forked from it starts with them loaded.
 _PRELOAD = ["torch", "torch.distributed.checkpoint", "runtime.train.trainer",
-            "runtime.train.checkpoint", "parallel_harness"]
+            "runtime.train.checkpoint.manager", "parallel_harness"]
 
 
 def process_context():
@@ -503,7 +503,7 @@ def _seed_worker(rank, world_size, port, overrides, steps, out_dir, hook, option
         import torch.distributed.checkpoint as dcp
 
         from runtime.model import GptOssModel
-        from runtime.train.checkpoint import ModelState
+        from runtime.train.checkpoint.manager import ModelState
 
         cfg = _config(overrides, steps, out_dir)
         torch.manual_seed(cfg.training.seed)

@@ -12,7 +12,7 @@ import pytest
 from checkpoint_helpers import error_lines, make_trainer, run_job
 
 from runtime import atomic_dir
-from runtime.train import hf_export
+from runtime.train.checkpoint import hf_export
 
 HF = ["--checkpoint.last_save_in_hf=true", "--checkpoint.last_save_hf_dtype=float32"]
 

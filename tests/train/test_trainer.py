@@ -8,8 +8,8 @@ import pytest
 import torch
 from checkpoint_helpers import losses, stop_after
 
-from runtime.train import checkpoint as checkpoint_module
-from runtime.train.checkpoint import find_latest_checkpoint
+from runtime.train.checkpoint import manager as checkpoint_module
+from runtime.train.checkpoint.manager import find_latest_checkpoint
 from runtime.train.config import load_config
 from runtime.train.faults import NonFiniteLossError
 from runtime.train.optim import lr_factor

@@ -26,7 +26,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from runtime.errors import ConfigError, one_line
-from runtime.train.config_schema import (
+from runtime.train.config.schema import (
     SECTIONS,
     JobConfig,
     Origins,

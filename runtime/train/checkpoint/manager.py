@@ -61,16 +61,17 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from runtime.errors import ConfigError, DiskFullError, one_line
-from runtime.train import manifest
-from runtime.train.disk_space import (free_bytes, is_out_of_space, out_of_space_message,
-                                      refuse_if_short, state_bytes, tree_bytes)
-from runtime.train.dump_lock import DumpFolderError, DumpLock, make_folder
-from runtime.train.resume_checks import (base_identity, base_mismatch, config_differences,
-                                         describe_changes, global_batch_change,
-                                         identity_differences, lora_change, model_identity,
-                                         model_mismatch,
-                                         shape_differences, stored_model_shapes,
-                                         unhonoured_changes)
+from runtime.train.checkpoint import manifest
+from runtime.train.checkpoint.disk_space import (free_bytes, is_out_of_space,
+                                                 out_of_space_message, refuse_if_short,
+                                                 state_bytes, tree_bytes)
+from runtime.train.checkpoint.dump_lock import DumpFolderError, DumpLock, make_folder
+from runtime.train.checkpoint.resume_checks import (base_identity, base_mismatch,
+                                                    config_differences, describe_changes,
+                                                    global_batch_change, identity_differences,
+                                                    lora_change, model_identity, model_mismatch,
+                                                    shape_differences, stored_model_shapes,
+                                                    unhonoured_changes)
 from runtime.safe_dcp import UnsafeCheckpointError, dcp_load, read_metadata_file
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -1,9 +1,9 @@
-"""docs/config-reference.md, generated from the config schema (one owner: config_schema.py).
+"""docs/config-reference.md, generated from the config schema (one owner: schema.py).
 
-    python -m runtime.train.config_reference            # rewrite docs/config-reference.md
-    python -m runtime.train.config_reference --check    # exit 1 when the page is stale
+    python -m runtime.train.config.reference            # rewrite docs/config-reference.md
+    python -m runtime.train.config.reference --check    # exit 1 when the page is stale
 
-The page is a view of the schema, so it is never edited by hand: a new key in config_schema.py
+The page is a view of the schema, so it is never edited by hand: a new key in schema.py
 (or runtime/data/schema.py) is a new row after one run of this module, and
 tests/docs/test_docs.py fails while the committed page differs from `render()`.
 """
@@ -15,15 +15,15 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from runtime.train.config_schema import SECTIONS, section_fields, toml_value
+from runtime.train.config.schema import SECTIONS, section_fields, toml_value
 
-PAGE = Path(__file__).resolve().parents[2] / "docs" / "config-reference.md"
+PAGE = Path(__file__).resolve().parents[3] / "docs" / "config-reference.md"
 
 _HEADER = """\
 # Config reference
 
-Generated from `runtime/train/config_schema.py` (and `runtime/data/schema.py` for `[data]` and `[validation]`) by
-`python -m runtime.train.config_reference`; do not edit by hand (`tests/docs/test_docs.py` fails
+Generated from `runtime/train/config/schema.py` (and `runtime/data/schema.py` for `[data]` and `[validation]`) by
+`python -m runtime.train.config.reference`; do not edit by hand (`tests/docs/test_docs.py` fails
 when this page is stale). `python -m runtime.train --help` prints the same keys.
 
 Set a key in the TOML config (`[section]` then `key = value`) or on the command line as
@@ -75,7 +75,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime.train.config_reference",
+    parser = argparse.ArgumentParser(prog="python -m runtime.train.config.reference",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when docs/config-reference.md differs from the schema")
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render()
     if args.check:
         if not PAGE.is_file() or PAGE.read_text(encoding="utf-8") != text:
-            print(f"error: {PAGE} is stale: run python -m runtime.train.config_reference",
+            print(f"error: {PAGE} is stale: run python -m runtime.train.config.reference",
                   file=sys.stderr)
             return 1
         print(f"ok: {PAGE} matches the schema")

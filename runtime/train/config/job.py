@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from runtime.model.args import ModelArgs
 from runtime.parallel.dims import ParallelDims
-from runtime.train.config_schema import JobConfig
+from runtime.train.config.schema import JobConfig
 
 
 def parallel_dims(job: JobConfig, world_size: int) -> ParallelDims:
