@@ -2,6 +2,11 @@
 
     python benchmarks/bench_prepare.py --mb 24 --workers 1,2 --repeats 3
       -> one JSON line per run in benchmarks/results/prepare-<date>.jsonl, a summary on stdout
+    python benchmarks/bench_prepare.py --chat --mb 4 --workers 1,2
+      -> the same for chat records (data.dataset = "chat"): the embedded chat sample
+         (runtime/assets/chat_sample/train.jsonl.gz) repeated, rendered with the built-in
+         harmony renderer, masked (last_assistant) and cut for seq_len 512 (cut_turns), as
+         configs/debugmodel_sft.toml prepares it; tokens are the stored (packed) tokens
 
 The corpus is the embedded one (runtime/assets/corpus.jsonl.gz) repeated to `--mb` megabytes
 of JSON lines over 4 files, tokenized with the embedded tokenizer (or --tokenizer DIR, e.g. a
@@ -31,12 +36,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runtime.data import FileSource, TextEncoder, Tokenizer  # noqa: E402
+from runtime.data import DataConfig, FileSource, TextEncoder, Tokenizer  # noqa: E402
+from runtime.data.chat.prepared import ChatPrepareEncoder, chat_prepare_settings  # noqa: E402
+from runtime.data.chat.source import build_chat_source  # noqa: E402
 from runtime.data.preparing import prepare  # noqa: E402
 
+CHAT_SAMPLE = ROOT / "runtime/assets/chat_sample/train.jsonl.gz"
+CHAT_SEQ_LEN = 512  # configs/debugmodel_sft.toml
 
-def corpus(folder: Path, mb: float, files: int = 4) -> list[Path]:
-    with gzip.open(ROOT / "runtime/assets/corpus.jsonl.gz", "rt", encoding="utf-8") as f:
+
+def corpus(folder: Path, mb: float, files: int = 4, source: Path = ROOT /
+           "runtime/assets/corpus.jsonl.gz") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(source, "rt", encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
     target = int(mb * (1 << 20)) // files
     paths = []
@@ -57,17 +69,30 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run(files, tok, workers: int, threads: str, part_bytes: int, out: Path) -> dict:
+def inputs(files, tok, chat: bool) -> tuple:
+    """(source, encoder, plan settings) of the benchmark's prepare."""
+    if not chat:
+        return FileSource(files), TextEncoder(tok), None
+    cfg = DataConfig(dataset="chat", dataset_path=str(files[0].parent), chat_date="2026-01-15")
+    cfg, settings = chat_prepare_settings(cfg, CHAT_SEQ_LEN, tok)
+    return build_chat_source(cfg), ChatPrepareEncoder(tok, cfg, CHAT_SEQ_LEN), settings
+
+
+def run(files, tok, workers: int, threads: str, part_bytes: int, out: Path,
+        chat: bool = False) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     if threads == "1":
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     else:
         os.environ.pop("TOKENIZERS_PARALLELISM", None)
     start, cpu = time.perf_counter(), cpu_seconds()
-    meta = prepare(FileSource(files), TextEncoder(tok), out, tok, workers=workers,
-                   part_bytes=part_bytes)
+    source, encode, settings = inputs(files, tok, chat)
+    meta = prepare(source, encode, out, tok, workers=workers, part_bytes=part_bytes,
+                   settings=settings)
     wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
-    return {"workers": workers, "tokenizer_threads": threads, "tokens": meta["num_tokens"],
+    extra = {"conversations": meta["chat"]["conversations"], "cut": meta["chat"]["cut"],
+             "dropped": meta["chat"]["dropped"]} if chat else {}
+    return {**extra, "workers": workers, "tokenizer_threads": threads, "tokens": meta["num_tokens"],
             "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
             "tokens_per_s": round(meta["num_tokens"] / wall),
             "tokens_per_cpu_s": round(meta["num_tokens"] / cpu) if cpu else None,
@@ -81,6 +106,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--part-mb", type=float, default=1.0)
     ap.add_argument("--tokenizer", default="")
+    ap.add_argument("--chat", action="store_true",
+                    help="chat records (the embedded chat sample) instead of text")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"
                                          / f"prepare-{datetime.date.today()}.jsonl"))
     args = ap.parse_args()
@@ -89,12 +116,13 @@ def main() -> int:
                                              if int(w) > 1]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        files = corpus(Path(tmp), args.mb)
+        files = corpus(Path(tmp) / "in", args.mb, source=CHAT_SAMPLE) if args.chat else \
+            corpus(Path(tmp) / "in", args.mb)
         for rep in range(args.repeats):
             for workers, threads in variants:
                 r = run(files, tok, workers, threads, int(args.part_mb * (1 << 20)),
-                        Path(tmp) / "out")
-                r.update(bench="prepare", repeat=rep, input_mb=args.mb, part_mb=args.part_mb,
+                        Path(tmp) / "out", args.chat)
+                r.update(bench="prepare-chat" if args.chat else "prepare", repeat=rep, input_mb=args.mb, part_mb=args.part_mb,
                          cores=len(os.sched_getaffinity(0)), tokenizer=tok.source,
                          date=datetime.datetime.now(datetime.timezone.utc).isoformat(
                              timespec="seconds"))

@@ -241,6 +241,16 @@ def build_dataloader(
     )
 
 
+def _prepared_chat(data_cfg: DataConfig) -> dict | None:
+    """meta.json "chat" of a prepared chat folder the config trains on, else None."""
+    if data_cfg.dataset != "prepared" or not data_cfg.dataset_path:
+        return None
+    try:
+        return read_meta(Path(data_cfg.dataset_path).expanduser()).get("chat")
+    except DataError:
+        return None  # the training loader reports it
+
+
 VALIDATION_SOURCE_KEYS = ("dataset", "dataset_path", "hf_dataset", "hf_config", "hf_split")
 
 
@@ -251,7 +261,8 @@ def validation_data_config(val_cfg: ValidationConfig,
     `val_cfg` holds enable/freq/steps and these keys: `split_fraction` (> 0: that fraction
     of the training source, by content hash, never trained on), or a held-out source
     (`dataset`, `dataset_path`, `hf_dataset`, `hf_config`, `hf_split`; an empty
-    `dataset` keeps the training kind, so chat stays chat). The other [data] keys (loss_on,
+    `dataset` keeps the training kind, so chat stays chat, prepared chat data included). The
+    other [data] keys (loss_on,
     chat template, text_key, ...) are the training data's. With neither, chat data on the
     embedded sample validates on the sample's validation split."""
     # the same validation batches at every evaluation
@@ -265,6 +276,11 @@ def validation_data_config(val_cfg: ValidationConfig,
         return merged, fraction
     if named.keys() - {"dataset"}:
         chat = merged.dataset == "chat"
+        prepared_chat = _prepared_chat(merged)
+        if prepared_chat is not None:  # held-out conversations are rendered as it was
+            chat = True
+            merged = dataclasses.replace(
+                merged, chat_date=merged.chat_date or prepared_chat["chat_date"])
         # the held-out source replaces the training one; '' infers the kind from its paths
         merged = dataclasses.replace(merged, **{k: getattr(val_cfg, k)
                                                 for k in VALIDATION_SOURCE_KEYS})

@@ -23,7 +23,9 @@ from chat_spans import mask_from_text
 from runtime.data import DataConfig, DataError, Tokenizer, build_dataloader
 from runtime.data.chat.records import parse_record
 from runtime.data.chat.template import TemplateRenderer
+from runtime.data.loader import validation_data_config
 from runtime.data.prepared import PreparedDataset, PreparedStream
+from runtime.data.schema import ValidationConfig
 from runtime.data.chat.prepared import PreparedChat
 from runtime.data.preparing import finalize, plan_of, prepare, work_dir
 from runtime.data_cli import main, prepare_inputs
@@ -241,6 +243,12 @@ def test_other_read_settings_and_bad_records_are_one_line(chats, tok, prepared, 
         assert "\n" not in str(e.value)
     with pytest.raises(DataError, match="not as a text stream"):
         PreparedStream(PreparedDataset(folder), S)
+    # held-out conversations for a run on prepared chat data are chat, rendered as it was
+    held_out = ValidationConfig(enable=True, dataset_path=str(chats / "a.jsonl"))
+    merged, _ = validation_data_config(held_out, dataclasses.replace(prep, chat_date=""))
+    assert (merged.dataset, merged.chat_date) == ("chat", DATE)
+    val = next(build_dataloader(merged, tok, S, 2, split="validation"))
+    assert (val["labels"] == -100).any()
     loader = build_dataloader(prep, tok, S, 2)
     with pytest.raises(DataError, match="prepare it again with --data.chat_date=2030-01-01"):
         loader.load_state_dict({**loader.state_dict(), "chat_date": "2030-01-01"})
