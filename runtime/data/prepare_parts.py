@@ -1,8 +1,9 @@
 """The parts of a `prepare`: the plan that cuts a source into parts, and one part written.
 
 A part is a run of records in source order: several small shards (files) together, one
-byte range of a large plain `.jsonl` file (cut at line starts near every `part_bytes`), or
-one row range of an HF dataset read by index (a save_to_disk folder, hf_streaming = false). The
+byte range of a large plain `.jsonl` file (cut at line starts near every `part_bytes`), a
+run of row groups of a large `.parquet` file (by their compressed sizes), or one row range
+of an HF dataset read by index (a save_to_disk folder, hf_streaming = false). The
 plan depends on the input and the settings only, never on the worker or node count, so any
 split of the work (`--workers`, `--shard i/n`, a resumed run) writes the same parts, and the
 finished folder is the same bytes.
@@ -50,8 +51,8 @@ Piece = tuple  # (shard, lo, hi): hi == -1 is the whole shard, else a range (run
 # ============================================================================ the plan
 def plan_parts(source, part_bytes: int) -> tuple[list[list[Piece]], list[int]]:
     """(parts, their input bytes): consecutive small shards share a part up to `part_bytes`;
-    a larger splittable file is cut at the line starts after every `part_bytes`; a shard of
-    unknown size (a dataset library's) is one part."""
+    a larger splittable file is cut at the line (row group) starts after every `part_bytes`;
+    a shard of unknown size (a dataset library's) is one part."""
     parts: list[list[Piece]] = []
     sizes: list[int] = []
     group: list[Piece] = []

@@ -8,13 +8,16 @@ directory (recursive), glob or list of them into the sorted file list a source r
 
 A plain `.jsonl` file can also be read in byte ranges (`byte_range=(lo, hi)`: the lines that
 start in [lo, hi), lo at a line start): `prepare` splits one large file over its workers and
-nodes that way (`splittable`, `line_start`, `count_lines`). Indices are then lines within the
+nodes that way (`splittable`, `cut_points`, `range_length`). Indices are then lines within the
 range; an error still names the file's own line (`LineOf` counts the lines before the range
-only when the message is printed).
+only when the message is printed). A `.parquet` file is cut between row groups: its ranges
+count the row groups' compressed bytes laid end to end (the footer's sizes, nothing decoded),
+a range holds the row groups that start in it, and an error names the file's own row.
 """
 
 from __future__ import annotations
 
+import bisect
 import glob as globlib
 import gzip
 import io
@@ -85,9 +88,31 @@ def text_of(obj, text_key: str, where: str) -> str:
 
 
 def splittable(path: Path) -> bool:
-    """Whether `path` can be read in byte ranges (plain JSON lines: seekable, one record
-    per newline-terminated line; .json may split lines on other breaks or be one array)."""
-    return path.name.lower().endswith(".jsonl")
+    """Whether `path` can be read in ranges: plain JSON lines (seekable, one record per
+    newline-terminated line; .json may split lines on other breaks or be one array), or
+    parquet (between row groups)."""
+    return path.name.lower().endswith((".jsonl", *PARQUET_SUFFIXES))
+
+
+def cut_points(path: Path, every: int) -> list[int]:
+    """Range bounds [0, ..., end] cutting a `splittable` file after about every `every`
+    bytes: at the line starts (JSON lines) or row-group starts (parquet) after each."""
+    if has_suffix(path, PARQUET_SUFFIXES):
+        starts = _group_starts(_open_parquet(path).metadata)
+        return sorted({0, starts[-1], *(starts[bisect.bisect_left(starts, at)]
+                                        for at in range(every, starts[-1], every))})
+    size = path.stat().st_size
+    return sorted({0, size, *(line_start(path, at) for at in range(every, size, every))})
+
+
+def range_length(path: Path, lo: int, hi: int) -> int:
+    """Record indices one range of a `splittable` file covers (blank lines included): where
+    the next range's indices start in the file."""
+    if has_suffix(path, PARQUET_SUFFIXES):
+        md = _open_parquet(path).metadata
+        first, last = _groups_in(md, lo, hi)
+        return sum(md.row_group(g).num_rows for g in range(first, last))
+    return count_lines(path, lo, hi)
 
 
 def line_start(path: Path, at: int) -> int:
@@ -216,28 +241,55 @@ def _import_pyarrow_parquet(path: Path):
     return pq
 
 
-def read_parquet_docs(path: Path, text_key: str, start: int = 0) -> Iterator[tuple[int, str]]:
-    """(row, text) from `start`; whole row groups before `start` are never decoded."""
+def _open_parquet(path: Path):
     pq = _import_pyarrow_parquet(path)
     try:
-        pf = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as e:  # pyarrow's ArrowInvalid and friends
         raise DataError(f"{path}: not a readable parquet file: {e}") from None
+
+
+def _group_starts(md) -> list[int]:
+    """Where each row group starts when the groups' compressed bytes are laid end to end
+    (+ the end): the coordinates of a parquet file's ranges."""
+    starts = [0]
+    for g in range(md.num_row_groups):
+        group = md.row_group(g)
+        starts.append(starts[-1] + sum(group.column(c).total_compressed_size
+                                       for c in range(group.num_columns)))
+    return starts
+
+
+def _groups_in(md, lo: int, hi: int) -> tuple[int, int]:
+    """The row groups [first, last) that start in [lo, hi)."""
+    starts = _group_starts(md)[:-1]
+    return bisect.bisect_left(starts, lo), bisect.bisect_left(starts, hi)
+
+
+def read_parquet_docs(path: Path, text_key: str, start: int = 0,
+                      byte_range: tuple[int, int] | None = None) -> Iterator[tuple[int, str]]:
+    """(row, text) from `start`; whole row groups before `start` are never decoded.
+    `byte_range`: only the row groups starting in it (see `cut_points`), rows indexed from
+    0 at its first; errors still name the file's row."""
+    pf = _open_parquet(path)
     names = pf.schema_arrow.names
     if text_key not in names:
         raise DataError(
             f"{path}: no column {text_key!r} (columns: {', '.join(names)}); set data.text_key"
         )
-    row0 = 0
-    for rg in range(pf.num_row_groups):
-        n = pf.metadata.row_group(rg).num_rows
-        if row0 + n > start:
+    md = pf.metadata
+    first, last = _groups_in(md, *byte_range) if byte_range else (0, pf.num_row_groups)
+    base = sum(md.row_group(g).num_rows for g in range(first))  # the range's first row
+    row0 = base
+    for rg in range(first, last):
+        n = md.row_group(rg).num_rows
+        if row0 - base + n > start:
             column = pf.read_row_group(rg, columns=[text_key]).column(0).to_pylist()
-            for j in range(max(start - row0, 0), n):
+            for j in range(max(start - (row0 - base), 0), n):
                 text = column[j]
                 if text is not None and not isinstance(text, str):
                     raise DataError(f"{path}: row {row0 + j}: {text_key!r} is not a string")
-                yield row0 + j, text or ""
+                yield row0 - base + j, text or ""
         row0 += n
 
 
@@ -258,12 +310,12 @@ def read_text_doc(path: Path, start: int = 0) -> Iterator[tuple[int, str]]:
 
 def read_docs(path: Path, text_key: str, start: int = 0,
               byte_range: tuple[int, int] | None = None) -> Iterator[tuple[int, str]]:
-    if byte_range is not None:  # a `splittable` file
+    if has_suffix(path, PARQUET_SUFFIXES):
+        return read_parquet_docs(path, text_key, start, byte_range)
+    if byte_range is not None:  # a `splittable` JSON-lines file
         return read_json_docs(path, text_key, byte_range=byte_range)
     if has_suffix(path, JSON_SUFFIXES):
         return read_json_docs(path, text_key, start)
-    if has_suffix(path, PARQUET_SUFFIXES):
-        return read_parquet_docs(path, text_key, start)
     if has_suffix(path, TEXT_SUFFIXES):
         return read_text_doc(path, start)
     raise DataError(f"{path}: unsupported data file type (use {', '.join(SUPPORTED_SUFFIXES)})")

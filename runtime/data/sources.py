@@ -26,7 +26,7 @@ import numpy as np
 
 from runtime.errors import DataDependencyError, DataError, DataFileNotFoundError
 from runtime.data.packing import Document, PackedStream, TextEncoder
-from runtime.data.readers import (count_lines, line_start, read_docs, resolve_files,
+from runtime.data.readers import (cut_points, range_length, read_docs, resolve_files,
                                   splittable, text_of)
 from runtime.data.schema import DataConfig
 
@@ -158,15 +158,13 @@ class FileSource(DocumentSource):
         return path.stat().st_size, splittable(path)
 
     def cut_points(self, shard: int, every: int) -> list[int]:
-        path = self.files[shard]
-        size = path.stat().st_size
-        return sorted({0, size, *(line_start(path, at) for at in range(every, size, every))})
+        return cut_points(self.files[shard], every)
 
     def range_items(self, shard: int, bounds: tuple[int, int]) -> Iterator[tuple[int, object]]:
         return self.read(self.files[shard], 0, bounds)
 
     def range_length(self, shard: int, bounds: tuple[int, int]) -> int:
-        return count_lines(self.files[shard], *bounds)
+        return range_length(self.files[shard], *bounds)
 
     def documents(self, epoch: int, shard: int, index: int) -> Iterator[tuple[int, int, object]]:
         order = self.shard_order(epoch)

@@ -52,7 +52,13 @@ def inputs(tmp_path_factory) -> dict[str, list[Path]]:
     big[17] = "\n"  # a blank line keeps its index
     big[40] = json.dumps({"text": "  "}) + "\n"  # a blank text: a record, no document
     (d / "big.jsonl").write_text("".join(big).rstrip("\n"))  # no newline at the end
-    return {"many": many, "big": [d / "big.jsonl"]}
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = _texts(300, seed=11)
+    texts[5], texts[60] = None, "  "  # a null and a blank text: records, no documents
+    pq.write_table(pa.table({"text": texts, "n": list(range(300))}), d / "big.parquet",
+                   row_group_size=16)  # 19 row groups: cut into parts between them
+    return {"many": many, "big": [d / "big.jsonl"], "parquet": [d / "big.parquet"]}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +83,7 @@ def one_process(inputs, tok, tmp_path_factory) -> dict[str, Path]:
     return {name: d / name for name in inputs}
 
 
-@pytest.mark.parametrize("case", ["many", "big"])
+@pytest.mark.parametrize("case", ["many", "big", "parquet"])
 def test_workers_write_the_bytes_of_one_process(inputs, tok, one_process, tmp_path, case):
     meta = _prepare(inputs[case], tmp_path / "w2", tok, workers=2)
     assert len(meta["token_files"]) >= 4  # several parts: the work really was split
@@ -99,6 +105,20 @@ def test_workers_write_the_bytes_of_one_process(inputs, tok, one_process, tmp_pa
              if t.strip()]
     expected = np.concatenate([[tok.bos_id, *ids, tok.eos_id] for ids in tok.encode_batch(texts)])
     assert np.array_equal(a.tokens_at(np.arange(a.num_tokens)), expected)
+
+
+def test_a_parquet_range_names_the_files_row(inputs):
+    """A parquet part is whole row groups; its rows count from 0, an error names the file's
+    row (here the first row of the second part: the text column is not a string)."""
+    from runtime.errors import DataError
+
+    src = FileSource(inputs["parquet"], text_key="n")
+    cuts = src.cut_points(0, PART)
+    assert len(cuts) > 4 and cuts[-1] < inputs["parquet"][0].stat().st_size
+    first = src.range_length(0, (cuts[0], cuts[1]))
+    assert first % 16 == 0 and sum(src.range_length(0, r) for r in zip(cuts, cuts[1:])) == 300
+    with pytest.raises(DataError, match=rf"big\.parquet: row {first}: 'n' is not a string"):
+        next(iter(src.range_items(0, (cuts[1], cuts[2]))))
 
 
 def test_a_killed_worker_resumes_from_its_finished_parts(inputs, tok, one_process, tmp_path,
