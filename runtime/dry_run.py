@@ -210,6 +210,7 @@ def _host_masks(build):
     cache: dict = {}
 
     def masks(model, backend, seq_len, document_ids, device):
+        # GptOssModel._attention_masks' own cache key (the model's CP state, model.py)
         key = (backend, seq_len, str(device), id(model.context_parallel))
         if key not in cache:
             with unset_fake_temporarily():

@@ -117,7 +117,9 @@ class GptOssModel(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Set by runtime.parallel.context_parallel.apply_cp; inputs are then this rank's
-        # sequence shard and `positions` is required.
+        # sequence shard and `positions` is required. The model's own runtime state (its
+        # forward reads it, as it reads its weights); callers get the handle from
+        # parallelize()'s record, not from here.
         self.context_parallel = None
         # (backend, seq_len, device, cp) -> AttentionMasks without document ids: they depend
         # on no data, so one build serves every forward.

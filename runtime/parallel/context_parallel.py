@@ -64,20 +64,23 @@ class ContextParallel:
         return torch.cat(parts, dim=1)
 
 
-def apply_cp(model: nn.Module, cp_mesh, load_balancer: str) -> None:
-    """Mark the model (and its attention layers) as context parallel over `cp_mesh`."""
+def apply_cp(model: nn.Module, cp_mesh, load_balancer: str) -> ContextParallel:
+    """Make the model (and its attention layers) context parallel over `cp_mesh`; returns the
+    handle (parallelize() hands it to its callers in its record). The modules keep it as
+    their own runtime state: their forward reads it (the masks on global positions, the
+    K/V all-gather), just as it reads their weights."""
     cp = ContextParallel(group=cp_mesh.get_group(), rank=cp_mesh.get_local_rank(),
                          size=cp_mesh.size(), load_balancer=load_balancer)
     model.context_parallel = cp
     for block in model.layers.values():
         block.attention.context_parallel = cp
+    return cp
 
 
-def shard_batch(model: nn.Module, batch: dict, seq_len: int) -> dict:
-    """This rank's share of every sequence of a batch under context parallel (positions
-    travel along, so RoPE and masks stay right); the batch itself without CP. The train step
-    and validation both cut through here, so they see the same tokens."""
-    cp = model.context_parallel
+def shard_batch(cp: ContextParallel | None, batch: dict, seq_len: int) -> dict:
+    """This rank's share of every sequence of a batch under context parallel `cp` (positions
+    travel along, so RoPE and masks stay right); the batch itself without CP (None). The train
+    step and validation both cut through here, so they see the same tokens."""
     if cp is None:
         return batch
     return {k: cp.shard(v, seq_len) for k, v in batch.items()}

@@ -49,9 +49,9 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import RowwiseParallel, SequenceParallel, parallelize_module
 
 from runtime.errors import ConfigError
+from runtime.model.quantize import tensor_parallel_styles
 from runtime.parallel.dtensor_utils import distributed_parameter, swap_parameters, to_local
 from runtime.parallel.lora_parallel import lora_styles
-from runtime.parallel.quantize import tensor_parallel_styles
 
 try:  # CUDA symmetric memory; its group switch is needed on torch 2.11, a no-op from 2.13
     import torch.distributed._symmetric_memory as symmetric_memory

@@ -170,7 +170,7 @@ def apply_plan(cfg: JobConfig, dims: ParallelDims, model_args: ModelArgs) -> App
         memory_plan_lora.adapt(model, cfg, target_compute_dtype_name(cfg))  # [lora]
         # Plans are for the job's accelerator: "auto" means CUDA there (bf16 compute).
         device = torch.device("cpu" if cfg.training.device == "cpu" else "cuda")
-        model = parallelize(model, dims, cfg, device)
+        model = parallelize(model, dims, cfg, device).model
         shares = [RankShare("every rank", list(range(model_args.n_layers)), True, True)]
         if dims.pp > 1:
             p = cfg.parallelism

@@ -36,10 +36,10 @@ from runtime.model.lora_spec import is_lora_name
 from runtime.model.model import resolve_compute_dtype
 from runtime.model.loss import IGNORE_INDEX
 from runtime.model.moe import moe_layers, update_expert_bias
+from runtime.model.quantize import after_optimizer_step
 from runtime.parallel.context_parallel import shard_batch
-from runtime.parallel.parallelize import parallelize
+from runtime.parallel.parallelize import Parallelized, parallelize
 from runtime.parallel.pipeline import PipelineParallel
-from runtime.parallel.quantize import after_optimizer_step
 from runtime.train.checkpoint.manager import (CheckpointManager, ModelState, OptimizerState,
                                               Progress, TrainState, check_model_early,
                                               lock_dump_folder)
@@ -215,8 +215,13 @@ class Trainer:
         total_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.mesh = self.dims.build_mesh(self.device.type) if self.world_size > 1 else None
 
+        # What parallelize() made of each part (the model, or each of this rank's stages, in
+        # model_parts order): the CP handle, what quantize converted.
+        self.parallelized: list[Parallelized] = []
+
         def parallelize_part(part):
-            return parallelize(part, self.dims, cfg, self.device)
+            self.parallelized.append(parallelize(part, self.dims, cfg, self.device))
+            return self.parallelized[-1].model
 
         def materialize_parts(parts):
             materialize(parts, self.device, cfg.training.seed)
@@ -232,6 +237,9 @@ class Trainer:
             fused = cfg.training.loss_chunk_size if self.dims.tp == 1 else 0
             self.runner = LocalRunner(model, self.device, fused_loss_chunk=fused)
         self.model_parts = self.runner.model_parts  # the model, or this rank's stages
+        # Every part has the same CP handle (one cp mesh dimension): batches are cut with it.
+        self.context_parallel = self.parallelized[0].context_parallel
+        self._float8_parts = [p.model for p in self.parallelized if p.float8_precompute_scales]
         # Every local parameter under the full model's names (with pp: a view of all local
         # stages): optimizer, optimizer checkpoints, MoE bookkeeping.
         self.model = self.runner.model
@@ -316,7 +324,7 @@ class Trainer:
     def validation_metrics(self) -> dict:
         """{"validation_loss", "validation_tokens"} of the held-out set (validation.enable)."""
         return self.validator.evaluate(
-            self.runner, self.model, self.model_parts[0], optimizer=self.optimizer,
+            self.runner, self.model, self.context_parallel, optimizer=self.optimizer,
             grad_accum=self.grad_accum, seq_len=self.cfg.training.seq_len,
             token_group=self.dims.group("dp_cp"), device=self.device, log=self.log)
 
@@ -326,7 +334,7 @@ class Trainer:
         clipping; returns (loss, grad_norm) where loss is the mean token loss over the whole
         global batch. Both are read in one transfer, the step's one host sync on one GPU: the
         non-finite policy must see them before the optimizer steps."""
-        batch = shard_batch(self.model_parts[0], batch, self.cfg.training.seq_len)  # CP
+        batch = shard_batch(self.context_parallel, batch, self.cfg.training.seq_len)  # CP
         global_tokens = self._global_trained_tokens(batch)
         # Gradient reduction averages over the ranks that saw different tokens (dp x cp),
         # hence that factor: any mesh and any accumulation split give the same gradient.
@@ -383,7 +391,7 @@ class Trainer:
         elif check_finite(loss, self.step, policy, "loss") and \
                 check_finite(grad_norm, self.step, policy, "grad norm"):
             self.optimizer.step()
-            after_optimizer_step(self.model_parts)  # float8: FSDP all-gather scales (quantize.py)
+            after_optimizer_step(self._float8_parts)  # float8: FSDP all-gather scales (quantize.py)
         else:
             self.skipped_steps += 1
             quantity, value = ("loss", loss) if not math.isfinite(loss) else ("grad norm", grad_norm)

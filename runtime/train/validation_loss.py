@@ -103,12 +103,12 @@ class Validator:
     def due(self, step: int, last_step: int) -> bool:
         return step % self.cfg.freq == 0 or step == last_step
 
-    def evaluate(self, runner, model, first_part, *, optimizer, grad_accum: int, seq_len: int,
+    def evaluate(self, runner, model, context_parallel, *, optimizer, grad_accum: int, seq_len: int,
                  token_group, device, log) -> dict:
         """{"validation_loss", "validation_tokens"}, identical on every rank.
 
         runner: the train runner (eval_loss_sum, share_loss); model: whose MoE statistics are
-        restored; first_part: the model part that carries the CP handle (shard_batch);
+        restored; context_parallel: the CP handle (shard_batch; None without CP);
         optimizer: its gradients are dropped after; token_group: every rank with different
         tokens (ParallelDims.group("dp_cp"), None alone)."""
         loader = self._make_loader()
@@ -118,7 +118,7 @@ class Validator:
         progress = _Progress(log, "validation: evaluating", self.steps)
         with _moe_statistics_restored(model):
             while batches < self.steps:
-                batch = shard_batch(first_part, next(loader), seq_len)  # as the train step does
+                batch = shard_batch(context_parallel, next(loader), seq_len)  # as the train step does
                 batches += 1
                 progress.tick(batches)
                 tokens += float((batch["labels"] != IGNORE_INDEX).sum())

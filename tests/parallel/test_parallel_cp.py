@@ -71,8 +71,8 @@ def _worker(rank, world, port, balancer, docs, out_queue):
 
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
         model = _model()
-        apply_cp(model, mesh, balancer)
-        cp = model.context_parallel
+        cp = apply_cp(model, mesh, balancer)
+        assert model.context_parallel is cp  # the model's forward reads its own handle
         tokens, positions, doc_ids, probe = _inputs()
         local = lambda t: cp.shard(t, SEQ)  # noqa: E731
         logits = model(local(tokens), positions=local(positions),

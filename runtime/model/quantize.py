@@ -197,21 +197,23 @@ def _experts(model: nn.Module, filter_fqns, align: int, tp: int) -> list[tuple[s
     return out
 
 
-def apply_quantization(model: nn.Module, cfg, device: torch.device, tp: int = 1) -> nn.Module:
-    """Convert `model` (on meta, before TP/EP/FSDP) for quantize.mode; returns it. `tp`: the
+def apply_quantization(model: nn.Module, cfg, device: torch.device,
+                       tp: int = 1) -> dict | None:
+    """Convert `model` in place (on meta, before TP/EP/FSDP) for quantize.mode. `tp`: the
     tensor-parallel degree the model will be sharded over (GEMM shapes are checked per rank).
-    Sets `model.quantize_summary` (what was converted, for logs and tests)."""
+    Returns what was converted (mode, linears, experts, ...; for logs and tests; float8:
+    "precompute_scales", whether `after_optimizer_step` is due), None for quantize.mode =
+    "none"."""
     q = cfg.quantize
     check_quantization(cfg, device)
     if q.mode == "none":
-        return model
+        return None
     if q.mode == "float8":
         summary = _apply_float8(model, cfg, device, tp)
     else:
         summary = _apply_mxfp8(model, cfg, device, tp)
-    model.quantize_summary = summary
     model.register_state_dict_post_hook(_plain_state_dict)
-    return model
+    return summary
 
 
 def _plain_state_dict(module, state_dict, prefix, local_metadata) -> None:
@@ -275,11 +277,11 @@ def _apply_float8(model, cfg, device, tp: int) -> dict:
         for _, module in experts:
             _wrap_expert_weights(module, Float8TrainingWeightWrapperTensor, op_config)
             _AlignedTokenGroups.install(module, FLOAT8_ALIGN)
-    # Float8 scales of all FSDP-sharded weights in one all-reduce after each optimizer step
-    # (torchao skips weights that FSDP does not shard).
-    model.float8_precompute_scales = q.enable_fsdp_float8_all_gather
     return {"mode": "float8", "recipe": q.float8_recipe, "emulate": q.emulate,
-            "linears": converted, "experts": [fqn for fqn, _ in experts]}
+            "linears": converted, "experts": [fqn for fqn, _ in experts],
+            # Float8 scales of all FSDP-sharded weights in one all-reduce after each
+            # optimizer step (torchao skips weights that FSDP does not shard).
+            "precompute_scales": q.enable_fsdp_float8_all_gather}
 
 
 def _apply_mxfp8(model, cfg, device, tp: int) -> dict:
@@ -440,13 +442,15 @@ def _float8_tensorwise(module) -> bool:
                and c.scaling_granularity == ScalingGranularity.TENSORWISE for c in casts)
 
 
-def after_optimizer_step(model_parts) -> None:
-    """Trainer hook after `optimizer.step()`: with FSDP float8 all-gather, precompute the
-    float8 scales of every sharded float8 weight in one all-reduce (instead of one per
-    weight inside the next forward's all-gathers). A no-op otherwise."""
-    for part in model_parts:
-        if getattr(part, "float8_precompute_scales", False):
-            # optional dependency (torchao): imported only when quantizing
-            from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+def after_optimizer_step(parts: list[nn.Module]) -> None:
+    """Trainer hook after `optimizer.step()` for the parts whose quantization summary says
+    "precompute_scales" (FSDP float8 all-gather): precompute the float8 scales of every
+    sharded float8 weight in one all-reduce (instead of one per weight inside the next
+    forward's all-gathers)."""
+    if not parts:
+        return
+    # optional dependency (torchao): imported only when quantizing
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 
-            precompute_float8_dynamic_scale_for_fsdp(part)
+    for part in parts:
+        precompute_float8_dynamic_scale_for_fsdp(part)

@@ -1,4 +1,4 @@
-"""Float8 / MXFP8 training (torchao, runtime/parallel/quantize.py) and the async-TP switch
+"""Float8 / MXFP8 training (torchao, runtime/model/quantize.py) and the async-TP switch
 (runtime/parallel/tensor_parallel.py).
 
 Training runs (tiny flavor: dim 64, heads 4 x 16, kv 2 x 16, experts 4 x hidden 64, so every
@@ -59,7 +59,7 @@ from runtime.parallel.parallelize import parallelize
 from runtime.errors import ConfigError
 from runtime.train.config import load_config, parallel_dims
 
-# Every test here needs torchao (the async-TP ones import runtime.parallel.quantize's torchao
+# Every test here needs torchao (the async-TP ones import runtime.model.quantize's torchao
 # paths too); without it the whole module is skipped with this reason, the GPU test included.
 torchao = pytest.importorskip("torchao", reason="needs torchao (pip install torchao; the GPU test "
                                                 "image has none: carry it as a wheel)")
@@ -79,13 +79,17 @@ def cfg_of(*overrides: str):
     return load_config(None, ["--model.flavor=tiny", "--training.device=cpu", *overrides])
 
 
-def build(*overrides: str, device: str = "cpu"):
-    """The tiny model on meta after parallelize() (one process, no mesh)."""
+def built(*overrides: str, device: str = "cpu"):
+    """parallelize()'s record of the tiny model on meta (one process, no mesh)."""
     cfg = cfg_of(*overrides)
     with torch.device("meta"):
         model = GptOssModel(cfg.model_args())
-    return parallelize(model, parallel_dims(cfg, 1), cfg,
-                       torch.device(device))
+    return parallelize(model, parallel_dims(cfg, 1), cfg, torch.device(device))
+
+
+def build(*overrides: str, device: str = "cpu"):
+    """The tiny model on meta after parallelize() (one process, no mesh)."""
+    return built(*overrides, device=device).model
 
 
 def close(ref: list[float], got: list[float], rtol: float) -> list[str]:
@@ -212,8 +216,9 @@ def _types(model) -> dict[str, str]:
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_float8_converts_linears_and_respects_filters(recipe):
     with pytest.warns(UserWarning, match="no emulated float8 grouped GEMM"):
-        model = build(*F8, f"--quantize.float8_recipe={recipe}",
-                      "--quantize.filter_fqns=output,router,layers.1.attention.wo")
+        record = built(*F8, f"--quantize.float8_recipe={recipe}",
+                       "--quantize.filter_fqns=output,router,layers.1.attention.wo")
+    model = record.model
     types = _types(model)
     for layer in ("0", "1"):
         for name in ("wq", "wk", "wv", "wo"):
@@ -224,7 +229,9 @@ def test_float8_converts_linears_and_respects_filters(recipe):
     assert types["output"] == "Linear"
     granularity = model.layers["0"].attention.wq.config.cast_config_input.scaling_granularity
     assert granularity.name == {"tensorwise": "TENSORWISE", "rowwise": "AXISWISE"}[recipe]
-    assert model.quantize_summary["experts"] == []
+    assert record.quantize_summary["experts"] == [] and record.quantize_summary["linears"]
+    assert not record.float8_precompute_scales  # no FSDP float8 all-gather asked for
+    assert not hasattr(model, "quantize_summary")  # the record, not the model, says it
 
 
 def test_router_and_fused_head_are_never_converted():
@@ -264,7 +271,7 @@ def test_mxfp8_converts_linears_and_experts():
 
 
 def test_mxfp8_linear_matches_linear_within_mx_error():
-    from runtime.parallel.quantize import MXFP8Linear
+    from runtime.model.quantize import MXFP8Linear
 
     torch.manual_seed(0)
     ref = nn.Linear(64, 32)
@@ -285,7 +292,7 @@ def test_aligned_token_groups_are_exact():
     values and gradients equal the unpadded grouped GEMM, empty experts included."""
     from runtime.model.args import ModelArgs
     from runtime.model.moe import GroupedExperts
-    from runtime.parallel.quantize import _AlignedTokenGroups
+    from runtime.model.quantize import _AlignedTokenGroups
 
     torch.manual_seed(0)
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=64,
@@ -320,7 +327,7 @@ def test_tensor_parallel_styles():
         PrepareFloat8ModuleInput,
     )
 
-    from runtime.parallel.quantize import tensor_parallel_styles
+    from runtime.model.quantize import tensor_parallel_styles
 
     plain = (ColwiseParallel, RowwiseParallel, PrepareModuleInput)
     float8 = (Float8ColwiseParallel, Float8RowwiseParallel, PrepareFloat8ModuleInput)
@@ -340,7 +347,7 @@ def test_tensor_parallel_styles():
 
 def refusal(*overrides: str, device: str = "cpu", capability=None, monkeypatch=None) -> str:
     if capability is not None:
-        from runtime.parallel import quantize
+        from runtime.model import quantize
 
         monkeypatch.setattr(quantize, "_capability", lambda device: capability)
     with pytest.raises(ConfigError) as info:
@@ -463,7 +470,7 @@ def test_float8_on_cuda(recipe):
 
     ref, _ = losses()
     got, trainer = losses("--quantize.mode=float8", f"--quantize.float8_recipe={recipe}")
-    assert trainer.model.quantize_summary["experts"], "experts not converted"
+    assert trainer.parallelized[0].quantize_summary["experts"], "experts not converted"
     assert "Float8Linear" in type(trainer.model.layers["0"].attention.wq).__name__
     for a, b in zip(ref, got, strict=True):
         assert abs(a - b) <= 5e-2 * abs(a), (ref, got)
