@@ -201,7 +201,7 @@ def _fault(k: int) -> bool:
 
 
 def _fill(tmp: Path, k: int, pieces: list[Piece], source, encode: Callable, dtype: np.dtype,
-          file_tokens: int, batch_docs: int) -> dict:
+          file_tokens: int, batch_docs: int, report: Callable[[int], None] | None) -> dict:
     writer = _PartWriter(tmp, dtype, file_tokens)
     out = []
     for shard, lo, hi in pieces:
@@ -214,6 +214,8 @@ def _fill(tmp: Path, k: int, pieces: list[Piece], source, encode: Callable, dtyp
                                                strict=True):
                 writer.add(doc, record, index, f"shard {shard} record {index}")
             pending.clear()
+            if report is not None:
+                report(writer.offsets[-1])  # tokens so far: the progress bar moves in a part
             if _fault(k):
                 os.kill(os.getpid(), signal.SIGKILL)
 
@@ -244,14 +246,16 @@ def _fill(tmp: Path, k: int, pieces: list[Piece], source, encode: Callable, dtyp
 
 
 def write_part(work: Path, k: int, pieces: list[Piece], source, encode: Callable, dtype: str,
-               file_tokens: int, batch_docs: int) -> dict:
+               file_tokens: int, batch_docs: int,
+               report: Callable[[int], None] | None = None) -> dict:
     """Tokenize part `k` into `work/part-k` (built under a temporary name, then renamed).
-    Returns its part.json (tokens, documents, ...)."""
+    Returns its part.json (tokens, documents, ...). `report(tokens so far)` after every
+    batch."""
     final = work / part_name(k)
     tmp = make_temp_dir(final)
     try:
         info = _fill(tmp, k, [tuple(p) for p in pieces], source, encode, np.dtype(dtype),
-                     file_tokens, batch_docs)
+                     file_tokens, batch_docs, report)
         (tmp / "part.json").write_text(json.dumps(info, indent=1) + "\n")
         try:
             os.rename(tmp, final)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -51,6 +52,9 @@ from runtime.data.prepared import (CHAT_VERSION, DEFAULT_FILE_TOKENS, FORMAT, VE
                                    chat_counts, tokenizer_info)
 from runtime.data.progress import Progress
 from runtime.data.sources import DocumentSource
+
+
+POLL_S = 1.0  # how often the parent reads the workers' progress within their parts
 
 
 class PrepareStopped(Exception):
@@ -162,6 +166,10 @@ class _Job:
         self.work, self.plan, self.source, self.encode = work, plan, source, encode
         self.workers, self.batch_docs, self.log, self.progress = workers, batch_docs, log, progress
         self._pool: cf.ProcessPoolExecutor | None = None
+        # tokens so far of each part under way, written by the workers after every batch
+        # (shared memory, no lock: one writer per part) and read by the parent every POLL_S
+        self._tokens = (multiprocessing.get_context("spawn").RawArray("q", len(plan["parts"]))
+                        if workers > 1 and source is not None else None)
 
     def _say(self, msg: str) -> None:
         if self.log:
@@ -174,23 +182,33 @@ class _Job:
             self._pool = cf.ProcessPoolExecutor(
                 max_workers=min(self.workers, tasks),
                 mp_context=multiprocessing.get_context("spawn"),  # safe beside threads
-                initializer=_init_worker, initargs=(self.source, self.encode))
+                initializer=_init_worker, initargs=(self.source, self.encode, self._tokens))
         return self._pool
 
-    def _map(self, fn, tasks: list, *args):
-        """(task, result) as each finishes: in worker processes, or here for one worker."""
+    def _map(self, fn, tasks: list, *args, report: Callable[[int, int], None] | None = None,
+             poll: Callable[[], None] | None = None):
+        """(task, result) as each finishes: in worker processes, or here for one worker.
+        `report(task, tokens so far)` is passed to `fn` here; `poll()` is called every POLL_S
+        while workers run."""
         pool = self._executor(len(tasks))
         if pool is None:
             for k in tasks:
-                yield k, fn(k, *args, source=self.source, encode=self.encode)
+                extra = {"report": functools.partial(report, k)} if report else {}
+                yield k, fn(k, *args, source=self.source, encode=self.encode, **extra)
             return
         futures: dict[cf.Future, int] = {}
         finished = False
         try:
             for k in tasks:
                 futures[pool.submit(fn, k, *args)] = k
-            for future in cf.as_completed(futures):
-                yield futures[future], future.result()
+            running = set(futures)
+            while running:
+                done, running = cf.wait(running, timeout=POLL_S if poll else None,
+                                        return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    yield futures[future], future.result()
+                if poll:
+                    poll()
             finished = True
         except cf.process.BrokenProcessPool:
             raise PrepareStopped(
@@ -239,10 +257,21 @@ class _Job:
                        done_bytes=sum(sizes[k] for k in done), done_parts=len(done),
                        out=sys.stderr if self.progress else None)
         settings = plan["settings"]
+        finished: set[int] = set()
+
+        def poll():  # the workers' tokens so far of the parts under way
+            counts = np.frombuffer(self._tokens, dtype=np.int64)
+            for k in np.flatnonzero(counts).tolist():
+                if k not in finished:
+                    bar.partial(k, int(counts[k]), sizes[k])
+
         try:
             for k, info in self._map(_write, todo, work, plan["parts"], settings["dtype"],
-                                     settings["file_tokens"], self.batch_docs):
-                bar.update(sizes[k], info["num_tokens"])
+                                     settings["file_tokens"], self.batch_docs,
+                                     report=lambda k, n: bar.partial(k, n, sizes[k]),
+                                     poll=poll if self._tokens is not None else None):
+                finished.add(k)
+                bar.update(sizes[k], info["num_tokens"], k)
         finally:
             bar.close()
 
@@ -264,18 +293,21 @@ def _terminate(pool: cf.ProcessPoolExecutor) -> None:
 _WORKER: dict = {}
 
 
-def _init_worker(source, encode) -> None:
+def _init_worker(source, encode, tokens) -> None:
     # one tokenizer thread per worker: N workers on N cores, no oversubscription
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
-    _WORKER["source"], _WORKER["encode"] = source, encode
+    _WORKER["source"], _WORKER["encode"], _WORKER["tokens"] = source, encode, tokens
 
 
 def _write(k: int, work: Path, pieces: list, dtype: str, file_tokens: int, batch_docs: int,
-           source=None, encode=None) -> dict:
-    if source is None:  # in a worker process
-        source, encode = _WORKER["source"], _WORKER["encode"]
-    return write_part(work, k, pieces[k], source, encode, dtype, file_tokens, batch_docs)
+           source=None, encode=None, report=None) -> dict:
+    if source is None:  # in a worker process: tokens so far into the parent's shared array
+        source, encode, tokens = _WORKER["source"], _WORKER["encode"], _WORKER["tokens"]
+        if tokens is not None:
+            report = functools.partial(tokens.__setitem__, k)
+    return write_part(work, k, pieces[k], source, encode, dtype, file_tokens, batch_docs,
+                      report)
 
 
 def _check(k: int, work: Path, pieces: list, source=None, encode=None) -> str | None:

@@ -213,9 +213,82 @@ def test_progress_lines():
     tty = io.StringIO()
     bar = Progress(100, 2, out=tty, tty=True, clock=lambda: now[0])
     bar.update(50, 10)
+    now[0] = 41.2
+    bar.partial(1, 5, 50)  # within `redraw` (0.5 s) of the last drawing: not redrawn
+    assert tty.getvalue().count("\r") == 1
+    now[0] = 41.6
+    bar.partial(1, 5, 50)  # 5 tokens x 5 bytes per token (this run's) = 25 of 50 bytes
+    assert tty.getvalue().split("\r")[-1].startswith("prepare [##################      ]  75% 1/2")
     bar.close()
     assert tty.getvalue().startswith("\rprepare [############            ]  50% 1/2 parts")
     assert tty.getvalue().endswith("\n")
+
+
+def test_progress_moves_within_a_part():
+    """A part under way counts its tokens so far as input bytes: BYTES_PER_TOKEN (4) until
+    a part finished, then this run's bytes per token; at most 99% of the part."""
+    import io
+
+    from runtime.data.progress import Progress
+
+    now = [0.0]
+    log = io.StringIO()
+    p = Progress(1_000_000, 2, out=log, every=30, clock=lambda: now[0])
+    now[0] = 10
+    p.partial(0, 20_000, 500_000)  # within `every`: no line
+    assert log.getvalue() == ""
+    now[0] = 30
+    p.partial(0, 50_000, 500_000)  # 200 kB of 1 MB in 30 s: 800 kB take 120 s
+    assert log.getvalue() == ("prepare: 20% done, 0/2 parts, 50.0k tokens, 1.7k tokens/s, "
+                              "ETA 0:02:00\n")
+    now[0] = 40
+    p.update(500_000, 100_000, 0)  # 10 s after the last line: none
+    now[0] = 60
+    p.partial(1, 10_000, 500_000)  # 5 bytes per token now: 50 kB
+    assert log.getvalue().splitlines()[-1] == ("prepare: 55% done, 1/2 parts, 110.0k tokens, "
+                                               "1.8k tokens/s, ETA 0:00:49")
+    p.partial(1, 10**9, 500_000)  # never past 99% of the part
+    assert p.fraction() == pytest.approx(0.995)
+    now[0] = 61
+    p.update(500_000, 100_000, 1)
+    assert log.getvalue().splitlines()[-1].startswith("prepare: 100% done, 2/2 parts, 200.0k "
+                                                      "tokens,")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_report_tokens_within_a_part(tok, tmp_path, monkeypatch, workers):
+    """The progress hears of every part before it finishes: in-process after every batch
+    (the tokens so far, in order), from worker processes through shared memory that the
+    parent reads every POLL_S (here parts of 8 batches of 0.3 s, read every 0.05 s)."""
+    import runtime.data.preparing as preparing
+
+    seen: list[tuple] = []
+
+    class Recording(preparing.Progress):
+        def partial(self, part, tokens, nbytes):
+            seen.append((part, tokens))
+            super().partial(part, tokens, nbytes)
+
+        def update(self, nbytes, tokens, part=None):
+            seen.append((part, "done", tokens))
+            super().update(nbytes, tokens, part)
+
+    monkeypatch.setattr(preparing, "Progress", Recording)
+    monkeypatch.setattr(preparing, "POLL_S", 0.05)
+    files = [tmp_path / "a.jsonl"]
+    files[0].write_text(_lines([f"document {j} of the file" for j in range(70)]))
+    encode = _SlowEncoder(tok, 0.3 if workers > 1 else 0.0)
+    prepare(FileSource(files), encode, tmp_path / "out", tok, part_bytes=PART, batch_docs=7,
+            workers=workers)
+    done = {e[0]: e[2] for e in seen if len(e) == 3}
+    assert sorted(done) == [0, 1]
+    under_way = {k: [e[1] for e in seen if len(e) == 2 and e[0] == k] for k in done}
+    if workers == 1:  # after every batch of 7 documents, growing, the last one the part's
+        for k in (0, 1):
+            assert under_way[k] == sorted(set(under_way[k])) and under_way[k][-1] == done[k]
+        assert len(under_way[0]) >= 5
+    else:
+        assert any(0 < t < done[k] for k in done for t in under_way[k]), seen
 
 
 def test_a_saved_dataset_is_cut_into_row_ranges(tok, tmp_path):
