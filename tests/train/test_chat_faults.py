@@ -56,11 +56,11 @@ BLOCKING = """
 import sys, time
 from runtime.data.chat import pack
 real, calls = pack.WholeDocumentStream._window, [0]
-def window(self):  # the source stalls after {limit} windows (a stuck download, a slow disk)
+def window(self, *args):  # the source stalls after {limit} windows (a stuck download, a slow disk)
     calls[0] += 1
     while calls[0] > {limit}:
         time.sleep(0.5)
-    return real(self)
+    return real(self, *args)
 pack.WholeDocumentStream._window = window
 from runtime.data.loader import ParallelAwareDataLoader
 real_next, batches = ParallelAwareDataLoader.__next__, [0]
