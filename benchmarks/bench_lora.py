@@ -65,7 +65,7 @@ def _rss_overrides(mode: str) -> list[str]:
 def bench_steps(steps: int) -> dict:
     import torch
 
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
     from runtime.train.trainer import Trainer
 
     trainers, batches, times, losses, val = {}, {}, {}, {}, {}
@@ -110,7 +110,7 @@ def bench_steps(steps: int) -> dict:
 def rss_child(mode: str) -> None:
     """One process, one mode: prints one JSON line {rss_before, peak_rss, step_s}."""
     _register_rss_flavor()
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
     from runtime.train.trainer import Trainer
 
     cfg = load_config(LORA_CONFIG, QUIET + _rss_overrides(mode) + [
@@ -133,7 +133,7 @@ def _plan(config: str, world: int, overrides: list[str], flavor: bool = False) -
         "import json, sys; sys.path.insert(0, sys.argv[1]);"
         "from benchmarks.bench_lora import _register_rss_flavor as r;"
         + ("r();" if flavor else "")
-        + "from runtime.train.config import load_config;"
+        + "from runtime.train.config.loader import load_config;"
         "from runtime.train.memory_plan import plan_job;"
         "p = plan_job(load_config(sys.argv[2], sys.argv[4:]), int(sys.argv[3]));"
         "print(json.dumps({**{l.label: l.bytes / 2**30 for l in p.lines},"

@@ -138,7 +138,7 @@ def _is_oom(exc: BaseException) -> bool:
 def run(argv: list[str] | None = None) -> dict:
     """Build, time, and return the record (also appended to --out on rank 0)."""
     args, overrides = parse(argv)
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
     from runtime.train.metrics import training_flops_per_token
     from runtime.train.trainer import Trainer
 
@@ -279,7 +279,7 @@ def summary(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.train.config import ConfigError
+    from runtime.errors import ConfigError
 
     try:
         run(argv)

@@ -296,7 +296,7 @@ def compiled_block(device, flavor, batch, seq, backend_name, seed=0) -> dict:
 # ----------------------------------------------------------------------------- training steps
 
 def _trainer(overrides: list[str], dump: str):
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
     from runtime.train.trainer import Trainer
 
     base = [f"--job.dump_folder={dump}", "--checkpoint.enable=false", "--metrics.enable_jsonl=false",

@@ -90,7 +90,7 @@ def run_steps(model, cfg, batches, device) -> dict:
 def check(smoke: bool, compile_on: bool) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
 
     device = torch.device("cpu") if smoke else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     shapes = (["--model.flavor=tiny", "--training.seq_len=32", "--training.local_batch_size=2"] if smoke

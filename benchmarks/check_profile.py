@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="steps after the compiling first one")
     a, overrides = p.parse_known_args(argv)
     from benchmarks.bench_train import BENCH_DEFAULTS, one_step
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
     from runtime.train.trainer import Trainer
 
     config = "configs/debugmodel.toml" if a.smoke else CONFIG

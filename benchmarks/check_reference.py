@@ -44,7 +44,7 @@ def plan_estimate(config: str, overrides: list[str], gpu_gib: float | None) -> d
     """runtime.plan's per-rank estimate for the same config on one rank (its own fake process
     group: run before anything initialises a real one)."""
     from runtime.plan import GIB, plan_job
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
 
     cfg = load_config(str(REPO / config), [o for o in overrides if o.startswith("--") and "=" in o])
     plan = plan_job(cfg, 1, gpu_gib or 80.0, config)

@@ -40,7 +40,7 @@ from runtime.data.sources import build_source, source_kind
 from runtime.data.tokenizer import Tokenizer
 from runtime.errors import ConfigError, DataError, report_config_error
 from runtime.model.loss import IGNORE_INDEX
-from runtime.train.config import build_parser, parse_args
+from runtime.train.config.loader import build_parser, parse_args
 
 
 def _parser(prepare_command: bool) -> argparse.ArgumentParser:

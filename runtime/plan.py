@@ -28,7 +28,9 @@ import sys
 from runtime import fake_cuda
 from runtime.errors import EXIT_OK, ConfigError, one_line, report_config_error
 from runtime.parallel.dims import ParallelDims
-from runtime.train.config import JobConfig, build_parser, parse_args, validate_job
+from runtime.train.config.job import validate_job
+from runtime.train.config.loader import build_parser, parse_args
+from runtime.train.config.schema import JobConfig
 from runtime.train.memory_plan import (DEFAULT_GPU_MEMORY_GIB, GIB, MemoryPlan,
                                        available_memory, does_not_fit,
                                        fsdp_param_dtype_name, plan_job,

@@ -87,7 +87,8 @@ from runtime.errors import ConfigError, one_line
 from runtime.model.args import ModelArgs
 from runtime.parallel.dims import ParallelDims, pipeline_num_stages
 from runtime.train import memory_plan_lora
-from runtime.train.config import JobConfig, validate_job
+from runtime.train.config.job import validate_job
+from runtime.train.config.schema import JobConfig
 from runtime.train.config.job import step_batch
 
 DEFAULT_GPU_MEMORY_GIB = 80.0  # H100 80GB

@@ -43,7 +43,9 @@ from runtime.parallel.pipeline import PipelineParallel
 from runtime.train.checkpoint.manager import (CheckpointManager, ModelState, OptimizerState,
                                               Progress, TrainState, check_model_early,
                                               lock_dump_folder)
-from runtime.train.config import JobConfig, build_parser, parse_args, validate_job
+from runtime.train.config.job import validate_job
+from runtime.train.config.loader import build_parser, parse_args
+from runtime.train.config.schema import JobConfig
 from runtime.train.faults import (NonFiniteLossError, StartupStopped, StopSignal,
                                   StopWhileWaiting, check_finite, count_skipped_step,
                                   startup_exit)

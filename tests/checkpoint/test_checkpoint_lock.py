@@ -163,7 +163,7 @@ def test_a_signal_while_the_loader_starts_still_frees_the_folder(tmp_path, monke
     from checkpoint_helpers import BASE
 
     from runtime.data.loader import ParallelAwareDataLoader
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
     from runtime.train.faults import StartupStopped, StopSignal
     from runtime.train.trainer import Trainer
 

@@ -116,7 +116,7 @@ def test_ignored_optimizer_setting_is_a_named_warning(saved, tmp_path, capsys):
 ])
 def test_data_keys_the_source_ignores_are_config_errors(overrides, key):
     from runtime.errors import ConfigError
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
 
     with pytest.raises(ConfigError, match=rf"command line: {key} is set but (--)?data.dataset = "
                                           r"'\w+' never reads it"):

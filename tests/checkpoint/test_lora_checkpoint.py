@@ -214,7 +214,7 @@ def test_merged_export_has_our_logits_in_transformers(exported, ours):
 ])
 def test_an_export_this_run_cannot_write_is_a_config_error(extra, pp, named):
     from runtime.errors import ConfigError
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
     from runtime.train.checkpoint.hf_export import check_lora_export
 
     cfg = load_config(None, ["--model.flavor=tiny", "--lora.enable=true",

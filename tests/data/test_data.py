@@ -405,7 +405,7 @@ def test_hf_dataset_local(tmp_path, monkeypatch, streaming):
 
 
 def test_config_section_of_the_trainer_is_accepted():
-    config = pytest.importorskip("runtime.train.config")
+    config = pytest.importorskip("runtime.train.config.schema")
     section = config.DataSection()
     assert build_source(section).name == "embedded corpus"
     for name in ("dataset", "dataset_path", "text_key", "hf_dataset", "hf_split", "document_mask"):
@@ -458,7 +458,7 @@ def test_show_command_prints_what_the_trainer_gets(tmp_path):
     assert len(rows) == 3 and set(rows[0]) == {"input_ids", "labels", "document_ids", "positions"}
 
     from runtime.data import Tokenizer
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
 
     cfg = load_config(str(root / "configs/debugmodel.toml"),
                       ["--data.dataset=path", f"--data.dataset_path={path}", "--training.seq_len=8"])
@@ -568,7 +568,8 @@ def test_prefetch_thread_gives_the_same_batches_and_state(tmp_path):
 
 # ------------------------------------------------------------------ one [data] schema
 def test_data_section_is_the_data_schema_and_shuffle_seed_works(tmp_path):
-    from runtime.train.config import JobConfig, load_config
+    from runtime.train.config.loader import load_config
+    from runtime.train.config.schema import JobConfig
 
     assert JobConfig().data.__class__ is DataConfig  # one schema for the [data] keys
     files = [write_jsonl(tmp_path / f"s{i}.jsonl", [f"f{i} d{j}" for j in range(6)])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.train.config import reference as config_reference
+import runtime.train.config.reference as config_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from runtime.model import GptOssModel
 from runtime.model.args import FLAVORS
 from runtime.train.checkpoint import manifest
-from runtime.train.config import load_config
+from runtime.train.config.loader import load_config
 from runtime.safe_dcp import read_metadata_file
 from runtime.train.trainer import Trainer
 

@@ -423,7 +423,7 @@ def _finish(rank: int, out_dir: str, error: BaseException | None) -> None:
 
 
 def _config(overrides: list[str], steps: int, out_dir: str):
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
 
     extra = [f"--job.dump_folder={Path(out_dir) / 'job'}"]
     if steps > 0:

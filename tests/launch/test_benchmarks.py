@@ -78,7 +78,7 @@ def test_bench_train_bad_override_is_a_config_error(tmp_path, capsys):
 
 
 def test_reference_config_is_the_issue_config():
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
     from runtime.data import Tokenizer
 
     cfg = load_config(str(REPO / "benchmarks" / "configs" / "20b_2layer_seq4096.toml"))

@@ -41,7 +41,7 @@ from runtime import fake_cuda
 fake_cuda.install()
 import runtime.model.loss as loss
 from runtime import plan
-from runtime.train.config import build_parser, parse_args
+from runtime.train.config.loader import build_parser, parse_args
 
 def plant_saved_logits():
     kept, chunk, backward = [], loss._chunk_loss_and_grad, loss._FusedLinearCrossEntropy.backward

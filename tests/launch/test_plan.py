@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from runtime import plan as plan_module
-from runtime.train.config import load_config
+from runtime.train.config.loader import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"

@@ -66,7 +66,7 @@ def test_one_training_step_reads_the_device_once(tmp_path, monkeypatch):
     one of the loss, one of the grad norm = 4). The trained-token count is taken from the
     batch on the host. With data-parallel ranks one more read remains (the all-reduced count:
     the backward needs the normaliser as a number), and the stop-signal agreement."""
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
     from runtime.train.trainer import Trainer
 
     trainer = Trainer(load_config(None, [

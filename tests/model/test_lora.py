@@ -17,7 +17,7 @@ from runtime.model import GptOssModel
 from runtime.model.args import FLAVORS
 from runtime.model.lora import apply_lora, merged_state_dict
 from runtime.model.lora_spec import adapter_shapes, is_lora_name
-from runtime.train.config import load_config
+from runtime.train.config.loader import load_config
 from runtime.train.trainer import Trainer, main
 from tolerances import assert_close_to_scale
 

@@ -72,7 +72,7 @@ def test_no_document_ids_equals_all_zero_ids(model):
 def test_trainer_with_masking_off_builds_one_mask_for_the_run(tmp_path, builds):
     """data.document_mask = false: the loader hands out no document ids, so every step reuses
     the masks built at the first one (before: batch-sized document masks every step)."""
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
     from runtime.train.trainer import Trainer
 
     trainer = Trainer(load_config(None, [

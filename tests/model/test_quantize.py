@@ -57,9 +57,10 @@ from torch import nn
 from runtime.model import GptOssModel
 from runtime.parallel.parallelize import parallelize
 from runtime.errors import ConfigError
-from runtime.train.config import load_config, parallel_dims
+from runtime.train.config.job import parallel_dims
 
 # Every test here needs torchao (the async-TP ones import runtime.model.quantize's torchao
+from runtime.train.config.loader import load_config
 # paths too); without it the whole module is skipped with this reason, the GPU test included.
 torchao = pytest.importorskip("torchao", reason="needs torchao (pip install torchao; the GPU test "
                                                 "image has none: carry it as a wheel)")

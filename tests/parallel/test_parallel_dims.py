@@ -9,7 +9,8 @@ import pytest
 from runtime.model.args import FLAVORS
 from runtime.errors import ConfigError
 from runtime.parallel import ParallelDims, ParallelismError, pipeline_num_stages
-from runtime.train.config import load_config, parallel_dims, validate_job
+from runtime.train.config.job import parallel_dims, validate_job
+from runtime.train.config.loader import load_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 

@@ -170,7 +170,7 @@ def test_stages_view_names_every_local_block_once():
     from runtime.model.args import FLAVORS
     from runtime.model.moe import moe_layers
     from runtime.parallel.pipeline import StagesView, build_stage_module, stage_layer_ids
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
     from runtime.train.optim import param_groups
 
     args = FLAVORS["tiny"].replace(n_layers=4)

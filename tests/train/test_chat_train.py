@@ -24,7 +24,7 @@ def _records(path: Path) -> list[dict]:
 
 
 def test_debugmodel_sft_trains_validates_and_hands_back(tmp_path):
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
     from runtime.train.trainer import Trainer
 
     cfg = load_config(SFT, ["--model.flavor=tiny", "--training.steps=16", "--training.device=cpu",
@@ -97,7 +97,7 @@ def test_validation_says_what_it_measures_and_caps_steps_at_one_pass(tmp_path, m
 
     from chat_conversations import CONVERSATIONS
     from runtime.data import Tokenizer
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
     from runtime.train import validation_loss
     from runtime.train.validation_loss import Validator
 

@@ -12,7 +12,8 @@ from runtime.model.args import FLAVORS
 import runtime.train.config as config_package
 from runtime.plan import build_arg_parser
 from runtime.plan import main as plan_main
-from runtime.train.config import SECTIONS, JobConfig, config_from_dict, load_config, parse_args
+from runtime.train.config.loader import config_from_dict, load_config, parse_args
+from runtime.train.config.schema import SECTIONS, JobConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.toml"))

@@ -14,7 +14,7 @@ import torch
 from parallel_harness import BASE as PARITY_BASE
 from parallel_harness import run_distributed
 from runtime.train import trainer as trainer_module
-from runtime.train.config import load_config
+from runtime.train.config.loader import load_config
 from runtime.train.profiling import StepProfiler
 from runtime.train.trainer import Trainer, main
 from runtime.train.wandb_logger import RUN_ID_FILE, WandbLogger, run_name

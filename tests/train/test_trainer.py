@@ -10,7 +10,7 @@ from checkpoint_helpers import losses, stop_after
 
 from runtime.train.checkpoint import manager as checkpoint_module
 from runtime.train.checkpoint.manager import find_latest_checkpoint
-from runtime.train.config import load_config
+from runtime.train.config.loader import load_config
 from runtime.train.faults import NonFiniteLossError
 from runtime.train.optim import lr_factor
 from runtime.train.slurm_env import EXIT_REQUEUE

@@ -349,7 +349,7 @@ def test_held_out_split_is_disjoint_and_stable(tmp_path, tok):
 ])
 def test_chat_config_errors_name_the_key(overrides, match):
     from runtime.errors import ConfigError
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
 
     with pytest.raises(ConfigError, match=match) as e:
         load_config(None, overrides)
@@ -358,7 +358,7 @@ def test_chat_config_errors_name_the_key(overrides, match):
 
 def test_chat_configs_load_and_pass_the_plan_at_their_world_sizes(capsys):
     from runtime.plan import main as plan_main
-    from runtime.train.config import load_config
+    from runtime.train.config.loader import load_config
 
     root = Path(__file__).resolve().parents[3] / "configs"
     for name, world in (("debugmodel_sft", 1), ("gptoss_20b_sft", 8), ("gptoss_120b_sft", 64)):
