@@ -14,6 +14,13 @@ What each signal means (the contract the launchers in slurm/ and submit.py rely 
   SIGINT   Ctrl-C: as SIGTERM (exit 130). A second Ctrl-C stops at once (os._exit(130)):
            safe, because a checkpoint is only ever published by a rename after it is complete.
 
+A signal that arrives while the trainer waits for its next batch still finishes a step and
+saves when the batch arrives within training.stop_data_wait_s (10 s): with several ranks, a
+rank that stopped at once would leave the others inside the step's first collective (which
+then fails with "connection reset by peer", or hangs for the NCCL timeout), and one rank's
+stop must never depend on where in its loop the signal found it. Only a batch that does not
+come within that time (a stalled source) stops without saving.
+
 During start-up (from the entry point's first line to the first step: imports, config, lock,
 data checks, model build, resume) there is no step to finish and nothing new to save: the
 same signals stop at once. The handler raises `StartupStopped` (a BaseException, so no
@@ -30,6 +37,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 
 from runtime.errors import EXIT_REQUEUE
@@ -77,6 +85,10 @@ class StopSignal:
         self._first_sigint: float | None = None
         self._previous = {}
         self._interrupting = False
+        self._received_at: float | None = None  # time.monotonic() of the first stop signal
+        self.data_wait_s = 10.0  # training.stop_data_wait_s (set by the trainer)
+        self._wake_timer: threading.Timer | None = None
+        self._waking = False  # the next signal is the wake-up sent by _wake_timer
 
     def install(self, starting: bool = False) -> "StopSignal":
         """Take over the stop signals; `starting`: stop at once (raise StartupStopped) until
@@ -118,6 +130,11 @@ class StopSignal:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if self._waking:  # our own wake-up (_wake_after): the wait for data is over
+            self._waking = False
+            if self._interrupting:
+                self._stop_waiting()
+            return
         if self.starting:  # raised once; a repeat (torchrun forwards Ctrl-C again) is ignored
             self.received = self.received or signum
             if not self._deferring:
@@ -135,22 +152,51 @@ class StopSignal:
                       "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
         if self.received is None or self._strength(signum) > self._strength(self.received):
             self.received = signum
-        if self._interrupting:  # waiting for data: stop now, a step may never complete
-            self._interrupting = False
-            raise StopWhileWaiting(signum)
+        if self._received_at is None:
+            self._received_at = time.monotonic()
+        if self._interrupting:  # waiting for data: give the batch its time, then stop
+            self._wait_or_stop()
 
     @contextlib.contextmanager
     def interrupting(self):
-        """While inside (the trainer waiting for the next batch), a stop signal raises
-        StopWhileWaiting at once, from the main thread: a stop never depends on data
-        arriving (a slow or stuck source, a queue that never fills)."""
-        if self.received is not None:  # arrived after the last step's check
-            raise StopWhileWaiting(self.received)
+        """While inside (the trainer waiting for the next batch), a stop signal lets the
+        batch arrive for `data_wait_s` seconds after the signal (the step then runs, and
+        should_stop saves), then raises StopWhileWaiting from the main thread: a stop never
+        depends on data arriving (a slow or stuck source, a queue that never fills)."""
         self._interrupting = True
         try:
+            if self.received is not None:  # arrived after the last step's check
+                self._wait_or_stop()
             yield
         finally:
             self._interrupting = False
+            if self._wake_timer is not None:
+                self._wake_timer.cancel()
+                self._wake_timer = None
+        # _waking is cleared by _handle only: a wake-up already sent must still be known as
+        # ours when it lands after the batch (a SIGINT would otherwise read as a 2nd Ctrl-C)
+
+    def _wait_or_stop(self) -> None:
+        """Inside interrupting(): raise StopWhileWaiting once data_wait_s have passed since
+        the signal, else wake the main thread up when they will have."""
+        left = self._received_at + self.data_wait_s - time.monotonic()
+        if left <= 0:
+            self._stop_waiting()
+        if self._wake_timer is None:
+            self._wake_timer = threading.Timer(left, self._wake_after)
+            self._wake_timer.daemon = True
+            self._wake_timer.start()
+
+    def _stop_waiting(self) -> None:
+        self._interrupting = False
+        raise StopWhileWaiting(self.received)
+
+    def _wake_after(self) -> None:
+        """Timer thread: a real signal to the main thread interrupts its blocking wait (a
+        queue, a lock, a sleep) where a flag could not; _handle knows it by `_waking`."""
+        if self._interrupting:
+            self._waking = True
+            signal.pthread_kill(threading.main_thread().ident, self.received)
 
     def stopped_waiting(self, step: int, checkpoint_enabled: bool) -> tuple[int, str]:
         """(exit code, log line) after StopWhileWaiting: no collective (other ranks may be
@@ -158,7 +204,8 @@ class StopSignal:
         self.agreed = self.received
         code = self.exit_code(checkpoint_saved=checkpoint_enabled)
         name = signal.Signals(self.agreed).name
-        return code, (f"{name} while waiting for the data of step {step}: stopped without "
+        return code, (f"{name} while waiting for the data of step {step}: no batch within "
+                      f"training.stop_data_wait_s = {self.data_wait_s:g} s, stopped without "
                       f"saving (the last checkpoint stays the latest); exit {code}")
 
     @classmethod

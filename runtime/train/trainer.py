@@ -415,6 +415,7 @@ class Trainer:
         cfg = self.cfg
         own_stop = self.stop is None or not self.stop.installed
         stop = StopSignal().install() if own_stop else self.stop
+        stop.data_wait_s = cfg.training.stop_data_wait_s
         last_step = cfg.training.steps
         profiler = None
         # Everything from here is inside the try: a start-up signal while the loader starts

@@ -81,7 +81,8 @@ def test_stop_signal_while_waiting_for_data(tmp_path, prefetch):
     folder = tmp_path / "job"
     cmd, env = job_command(folder, *CHAT, f"--data.dataset_path={data}",
                            "--training.seq_len=128", "--training.local_batch_size=2",
-                           "--training.steps=50", f"--data.prefetch={prefetch}")
+                           "--training.steps=50", f"--data.prefetch={prefetch}",
+                           "--training.stop_data_wait_s=1")
     cmd = [sys.executable, "-c", BLOCKING.format(limit=4), *cmd[3:]]  # 2 steps, then stalls
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -101,7 +102,8 @@ def test_stop_signal_while_waiting_for_data(tmp_path, prefetch):
         proc.kill()
     out = "".join(lines) + out
     assert proc.returncode == 143, out + err
-    assert "SIGTERM while waiting for the data of step 3: stopped without saving" in out
+    assert ("SIGTERM while waiting for the data of step 3: no batch within "
+            "training.stop_data_wait_s = 1 s, stopped without saving") in out
     assert "Traceback" not in err and not (folder / ".lock").exists()
 
 

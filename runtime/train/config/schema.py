@@ -107,6 +107,10 @@ class TrainingSection:
     max_skipped_steps: int = option(3, check=non_negative,
                                   help="on_nonfinite='skip': steps skipped over the whole run "
                                        "(resumes included) before the run stops with exit 2")
+    stop_data_wait_s: float = option(10.0, check=non_negative,
+                                     help="a stop signal while the trainer waits for its next "
+                                          "batch: the batch may still come this long, the step "
+                                          "then runs and saves; else it stops without saving")
     deterministic: bool = option(False, help="deterministic algorithms (slower)")
     skip_memory_check: bool = option(False, help="start even when the memory estimate exceeds "
                                                "the device's (runtime/train/memory_plan.py); "
