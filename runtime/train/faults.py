@@ -15,11 +15,11 @@ What each signal means (the contract the launchers in slurm/ and submit.py rely 
            safe, because a checkpoint is only ever published by a rename after it is complete.
 
 A signal that arrives while the trainer waits for its next batch still finishes a step and
-saves when the batch arrives within training.stop_data_wait_s (10 s): with several ranks, a
-rank that stopped at once would leave the others inside the step's first collective (which
-then fails with "connection reset by peer", or hangs for the NCCL timeout), and one rank's
-stop must never depend on where in its loop the signal found it. Only a batch that does not
-come within that time (a stalled source) stops without saving.
+saves when the batch arrives within training.stop_data_wait_s (default 10 s): with several
+ranks, a rank that stopped at once would leave the others inside the step's first collective
+(which then fails with "connection reset by peer", or hangs for the NCCL timeout), and one
+rank's stop must never depend on where in its loop the signal found it. Only a batch that
+does not come within that time (a stalled source) stops without saving.
 
 During start-up (from the entry point's first line to the first step: imports, config, lock,
 data checks, model build, resume) there is no step to finish and nothing new to save: the
@@ -86,7 +86,7 @@ class StopSignal:
         self._previous = {}
         self._interrupting = False
         self._received_at: float | None = None  # time.monotonic() of the first stop signal
-        self.data_wait_s = 10.0  # training.stop_data_wait_s (set by the trainer)
+        self.data_wait_s = 0.0  # training.stop_data_wait_s: Trainer.run() sets it (0: at once)
         self._wake_timer: threading.Timer | None = None
         self._waking = False  # the next signal is the wake-up sent by _wake_timer
 
@@ -135,6 +135,8 @@ class StopSignal:
             if self._interrupting:
                 self._stop_waiting()
             return
+        if self._received_at is None:  # the wait for data is counted from the first signal
+            self._received_at = time.monotonic()
         if self.starting:  # raised once; a repeat (torchrun forwards Ctrl-C again) is ignored
             self.received = self.received or signum
             if not self._deferring:
@@ -152,8 +154,6 @@ class StopSignal:
                       "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
         if self.received is None or self._strength(signum) > self._strength(self.received):
             self.received = signum
-        if self._received_at is None:
-            self._received_at = time.monotonic()
         if self._interrupting:  # waiting for data: give the batch its time, then stop
             self._wait_or_stop()
 

@@ -48,11 +48,14 @@ def make_trainer(folder: Path, *extra: str) -> Trainer:
     return Trainer(load_config(None, BASE + [f"--job.dump_folder={folder}", *extra]))
 
 
-def job_command(folder: Path, *extra: str) -> tuple[list[str], dict]:
+def job_command(folder: Path, *extra: str, script: str | None = None) -> tuple[list[str], dict]:
+    """`python -m runtime.train` on BASE + extra; `script`: `python -c script` instead (a
+    program that patches something, then calls runtime.train.trainer.main)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "runtime.train", *BASE, f"--job.dump_folder={folder}", *extra]
+    program = ["-m", "runtime.train"] if script is None else ["-c", script]
+    cmd = [sys.executable, *program, *BASE, f"--job.dump_folder={folder}", *extra]
     return cmd, env
 
 
@@ -62,20 +65,28 @@ def run_job(folder: Path, *extra: str, timeout: int = 300) -> subprocess.Complet
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_job_ranks(folder: Path, *extra: str, world: int = 2,
-                  timeout: int = 300) -> list[tuple[int, str, str]]:
-    """The real entry point as `world` local ranks (what torchrun starts): (returncode, stdout,
-    stderr) per rank. A rank still running at the timeout is killed and the test fails there."""
+def start_job_ranks(folder: Path, *extra: str, world: int = 2,
+                    script: str | None = None) -> list[subprocess.Popen]:
+    """The real entry point (or `script`, see job_command) started as `world` local ranks, as
+    torchrun starts them; stdout and stderr are pipes."""
     with socket.socket() as s:  # a free port for the ranks' rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
     for rank in range(world):
-        cmd, env = job_command(folder, *extra)
+        cmd, env = job_command(folder, *extra, script=script)
         env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                    LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def run_job_ranks(folder: Path, *extra: str, world: int = 2,
+                  timeout: int = 300) -> list[tuple[int, str, str]]:
+    """The real entry point as `world` local ranks (what torchrun starts): (returncode, stdout,
+    stderr) per rank. A rank still running at the timeout is killed and the test fails there."""
+    procs = start_job_ranks(folder, *extra, world=world)
     try:
         outs = [p.communicate(timeout=timeout) for p in procs]
     finally:

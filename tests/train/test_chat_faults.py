@@ -10,7 +10,6 @@ import shutil
 import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -82,8 +81,8 @@ def test_stop_signal_while_waiting_for_data(tmp_path, prefetch):
     cmd, env = job_command(folder, *CHAT, f"--data.dataset_path={data}",
                            "--training.seq_len=128", "--training.local_batch_size=2",
                            "--training.steps=50", f"--data.prefetch={prefetch}",
-                           "--training.stop_data_wait_s=1")
-    cmd = [sys.executable, "-c", BLOCKING.format(limit=4), *cmd[3:]]  # 2 steps, then stalls
+                           "--training.stop_data_wait_s=1",
+                           script=BLOCKING.format(limit=4))  # 2 steps, then stalls
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(150, proc.kill)
