@@ -183,7 +183,8 @@ class StopSignal:
         if left <= 0:
             self._stop_waiting()
         if self._wake_timer is None:
-            self._wake_timer = threading.Timer(left, self._wake_after)
+            # TIMEOUT_MAX: a huge training.stop_data_wait_s (1e30) means "wait", not a crash
+            self._wake_timer = threading.Timer(min(left, threading.TIMEOUT_MAX), self._wake_after)
             self._wake_timer.daemon = True
             self._wake_timer.start()
 

@@ -134,6 +134,26 @@ def test_a_batch_that_comes_within_the_wait_is_trained_and_saved():
         stop.uninstall()
 
 
+def test_a_huge_wait_waits_without_a_crash(monkeypatch):
+    """training.stop_data_wait_s = 1e30 (the config refuses only inf, nan and < 0): the wake-up
+    timer must not die of an OverflowError in its thread."""
+    import signal as sig
+    import threading
+
+    from runtime.train import faults
+
+    crashes = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    stop = faults.StopSignal().install()
+    stop.data_wait_s = 1e30
+    try:
+        _waiting(stop, sig.SIGTERM, 0.5)
+        assert stop.should_stop(None) == sig.SIGTERM
+    finally:
+        stop.uninstall()
+    assert crashes == []
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGUSR1"])
 def test_a_stalled_source_stops_after_the_wait(monkeypatch, signame):
     """The wake-up after the wait interrupts a blocking call; for SIGINT it is not taken for a
